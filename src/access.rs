@@ -1,0 +1,493 @@
+//! MMIO device callbacks and QEMU's access rules.
+//!
+//! This module holds the pure, topology-free part of QEMU's dispatch path:
+//!
+//! * [`access_valid`] — `memory_region_access_valid`: is an access of this
+//!   size at this address allowed by the device's `valid` constraints?
+//! * [`access_size`] — `memory_access_size`: how many bytes the next piece of
+//!   a buffer access (`address_space_rw`) takes.
+//! * [`dispatch_read`] / [`dispatch_write`] — `memory_region_dispatch_*`
+//!   without alias forwarding, ioeventfds and the re-entrancy guard: validity
+//!   check, splitting/widening to the device's `impl` sizes
+//!   (`access_with_adjusted_size`) and byte swapping.
+//! * [`UnassignedOps`] and [`IoRootOps`] — the ops of unassigned memory and of
+//!   the port-I/O root region.
+//!
+//! Access sizes handled are 1, 2, 4 and 8 bytes (the sizes a `MemOp` can
+//! express with a `u64` value). Every function is total: no input panics or
+//! overflows.
+
+use std::ops::{BitOr, BitOrAssign};
+
+/// Result of a memory transaction (`MemTxResult`); the bits of the pieces of
+/// a split access are ORed together.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Hash)]
+pub struct MemTxResult(u8);
+
+impl MemTxResult {
+    /// Success (`MEMTX_OK`).
+    pub const OK: MemTxResult = MemTxResult(0);
+    /// The device reported an error (`MEMTX_ERROR`).
+    pub const DEVICE_ERROR: MemTxResult = MemTxResult(1 << 0);
+    /// Nothing there, or the access was rejected (`MEMTX_DECODE_ERROR`).
+    pub const DECODE_ERROR: MemTxResult = MemTxResult(1 << 1);
+    /// Access denied, e.g. `attrs.memory` on non-RAM (`MEMTX_ACCESS_ERROR`).
+    pub const ACCESS_ERROR: MemTxResult = MemTxResult(1 << 2);
+
+    /// Whether no error bit is set.
+    pub fn is_ok(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Whether every bit of `other` is set in `self`.
+    pub fn contains(self, other: MemTxResult) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// The raw bits (`MEMTX_*` values).
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+}
+
+impl BitOr for MemTxResult {
+    type Output = MemTxResult;
+    fn bitor(self, rhs: MemTxResult) -> MemTxResult {
+        MemTxResult(self.0 | rhs.0)
+    }
+}
+
+impl BitOrAssign for MemTxResult {
+    fn bitor_assign(&mut self, rhs: MemTxResult) {
+        self.0 |= rhs.0;
+    }
+}
+
+/// Transaction attributes (`MemTxAttrs`), the subset memtree models.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MemTxAttrs {
+    /// Secure (TrustZone) access.
+    pub secure: bool,
+    /// User-mode (unprivileged) access.
+    pub user: bool,
+    /// Only "normal memory" may be accessed: a non-RAM target yields
+    /// [`MemTxResult::ACCESS_ERROR`]. Enforced by dispatch, not here.
+    pub memory: bool,
+    /// PCI requester id of the bus master.
+    pub requester_id: u16,
+    /// No attributes were specified by the requester.
+    pub unspecified: bool,
+}
+
+impl MemTxAttrs {
+    /// `MEMTXATTRS_UNSPECIFIED`: only `unspecified` set.
+    pub const UNSPECIFIED: MemTxAttrs = MemTxAttrs {
+        secure: false,
+        user: false,
+        memory: false,
+        requester_id: 0,
+        unspecified: true,
+    };
+}
+
+/// Byte order of a device or of a requested access.
+///
+/// QEMU's `DEVICE_NATIVE_ENDIAN` means the *target's* endianness; it is not
+/// represented here — the code creating the device resolves it from the
+/// machine's target endianness before returning it from
+/// [`MmioOps::endianness`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Endianness {
+    /// Least significant byte at the lowest address.
+    Little,
+    /// Most significant byte at the lowest address.
+    Big,
+}
+
+impl Endianness {
+    /// Endianness of the host running memtree. Buffer accesses
+    /// (`address_space_rw`) request host order, so the buffer holds the bytes
+    /// in the device's declared order.
+    #[cfg(target_endian = "little")]
+    pub const HOST: Endianness = Endianness::Little;
+    /// Endianness of the host running memtree. Buffer accesses
+    /// (`address_space_rw`) request host order, so the buffer holds the bytes
+    /// in the device's declared order.
+    #[cfg(target_endian = "big")]
+    pub const HOST: Endianness = Endianness::Big;
+}
+
+/// Direction of an access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AccessKind {
+    /// Load from the device.
+    Read,
+    /// Store to the device.
+    Write,
+}
+
+/// Access-size constraints, QEMU's `valid` and `impl` blocks.
+///
+/// A value of 0 means "unset", exactly as in a zero-initialised
+/// `MemoryRegionOps`:
+/// * `valid.max == 0`: every size is valid (`min` is then not checked);
+/// * `impl.min == 0` means 1, `impl.max == 0` means 4.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AccessSizes {
+    /// Minimum access size in bytes (0 = unset).
+    pub min: u32,
+    /// Maximum access size in bytes (0 = unset).
+    pub max: u32,
+    /// Whether accesses not naturally aligned to their size are allowed
+    /// (`valid`) or supported by the callbacks (`impl`).
+    pub unaligned: bool,
+}
+
+impl AccessSizes {
+    /// All fields unset (QEMU's zero-initialised ops).
+    pub const UNSET: AccessSizes = AccessSizes {
+        min: 0,
+        max: 0,
+        unaligned: false,
+    };
+
+    /// Constructor for `const` contexts.
+    pub const fn new(min: u32, max: u32, unaligned: bool) -> AccessSizes {
+        AccessSizes {
+            min,
+            max,
+            unaligned,
+        }
+    }
+}
+
+/// Callbacks of an MMIO / port-I/O device (QEMU's `MemoryRegionOps` plus
+/// opaque).
+///
+/// `addr` is relative to the start of the region. `size` is the width of
+/// this callback in bytes (the `impl` sizes decide which widths the
+/// callbacks see). Values are plain numbers: the least significant `size*8`
+/// bits are the data, interpreted in the device's
+/// [`endianness`](Self::endianness) by the dispatch functions.
+///
+/// Defaults follow a zero-initialised `MemoryRegionOps`: no `accepts` hook
+/// (always true), `valid` and `impl` unset ([`AccessSizes::UNSET`]).
+pub trait MmioOps: Send + Sync + 'static {
+    /// Read `size` bytes at `addr` (QEMU `read_with_attrs`).
+    ///
+    /// `Ok(value)` is a successful read (`MEMTX_OK`; only the low `size*8`
+    /// bits are used). `Err(r)` is a failed read: the piece contributes value
+    /// 0 and the bits of `r` to the result. (QEMU lets a failing
+    /// `read_with_attrs` also return data; memtree's devices cannot.)
+    fn read(&self, addr: u64, size: u32, attrs: MemTxAttrs) -> Result<u64, MemTxResult>;
+
+    /// Write the low `size*8` bits of `data` at `addr` (QEMU
+    /// `write_with_attrs`). Return [`MemTxResult::OK`] on success.
+    fn write(&self, addr: u64, data: u64, size: u32, attrs: MemTxAttrs) -> MemTxResult;
+
+    /// QEMU's `valid.accepts` hook; `false` rejects the access before any
+    /// other check. Default: no hook (accept).
+    fn accepts(&self, _addr: u64, _size: u32, _kind: AccessKind, _attrs: MemTxAttrs) -> bool {
+        true
+    }
+
+    /// Guest-visible constraints (QEMU `valid`). Default: unset.
+    fn valid_sizes(&self) -> AccessSizes {
+        AccessSizes::UNSET
+    }
+
+    /// What the callbacks implement (QEMU `impl`); other sizes are
+    /// synthesised by splitting or widening. Default: unset (1..4, aligned).
+    fn impl_sizes(&self) -> AccessSizes {
+        AccessSizes::UNSET
+    }
+
+    /// Device byte order, with QEMU's `DEVICE_NATIVE_ENDIAN` already resolved
+    /// to the target's endianness by the implementor.
+    fn endianness(&self) -> Endianness;
+}
+
+/// Whether `size` is an access width a `MemOp` with a `u64` value can carry.
+fn is_memop_size(size: u32) -> bool {
+    matches!(size, 1 | 2 | 4 | 8)
+}
+
+/// Mask of the low `bytes*8` bits (all ones for 8 or more bytes).
+fn size_mask(bytes: u32) -> u64 {
+    if bytes >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (bytes * 8)) - 1
+    }
+}
+
+/// `value << shift` for a possibly negative shift (negative = right shift);
+/// shifts of 64 bits or more give 0.
+fn shift_signed(value: u64, shift: i64) -> u64 {
+    if shift >= 0 {
+        u32::try_from(shift)
+            .ok()
+            .and_then(|s| value.checked_shl(s))
+            .unwrap_or(0)
+    } else {
+        u32::try_from(shift.unsigned_abs())
+            .ok()
+            .and_then(|s| value.checked_shr(s))
+            .unwrap_or(0)
+    }
+}
+
+/// Byte swap of the low `size` bytes (QEMU `adjust_endianness`; 1 byte never
+/// swaps).
+fn bswap_sized(value: u64, size: u32) -> u64 {
+    match size {
+        2 => u64::from((value as u16).swap_bytes()),
+        4 => u64::from((value as u32).swap_bytes()),
+        8 => value.swap_bytes(),
+        _ => value,
+    }
+}
+
+/// QEMU `memory_region_access_valid` (§4.3).
+///
+/// In order:
+/// 0. (memtree) a size other than 1, 2, 4 or 8 is rejected — QEMU's `MemOp`
+///    cannot express it;
+/// 1. the [`accepts`](MmioOps::accepts) hook returns false → reject;
+/// 2. `!valid.unaligned` and `addr` not a multiple of `size` → reject;
+/// 3. `valid.max == 0` → accept (all sizes valid, `min` not checked);
+/// 4. `size` outside `valid.min..=valid.max` → reject.
+pub fn access_valid(
+    ops: &dyn MmioOps,
+    addr: u64,
+    size: u32,
+    kind: AccessKind,
+    attrs: MemTxAttrs,
+) -> bool {
+    if !is_memop_size(size) {
+        return false;
+    }
+    if !ops.accepts(addr, size, kind, attrs) {
+        return false;
+    }
+    let valid = ops.valid_sizes();
+    if !valid.unaligned && addr & (u64::from(size) - 1) != 0 {
+        return false;
+    }
+    if valid.max == 0 {
+        return true;
+    }
+    size <= valid.max && size >= valid.min
+}
+
+/// QEMU `memory_access_size` (§4.2 step 4): the size of the next piece of a
+/// buffer access of `len` remaining bytes at region offset `addr`.
+///
+/// max = `valid.max` (4 if unset); unless `impl_.unaligned`, max is capped by
+/// the natural alignment of `addr` (`addr & -addr`, when non-zero); the result
+/// is `min(len, max)` rounded down to a power of two. `len == 0` gives 0.
+pub fn access_size(valid: AccessSizes, impl_: AccessSizes, len: u64, addr: u64) -> u32 {
+    let mut max = u64::from(if valid.max == 0 { 4 } else { valid.max });
+    if !impl_.unaligned {
+        let align = addr & addr.wrapping_neg();
+        if align != 0 && align < max {
+            max = align;
+        }
+    }
+    let l = len.min(max);
+    if l == 0 {
+        return 0;
+    }
+    // Power of two at or below l; l <= u32::MAX so this fits.
+    (1u64 << (63 - l.leading_zeros())) as u32
+}
+
+/// `access_with_adjusted_size` (§4.4) for one direction. `value` is in the
+/// device's significance order (already endian-adjusted for writes); for
+/// reads the result is returned in `value`.
+fn access_with_adjusted_size(
+    ops: &dyn MmioOps,
+    addr: u64,
+    value: &mut u64,
+    size: u32,
+    kind: AccessKind,
+    attrs: MemTxAttrs,
+) -> MemTxResult {
+    let imp = ops.impl_sizes();
+    // Unset impl sizes default to 1..4; widths above 8 cannot carry a u64 and
+    // are capped (memtree; QEMU only uses 1..8 here).
+    let min = if imp.min == 0 { 1 } else { imp.min.min(8) };
+    let max = if imp.max == 0 { 4 } else { imp.max.min(8) };
+    let access = size.min(max).max(min);
+    let mask = size_mask(access);
+    let big = ops.endianness() == Endianness::Big;
+
+    let mut result = MemTxResult::OK;
+    let mut i = 0u32;
+    while i < size {
+        let shift: i64 = if big {
+            (i64::from(size) - i64::from(access) - i64::from(i)) * 8
+        } else {
+            i64::from(i) * 8
+        };
+        let piece_addr = addr.wrapping_add(u64::from(i));
+        match kind {
+            AccessKind::Read => match ops.read(piece_addr, access, attrs) {
+                Ok(tmp) => *value |= shift_signed(tmp & mask, shift),
+                Err(r) => result |= r,
+            },
+            AccessKind::Write => {
+                let tmp = shift_signed(*value, -shift) & mask;
+                result |= ops.write(piece_addr, tmp, access, attrs);
+            }
+        }
+        i += access;
+    }
+    result
+}
+
+/// QEMU `memory_region_dispatch_read` (§4.4) minus alias forwarding.
+///
+/// Returns `(value, result)`. An access rejected by [`access_valid`] returns
+/// `(0, DECODE_ERROR)` without calling the device. Otherwise the device is
+/// called in `impl`-sized pieces (split: several callbacks at `addr + i`;
+/// widened: one callback at `addr`, value masked), the pieces' values are
+/// combined in the device's byte order and their results ORed; finally the
+/// value is byte-swapped iff `request` differs from the device endianness.
+///
+/// The value is truncated to `size` bytes (QEMU may leave bits of a widened
+/// access above `size*8`; every QEMU caller discards them).
+pub fn dispatch_read(
+    ops: &dyn MmioOps,
+    addr: u64,
+    size: u32,
+    request: Endianness,
+    attrs: MemTxAttrs,
+) -> (u64, MemTxResult) {
+    if !access_valid(ops, addr, size, AccessKind::Read, attrs) {
+        return (0, MemTxResult::DECODE_ERROR);
+    }
+    let mut value = 0u64;
+    let r = access_with_adjusted_size(ops, addr, &mut value, size, AccessKind::Read, attrs);
+    value &= size_mask(size);
+    if request != ops.endianness() {
+        value = bswap_sized(value, size);
+    }
+    (value, r)
+}
+
+/// QEMU `memory_region_dispatch_write` (§4.4) minus alias forwarding and
+/// ioeventfds.
+///
+/// An access rejected by [`access_valid`] is dropped and returns
+/// `DECODE_ERROR`. Otherwise `data` (truncated to `size` bytes) is
+/// byte-swapped iff `request` differs from the device endianness and sent in
+/// `impl`-sized pieces; a write narrower than `impl.min` sends one wider,
+/// zero-extended write. Results of the pieces are ORed.
+pub fn dispatch_write(
+    ops: &dyn MmioOps,
+    addr: u64,
+    data: u64,
+    size: u32,
+    request: Endianness,
+    attrs: MemTxAttrs,
+) -> MemTxResult {
+    if !access_valid(ops, addr, size, AccessKind::Write, attrs) {
+        return MemTxResult::DECODE_ERROR;
+    }
+    let mut value = data & size_mask(size);
+    if request != ops.endianness() {
+        value = bswap_sized(value, size);
+    }
+    access_with_adjusted_size(ops, addr, &mut value, size, AccessKind::Write, attrs)
+}
+
+/// QEMU's `unassigned_mem_ops`: the ops of memory-space holes, containers and
+/// reservation regions. Its `accepts` hook rejects everything, so dispatch
+/// reads 0 with `DECODE_ERROR` and drops writes with `DECODE_ERROR`. Called
+/// directly, the callbacks behave the same way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnassignedOps;
+
+impl MmioOps for UnassignedOps {
+    fn read(&self, _addr: u64, _size: u32, _attrs: MemTxAttrs) -> Result<u64, MemTxResult> {
+        Err(MemTxResult::DECODE_ERROR)
+    }
+
+    fn write(&self, _addr: u64, _data: u64, _size: u32, _attrs: MemTxAttrs) -> MemTxResult {
+        MemTxResult::DECODE_ERROR
+    }
+
+    fn accepts(&self, _addr: u64, _size: u32, _kind: AccessKind, _attrs: MemTxAttrs) -> bool {
+        false
+    }
+
+    /// Unobservable (every access is rejected); little endian.
+    fn endianness(&self) -> Endianness {
+        Endianness::Little
+    }
+}
+
+/// QEMU's `unassigned_io_ops`: the ops of the port-I/O root region `"io"`.
+/// Reads return all ones truncated to the access size, writes are ignored,
+/// both `OK`. No `accepts` hook; `valid`/`impl` unset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoRootOps;
+
+impl MmioOps for IoRootOps {
+    fn read(&self, _addr: u64, size: u32, _attrs: MemTxAttrs) -> Result<u64, MemTxResult> {
+        Ok(size_mask(size))
+    }
+
+    fn write(&self, _addr: u64, _data: u64, _size: u32, _attrs: MemTxAttrs) -> MemTxResult {
+        MemTxResult::OK
+    }
+
+    /// QEMU declares native endian; all-ones values are invariant under byte
+    /// swapping, so the choice is unobservable. Little endian.
+    fn endianness(&self) -> Endianness {
+        Endianness::Little
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn helpers() {
+        assert_eq!(size_mask(1), 0xff);
+        assert_eq!(size_mask(4), 0xffff_ffff);
+        assert_eq!(size_mask(8), u64::MAX);
+        assert_eq!(size_mask(100), u64::MAX);
+        assert_eq!(shift_signed(0xff, 8), 0xff00);
+        assert_eq!(shift_signed(0xff00, -8), 0xff);
+        assert_eq!(shift_signed(1, 64), 0);
+        assert_eq!(shift_signed(u64::MAX, -64), 0);
+        assert_eq!(shift_signed(1, i64::MIN), 0);
+        assert_eq!(shift_signed(1, i64::MAX), 0);
+        assert_eq!(bswap_sized(0x1234, 2), 0x3412);
+        assert_eq!(bswap_sized(0x12, 1), 0x12);
+        assert_eq!(bswap_sized(0x1122_3344, 4), 0x4433_2211);
+    }
+
+    #[test]
+    fn tx_result_bits() {
+        let r = MemTxResult::DEVICE_ERROR | MemTxResult::DECODE_ERROR;
+        assert!(!r.is_ok());
+        assert!(r.contains(MemTxResult::DEVICE_ERROR));
+        assert!(r.contains(MemTxResult::OK));
+        assert!(!r.contains(MemTxResult::ACCESS_ERROR));
+        assert_eq!(r.bits(), 3);
+        assert_eq!(MemTxResult::default(), MemTxResult::OK);
+        assert_eq!(MemTxResult::ACCESS_ERROR.bits(), 4);
+        assert_eq!(
+            MemTxAttrs::UNSPECIFIED,
+            MemTxAttrs {
+                unspecified: true,
+                ..MemTxAttrs::default()
+            }
+        );
+        assert!(!MemTxAttrs::default().unspecified);
+    }
+}

@@ -1,0 +1,297 @@
+//! Flat views: the immutable, rendered form of an address space.
+//!
+//! A [`FlatView`] is a sorted array of disjoint [`FlatRange`]s, each naming the
+//! terminating region that serves it. It is built once by [`crate::render`],
+//! published into address spaces with an atomic pointer swap, and never
+//! changed afterwards: vCPU threads read it without locks.
+//!
+//! # Invariants
+//!
+//! * Ranges are sorted by `start`, non-empty, disjoint, and inside
+//!   `[0, 2^64)`; `last` is inclusive so a range can end at `u64::MAX`.
+//! * Adjacent ranges that QEMU's merge rule would join are joined (§2.4).
+//! * A range holds its region's [`RegionCore`] strongly; for directly
+//!   readable RAM it also caches the host address of `start`, valid as long as
+//!   the range (and so the core and its backend) is alive.
+
+use std::sync::Arc;
+
+use crate::census::{Census, ObjectKey, ObjectKind};
+use crate::region::{Backing, RegionCore, RegionId, RegionKind};
+
+/// The type QEMU prints for a region (`memory_region_type`, QEMU 7.2 rules).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum RegionType {
+    /// `ram`
+    Ram,
+    /// `rom`: RAM that is readonly.
+    Rom,
+    /// `romd`: ROM device in romd mode.
+    Romd,
+    /// `ramd`: RAM device.
+    Ramd,
+    /// `i/o`: everything else.
+    Io,
+}
+
+impl RegionType {
+    /// The printed form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RegionType::Ram => "ram",
+            RegionType::Rom => "rom",
+            RegionType::Romd => "romd",
+            RegionType::Ramd => "ramd",
+            RegionType::Io => "i/o",
+        }
+    }
+
+    /// QEMU 7.2 `memory_region_type` for a terminating or container region
+    /// with these attributes.
+    pub fn of(kind: RegionKind, readonly: bool, romd_mode: bool) -> RegionType {
+        match kind {
+            RegionKind::RamDevice => RegionType::Ramd,
+            RegionKind::RomDevice if romd_mode => RegionType::Romd,
+            RegionKind::Ram if readonly => RegionType::Rom,
+            RegionKind::Ram => RegionType::Ram,
+            _ => RegionType::Io,
+        }
+    }
+}
+
+/// Attributes of a flat range, propagated down the render path or copied from
+/// the terminating region when the view was rendered.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct RangeAttrs {
+    /// Propagated readonly (the region's or any container/alias above it).
+    pub readonly: bool,
+    /// Propagated nonvolatile.
+    pub nonvolatile: bool,
+    /// Propagated unmergeable.
+    pub unmergeable: bool,
+    /// The region's romd mode at render time.
+    pub romd_mode: bool,
+    /// The terminating region's *own* readonly flag: QEMU 7.2 decides whether
+    /// a write goes straight to RAM from this, not from the propagated flag.
+    pub region_readonly: bool,
+    /// Dirty-log clients at render time.
+    pub dirty_log_mask: u8,
+    /// The terminating region's priority field (what `info mtree -f` prints).
+    pub priority: i32,
+    /// The terminating region's own type (before readonly propagation).
+    pub region_type: RegionType,
+}
+
+/// One contiguous piece of an address space served by one region.
+pub struct FlatRange {
+    pub(crate) start: u64,
+    pub(crate) last: u64,
+    pub(crate) offset_in_region: u64,
+    pub(crate) region: Arc<RegionCore>,
+    pub(crate) attrs: RangeAttrs,
+    /// Host address of `start` when reads of this range go straight to host
+    /// memory (RAM, or a ROM device in romd mode); null otherwise.
+    pub(crate) host: *mut u8,
+}
+
+// SAFETY: `host` points into the memory backend held (through `region`) by
+// this range; the backend is `Send + Sync` and the pointer is only used for
+// raw copies that tolerate concurrent access, like the backend's own methods.
+unsafe impl Send for FlatRange {}
+// SAFETY: as above; a `FlatRange` is immutable.
+unsafe impl Sync for FlatRange {}
+
+impl FlatRange {
+    /// First address of the range.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+    /// Last address of the range (inclusive).
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+    /// Length in bytes (up to 2^64).
+    pub fn len(&self) -> u128 {
+        u128::from(self.last - self.start) + 1
+    }
+    /// Never true: ranges are non-empty. Present for clippy's sake.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+    /// Offset of `start` inside the region.
+    pub fn offset_in_region(&self) -> u64 {
+        self.offset_in_region
+    }
+    /// The region that serves this range.
+    pub fn region(&self) -> &Arc<RegionCore> {
+        &self.region
+    }
+    /// Propagated attributes.
+    pub fn attrs(&self) -> &RangeAttrs {
+        &self.attrs
+    }
+    /// The type `info mtree -f` prints: `rom` if the range is readonly,
+    /// otherwise the region's own type.
+    pub fn printed_type(&self) -> RegionType {
+        if self.attrs.readonly {
+            RegionType::Rom
+        } else {
+            self.attrs.region_type
+        }
+    }
+    /// Whether reads go straight to host memory.
+    pub fn is_direct_read(&self) -> bool {
+        !self.host.is_null()
+    }
+    /// QEMU 7.2: writes go straight to RAM iff the region is RAM (not a RAM
+    /// device, not a ROM device) and not readonly *itself*.
+    pub fn is_direct_write(&self) -> bool {
+        !self.host.is_null()
+            && self.region.kind() == RegionKind::Ram
+            && !self.attrs.region_readonly
+    }
+    /// Host address of `addr` (which must lie in the range) for direct access.
+    #[inline]
+    pub(crate) fn host_at(&self, addr: u64) -> *mut u8 {
+        // The offset is below the range length, which the backend covers.
+        self.host.wrapping_add((addr - self.start) as usize)
+    }
+    /// Whether `addr` lies in the range.
+    #[inline]
+    pub fn contains(&self, addr: u64) -> bool {
+        self.start <= addr && addr <= self.last
+    }
+
+    pub(crate) fn new(
+        start: u64,
+        last: u64,
+        offset_in_region: u64,
+        region: Arc<RegionCore>,
+        attrs: RangeAttrs,
+    ) -> FlatRange {
+        let host = match region.backing() {
+            Backing::Ram { block, offset } => {
+                block.host_addr().wrapping_add((offset + offset_in_region) as usize)
+            }
+            Backing::RomDevice { block, .. } if attrs.romd_mode => {
+                block.host_addr().wrapping_add(offset_in_region as usize)
+            }
+            _ => std::ptr::null_mut(),
+        };
+        FlatRange {
+            start,
+            last,
+            offset_in_region,
+            region,
+            attrs,
+            host,
+        }
+    }
+}
+
+impl std::fmt::Debug for FlatRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:016x}-{:016x} {} @{:#x} {:?}",
+            self.start,
+            self.last,
+            self.region.name(),
+            self.offset_in_region,
+            self.attrs
+        )
+    }
+}
+
+/// An immutable rendered view.
+pub struct FlatView {
+    pub(crate) root: Option<RegionId>,
+    pub(crate) root_name: Option<Box<str>>,
+    pub(crate) ranges: Vec<FlatRange>,
+    /// Every region the render visited; the view must be re-rendered when one
+    /// of them changes.
+    pub(crate) reached: Vec<RegionId>,
+    census: Option<(Arc<Census>, ObjectKey)>,
+}
+
+impl FlatView {
+    pub(crate) fn new(
+        root: Option<RegionId>,
+        root_name: Option<&str>,
+        ranges: Vec<FlatRange>,
+        reached: Vec<RegionId>,
+        census: Option<&Arc<Census>>,
+    ) -> FlatView {
+        let census = census.map(|c| {
+            let mut held: Vec<ObjectKey> = ranges.iter().map(|r| r.region.census_key()).collect();
+            held.sort_unstable();
+            held.dedup();
+            let name = root_name.unwrap_or("(empty)");
+            (c.clone(), c.register_holding(ObjectKind::FlatView, name, held))
+        });
+        FlatView {
+            root,
+            root_name: root_name.map(Into::into),
+            ranges,
+            reached,
+            census,
+        }
+    }
+
+    /// The empty view: no ranges, every access unassigned.
+    pub fn empty() -> FlatView {
+        FlatView::new(None, None, Vec::new(), Vec::new(), None)
+    }
+
+    /// The physical root the view was rendered from (`None` = empty view).
+    pub fn root(&self) -> Option<RegionId> {
+        self.root
+    }
+
+    /// Name of the physical root, as `info mtree -f` prints it.
+    pub fn root_name(&self) -> Option<&str> {
+        self.root_name.as_deref()
+    }
+
+    /// The ranges, sorted by address.
+    pub fn ranges(&self) -> &[FlatRange] {
+        &self.ranges
+    }
+
+    /// The range containing `addr`, if any.
+    #[inline]
+    pub fn lookup(&self, addr: u64) -> Option<&FlatRange> {
+        let i = self.ranges.partition_point(|r| r.start <= addr);
+        let r = self.ranges.get(i.checked_sub(1)?)?;
+        (addr <= r.last).then_some(r)
+    }
+
+    /// Index of the range containing `addr`, if any.
+    pub fn lookup_index(&self, addr: u64) -> Option<usize> {
+        let i = self.ranges.partition_point(|r| r.start <= addr);
+        let j = i.checked_sub(1)?;
+        (addr <= self.ranges[j].last).then_some(j)
+    }
+
+    /// The census key of this view, if it is registered.
+    pub fn census_key(&self) -> Option<ObjectKey> {
+        self.census.as_ref().map(|(_, k)| *k)
+    }
+}
+
+impl Drop for FlatView {
+    fn drop(&mut self) {
+        if let Some((census, key)) = &self.census {
+            census.finalize(*key);
+        }
+    }
+}
+
+impl std::fmt::Debug for FlatView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlatView")
+            .field("root", &self.root_name)
+            .field("ranges", &self.ranges)
+            .finish()
+    }
+}

@@ -1,0 +1,56 @@
+//! # memtree
+//!
+//! QEMU's memory API — memory regions, address spaces, flat views, access
+//! dispatch, DMA mapping, listeners — rebuilt in Rust, with an object
+//! lifecycle that cannot leak or dangle when devices are plugged and
+//! unplugged at run time.
+//!
+//! The crate is split into a **control plane** (the region tree, owners,
+//! address spaces and transactions: [`Memory`], [`Machine`]; one writer at a
+//! time) and a **data plane** (immutable [`FlatView`] snapshots published into
+//! [`AddressSpace`] handles, read by many threads without locks). See
+//! ARCHITECTURE.md for the map of the code and its invariants.
+//!
+//! ```
+//! use memtree::Memory;
+//!
+//! let memory = Memory::new();
+//! let system = memory.new_container("system", 1 << 64, None).unwrap();
+//! let ram = memory.new_ram("pc.ram", 0x10_0000, None).unwrap();
+//! memory.add_subregion(system, 0, ram).unwrap();
+//! let space = memory.new_address_space("memory", system, None).unwrap();
+//! let handle = memory.address_space(space).unwrap();
+//! assert_eq!(handle.view().ranges().len(), 1);
+//! ```
+
+#![warn(missing_debug_implementations)]
+
+pub mod access;
+mod arena;
+pub mod backend;
+pub mod census;
+pub mod dma;
+pub mod error;
+pub mod flatview;
+pub mod listener;
+pub mod memory;
+pub mod owner;
+pub mod ram;
+pub mod region;
+mod render;
+pub mod space;
+pub mod text;
+mod topology;
+
+pub use access::{AccessKind, AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps};
+pub use backend::MemoryBackend;
+pub use census::{Census, ObjectKey, ObjectKind};
+pub use error::TopologyError;
+pub use flatview::{FlatRange, FlatView, RangeAttrs, RegionType};
+pub use listener::{ListenerId, MemoryListener, Section};
+pub use memory::{LeakReport, Machine, Memory, MemoryRef, Transaction, WeakMemory};
+pub use owner::{OwnerId, OwnerLabel};
+pub use ram::{RamBacking, RamBlock};
+pub use region::{RegionCore, RegionId, RegionInfo, RegionKind};
+pub use space::{AddressSpace, SpaceId};
+pub use topology::UnplugReport;

@@ -1,0 +1,874 @@
+//! The machine's memory system: the control-plane entry point.
+//!
+//! [`Memory`] is the one strong handle to a machine's memory system, held by
+//! whoever builds the machine. It is deliberately not `Clone`: devices get a
+//! [`WeakMemory`], whose [`WeakMemory::upgrade`] returns a [`MemoryRef`] that
+//! borrows the weak handle, so device state (which must be `'static`) cannot
+//! store a strong reference to the machine. That is what makes
+//! "device → machine → region → device" cycles impossible to write by
+//! accident.
+//!
+//! Every edit goes through [`Machine`] (which both handles dereference to). An
+//! edit outside a transaction is its own transaction; [`Machine::begin`] opens
+//! a nested one, and only the outermost commit renders and publishes.
+//!
+//! # Locking
+//!
+//! One re-entrant writer lock per machine guards the topology. It is held for
+//! the whole of a transaction (so writers are serialised and a transaction's
+//! edits are atomic to other writers) and re-entered by the same thread, so a
+//! device callback that runs inside a transaction on the writer's own thread
+//! can still edit. Readers (dispatch, DMA) never take it. Listener callbacks
+//! run with the lock held but the topology not borrowed; an edit from a
+//! listener is refused with [`TopologyError::ListenerReentry`].
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::ops::Deref;
+use std::sync::{Arc, Weak};
+
+use parking_lot::{ReentrantMutex, ReentrantMutexGuard};
+
+use crate::access::{Endianness, MmioOps};
+use crate::backend::MemoryBackend;
+use crate::census::{Census, CensusEntry, ObjectKind};
+use crate::error::TopologyError;
+use crate::flatview::FlatView;
+use crate::listener::{self, ListenerId, MemoryListener};
+use crate::owner::{Finalizer, OwnerId, OwnerLabel};
+use crate::ram::RamBacking;
+use crate::region::{Backing, RegionId, RegionInfo, RegionKind};
+use crate::render;
+use crate::space::{AddressSpace, MachineData, SpaceId};
+use crate::topology::{Topology, UnplugReport};
+
+type Result<T> = std::result::Result<T, TopologyError>;
+
+/// The memory system shared by [`Memory`], [`MemoryRef`] and transactions.
+pub struct Machine {
+    control: ReentrantMutex<RefCell<Topology>>,
+    data: Arc<MachineData>,
+}
+
+/// The owning handle of a machine's memory system. Not `Clone`: see the
+/// module docs. Dropping it tears the machine down.
+pub struct Memory {
+    machine: Arc<Machine>,
+}
+
+/// A weak handle for devices: does not keep the machine alive.
+#[derive(Clone)]
+pub struct WeakMemory(Weak<Machine>);
+
+/// A temporary strong handle, borrowed from a [`WeakMemory`].
+pub struct MemoryRef<'a> {
+    machine: Arc<Machine>,
+    _borrow: PhantomData<&'a WeakMemory>,
+}
+
+impl WeakMemory {
+    /// The machine, if it has not been torn down.
+    pub fn upgrade(&self) -> Option<MemoryRef<'_>> {
+        self.0.upgrade().map(|machine| MemoryRef {
+            machine,
+            _borrow: PhantomData,
+        })
+    }
+}
+
+impl fmt::Debug for WeakMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WeakMemory")
+    }
+}
+
+impl fmt::Debug for Machine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Machine")
+            .field("regions", &self.region_count())
+            .field("target_endian", &self.data.target_endian)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Memory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.machine.fmt(f)
+    }
+}
+
+impl fmt::Debug for MemoryRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.machine.fmt(f)
+    }
+}
+
+impl fmt::Debug for Transaction<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Transaction")
+    }
+}
+
+impl Deref for MemoryRef<'_> {
+    type Target = Machine;
+    fn deref(&self) -> &Machine {
+        &self.machine
+    }
+}
+
+impl Deref for Memory {
+    type Target = Machine;
+    fn deref(&self) -> &Machine {
+        &self.machine
+    }
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Memory::new()
+    }
+}
+
+impl Memory {
+    /// A new, empty memory system for a little-endian guest.
+    pub fn new() -> Memory {
+        Memory::with_target_endian(Endianness::Little)
+    }
+
+    /// A new, empty memory system for a guest of the given byte order.
+    pub fn with_target_endian(target_endian: Endianness) -> Memory {
+        let census = Arc::new(Census::new());
+        let data = Arc::new(MachineData {
+            census: census.clone(),
+            target_endian,
+            ownerless: parking_lot::Mutex::new(Vec::new()),
+            empty_view: Arc::new(FlatView::empty()),
+        });
+        let topo = Topology::new(data.clone());
+        Memory {
+            machine: Arc::new(Machine {
+                control: ReentrantMutex::new(RefCell::new(topo)),
+                data,
+            }),
+        }
+    }
+
+    /// A weak handle for device state.
+    pub fn downgrade(&self) -> WeakMemory {
+        WeakMemory(Arc::downgrade(&self.machine))
+    }
+
+    /// Tears the machine down and reports every object still alive
+    /// afterwards, with the chain of holders that keeps it.
+    pub fn teardown(self) -> LeakReport {
+        self.machine.teardown()
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        self.machine.teardown();
+    }
+}
+
+/// A transaction: edits made while it is open are published together when
+/// the outermost transaction commits (on [`Transaction::commit`] or drop).
+pub struct Transaction<'m> {
+    machine: &'m Machine,
+    _lock: ReentrantMutexGuard<'m, RefCell<Topology>>,
+    done: bool,
+}
+
+impl Transaction<'_> {
+    /// Commits (publishes if this is the outermost transaction).
+    pub fn commit(mut self) {
+        self.done = true;
+        self.machine.end_transaction();
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.machine.end_transaction();
+        }
+    }
+}
+
+impl Deref for Transaction<'_> {
+    type Target = Machine;
+    fn deref(&self) -> &Machine {
+        self.machine
+    }
+}
+
+/// Objects still alive after teardown, each with the chains of holders that
+/// keep it alive.
+#[derive(Clone, Debug, Default)]
+pub struct LeakReport {
+    /// Survivors and their explanations.
+    pub survivors: Vec<(CensusEntry, Vec<String>)>,
+}
+
+impl LeakReport {
+    /// True when nothing survived.
+    pub fn is_clean(&self) -> bool {
+        self.survivors.is_empty()
+    }
+}
+
+impl fmt::Display for LeakReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.survivors.is_empty() {
+            return writeln!(f, "leak report: nothing survived teardown");
+        }
+        writeln!(
+            f,
+            "leak report: {} object(s) survived teardown",
+            self.survivors.len()
+        )?;
+        for (e, chains) in &self.survivors {
+            writeln!(f, "  {} {} \"{}\"", e.kind.as_str(), e.key, e.name)?;
+            for c in chains {
+                writeln!(f, "    {c}")?;
+            }
+            if chains.iter().all(|c| !c.contains(" -> ")) {
+                writeln!(
+                    f,
+                    "    (a root: held by a handle outside memtree, e.g. a mapping or address-space handle)"
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Machine {
+    // ---- plumbing ----------------------------------------------------------
+
+    /// Runs `f` on the topology as one edit: refused during a listener
+    /// callback; committed at once if no transaction is open.
+    fn edit<T>(&self, f: impl FnOnce(&mut Topology) -> Result<T>) -> Result<T> {
+        let guard = self.control.lock();
+        let out = {
+            let mut topo = guard
+                .try_borrow_mut()
+                .map_err(|_| TopologyError::ListenerReentry)?;
+            if topo.in_commit {
+                return Err(TopologyError::ListenerReentry);
+            }
+            f(&mut topo)?
+        };
+        let commit_now = {
+            let topo = guard.borrow();
+            topo.depth == 0 && topo.pending
+        };
+        if commit_now {
+            self.commit_locked(&guard);
+        }
+        Ok(out)
+    }
+
+    /// Reads the topology under the writer lock.
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&Topology) -> T) -> T {
+        let guard = self.control.lock();
+        let topo = guard.borrow();
+        f(&topo)
+    }
+
+    /// Opens a (nested) transaction.
+    pub fn begin(&self) -> Transaction<'_> {
+        let lock = self.control.lock();
+        lock.borrow_mut().depth += 1;
+        Transaction {
+            machine: self,
+            _lock: lock,
+            done: false,
+        }
+    }
+
+    /// Runs `f` inside one transaction.
+    pub fn transaction<T>(&self, f: impl FnOnce(&Machine) -> T) -> T {
+        let t = self.begin();
+        let out = f(self);
+        t.commit();
+        out
+    }
+
+    fn end_transaction(&self) {
+        let guard = self.control.lock();
+        let commit_now = {
+            let mut topo = guard.borrow_mut();
+            topo.depth = topo.depth.saturating_sub(1);
+            topo.depth == 0 && topo.pending
+        };
+        if commit_now {
+            self.commit_locked(&guard);
+        }
+    }
+
+    /// The outermost commit: render what changed, diff for listeners,
+    /// publish.
+    fn commit_locked(&self, guard: &ReentrantMutexGuard<'_, RefCell<Topology>>) {
+        struct Publish {
+            id: SpaceId,
+            name: Box<str>,
+            handle: AddressSpace,
+            old: Arc<FlatView>,
+            new: Arc<FlatView>,
+        }
+        let (plan, listeners) = {
+            let mut topo = guard.borrow_mut();
+            topo.in_commit = true;
+            topo.pending = false;
+            let dirty = std::mem::take(&mut topo.dirty);
+            let mut fresh: HashMap<Option<RegionId>, Arc<FlatView>> = HashMap::new();
+            let mut plan = Vec::new();
+            let spaces: Vec<(SpaceId, Box<str>, Option<RegionId>, AddressSpace)> = topo
+                .spaces_in_order()
+                .into_iter()
+                .map(|(id, n)| (id, n.name.clone(), n.root, n.handle.clone()))
+                .collect();
+            for (id, name, root, handle) in spaces {
+                let phys = root.and_then(|r| render::physical_root(&topo, r));
+                let view = match fresh.get(&phys) {
+                    Some(v) => v.clone(),
+                    None => {
+                        let v = match phys {
+                            None => self.data.empty_view.clone(),
+                            Some(p) => match topo.views.get(&phys) {
+                                Some(v) if !v.reached.iter().any(|r| dirty.contains(r)) => {
+                                    v.clone()
+                                }
+                                _ => {
+                                    let r = render::render(&topo, p);
+                                    let root_name = topo.node(p).map(|n| n.name().to_owned());
+                                    Arc::new(FlatView::new(
+                                        Some(p),
+                                        root_name.as_deref(),
+                                        r.ranges,
+                                        r.reached,
+                                        Some(&self.data.census),
+                                    ))
+                                }
+                            },
+                        };
+                        fresh.insert(phys, v.clone());
+                        v
+                    }
+                };
+                let old = handle.view();
+                if !Arc::ptr_eq(&old, &view) {
+                    plan.push(Publish {
+                        id,
+                        name,
+                        handle,
+                        old,
+                        new: view,
+                    });
+                }
+            }
+            for (id, name, handle) in std::mem::take(&mut topo.destroyed_spaces) {
+                let old = handle.view();
+                plan.push(Publish {
+                    id,
+                    name,
+                    handle,
+                    old,
+                    new: self.data.empty_view.clone(),
+                });
+            }
+            topo.views = fresh;
+            (plan, topo.listeners.snapshot())
+        };
+        // Listeners run with the lock held but the topology not borrowed.
+        for (_, l) in &listeners {
+            l.begin();
+        }
+        for p in &plan {
+            let mine: Vec<Arc<dyn MemoryListener>> = listeners
+                .iter()
+                .filter(|(s, _)| *s == p.id)
+                .map(|(_, l)| l.clone())
+                .collect();
+            listener::diff_and_notify(p.id, &p.name, &p.old, &p.new, &mine);
+            p.handle.publish(p.new.clone());
+        }
+        for (_, l) in &listeners {
+            l.commit();
+        }
+        guard.borrow_mut().in_commit = false;
+        // Old views drop here (or when their last reader lets go).
+        drop(plan);
+    }
+
+    fn teardown(&self) -> LeakReport {
+        let guard = self.control.lock();
+        {
+            let mut topo = guard.borrow_mut();
+            topo.listeners.list.clear();
+            topo.clear();
+            topo.depth = 0;
+        }
+        self.commit_locked(&guard);
+        {
+            let mut topo = guard.borrow_mut();
+            topo.views.clear();
+            self.data
+                .census
+                .remove_edge(topo.census_key, topo.census_key);
+        }
+        drop(guard);
+        // Ownerless memory is machine-lifetime: free it unless address-space
+        // handles (which may have lent it out to DMA) are still held.
+        if Arc::strong_count(&self.data) <= 2 {
+            self.data.ownerless.lock().clear();
+        }
+        let census = &self.data.census;
+        let survivors = census
+            .live()
+            .into_iter()
+            .filter(|e| e.kind != ObjectKind::Topology)
+            .map(|e| {
+                let chains = census.explain(e.key);
+                (e, chains)
+            })
+            .collect();
+        LeakReport { survivors }
+    }
+
+    // ---- owners -------------------------------------------------------------
+
+    /// Plugs in a new owner (device) named `name`, optionally a child of
+    /// `parent` (unplugging the parent unplugs it too).
+    pub fn new_owner(&self, name: &str, parent: Option<OwnerId>) -> Result<OwnerId> {
+        self.new_owner_labeled(name, OwnerLabel::DevId(name.to_owned()), parent)
+    }
+
+    /// Like [`Machine::new_owner`], with the QOM-style label `info mtree -o`
+    /// prints.
+    pub fn new_owner_labeled(
+        &self,
+        name: &str,
+        label: OwnerLabel,
+        parent: Option<OwnerId>,
+    ) -> Result<OwnerId> {
+        self.edit(|t| t.new_owner(name, label, parent))
+    }
+
+    /// Sets the function run once when the owner is finalized.
+    pub fn set_finalizer(&self, owner: OwnerId, f: Finalizer) -> Result<()> {
+        self.edit(|t| {
+            t.owner(owner)?.core.set_finalizer(f);
+            Ok(())
+        })
+    }
+
+    /// Unplugs an owner and its child devices. See [`UnplugReport`].
+    pub fn unplug(&self, owner: OwnerId) -> Result<UnplugReport> {
+        self.edit(|t| t.unplug(owner))
+    }
+
+    // ---- regions -------------------------------------------------------------
+
+    fn create(
+        &self,
+        name: &str,
+        kind: RegionKind,
+        size: u128,
+        backing: Backing,
+        owner: Option<OwnerId>,
+        alias: Option<(RegionId, u64)>,
+    ) -> Result<RegionId> {
+        self.edit(|t| t.create_region(name, kind, size, backing, owner, alias))
+    }
+
+    fn backend(&self, name: &str, size: u64, backing: RamBacking) -> Result<Arc<MemoryBackend>> {
+        MemoryBackend::new(&self.data.census, name, size, backing)
+            .map(Arc::new)
+            .map_err(|e| TopologyError::Allocation {
+                region: name.to_owned(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Allocates a memory backend that regions (possibly of several owners)
+    /// can map with [`Machine::new_ram_from_backend`].
+    pub fn new_backend(&self, name: &str, size: u64, backing: RamBacking) -> Result<Arc<MemoryBackend>> {
+        self.backend(name, size, backing)
+    }
+
+    /// A pure container.
+    pub fn new_container(&self, name: &str, size: u128, owner: Option<OwnerId>) -> Result<RegionId> {
+        self.create(name, RegionKind::Container, size, Backing::None, owner, None)
+    }
+
+    /// RAM backed by fresh anonymous host memory.
+    pub fn new_ram(&self, name: &str, size: u64, owner: Option<OwnerId>) -> Result<RegionId> {
+        self.new_ram_with(name, size, owner, RamBacking::Anonymous)
+    }
+
+    /// RAM backed by fresh host memory of the given kind (memfd can be shared).
+    pub fn new_ram_with(
+        &self,
+        name: &str,
+        size: u64,
+        owner: Option<OwnerId>,
+        backing: RamBacking,
+    ) -> Result<RegionId> {
+        let block = self.backend(name, size, backing)?;
+        self.new_ram_from_backend(name, &block, 0, size, owner)
+    }
+
+    /// RAM mapping `size` bytes of `backend` starting at `offset`.
+    pub fn new_ram_from_backend(
+        &self,
+        name: &str,
+        backend: &Arc<MemoryBackend>,
+        offset: u64,
+        size: u64,
+        owner: Option<OwnerId>,
+    ) -> Result<RegionId> {
+        check_backend_range(name, backend, offset, size)?;
+        self.edit(|t| {
+            if owner.is_none() {
+                t.keep_ownerless(backend);
+            }
+            t.create_region(
+                name,
+                RegionKind::Ram,
+                u128::from(size),
+                Backing::Ram {
+                    block: backend.clone(),
+                    offset,
+                },
+                owner,
+                None,
+            )
+        })
+    }
+
+    /// ROM: RAM that guest writes cannot change.
+    pub fn new_rom(&self, name: &str, size: u64, owner: Option<OwnerId>) -> Result<RegionId> {
+        let id = self.new_ram(name, size, owner)?;
+        self.set_readonly(id, true)?;
+        Ok(id)
+    }
+
+    /// RAM device memory (exact-width accesses, never memcpy).
+    pub fn new_ram_device(&self, name: &str, size: u64, owner: Option<OwnerId>) -> Result<RegionId> {
+        let block = self.backend(name, size, RamBacking::Anonymous)?;
+        self.edit(|t| {
+            if owner.is_none() {
+                t.keep_ownerless(&block);
+            }
+            t.create_region(
+                name,
+                RegionKind::RamDevice,
+                u128::from(size),
+                Backing::RamDevice { block, offset: 0 },
+                owner,
+                None,
+            )
+        })
+    }
+
+    /// ROM device: reads from memory in romd mode (the default), callbacks
+    /// otherwise; writes always reach `ops`.
+    pub fn new_rom_device(
+        &self,
+        name: &str,
+        size: u64,
+        ops: Arc<dyn MmioOps>,
+        owner: Option<OwnerId>,
+    ) -> Result<RegionId> {
+        let block = self.backend(name, size, RamBacking::Anonymous)?;
+        self.edit(|t| {
+            if owner.is_none() {
+                t.keep_ownerless(&block);
+            }
+            t.create_region(
+                name,
+                RegionKind::RomDevice,
+                u128::from(size),
+                Backing::RomDevice { block, ops },
+                owner,
+                None,
+            )
+        })
+    }
+
+    /// MMIO (or port I/O) with device callbacks.
+    pub fn new_mmio(
+        &self,
+        name: &str,
+        size: u128,
+        ops: Arc<dyn MmioOps>,
+        owner: Option<OwnerId>,
+    ) -> Result<RegionId> {
+        self.create(name, RegionKind::Mmio, size, Backing::Mmio(ops), owner, None)
+    }
+
+    /// A reservation: claims its range, rejects every access.
+    pub fn new_reservation(&self, name: &str, size: u128, owner: Option<OwnerId>) -> Result<RegionId> {
+        self.create(name, RegionKind::Reservation, size, Backing::None, owner, None)
+    }
+
+    /// The root of a port I/O space: holes read all ones.
+    pub fn new_io_root(&self, name: &str, size: u128) -> Result<RegionId> {
+        self.create(name, RegionKind::IoRoot, size, Backing::None, None, None)
+    }
+
+    /// An alias of `size` bytes of `target` starting at `offset`.
+    pub fn new_alias(
+        &self,
+        name: &str,
+        target: RegionId,
+        offset: u64,
+        size: u128,
+        owner: Option<OwnerId>,
+    ) -> Result<RegionId> {
+        self.create(name, RegionKind::Alias, size, Backing::None, owner, Some((target, offset)))
+    }
+
+    /// A model-only region with no host memory or callbacks (used by the
+    /// importer for RAM/ROM of imported machines): accesses are unassigned.
+    pub fn new_model_region(
+        &self,
+        name: &str,
+        kind: RegionKind,
+        size: u128,
+        owner: Option<OwnerId>,
+    ) -> Result<RegionId> {
+        self.create(name, kind, size, Backing::None, owner, None)
+    }
+
+    /// Destroys a region that nothing in the topology uses any more.
+    pub fn destroy_region(&self, id: RegionId) -> Result<()> {
+        self.edit(|t| t.destroy_region(id))
+    }
+
+    // ---- tree edits --------------------------------------------------------
+
+    /// Maps `sub` at `offset` in `container` with priority 0.
+    pub fn add_subregion(&self, container: RegionId, offset: u64, sub: RegionId) -> Result<()> {
+        self.add_subregion_overlap(container, offset, sub, 0)
+    }
+
+    /// Maps `sub` at `offset` in `container` with `priority`.
+    pub fn add_subregion_overlap(
+        &self,
+        container: RegionId,
+        offset: u64,
+        sub: RegionId,
+        priority: i32,
+    ) -> Result<()> {
+        self.edit(|t| t.add_subregion(container, offset, sub, priority))
+    }
+
+    /// Unmaps `sub` from `container`.
+    pub fn del_subregion(&self, container: RegionId, sub: RegionId) -> Result<()> {
+        self.edit(|t| t.del_subregion(container, sub))
+    }
+
+    /// Moves a region inside its container (re-adding it: it becomes the
+    /// newest among equal priorities, as in QEMU).
+    pub fn set_address(&self, id: RegionId, addr: u64) -> Result<()> {
+        self.edit(|t| t.set_address(id, addr))
+    }
+
+    /// Changes an alias's offset into its target.
+    pub fn set_alias_offset(&self, id: RegionId, offset: u64) -> Result<()> {
+        self.edit(|t| {
+            if t.get(id)?.kind() != RegionKind::Alias {
+                return Err(wrong_kind(t, id, "an alias"));
+            }
+            t.update(id, |n| n.alias_offset = offset)
+        })
+    }
+
+    /// Enables or disables a region (disabled regions vanish with their
+    /// subtree).
+    pub fn set_enabled(&self, id: RegionId, enabled: bool) -> Result<()> {
+        self.edit(|t| t.update(id, |n| n.enabled = enabled))
+    }
+
+    /// Marks a region readonly (RAM becomes ROM).
+    pub fn set_readonly(&self, id: RegionId, readonly: bool) -> Result<()> {
+        self.edit(|t| t.update(id, |n| n.readonly = readonly))
+    }
+
+    /// Marks a region nonvolatile.
+    pub fn set_nonvolatile(&self, id: RegionId, nonvolatile: bool) -> Result<()> {
+        self.edit(|t| t.update(id, |n| n.nonvolatile = nonvolatile))
+    }
+
+    /// Marks a region unmergeable (its flat ranges are never merged).
+    pub fn set_unmergeable(&self, id: RegionId, unmergeable: bool) -> Result<()> {
+        self.edit(|t| t.update(id, |n| n.unmergeable = unmergeable))
+    }
+
+    /// Switches a ROM device between romd mode (reads from memory) and MMIO
+    /// mode (reads through callbacks).
+    pub fn set_romd(&self, id: RegionId, romd: bool) -> Result<()> {
+        self.edit(|t| {
+            if t.get(id)?.kind() != RegionKind::RomDevice {
+                return Err(wrong_kind(t, id, "a ROM device"));
+            }
+            t.update(id, |n| n.romd_mode = romd)
+        })
+    }
+
+    /// Resizes a region. RAM cannot grow past its backend.
+    pub fn set_size(&self, id: RegionId, size: u128) -> Result<()> {
+        self.edit(|t| t.set_size(id, size))
+    }
+
+    /// Sets the dirty-log client mask (bit 0 = VGA).
+    pub fn set_dirty_log_mask(&self, id: RegionId, mask: u8) -> Result<()> {
+        self.edit(|t| t.update(id, |n| n.dirty_log_mask = mask))
+    }
+
+    // ---- address spaces ------------------------------------------------------
+
+    /// Creates an address space rooted at `root`.
+    pub fn new_address_space(
+        &self,
+        name: &str,
+        root: RegionId,
+        owner: Option<OwnerId>,
+    ) -> Result<SpaceId> {
+        self.edit(|t| t.new_space(name, root, owner))
+    }
+
+    /// Destroys an address space: its listeners see every range deleted and
+    /// outstanding handles see the empty view.
+    pub fn destroy_address_space(&self, id: SpaceId) -> Result<()> {
+        self.edit(|t| t.destroy_space(id))
+    }
+
+    /// The data-plane handle of an address space.
+    pub fn address_space(&self, id: SpaceId) -> Result<AddressSpace> {
+        self.read(|t| t.space(id).map(|s| s.handle.clone()))
+    }
+
+    /// Every address space, in creation order: (id, name).
+    pub fn address_spaces(&self) -> Vec<(SpaceId, String)> {
+        self.read(|t| {
+            t.spaces_in_order()
+                .into_iter()
+                .map(|(id, n)| (id, n.name.to_string()))
+                .collect()
+        })
+    }
+
+    /// The first address space with this name.
+    pub fn find_address_space(&self, name: &str) -> Option<SpaceId> {
+        self.address_spaces()
+            .into_iter()
+            .find(|(_, n)| n == name)
+            .map(|(id, _)| id)
+    }
+
+    // ---- listeners -----------------------------------------------------------
+
+    /// Registers a listener on an address space and replays the current view
+    /// to it.
+    pub fn register_listener(
+        &self,
+        space: SpaceId,
+        l: Arc<dyn MemoryListener>,
+    ) -> Result<ListenerId> {
+        let guard = self.control.lock();
+        let (id, name, view) = {
+            let mut topo = guard
+                .try_borrow_mut()
+                .map_err(|_| TopologyError::ListenerReentry)?;
+            if topo.in_commit {
+                return Err(TopologyError::ListenerReentry);
+            }
+            let s = topo.space(space)?;
+            let (name, view) = (s.name.clone(), s.handle.view());
+            (topo.listeners.insert(space, l.clone()), name, view)
+        };
+        listener::replay(space, &name, &view, l.as_ref(), true);
+        Ok(id)
+    }
+
+    /// Unregisters a listener, replaying its space's ranges as deletions.
+    pub fn unregister_listener(&self, id: ListenerId) -> Result<()> {
+        let guard = self.control.lock();
+        let (reg, name, view) = {
+            let mut topo = guard
+                .try_borrow_mut()
+                .map_err(|_| TopologyError::ListenerReentry)?;
+            if topo.in_commit {
+                return Err(TopologyError::ListenerReentry);
+            }
+            let Some(reg) = topo.listeners.remove(id) else {
+                return Ok(());
+            };
+            let (name, view) = match topo.space(reg.space) {
+                Ok(s) => (s.name.clone(), s.handle.view()),
+                Err(_) => return Ok(()),
+            };
+            (reg, name, view)
+        };
+        listener::replay(reg.space, &name, &view, reg.listener.as_ref(), false);
+        Ok(())
+    }
+
+    // ---- queries ---------------------------------------------------------------
+
+    /// A snapshot of a region's attributes.
+    pub fn region_info(&self, id: RegionId) -> Result<RegionInfo> {
+        self.read(|t| t.info(id))
+    }
+
+    /// The first region (in arena order) with this name.
+    pub fn find_region(&self, name: &str) -> Option<RegionId> {
+        self.read(|t| {
+            t.regions
+                .iter()
+                .find(|(_, n)| n.name() == name)
+                .map(|((index, generation), _)| RegionId { index, generation })
+        })
+    }
+
+    /// The census of live objects.
+    pub fn census(&self) -> &Arc<Census> {
+        &self.data.census
+    }
+
+    /// The guest's byte order.
+    pub fn target_endian(&self) -> Endianness {
+        self.data.target_endian
+    }
+
+    /// Number of regions in the topology.
+    pub fn region_count(&self) -> usize {
+        self.read(|t| t.regions.len())
+    }
+}
+
+fn wrong_kind(t: &Topology, id: RegionId, expected: &'static str) -> TopologyError {
+    TopologyError::WrongKind {
+        region: t.node(id).map(|n| n.name().to_owned()).unwrap_or_default(),
+        expected,
+    }
+}
+
+fn check_backend_range(name: &str, backend: &MemoryBackend, offset: u64, size: u64) -> Result<()> {
+    match offset.checked_add(size) {
+        Some(end) if end <= backend.size() && size > 0 => Ok(()),
+        _ => Err(TopologyError::InUse {
+            region: name.to_owned(),
+            why: format!(
+                "range {offset:#x}+{size:#x} does not fit its backend of {:#x} bytes",
+                backend.size()
+            ),
+        }),
+    }
+}

@@ -1,0 +1,759 @@
+//! Host memory behind RAM and ROM regions.
+//!
+//! A [`RamBlock`] owns one host mapping of `size` bytes (the equivalent of a
+//! QEMU `RAMBlock`'s `host` pointer). It is created zero-filled by
+//! [`RamBlock::new`] and unmapped exactly once by `Drop`.
+//!
+//! # Invariants
+//!
+//! * `size > 0` and `size <= usize::MAX` (checked by [`RamBlock::new`]).
+//! * The mapping starting at `ptr` is valid for reads and writes of `size`
+//!   bytes from the moment `new` returns until `Drop` runs; it is never moved,
+//!   resized or unmapped earlier.
+//! * Every access is bounds-checked (`offset + len <= size`, computed without
+//!   overflow) except the `*_unchecked` methods, whose callers must prove the
+//!   range themselves (see each method's `# Safety` section).
+//! * No Rust reference (`&[u8]`, `&mut [u8]`, `&T`) into guest memory is ever
+//!   created. Guest RAM is written concurrently by several vCPU threads, DMA
+//!   and possibly other processes (memfd backing) or the kernel (KVM), so a
+//!   reference would assert immutability or uniqueness that does not hold.
+//!   Every access is a copy through a raw pointer into or out of a caller
+//!   buffer, and the memory is only ever touched for the duration of that copy.
+//!
+//! # Why plain (non-volatile, non-atomic) raw copies
+//!
+//! Fixed-size accesses use `ptr::read_unaligned` / `ptr::write_unaligned` of a
+//! `[u8; N]`, buffer accesses use `ptr::copy_nonoverlapping`:
+//!
+//! * Speed: after the bounds check a 4-byte load compiles to a single `mov`
+//!   (volatile would also forbid merging/vectorising buffer copies and
+//!   requires alignment, which guest accesses do not have).
+//! * Every access reads or writes each byte exactly once into/out of a local
+//!   value; the code never re-reads guest memory expecting the same value, so
+//!   the only effect of a concurrent writer is the one the guest itself can
+//!   observe on real hardware (a torn or stale value). This mirrors what QEMU
+//!   does with `memcpy` and `ld*_p`/`st*_p`.
+//! * The memory is an OS mapping outside any Rust allocation (except the Miri
+//!   fallback), reached only through a raw pointer whose provenance comes from
+//!   `mmap`; the compiler cannot assume anything about its contents between
+//!   accesses.
+//!
+//! Strictly, two Rust threads racing on the same bytes through these
+//! non-atomic copies is a data race in the Rust memory model; guests that race
+//! on their own RAM get whatever the hardware gives them, exactly as in QEMU.
+//! Callers that need single-copy atomicity (e.g. emulated atomics) must build
+//! it on top of [`RamBlock::host_addr`] with atomic types.
+//!
+//! # Backing
+//!
+//! * [`RamBacking::Anonymous`]: `MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE`.
+//! * [`RamBacking::Memfd`]: a `memfd_create` file of `size` bytes mapped
+//!   `MAP_SHARED | MAP_NORESERVE`, so the same memory can be mapped a second
+//!   time (by this or another process, e.g. vhost-user) via [`RamBlock::fd`].
+//!
+//! Under Miri (`cfg(miri)`) `mmap` and `memfd_create` are unavailable: both
+//! backings fall back to a zeroed, page-aligned heap allocation and
+//! [`RamBlock::fd`] returns `None`.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::os::fd::BorrowedFd;
+#[cfg(not(miri))]
+use std::os::fd::{AsFd, OwnedFd};
+use std::ptr::{self, NonNull};
+
+/// How the host memory of a [`RamBlock`] is obtained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RamBacking {
+    /// Private anonymous memory (`MAP_PRIVATE | MAP_ANONYMOUS`).
+    Anonymous,
+    /// A memfd mapped `MAP_SHARED`; the fd can be shared with another process
+    /// or mapped a second time.
+    Memfd,
+}
+
+/// Errors of [`RamBlock`] and [`RamSlice`] operations.
+#[derive(Debug, thiserror::Error)]
+pub enum RamError {
+    /// `offset + len` exceeds the size of the block (or overflows `u64`).
+    #[error("access of {len:#x} bytes at offset {offset:#x} is outside RAM of size {size:#x}")]
+    OutOfBounds {
+        /// Start offset of the access.
+        offset: u64,
+        /// Length of the access in bytes.
+        len: u64,
+        /// Size of the block or slice.
+        size: u64,
+    },
+    /// A RAM block must have a non-zero size.
+    #[error("RAM block size must be non-zero")]
+    ZeroSize,
+    /// The size does not fit the host address space.
+    #[error("RAM block size {size:#x} does not fit the host address space")]
+    TooLarge {
+        /// Requested size.
+        size: u64,
+    },
+    /// Creating or sizing the memfd failed.
+    #[error("cannot create memfd for RAM block: {0}")]
+    Memfd(#[source] std::io::Error),
+    /// Mapping the memory failed.
+    #[error("cannot map RAM block: {0}")]
+    Map(#[source] std::io::Error),
+}
+
+/// Checks `offset + len <= size` without overflow.
+#[inline]
+fn check_range(offset: u64, len: u64, size: u64) -> Result<(), RamError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(RamError::OutOfBounds { offset, len, size }),
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Number of mappings released by `Drop` on this thread (test only).
+    static RELEASED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Host memory of one RAM/ROM region.
+///
+/// See the [module documentation](self) for the invariants.
+pub struct RamBlock {
+    name: String,
+    size: u64,
+    backing: RamBacking,
+    /// Start of the mapping; valid for `size` bytes until `Drop`.
+    ptr: NonNull<u8>,
+    #[cfg(not(miri))]
+    fd: Option<OwnedFd>,
+}
+
+// SAFETY: `RamBlock` owns its mapping exclusively (no other `RamBlock` refers
+// to it) and all access goes through raw-pointer copies, so moving the owner
+// to another thread is sound; `OwnedFd` and `String` are `Send`.
+unsafe impl Send for RamBlock {}
+// SAFETY: shared access only performs raw-pointer copies into/out of the
+// mapping (never creates references into it), which are valid from any
+// thread; concurrent guest-level races are documented in the module docs.
+unsafe impl Sync for RamBlock {}
+
+impl fmt::Debug for RamBlock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RamBlock")
+            .field("name", &self.name)
+            .field("size", &self.size)
+            .field("backing", &self.backing)
+            .field("host_addr", &self.ptr)
+            .finish()
+    }
+}
+
+#[cfg(miri)]
+fn heap_layout(len: usize) -> Result<std::alloc::Layout, RamError> {
+    std::alloc::Layout::from_size_align(len, 4096)
+        .map_err(|_| RamError::TooLarge { size: len as u64 })
+}
+
+impl RamBlock {
+    /// Allocates a zero-filled block of `size` bytes.
+    ///
+    /// `Anonymous` maps `MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE`;
+    /// `Memfd` creates a memfd of `size` bytes and maps it
+    /// `MAP_SHARED | MAP_NORESERVE`.
+    pub fn new(name: &str, size: u64, backing: RamBacking) -> Result<RamBlock, RamError> {
+        if size == 0 {
+            return Err(RamError::ZeroSize);
+        }
+        let len = usize::try_from(size).map_err(|_| RamError::TooLarge { size })?;
+        // Rust allocations and objects are limited to isize::MAX bytes;
+        // keep every offset representable as a pointer offset.
+        if len > isize::MAX as usize {
+            return Err(RamError::TooLarge { size });
+        }
+        #[cfg(not(miri))]
+        {
+            let (ptr, fd) = Self::map(name, len, backing)?;
+            Ok(RamBlock {
+                name: name.to_owned(),
+                size,
+                backing,
+                ptr,
+                fd,
+            })
+        }
+        #[cfg(miri)]
+        {
+            let layout = heap_layout(len)?;
+            // SAFETY: `layout` has a non-zero size (len > 0 checked above).
+            let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+            let ptr = NonNull::new(raw).ok_or_else(|| {
+                RamError::Map(std::io::Error::from(std::io::ErrorKind::OutOfMemory))
+            })?;
+            Ok(RamBlock {
+                name: name.to_owned(),
+                size,
+                backing,
+                ptr,
+            })
+        }
+    }
+
+    #[cfg(not(miri))]
+    fn map(
+        name: &str,
+        len: usize,
+        backing: RamBacking,
+    ) -> Result<(NonNull<u8>, Option<OwnedFd>), RamError> {
+        use rustix::mm::{MapFlags, ProtFlags};
+        let prot = ProtFlags::READ | ProtFlags::WRITE;
+        match backing {
+            RamBacking::Anonymous => {
+                // SAFETY: a fresh anonymous mapping with a null hint cannot
+                // alias any existing memory.
+                let raw = unsafe {
+                    rustix::mm::mmap_anonymous(
+                        ptr::null_mut(),
+                        len,
+                        prot,
+                        MapFlags::PRIVATE | MapFlags::NORESERVE,
+                    )
+                }
+                .map_err(|e| RamError::Map(e.into()))?;
+                let ptr = NonNull::new(raw.cast::<u8>()).ok_or_else(|| {
+                    RamError::Map(std::io::Error::other("mmap returned a null mapping"))
+                })?;
+                Ok((ptr, None))
+            }
+            RamBacking::Memfd => {
+                // memfd names are informational, limited to 249 bytes and
+                // must not contain NUL.
+                let mut fd_name: String = name.chars().filter(|&c| c != '\0').collect();
+                while fd_name.len() > 240 {
+                    fd_name.pop();
+                }
+                let fd =
+                    rustix::fs::memfd_create(fd_name.as_str(), rustix::fs::MemfdFlags::CLOEXEC)
+                        .map_err(|e| RamError::Memfd(e.into()))?;
+                rustix::fs::ftruncate(&fd, len as u64).map_err(|e| RamError::Memfd(e.into()))?;
+                // SAFETY: a fresh shared mapping of a memfd we just created,
+                // with a null hint; it cannot alias existing Rust memory.
+                let raw = unsafe {
+                    rustix::mm::mmap(
+                        ptr::null_mut(),
+                        len,
+                        prot,
+                        MapFlags::SHARED | MapFlags::NORESERVE,
+                        fd.as_fd(),
+                        0,
+                    )
+                }
+                .map_err(|e| RamError::Map(e.into()))?;
+                let ptr = NonNull::new(raw.cast::<u8>()).ok_or_else(|| {
+                    RamError::Map(std::io::Error::other("mmap returned a null mapping"))
+                })?;
+                Ok((ptr, Some(fd)))
+            }
+        }
+    }
+
+    /// Name given at creation.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Size in bytes (always > 0).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// How the memory is backed.
+    pub fn backing(&self) -> RamBacking {
+        self.backing
+    }
+
+    /// The memfd behind a [`RamBacking::Memfd`] block (`None` for anonymous
+    /// memory, and always `None` under Miri). Mapping it `MAP_SHARED` at
+    /// offset 0 gives a second view of the same memory.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        #[cfg(not(miri))]
+        {
+            self.fd.as_ref().map(|fd| fd.as_fd())
+        }
+        #[cfg(miri)]
+        {
+            None
+        }
+    }
+
+    /// Host address of the first byte, e.g. for a KVM memory slot's
+    /// `userspace_addr`.
+    ///
+    /// The pointer is valid for reads and writes of [`size`](Self::size)
+    /// bytes until the block is dropped. Users must not create Rust
+    /// references into the memory (only raw-pointer copies or atomics), see
+    /// the module documentation.
+    pub fn host_addr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Copies `buf.len()` bytes starting at `offset` into `buf`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), RamError> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        // SAFETY: range checked just above.
+        unsafe { self.copy_to_unchecked(offset, buf) };
+        Ok(())
+    }
+
+    /// Copies `buf` into the block starting at `offset`.
+    pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), RamError> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        // SAFETY: range checked just above.
+        unsafe { self.copy_from_unchecked(offset, buf) };
+        Ok(())
+    }
+
+    /// Loads `N` bytes at `offset` (any alignment), in memory order; convert
+    /// with e.g. `u32::from_le_bytes`.
+    #[inline]
+    pub fn load<const N: usize>(&self, offset: u64) -> Result<[u8; N], RamError> {
+        check_range(offset, N as u64, self.size)?;
+        // SAFETY: range checked just above.
+        Ok(unsafe { self.load_unchecked::<N>(offset) })
+    }
+
+    /// Stores `N` bytes at `offset` (any alignment), in memory order.
+    #[inline]
+    pub fn store<const N: usize>(&self, offset: u64, bytes: [u8; N]) -> Result<(), RamError> {
+        check_range(offset, N as u64, self.size)?;
+        // SAFETY: range checked just above.
+        unsafe { self.store_unchecked::<N>(offset, bytes) };
+        Ok(())
+    }
+
+    /// Unchecked fast path of [`load`](Self::load), used by dispatch after it
+    /// has proven the range is inside the block.
+    ///
+    /// # Safety
+    ///
+    /// `offset + N` must not overflow and must be `<= self.size()`.
+    #[inline]
+    pub unsafe fn load_unchecked<const N: usize>(&self, offset: u64) -> [u8; N] {
+        debug_assert!(check_range(offset, N as u64, self.size).is_ok());
+        // SAFETY: the caller guarantees `offset + N <= size <= isize::MAX`, so
+        // the pointer stays inside the mapping, which is valid until Drop;
+        // `read_unaligned` has no alignment requirement.
+        unsafe { ptr::read_unaligned(self.ptr.as_ptr().add(offset as usize).cast::<[u8; N]>()) }
+    }
+
+    /// Unchecked fast path of [`store`](Self::store).
+    ///
+    /// # Safety
+    ///
+    /// `offset + N` must not overflow and must be `<= self.size()`.
+    #[inline]
+    pub unsafe fn store_unchecked<const N: usize>(&self, offset: u64, bytes: [u8; N]) {
+        debug_assert!(check_range(offset, N as u64, self.size).is_ok());
+        // SAFETY: the caller guarantees `offset + N <= size`, so the pointer
+        // stays inside the writable mapping, valid until Drop;
+        // `write_unaligned` has no alignment requirement.
+        unsafe {
+            ptr::write_unaligned(
+                self.ptr.as_ptr().add(offset as usize).cast::<[u8; N]>(),
+                bytes,
+            )
+        }
+    }
+
+    /// Copies `dst.len()` bytes starting at `offset` into `dst`, unchecked.
+    ///
+    /// # Safety
+    ///
+    /// `offset + dst.len()` must not overflow and must be `<= self.size()`.
+    /// (`dst` cannot overlap the block because no Rust reference into guest
+    /// memory may exist, see the module documentation.)
+    #[inline]
+    pub unsafe fn copy_to_unchecked(&self, offset: u64, dst: &mut [u8]) {
+        debug_assert!(check_range(offset, dst.len() as u64, self.size).is_ok());
+        // SAFETY: the source range is inside the mapping per the caller's
+        // contract; `dst` is a valid exclusive Rust buffer, which by the
+        // module invariant never points into guest memory, so the ranges do
+        // not overlap.
+        unsafe {
+            ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset as usize),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
+        }
+    }
+
+    /// Copies `src` into the block starting at `offset`, unchecked.
+    ///
+    /// # Safety
+    ///
+    /// `offset + src.len()` must not overflow and must be `<= self.size()`.
+    /// (`src` cannot overlap the block because no Rust reference into guest
+    /// memory may exist, see the module documentation.)
+    #[inline]
+    pub unsafe fn copy_from_unchecked(&self, offset: u64, src: &[u8]) {
+        debug_assert!(check_range(offset, src.len() as u64, self.size).is_ok());
+        // SAFETY: the destination range is inside the writable mapping per
+        // the caller's contract; `src` is a valid Rust buffer which never
+        // points into guest memory, so the ranges do not overlap.
+        unsafe {
+            ptr::copy_nonoverlapping(
+                src.as_ptr(),
+                self.ptr.as_ptr().add(offset as usize),
+                src.len(),
+            )
+        }
+    }
+
+    /// A bounds-checked view of `len` bytes starting at `offset`, borrowing
+    /// the block (so it cannot outlive the mapping).
+    pub fn slice(&self, offset: u64, len: u64) -> Result<RamSlice<'_>, RamError> {
+        check_range(offset, len, self.size)?;
+        // SAFETY: `offset <= size`, so the result is inside the mapping or one
+        // past its end, and non-null because the mapping start is non-null
+        // and the offset does not wrap.
+        let ptr = unsafe { NonNull::new_unchecked(self.ptr.as_ptr().add(offset as usize)) };
+        Ok(RamSlice {
+            ptr,
+            len: len as usize,
+            _block: PhantomData,
+        })
+    }
+}
+
+impl Drop for RamBlock {
+    fn drop(&mut self) {
+        #[cfg(not(miri))]
+        {
+            // SAFETY: `ptr`/`size` describe exactly the mapping created in
+            // `new`, which is unmapped only here (Drop runs once); no
+            // reference into it exists and `RamSlice`s borrow `self`, so none
+            // is alive.
+            let r = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.size as usize) };
+            debug_assert!(r.is_ok(), "munmap failed: {r:?}");
+            // The memfd (if any) is closed when `self.fd` drops.
+        }
+        #[cfg(miri)]
+        {
+            let layout = heap_layout(self.size as usize).expect("layout was valid in new()");
+            // SAFETY: allocated in `new` with this same layout and freed only
+            // here.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
+        }
+        #[cfg(test)]
+        RELEASED.with(|c| c.set(c.get() + 1));
+    }
+}
+
+/// A bounds-checked window into a [`RamBlock`], e.g. held by a DMA mapping
+/// guard. It borrows the block, so the memory stays mapped while it exists.
+///
+/// Like `RamBlock` it never hands out Rust references into guest memory: data
+/// moves only by copy, and [`as_ptr`](Self::as_ptr) gives a raw pointer.
+#[derive(Clone, Copy)]
+pub struct RamSlice<'a> {
+    ptr: NonNull<u8>,
+    len: usize,
+    _block: PhantomData<&'a RamBlock>,
+}
+
+// SAFETY: a `RamSlice` is a shared borrow of a `Sync` `RamBlock` restricted to
+// a sub-range; it performs the same raw-pointer copies.
+unsafe impl Send for RamSlice<'_> {}
+// SAFETY: as for `Send`; `&RamSlice` only allows raw-pointer copies.
+unsafe impl Sync for RamSlice<'_> {}
+
+impl fmt::Debug for RamSlice<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RamSlice")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl<'a> RamSlice<'a> {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the window is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Raw pointer to the first byte; valid for `len()` bytes while the
+    /// slice's borrow of the block lasts. Do not create references from it.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Copies `buf.len()` bytes at `offset` (relative to the window) into `buf`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), RamError> {
+        check_range(offset, buf.len() as u64, self.len as u64)?;
+        // SAFETY: the range is inside the window, which is inside the
+        // mapping kept alive by the `'a` borrow; `buf` is a Rust buffer and
+        // so does not overlap guest memory.
+        unsafe {
+            ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset as usize),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Copies `buf` into the window at `offset`.
+    pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), RamError> {
+        check_range(offset, buf.len() as u64, self.len as u64)?;
+        // SAFETY: as in `read`, with the copy direction reversed; the mapping
+        // is writable.
+        unsafe {
+            ptr::copy_nonoverlapping(
+                buf.as_ptr(),
+                self.ptr.as_ptr().add(offset as usize),
+                buf.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// A narrower window of `len` bytes at `offset` within this one.
+    pub fn subslice(&self, offset: u64, len: u64) -> Result<RamSlice<'a>, RamError> {
+        check_range(offset, len, self.len as u64)?;
+        // SAFETY: `offset <= self.len`, so the pointer stays inside (or one
+        // past) the window and does not wrap to null.
+        let ptr = unsafe { NonNull::new_unchecked(self.ptr.as_ptr().add(offset as usize)) };
+        Ok(RamSlice {
+            ptr,
+            len: len as usize,
+            _block: PhantomData,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backings() -> [RamBacking; 2] {
+        [RamBacking::Anonymous, RamBacking::Memfd]
+    }
+
+    #[test]
+    fn zero_filled_after_new() {
+        for b in backings() {
+            let ram = RamBlock::new("zero", 8192, b).unwrap();
+            assert_eq!(ram.size(), 8192);
+            assert_eq!(ram.name(), "zero");
+            assert_eq!(ram.backing(), b);
+            let mut buf = vec![0xaa; 8192];
+            ram.read(0, &mut buf).unwrap();
+            assert!(buf.iter().all(|&x| x == 0));
+        }
+    }
+
+    #[test]
+    fn write_read_round_trip() {
+        for b in backings() {
+            let ram = RamBlock::new("rt", 4096, b).unwrap();
+            ram.write(100, b"hello guest").unwrap();
+            let mut buf = [0u8; 11];
+            ram.read(100, &mut buf).unwrap();
+            assert_eq!(&buf, b"hello guest");
+
+            // Unaligned typed accesses.
+            ram.store(4093, [0xef, 0xbe, 0xad]).unwrap();
+            ram.store(1, 0x1122_3344_5566_7788_u64.to_le_bytes())
+                .unwrap();
+            assert_eq!(
+                u64::from_le_bytes(ram.load(1).unwrap()),
+                0x1122_3344_5566_7788
+            );
+            assert_eq!(u32::from_le_bytes(ram.load(3).unwrap()), 0x3344_5566);
+            assert_eq!(ram.load::<1>(8).unwrap(), [0x11]);
+            assert_eq!(ram.load::<3>(4093).unwrap(), [0xef, 0xbe, 0xad]);
+
+            // Last byte is reachable, empty accesses at the end are fine.
+            ram.write(4095, &[7]).unwrap();
+            assert_eq!(ram.load::<1>(4095).unwrap(), [7]);
+            ram.write(4096, &[]).unwrap();
+        }
+    }
+
+    #[test]
+    fn out_of_bounds() {
+        let ram = RamBlock::new("oob", 4096, RamBacking::Anonymous).unwrap();
+        let oob = |r: Result<(), RamError>, o: u64, l: u64| match r {
+            Err(RamError::OutOfBounds { offset, len, size }) => {
+                assert_eq!((offset, len, size), (o, l, 4096));
+            }
+            other => panic!("expected OutOfBounds, got {other:?}"),
+        };
+        let mut buf = [0u8; 8];
+        oob(ram.read(4089, &mut buf), 4089, 8);
+        oob(ram.write(4096, &[1]), 4096, 1);
+        oob(ram.write(u64::MAX, &[1]), u64::MAX, 1);
+        oob(ram.read(u64::MAX - 3, &mut buf), u64::MAX - 3, 8);
+        oob(ram.load::<4>(u64::MAX - 1).map(|_| ()), u64::MAX - 1, 4);
+        oob(ram.store::<8>(4092, [0; 8]), 4092, 8);
+        oob(ram.slice(4000, 97).map(|_| ()), 4000, 97);
+        oob(ram.slice(1, u64::MAX).map(|_| ()), 1, u64::MAX);
+        // Nothing was written by the failed accesses.
+        let mut all = vec![0xffu8; 4096];
+        ram.read(0, &mut all).unwrap();
+        assert!(all.iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn zero_size() {
+        for b in backings() {
+            assert!(matches!(RamBlock::new("z", 0, b), Err(RamError::ZeroSize)));
+        }
+    }
+
+    #[test]
+    fn too_large() {
+        assert!(matches!(
+            RamBlock::new("big", u64::MAX, RamBacking::Anonymous),
+            Err(RamError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn unchecked_paths() {
+        let ram = RamBlock::new("u", 64, RamBacking::Anonymous).unwrap();
+        // SAFETY: all ranges below are inside the 64-byte block.
+        unsafe {
+            ram.store_unchecked(60, 0xa1b2_c3d4_u32.to_be_bytes());
+            assert_eq!(u32::from_be_bytes(ram.load_unchecked(60)), 0xa1b2_c3d4);
+            ram.copy_from_unchecked(0, &[1, 2, 3]);
+            let mut buf = [0u8; 3];
+            ram.copy_to_unchecked(0, &mut buf);
+            assert_eq!(buf, [1, 2, 3]);
+        }
+    }
+
+    #[test]
+    fn slice_view() {
+        let ram = RamBlock::new("s", 4096, RamBacking::Anonymous).unwrap();
+        let s = ram.slice(1000, 16).unwrap();
+        assert_eq!(s.len(), 16);
+        assert!(!s.is_empty());
+        assert_eq!(s.as_ptr() as usize, ram.host_addr() as usize + 1000);
+        s.write(4, &[9, 8, 7]).unwrap();
+        let mut buf = [0u8; 3];
+        ram.read(1004, &mut buf).unwrap();
+        assert_eq!(buf, [9, 8, 7]);
+        ram.write(1015, &[42]).unwrap();
+        let mut one = [0u8];
+        s.read(15, &mut one).unwrap();
+        assert_eq!(one, [42]);
+        assert!(matches!(
+            s.write(15, &[1, 2]),
+            Err(RamError::OutOfBounds { size: 16, .. })
+        ));
+        assert!(matches!(
+            s.read(u64::MAX, &mut one),
+            Err(RamError::OutOfBounds { .. })
+        ));
+        let sub = s.subslice(4, 4).unwrap();
+        sub.read(0, &mut buf).unwrap();
+        assert_eq!(buf, [9, 8, 7]);
+        assert!(s.subslice(10, 7).is_err());
+        assert!(ram.slice(4096, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn concurrent_disjoint_writers() {
+        let ram = RamBlock::new("mt", 4096, RamBacking::Anonymous).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let ram = &ram;
+                s.spawn(move || {
+                    for i in 0..16u64 {
+                        ram.store(t * 1024 + i * 8, (t << 32 | i).to_le_bytes())
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        for t in 0..4u64 {
+            for i in 0..16u64 {
+                let v = u64::from_le_bytes(ram.load(t * 1024 + i * 8).unwrap());
+                assert_eq!(v, t << 32 | i);
+            }
+        }
+    }
+
+    #[test]
+    fn drop_releases_exactly_once() {
+        let before = RELEASED.with(|c| c.get());
+        {
+            let a = RamBlock::new("d1", 4096, RamBacking::Anonymous).unwrap();
+            let b = RamBlock::new("d2", 4096, RamBacking::Memfd).unwrap();
+            let moved = a; // moving must not release
+            assert_eq!(RELEASED.with(|c| c.get()), before);
+            drop(moved);
+            assert_eq!(RELEASED.with(|c| c.get()), before + 1);
+            drop(b);
+        }
+        assert_eq!(RELEASED.with(|c| c.get()), before + 2);
+        // Failed constructions release nothing.
+        let _ = RamBlock::new("z", 0, RamBacking::Anonymous);
+        assert_eq!(RELEASED.with(|c| c.get()), before + 2);
+    }
+
+    #[test]
+    fn send_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<RamBlock>();
+        assert_send_sync::<RamSlice<'static>>();
+    }
+
+    #[cfg(not(miri))]
+    #[test]
+    fn memfd_second_mapping_sees_writes() {
+        use rustix::mm::{MapFlags, ProtFlags};
+        let ram = RamBlock::new("shared", 8192, RamBacking::Memfd).unwrap();
+        let fd = ram.fd().expect("memfd block has an fd");
+        // SAFETY: fresh shared mapping of the block's memfd with a null hint.
+        let second = unsafe {
+            rustix::mm::mmap(
+                ptr::null_mut(),
+                8192,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                fd,
+                0,
+            )
+        }
+        .unwrap()
+        .cast::<u8>();
+        assert_ne!(second, ram.host_addr());
+
+        ram.store(4100, 0x0bad_cafe_u32.to_le_bytes()).unwrap();
+        // SAFETY: 4100 + 4 <= 8192, inside the second mapping.
+        let seen = unsafe { ptr::read_unaligned(second.add(4100).cast::<[u8; 4]>()) };
+        assert_eq!(u32::from_le_bytes(seen), 0x0bad_cafe);
+
+        // SAFETY: 17 < 8192, inside the second mapping.
+        unsafe { ptr::write(second.add(17), 0x5a) };
+        assert_eq!(ram.load::<1>(17).unwrap(), [0x5a]);
+
+        // SAFETY: unmapping exactly the second mapping created above.
+        unsafe { rustix::mm::munmap(second.cast(), 8192) }.unwrap();
+        assert!(RamBlock::new("anon", 4096, RamBacking::Anonymous)
+            .unwrap()
+            .fd()
+            .is_none());
+    }
+}

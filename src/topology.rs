@@ -1,0 +1,651 @@
+//! The topology: the control plane's arena of regions, owners and address
+//! spaces, and every edit of it.
+//!
+//! `Topology` is plain data behind the machine's writer lock
+//! ([`crate::Machine`]); its methods validate each edit completely before
+//! changing anything, so a refused edit leaves the topology untouched.
+//!
+//! # Invariants
+//!
+//! * Links between nodes are ids. The only `Arc`s stored here point from a
+//!   node to its own data-plane core.
+//! * Following subregion links and alias targets from any region never comes
+//!   back to that region (checked by [`Topology::would_loop`] on every edit
+//!   that adds a link).
+//! * A region is in at most one container, and a mapped region's core is held
+//!   by its container's core (see [`crate::region`]).
+//! * `dirty` names every region changed since the last commit; a cached view
+//!   none of whose reached regions is dirty is still exact.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::arena::Arena;
+use crate::backend::MemoryBackend;
+use crate::census::{ObjectKey, ObjectKind};
+use crate::error::TopologyError;
+use crate::flatview::FlatView;
+use crate::listener::Listeners;
+use crate::owner::{OwnerCore, OwnerId, OwnerLabel, OwnerNode};
+use crate::region::{Backing, RegionCore, RegionId, RegionInfo, RegionKind, RegionNode};
+use crate::space::{AddressSpace, MachineData, SpaceId, SpaceNode};
+
+type Result<T> = std::result::Result<T, TopologyError>;
+
+/// What [`Topology::unplug`] did, and what it had to cut.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnplugReport {
+    /// Owners unplugged (the owner and its child devices), parents first.
+    pub owners: Vec<String>,
+    /// Regions removed from the topology.
+    pub regions: Vec<String>,
+    /// Address spaces destroyed.
+    pub spaces: Vec<String>,
+    /// Regions of *other* owners that were subregions of a removed container
+    /// and are now unmapped.
+    pub detached: Vec<String>,
+    /// Aliases of other owners whose target was removed; they now render
+    /// nothing.
+    pub dangling_aliases: Vec<String>,
+    /// Address spaces of other owners whose root was removed; they now show
+    /// the empty view.
+    pub orphaned_spaces: Vec<String>,
+}
+
+pub(crate) struct Topology {
+    pub(crate) regions: Arena<RegionNode>,
+    pub(crate) owners: Arena<OwnerNode>,
+    pub(crate) spaces: Arena<SpaceNode>,
+    next_space_seq: u64,
+    pub(crate) dirty: HashSet<RegionId>,
+    pub(crate) pending: bool,
+    /// Last rendered view per physical root (`None` = the empty view).
+    pub(crate) views: HashMap<Option<RegionId>, Arc<FlatView>>,
+    pub(crate) listeners: Listeners,
+    pub(crate) depth: u32,
+    pub(crate) in_commit: bool,
+    pub(crate) machine: Arc<MachineData>,
+    pub(crate) census_key: ObjectKey,
+    /// Spaces destroyed since the last commit: their handles get the empty
+    /// view at commit, after their listeners saw every range deleted.
+    pub(crate) destroyed_spaces: Vec<(SpaceId, Box<str>, AddressSpace)>,
+}
+
+impl Topology {
+    pub(crate) fn new(machine: Arc<MachineData>) -> Topology {
+        let census_key = machine
+            .census
+            .register(ObjectKind::Topology, "topology", None);
+        Topology {
+            regions: Arena::default(),
+            owners: Arena::default(),
+            spaces: Arena::default(),
+            next_space_seq: 0,
+            dirty: HashSet::new(),
+            pending: false,
+            views: HashMap::new(),
+            listeners: Listeners::default(),
+            depth: 0,
+            in_commit: false,
+            machine,
+            census_key,
+            destroyed_spaces: Vec::new(),
+        }
+    }
+
+    // ---- lookups -------------------------------------------------------
+
+    pub(crate) fn node(&self, id: RegionId) -> Option<&RegionNode> {
+        self.regions.get(id.index, id.generation)
+    }
+
+    fn node_mut(&mut self, id: RegionId) -> Result<&mut RegionNode> {
+        self.regions
+            .get_mut(id.index, id.generation)
+            .ok_or(TopologyError::NoSuchRegion(id))
+    }
+
+    pub(crate) fn get(&self, id: RegionId) -> Result<&RegionNode> {
+        self.node(id).ok_or(TopologyError::NoSuchRegion(id))
+    }
+
+    pub(crate) fn owner(&self, id: OwnerId) -> Result<&OwnerNode> {
+        self.owners
+            .get(id.index, id.generation)
+            .ok_or(TopologyError::NoSuchOwner(id))
+    }
+
+    pub(crate) fn space(&self, id: SpaceId) -> Result<&SpaceNode> {
+        self.spaces
+            .get(id.index, id.generation)
+            .ok_or(TopologyError::NoSuchSpace(id))
+    }
+
+    /// Address spaces in creation order.
+    pub(crate) fn spaces_in_order(&self) -> Vec<(SpaceId, &SpaceNode)> {
+        let mut v: Vec<(SpaceId, &SpaceNode)> = self
+            .spaces
+            .iter()
+            .map(|((index, generation), n)| (SpaceId { index, generation }, n))
+            .collect();
+        v.sort_by_key(|(_, n)| n.seq);
+        v
+    }
+
+    /// Every live region id.
+    pub(crate) fn region_ids(&self) -> Vec<RegionId> {
+        self.regions
+            .iter()
+            .map(|((index, generation), _)| RegionId { index, generation })
+            .collect()
+    }
+
+    pub(crate) fn info(&self, id: RegionId) -> Result<RegionInfo> {
+        let n = self.get(id)?;
+        Ok(RegionInfo {
+            id,
+            name: n.name().to_owned(),
+            kind: n.kind(),
+            size: n.size,
+            addr: n.addr,
+            priority: n.priority,
+            enabled: n.enabled,
+            readonly: n.readonly,
+            nonvolatile: n.nonvolatile,
+            romd_mode: n.romd_mode,
+            container: n.container,
+            subregions: n.subregions.clone(),
+            alias_target: n.alias_target,
+            alias_offset: n.alias_offset,
+            owner: n.owner,
+        })
+    }
+
+    fn name_of(&self, id: RegionId) -> String {
+        self.node(id)
+            .map(|n| n.name().to_owned())
+            .unwrap_or_else(|| format!("{id:?}"))
+    }
+
+    fn mark(&mut self, id: RegionId) {
+        self.dirty.insert(id);
+        self.pending = true;
+    }
+
+    // ---- owners --------------------------------------------------------
+
+    pub(crate) fn new_owner(
+        &mut self,
+        name: &str,
+        label: OwnerLabel,
+        parent: Option<OwnerId>,
+    ) -> Result<OwnerId> {
+        if let Some(p) = parent {
+            self.owner(p)?;
+        }
+        let (index, generation) = self.owners.next_id();
+        let id = OwnerId { index, generation };
+        let core = Arc::new(OwnerCore::new(id, name, &self.machine.census));
+        self.machine.census.add_edge(self.census_key, core.census_key());
+        let inserted = self.owners.insert(OwnerNode {
+            core,
+            label,
+            parent,
+            children: Vec::new(),
+            regions: Vec::new(),
+            spaces: Vec::new(),
+        });
+        debug_assert_eq!(inserted, (index, generation));
+        if let Some(p) = parent {
+            if let Some(pn) = self.owners.get_mut(p.index, p.generation) {
+                pn.children.push(id);
+            }
+        }
+        Ok(id)
+    }
+
+    pub(crate) fn owner_core(&self, id: OwnerId) -> Result<Arc<OwnerCore>> {
+        Ok(self.owner(id)?.core.clone())
+    }
+
+    // ---- regions -------------------------------------------------------
+
+    pub(crate) fn create_region(
+        &mut self,
+        name: &str,
+        kind: RegionKind,
+        size: u128,
+        backing: Backing,
+        owner: Option<OwnerId>,
+        alias: Option<(RegionId, u64)>,
+    ) -> Result<RegionId> {
+        if size > crate::region::MAX_REGION_SIZE {
+            return Err(TopologyError::SizeTooLarge(size));
+        }
+        let owner_core = match owner {
+            Some(o) => Some(self.owner_core(o)?),
+            None => None,
+        };
+        if let Some((target, _)) = alias {
+            self.get(target)?;
+        }
+        let (index, generation) = self.regions.next_id();
+        let id = RegionId { index, generation };
+        let core = Arc::new(RegionCore::new(
+            id,
+            name,
+            kind,
+            backing,
+            owner_core,
+            &self.machine.census,
+        ));
+        self.machine.census.add_edge(self.census_key, core.census_key());
+        let readonly = false;
+        let inserted = self.regions.insert(RegionNode {
+            core,
+            size,
+            addr: 0,
+            priority: 0,
+            enabled: true,
+            readonly,
+            nonvolatile: false,
+            unmergeable: false,
+            romd_mode: true,
+            alias_target: alias.map(|a| a.0),
+            alias_offset: alias.map_or(0, |a| a.1),
+            container: None,
+            subregions: Vec::new(),
+            owner,
+            mapped_via_alias: 0,
+            dirty_log_mask: 0,
+        });
+        debug_assert_eq!(inserted, (index, generation));
+        if let Some(o) = owner {
+            if let Some(on) = self.owners.get_mut(o.index, o.generation) {
+                on.regions.push(id);
+            }
+        }
+        Ok(id)
+    }
+
+    /// Whether linking `child` under `parent` (as a subregion) would let the
+    /// tree reach `parent` again from `child`.
+    fn would_loop(&self, parent: RegionId, child: RegionId) -> bool {
+        let mut stack = vec![child];
+        let mut seen = HashSet::new();
+        while let Some(id) = stack.pop() {
+            if id == parent {
+                return true;
+            }
+            if !seen.insert(id) {
+                continue;
+            }
+            if let Some(n) = self.node(id) {
+                stack.extend(n.subregions.iter().copied());
+                stack.extend(n.alias_target);
+            }
+        }
+        false
+    }
+
+    pub(crate) fn add_subregion(
+        &mut self,
+        container: RegionId,
+        offset: u64,
+        sub: RegionId,
+        priority: i32,
+    ) -> Result<()> {
+        let c = self.get(container)?;
+        let s = self.get(sub)?;
+        if c.kind() == RegionKind::Alias {
+            return Err(TopologyError::AliasCannotContain(c.name().to_owned()));
+        }
+        if let Some(existing) = s.container {
+            return Err(TopologyError::AlreadyInContainer {
+                region: s.name().to_owned(),
+                container: self.name_of(existing),
+            });
+        }
+        if self.would_loop(container, sub) {
+            return Err(TopologyError::Loop {
+                region: s.name().to_owned(),
+                container: c.name().to_owned(),
+            });
+        }
+        let c_core = c.core.clone();
+        let s_core = s.core.clone();
+        let alias_target = s.alias_target;
+        {
+            let s = self.node_mut(sub)?;
+            s.container = Some(container);
+            s.addr = offset;
+            s.priority = priority;
+        }
+        if let Some(t) = alias_target {
+            if let Ok(t) = self.node_mut(t) {
+                t.mapped_via_alias += 1;
+            }
+        }
+        // QEMU order: before the first sibling whose priority is <= ours.
+        let pos = {
+            let c = self.get(container)?;
+            c.subregions
+                .iter()
+                .position(|&o| self.node(o).is_some_and(|n| n.priority <= priority))
+                .unwrap_or(c.subregions.len())
+        };
+        self.node_mut(container)?.subregions.insert(pos, sub);
+        c_core.hold_subregion(&s_core);
+        self.mark(container);
+        self.mark(sub);
+        Ok(())
+    }
+
+    pub(crate) fn del_subregion(&mut self, container: RegionId, sub: RegionId) -> Result<()> {
+        let c = self.get(container)?;
+        let s = self.get(sub)?;
+        if s.container != Some(container) {
+            return Err(TopologyError::NotASubregion {
+                region: s.name().to_owned(),
+                container: c.name().to_owned(),
+            });
+        }
+        let c_core = c.core.clone();
+        let s_core = s.core.clone();
+        let alias_target = s.alias_target;
+        self.node_mut(container)?.subregions.retain(|&x| x != sub);
+        self.node_mut(sub)?.container = None;
+        if let Some(t) = alias_target {
+            if let Ok(t) = self.node_mut(t) {
+                t.mapped_via_alias = t.mapped_via_alias.saturating_sub(1);
+            }
+        }
+        c_core.release_subregion(&s_core);
+        self.mark(container);
+        self.mark(sub);
+        Ok(())
+    }
+
+    pub(crate) fn set_address(&mut self, sub: RegionId, addr: u64) -> Result<()> {
+        let s = self.get(sub)?;
+        match s.container {
+            // QEMU re-adds the region, making it the newest of its priority.
+            Some(c) => {
+                let prio = s.priority;
+                self.del_subregion(c, sub)?;
+                self.add_subregion(c, addr, sub, prio)
+            }
+            None => {
+                self.node_mut(sub)?.addr = addr;
+                self.mark(sub);
+                Ok(())
+            }
+        }
+    }
+
+    /// Applies `f` to a region's node and marks it dirty.
+    pub(crate) fn update(&mut self, id: RegionId, f: impl FnOnce(&mut RegionNode)) -> Result<()> {
+        f(self.node_mut(id)?);
+        self.mark(id);
+        Ok(())
+    }
+
+    pub(crate) fn set_size(&mut self, id: RegionId, size: u128) -> Result<()> {
+        if size > crate::region::MAX_REGION_SIZE {
+            return Err(TopologyError::SizeTooLarge(size));
+        }
+        let n = self.get(id)?;
+        let max = match n.core.backing() {
+            Backing::Ram { block, offset } | Backing::RamDevice { block, offset } => {
+                Some(u128::from(block.size() - offset))
+            }
+            Backing::RomDevice { block, .. } => Some(u128::from(block.size())),
+            _ => None,
+        };
+        if let Some(max) = max {
+            if size > max {
+                return Err(TopologyError::InUse {
+                    region: n.name().to_owned(),
+                    why: format!("its memory backend holds {max:#x} bytes, less than {size:#x}"),
+                });
+            }
+        }
+        self.update(id, |n| n.size = size)
+    }
+
+    /// Destroys a region that is not mapped, not an address-space root and not
+    /// an alias target. Its remaining subregions are unmapped first.
+    pub(crate) fn destroy_region(&mut self, id: RegionId) -> Result<()> {
+        let n = self.get(id)?;
+        let name = n.name().to_owned();
+        if let Some(c) = n.container {
+            return Err(TopologyError::InUse {
+                region: name,
+                why: format!("it is still a subregion of \"{}\"", self.name_of(c)),
+            });
+        }
+        if let Some((_, s)) = self.spaces_in_order().into_iter().find(|(_, s)| s.root == Some(id)) {
+            return Err(TopologyError::InUse {
+                region: name,
+                why: format!("it is the root of address space \"{}\"", s.name),
+            });
+        }
+        if let Some((_, a)) = self
+            .regions
+            .iter()
+            .find(|(_, a)| a.alias_target == Some(id))
+        {
+            return Err(TopologyError::InUse {
+                region: name,
+                why: format!("alias \"{}\" targets it", a.name()),
+            });
+        }
+        for sub in n.subregions.clone() {
+            self.del_subregion(id, sub)?;
+        }
+        self.remove_node(id);
+        Ok(())
+    }
+
+    fn remove_node(&mut self, id: RegionId) {
+        if let Some(node) = self.regions.remove(id.index, id.generation) {
+            self.dirty.insert(id);
+            self.pending = true;
+            if let Some(o) = node.owner {
+                if let Some(on) = self.owners.get_mut(o.index, o.generation) {
+                    on.regions.retain(|&r| r != id);
+                }
+            }
+            self.machine
+                .census
+                .remove_edge(self.census_key, node.core.census_key());
+            // `node` (and the arena's Arc<RegionCore>) drops here.
+        }
+    }
+
+    /// Registers an ownerless backend as machine-lifetime memory.
+    pub(crate) fn keep_ownerless(&mut self, block: &Arc<MemoryBackend>) {
+        let mut keep = self.machine.ownerless.lock();
+        if !keep.iter().any(|b| Arc::ptr_eq(b, block)) {
+            keep.push(block.clone());
+        }
+    }
+
+    // ---- address spaces ------------------------------------------------
+
+    pub(crate) fn new_space(
+        &mut self,
+        name: &str,
+        root: RegionId,
+        owner: Option<OwnerId>,
+    ) -> Result<SpaceId> {
+        self.get(root)?;
+        if let Some(o) = owner {
+            self.owner(o)?;
+        }
+        let (index, generation) = self.spaces.next_id();
+        let id = SpaceId { index, generation };
+        let handle = AddressSpace::new(name, id, &self.machine, self.machine.empty_view.clone());
+        self.machine
+            .census
+            .add_edge(self.census_key, handle.census_key());
+        self.next_space_seq += 1;
+        let inserted = self.spaces.insert(SpaceNode {
+            name: name.into(),
+            root: Some(root),
+            owner,
+            handle,
+            seq: self.next_space_seq,
+        });
+        debug_assert_eq!(inserted, (index, generation));
+        if let Some(o) = owner {
+            if let Some(on) = self.owners.get_mut(o.index, o.generation) {
+                on.spaces.push(id);
+            }
+        }
+        self.pending = true;
+        Ok(id)
+    }
+
+    pub(crate) fn destroy_space(&mut self, id: SpaceId) -> Result<()> {
+        let node = self
+            .spaces
+            .remove(id.index, id.generation)
+            .ok_or(TopologyError::NoSuchSpace(id))?;
+        if let Some(o) = node.owner {
+            if let Some(on) = self.owners.get_mut(o.index, o.generation) {
+                on.spaces.retain(|&s| s != id);
+            }
+        }
+        self.machine
+            .census
+            .remove_edge(self.census_key, node.handle.census_key());
+        self.destroyed_spaces.push((id, node.name, node.handle));
+        self.pending = true;
+        Ok(())
+    }
+
+    // ---- unplug ----------------------------------------------------------
+
+    /// Unplugs an owner and its child devices: closes their liveness gates,
+    /// destroys their address spaces and regions, and cuts links from the rest
+    /// of the topology into them. Finalization follows when the last
+    /// data-plane holder (a view being read, a DMA mapping) lets go.
+    pub(crate) fn unplug(&mut self, owner: OwnerId) -> Result<UnplugReport> {
+        self.owner(owner)?;
+        let mut report = UnplugReport::default();
+        // Owners: the device and its descendants, parents first.
+        let mut owners = vec![owner];
+        let mut i = 0;
+        while i < owners.len() {
+            if let Ok(n) = self.owner(owners[i]) {
+                owners.extend(n.children.iter().copied());
+            }
+            i += 1;
+        }
+        let owner_set: HashSet<OwnerId> = owners.iter().copied().collect();
+        let mut regions: Vec<RegionId> = Vec::new();
+        let mut spaces: Vec<SpaceId> = Vec::new();
+        for &o in &owners {
+            let n = self.owner(o)?;
+            n.core.unplug();
+            report.owners.push(n.core.name().to_owned());
+            regions.extend(n.regions.iter().copied());
+            spaces.extend(n.spaces.iter().copied());
+        }
+        let region_set: HashSet<RegionId> = regions.iter().copied().collect();
+        for s in spaces {
+            if let Ok(sn) = self.space(s) {
+                report.spaces.push(sn.name.to_string());
+            }
+            self.destroy_space(s)?;
+        }
+        // Cut links from the surviving topology into the dying regions.
+        let others: Vec<(SpaceId, Option<RegionId>, Box<str>)> = self
+            .spaces_in_order()
+            .into_iter()
+            .map(|(id, n)| (id, n.root, n.name.clone()))
+            .collect();
+        for (sid, root, name) in others {
+            if root.is_some_and(|r| region_set.contains(&r)) {
+                if let Some(n) = self.spaces.get_mut(sid.index, sid.generation) {
+                    n.root = None;
+                }
+                report.orphaned_spaces.push(name.to_string());
+            }
+        }
+        let aliases: Vec<RegionId> = self
+            .regions
+            .iter()
+            .filter(|(_, n)| n.alias_target.is_some_and(|t| region_set.contains(&t)))
+            .map(|((index, generation), _)| RegionId { index, generation })
+            .filter(|id| !region_set.contains(id))
+            .collect();
+        for a in aliases {
+            report.dangling_aliases.push(self.name_of(a));
+            self.update(a, |n| n.alias_target = None)?;
+        }
+        for &r in &regions {
+            let n = self.get(r)?;
+            let container = n.container;
+            let subs = n.subregions.clone();
+            if let Some(c) = container.filter(|c| !region_set.contains(c)) {
+                self.del_subregion(c, r)?;
+            }
+            for s in subs.into_iter().filter(|s| !region_set.contains(s)) {
+                report.detached.push(self.name_of(s));
+                self.del_subregion(r, s)?;
+            }
+        }
+        // Remove the regions. Links among them stay in their cores, so a
+        // container's core keeps its subregions' cores until it finishes.
+        for &r in &regions {
+            report.regions.push(self.name_of(r));
+            self.remove_node(r);
+        }
+        for &o in &owners {
+            if let Some(n) = self.owners.remove(o.index, o.generation) {
+                if let Some(p) = n.parent.filter(|p| !owner_set.contains(p)) {
+                    if let Some(pn) = self.owners.get_mut(p.index, p.generation) {
+                        pn.children.retain(|&c| c != o);
+                    }
+                }
+                self.machine
+                    .census
+                    .remove_edge(self.census_key, n.core.census_key());
+            }
+        }
+        self.pending = true;
+        Ok(report)
+    }
+
+    /// Destroys everything: every owner, region and address space.
+    pub(crate) fn clear(&mut self) {
+        let roots: Vec<OwnerId> = self
+            .owners
+            .iter()
+            .filter(|(_, n)| n.parent.is_none())
+            .map(|((index, generation), _)| OwnerId { index, generation })
+            .collect();
+        for o in roots {
+            let _ = self.unplug(o);
+        }
+        let spaces: Vec<SpaceId> = self.spaces_in_order().into_iter().map(|(id, _)| id).collect();
+        for s in spaces {
+            let _ = self.destroy_space(s);
+        }
+        // Unmap everything, then remove leaves-last is not needed: cores keep
+        // subregions, so removal order does not change finalization order.
+        let ids = self.region_ids();
+        for &id in &ids {
+            if let Some(c) = self.node(id).and_then(|n| n.container) {
+                if !ids.contains(&c) {
+                    let _ = self.del_subregion(c, id);
+                }
+            }
+        }
+        for id in ids {
+            self.remove_node(id);
+        }
+    }
+}
