@@ -27,6 +27,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
 
+use std::sync::{Arc, OnceLock};
+
 use parking_lot::Mutex;
 
 /// Identifies a census entry. Keys are never reused.
@@ -105,6 +107,21 @@ struct Registry {
 /// every object that registers in it.
 pub struct Census {
     inner: Mutex<Registry>,
+    /// Objects registered lazily (DMA mappings, see [`crate::dma`]): synced
+    /// into the registry before every query.
+    source: OnceLock<Arc<dyn CensusSource>>,
+}
+
+/// A source of objects the census registers lazily: recording them must be
+/// cheaper than a census registration (DMA mappings on the fast path), so
+/// the census asks the source to register whatever it has not yet before it
+/// answers any query ([`Census::is_live`], [`Census::live`],
+/// [`Census::counts`], [`Census::holder_chains`], [`Census::explain`],
+/// [`Census::to_dot`]). The source must not be held by anything it
+/// describes, and must call only registration methods from `sync`.
+pub trait CensusSource: Send + Sync {
+    /// Registers every object not yet registered.
+    fn sync(&self, census: &Census);
 }
 
 impl fmt::Debug for Census {
@@ -127,6 +144,7 @@ impl Census {
                 keep_log: true,
                 ..Registry::default()
             }),
+            source: OnceLock::new(),
         }
     }
 
@@ -188,18 +206,38 @@ impl Census {
         }
     }
 
+    /// Installs the lazily registered source (once; later calls are
+    /// ignored).
+    pub fn set_source(&self, source: Arc<dyn CensusSource>) {
+        let _ = self.source.set(source);
+    }
+
+    fn sync(&self) {
+        if let Some(s) = self.source.get() {
+            s.sync(self);
+        }
+    }
+
+    /// The name of a live object (does not sync the lazy source).
+    pub fn name_of(&self, key: ObjectKey) -> Option<String> {
+        self.inner.lock().live.get(&key).map(|e| e.name.clone())
+    }
+
     /// Whether `key` is still alive.
     pub fn is_live(&self, key: ObjectKey) -> bool {
+        self.sync();
         self.inner.lock().live.contains_key(&key)
     }
 
     /// Every live object, in creation order.
     pub fn live(&self) -> Vec<CensusEntry> {
+        self.sync();
         self.inner.lock().live.values().cloned().collect()
     }
 
     /// Number of live objects of each kind.
     pub fn counts(&self) -> BTreeMap<ObjectKind, usize> {
+        self.sync();
         let mut out = BTreeMap::new();
         for e in self.inner.lock().live.values() {
             *out.entry(e.kind).or_insert(0) += 1;
@@ -230,6 +268,7 @@ impl Census {
     /// root holder and ends at `key`. Empty if `key` is not live. Chains are
     /// found by a breadth-first reverse walk; at most `limit` chains.
     pub fn holder_chains(&self, key: ObjectKey, limit: usize) -> Vec<Vec<CensusEntry>> {
+        self.sync();
         let reg = self.inner.lock();
         if !reg.live.contains_key(&key) {
             return Vec::new();
@@ -294,6 +333,7 @@ impl Census {
 
     /// A Graphviz DOT rendering of the live objects and their strong edges.
     pub fn to_dot(&self) -> String {
+        self.sync();
         let reg = self.inner.lock();
         let mut s = String::from("digraph memtree {\n  rankdir=LR;\n  node [shape=box, fontname=monospace];\n");
         for e in reg.live.values() {

@@ -59,4 +59,13 @@ pub enum TopologyError {
     /// `commit` without a matching `begin`.
     #[error("commit without a matching begin")]
     UnbalancedCommit,
+    /// No ioeventfd of the region matches the one to delete.
+    #[error("region \"{region}\" has no ioeventfd matching {what}")]
+    NoSuchEventfd { region: String, what: String },
+    /// ioeventfds match accesses of 0 (any), 1, 2, 4 or 8 bytes.
+    #[error("ioeventfd size {size} on \"{region}\" is not 0, 1, 2, 4 or 8")]
+    BadEventfdSize { region: String, size: u64 },
+    /// A listener refused to start global dirty logging.
+    #[error("listener \"{listener}\" refused to start global dirty logging: {message}")]
+    ListenerRefused { listener: String, message: String },
 }

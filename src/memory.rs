@@ -36,7 +36,7 @@ use crate::backend::MemoryBackend;
 use crate::census::{Census, CensusEntry, ObjectKind};
 use crate::error::TopologyError;
 use crate::flatview::FlatView;
-use crate::listener::{self, ListenerId, MemoryListener};
+use crate::listener::{self, EventNotifier, IoEventFd, ListenerId, MemoryListener, SpaceCtx};
 use crate::owner::{Finalizer, OwnerId, OwnerLabel};
 use crate::ram::RamBacking;
 use crate::region::{Backing, RegionId, RegionInfo, RegionKind};
@@ -140,11 +140,14 @@ impl Memory {
     /// A new, empty memory system for a guest of the given byte order.
     pub fn with_target_endian(target_endian: Endianness) -> Memory {
         let census = Arc::new(Census::new());
+        let dma = Arc::new(crate::dma::DmaRegistry::new());
+        census.set_source(dma.clone());
         let data = Arc::new(MachineData {
             census: census.clone(),
             target_endian,
             ownerless: parking_lot::Mutex::new(Vec::new()),
             empty_view: Arc::new(FlatView::empty()),
+            dma,
         });
         let topo = Topology::new(data.clone());
         Memory {
@@ -263,7 +266,7 @@ impl Machine {
         };
         let commit_now = {
             let topo = guard.borrow();
-            topo.depth == 0 && topo.pending
+            topo.depth == 0 && (topo.pending || topo.listeners.ioeventfd_pending)
         };
         if commit_now {
             self.commit_locked(&guard);
@@ -302,113 +305,163 @@ impl Machine {
         let commit_now = {
             let mut topo = guard.borrow_mut();
             topo.depth = topo.depth.saturating_sub(1);
-            topo.depth == 0 && topo.pending
+            topo.depth == 0 && (topo.pending || topo.listeners.ioeventfd_pending)
         };
         if commit_now {
             self.commit_locked(&guard);
         }
     }
 
-    /// The outermost commit: render what changed, diff for listeners,
-    /// publish.
+    /// The outermost commit (QEMU's `memory_region_transaction_commit` at
+    /// depth 0): when the topology changed, render what changed, then
+    /// `begin` on every listener, per address space (creation order) the
+    /// diff, the publication and the ioeventfd update, then `commit` on every
+    /// listener. When only ioeventfds changed, just the ioeventfd updates.
     fn commit_locked(&self, guard: &ReentrantMutexGuard<'_, RefCell<Topology>>) {
-        struct Publish {
+        struct Step {
             id: SpaceId,
             name: Box<str>,
             handle: AddressSpace,
             old: Arc<FlatView>,
-            new: Arc<FlatView>,
+            /// The view to publish, if it changed.
+            new: Option<Arc<FlatView>>,
+            fds: Vec<(bool, listener::SpaceFd)>,
+            listeners: Vec<Arc<dyn MemoryListener>>,
         }
-        let (plan, listeners) = {
+        let scope = CallbackScope::enter(guard);
+        let (steps, listeners, coalesced, full) = {
             let mut topo = guard.borrow_mut();
-            topo.in_commit = true;
+            let full = topo.pending;
+            let fds_changed = std::mem::take(&mut topo.listeners.ioeventfd_pending);
             topo.pending = false;
             let dirty = std::mem::take(&mut topo.dirty);
             let mut fresh: HashMap<Option<RegionId>, Arc<FlatView>> = HashMap::new();
-            let mut plan = Vec::new();
+            let mut steps = Vec::new();
             let spaces: Vec<(SpaceId, Box<str>, Option<RegionId>, AddressSpace)> = topo
                 .spaces_in_order()
                 .into_iter()
                 .map(|(id, n)| (id, n.name.clone(), n.root, n.handle.clone()))
                 .collect();
             for (id, name, root, handle) in spaces {
-                let phys = root.and_then(|r| render::physical_root(&topo, r));
-                let view = match fresh.get(&phys) {
-                    Some(v) => v.clone(),
-                    None => {
-                        let v = match phys {
-                            None => self.data.empty_view.clone(),
-                            Some(p) => match topo.views.get(&phys) {
-                                Some(v) if !v.reached.iter().any(|r| dirty.contains(r)) => {
-                                    v.clone()
-                                }
-                                _ => {
-                                    let r = render::render(&topo, p);
-                                    let root_name = topo.node(p).map(|n| n.name().to_owned());
-                                    Arc::new(FlatView::new(
-                                        Some(p),
-                                        root_name.as_deref(),
-                                        r.ranges,
-                                        r.reached,
-                                        Some(&self.data.census),
-                                    ))
-                                }
-                            },
-                        };
-                        fresh.insert(phys, v.clone());
-                        v
-                    }
+                let old = handle.view();
+                let new = if full {
+                    let phys = root.and_then(|r| render::physical_root(&topo, r));
+                    let view = match fresh.get(&phys) {
+                        Some(v) => v.clone(),
+                        None => {
+                            let v = match phys {
+                                None => self.data.empty_view.clone(),
+                                Some(p) => match topo.views.get(&phys) {
+                                    Some(v) if !v.reached.iter().any(|r| dirty.contains(r)) => {
+                                        v.clone()
+                                    }
+                                    _ => {
+                                        let r = render::render(&topo, p);
+                                        let root_name = topo.node(p).map(|n| n.name().to_owned());
+                                        Arc::new(FlatView::new(
+                                            Some(p),
+                                            root_name.as_deref(),
+                                            r.ranges,
+                                            r.reached,
+                                            Some(&self.data.census),
+                                        ))
+                                    }
+                                },
+                            };
+                            fresh.insert(phys, v.clone());
+                            v
+                        }
+                    };
+                    (!Arc::ptr_eq(&old, &view)).then_some(view)
+                } else {
+                    None
                 };
-                let old = handle.view();
-                if !Arc::ptr_eq(&old, &view) {
-                    plan.push(Publish {
-                        id,
-                        name,
-                        handle,
-                        old,
-                        new: view,
-                    });
-                }
-            }
-            for (id, name, handle) in std::mem::take(&mut topo.destroyed_spaces) {
-                let old = handle.view();
-                plan.push(Publish {
+                let fds = if new.is_some() || fds_changed {
+                    let view = new.as_ref().unwrap_or(&old);
+                    topo.listeners.update_space_fds(id, view)
+                } else {
+                    Vec::new()
+                };
+                let listeners = topo.listeners.of_space(id);
+                steps.push(Step {
                     id,
                     name,
                     handle,
                     old,
-                    new: self.data.empty_view.clone(),
+                    new,
+                    fds,
+                    listeners,
                 });
             }
-            topo.views = fresh;
-            (plan, topo.listeners.snapshot())
+            for (id, name, handle) in std::mem::take(&mut topo.destroyed_spaces) {
+                let old = handle.view();
+                let empty = self.data.empty_view.clone();
+                let fds = topo.listeners.update_space_fds(id, &empty);
+                let listeners = topo.listeners.of_space(id);
+                steps.push(Step {
+                    id,
+                    name,
+                    handle,
+                    old,
+                    new: Some(empty),
+                    fds,
+                    listeners,
+                });
+            }
+            if full {
+                topo.views = fresh;
+            }
+            let all = if full {
+                topo.listeners.snapshot()
+            } else {
+                Vec::new()
+            };
+            (steps, all, topo.listeners.coalesced.clone(), full)
         };
         // Listeners run with the lock held but the topology not borrowed.
         for (_, l) in &listeners {
             l.begin();
         }
-        for p in &plan {
-            let mine: Vec<Arc<dyn MemoryListener>> = listeners
-                .iter()
-                .filter(|(s, _)| *s == p.id)
-                .map(|(_, l)| l.clone())
-                .collect();
-            listener::diff_and_notify(p.id, &p.name, &p.old, &p.new, &mine);
-            p.handle.publish(p.new.clone());
+        for step in &steps {
+            let cx = SpaceCtx {
+                space: step.id,
+                name: &step.name,
+                listeners: &step.listeners,
+                coalesced: &coalesced,
+            };
+            if let Some(new) = &step.new {
+                listener::diff_and_notify(&cx, &step.old, new);
+                step.handle.publish(new.clone());
+            }
+            if !step.fds.is_empty() {
+                let view = step.handle.view();
+                listener::notify_fds(&cx, &view, &step.fds);
+            }
         }
         for (_, l) in &listeners {
             l.commit();
         }
-        guard.borrow_mut().in_commit = false;
+        drop(scope);
+        if full {
+            // Forget state of regions and spaces that are gone (listeners
+            // of a destroyed space saw every range deleted above).
+            let mut topo = guard.borrow_mut();
+            let t = &mut *topo;
+            let (regions, spaces) = (&t.regions, &t.spaces);
+            t.listeners.prune(
+                |r| regions.get(r.index, r.generation).is_some(),
+                |s| spaces.get(s.index, s.generation).is_some(),
+            );
+        }
         // Old views drop here (or when their last reader lets go).
-        drop(plan);
+        drop(steps);
     }
 
     fn teardown(&self) -> LeakReport {
         let guard = self.control.lock();
         {
             let mut topo = guard.borrow_mut();
-            topo.listeners.list.clear();
+            topo.listeners.clear();
             topo.clear();
             topo.depth = 0;
         }
@@ -731,6 +784,13 @@ impl Machine {
         self.edit(|t| t.update(id, |n| n.dirty_log_mask = mask))
     }
 
+    /// Records the QOM parent `info mtree -o` prints for a region (`None`:
+    /// print none), overriding the rule derived from its owner. Used by the
+    /// dump importer to keep exactly what QEMU printed.
+    pub fn set_qom_parent(&self, id: RegionId, parent: Option<OwnerLabel>) -> Result<()> {
+        self.edit(|t| t.update(id, |n| n.qom_parent = Some(parent)))
+    }
+
     // ---- address spaces ------------------------------------------------------
 
     /// Creates an address space rooted at `root`.
@@ -774,15 +834,16 @@ impl Machine {
 
     // ---- listeners -----------------------------------------------------------
 
-    /// Registers a listener on an address space and replays the current view
-    /// to it.
+    /// Registers a listener on an address space and replays the space's
+    /// current state to it (§6.2): `begin`, per range `region_add`, coalesced
+    /// adds and `log_start`, then `eventfd_add` for every ioeventfd, `commit`.
     pub fn register_listener(
         &self,
         space: SpaceId,
         l: Arc<dyn MemoryListener>,
     ) -> Result<ListenerId> {
         let guard = self.control.lock();
-        let (id, name, view) = {
+        let (id, name, view, fds, coalesced, global) = {
             let mut topo = guard
                 .try_borrow_mut()
                 .map_err(|_| TopologyError::ListenerReentry)?;
@@ -791,16 +852,30 @@ impl Machine {
             }
             let s = topo.space(space)?;
             let (name, view) = (s.name.clone(), s.handle.view());
-            (topo.listeners.insert(space, l.clone()), name, view)
+            let id = topo.listeners.insert(space, l.clone());
+            let fds = topo.listeners.fds_of(space);
+            let global = topo.listeners.global_dirty_log;
+            let coalesced = topo.listeners.coalesced.clone();
+            (id, name, view, fds, coalesced, global)
         };
-        listener::replay(space, &name, &view, l.as_ref(), true);
+        let _scope = CallbackScope::enter(&guard);
+        let cx = SpaceCtx {
+            space,
+            name: &name,
+            listeners: &[],
+            coalesced: &coalesced,
+        };
+        listener::replay(&cx, &view, &fds, global, &l, true);
         Ok(id)
     }
 
-    /// Unregisters a listener, replaying its space's ranges as deletions.
+    /// Unregisters a listener, replaying its space's state as deletions:
+    /// per range `log_stop`, coalesced dels and `region_del`, then
+    /// `eventfd_del` for every ioeventfd. Unknown ids (already unregistered,
+    /// or of a destroyed space) are ignored.
     pub fn unregister_listener(&self, id: ListenerId) -> Result<()> {
         let guard = self.control.lock();
-        let (reg, name, view) = {
+        let (reg, name, view, fds, coalesced) = {
             let mut topo = guard
                 .try_borrow_mut()
                 .map_err(|_| TopologyError::ListenerReentry)?;
@@ -814,10 +889,224 @@ impl Machine {
                 Ok(s) => (s.name.clone(), s.handle.view()),
                 Err(_) => return Ok(()),
             };
-            (reg, name, view)
+            let fds = topo.listeners.fds_of(reg.space);
+            (reg, name, view, fds, topo.listeners.coalesced.clone())
         };
-        listener::replay(reg.space, &name, &view, reg.listener.as_ref(), false);
+        let _scope = CallbackScope::enter(&guard);
+        let cx = SpaceCtx {
+            space: reg.space,
+            name: &name,
+            listeners: &[],
+            coalesced: &coalesced,
+        };
+        listener::replay(&cx, &view, &fds, false, &reg.listener, false);
         Ok(())
+    }
+
+    // ---- ioeventfds and coalesced MMIO --------------------------------------
+
+    /// Adds an ioeventfd to a region (QEMU's `memory_region_add_eventfd`):
+    /// a guest write of `size` bytes (0 = any size) at `addr` in the region,
+    /// carrying `data` (`None` = any value; given in the target's byte order
+    /// and converted to the device's), signals `notifier` instead of reaching
+    /// the device. Listeners see it (`eventfd_add`) at the next commit, in
+    /// every address space where the region is visible at that address.
+    pub fn add_eventfd(
+        &self,
+        region: RegionId,
+        addr: u64,
+        size: u64,
+        data: Option<u64>,
+        notifier: &Arc<EventNotifier>,
+    ) -> Result<()> {
+        let target = self.data.target_endian;
+        self.edit(|t| {
+            let fd = eventfd_for(t, region, addr, size, data, notifier, target)?;
+            t.listeners.add_fd(region, fd);
+            Ok(())
+        })
+    }
+
+    /// Removes an ioeventfd added by [`Machine::add_eventfd`] (same
+    /// arguments; a size of 0 on either side matches any entry at `addr`).
+    /// Fails with [`TopologyError::NoSuchEventfd`] when none matches.
+    pub fn del_eventfd(
+        &self,
+        region: RegionId,
+        addr: u64,
+        size: u64,
+        data: Option<u64>,
+        notifier: &Arc<EventNotifier>,
+    ) -> Result<()> {
+        let target = self.data.target_endian;
+        self.edit(|t| {
+            let fd = eventfd_for(t, region, addr, size, data, notifier, target)?;
+            if t.listeners.del_fd(region, &fd) {
+                Ok(())
+            } else {
+                Err(TopologyError::NoSuchEventfd {
+                    region: t.get(region)?.name().to_owned(),
+                    what: format!(
+                        "{addr:#x}+{size:#x} data {data:?} notifier \"{}\"",
+                        notifier.name()
+                    ),
+                })
+            }
+        })
+    }
+
+    /// Marks `[offset, offset + size)` of a region as coalesced MMIO (QEMU's
+    /// `memory_region_add_coalescing`). Listeners are told at once (not at
+    /// the next commit): `coalesced_io_add` for the part each flat range of
+    /// the region shows, in every address space.
+    pub fn add_coalescing(&self, region: RegionId, offset: u64, size: u128) -> Result<()> {
+        let span = (offset, size);
+        let targets = self.coalescing_edit(region, |spans| {
+            spans.push(span);
+            vec![span]
+        })?;
+        self.notify_coalescing(region, &targets, true);
+        Ok(())
+    }
+
+    /// Makes the whole region coalesced MMIO: [`Machine::clear_coalescing`]
+    /// then [`Machine::add_coalescing`] of the whole region.
+    pub fn set_coalescing(&self, region: RegionId) -> Result<()> {
+        self.clear_coalescing(region)?;
+        let size = self.region_info(region)?.size;
+        self.add_coalescing(region, 0, size)
+    }
+
+    /// Removes every coalesced range of a region, telling listeners
+    /// (`coalesced_io_del`, range by range) at once.
+    pub fn clear_coalescing(&self, region: RegionId) -> Result<()> {
+        let targets = self.coalescing_edit(region, std::mem::take)?;
+        self.notify_coalescing(region, &targets, false);
+        Ok(())
+    }
+
+    fn coalescing_edit(
+        &self,
+        region: RegionId,
+        f: impl FnOnce(&mut Vec<listener::Span>) -> Vec<listener::Span>,
+    ) -> Result<Vec<listener::Span>> {
+        let guard = self.control.lock();
+        let mut topo = guard
+            .try_borrow_mut()
+            .map_err(|_| TopologyError::ListenerReentry)?;
+        if topo.in_commit {
+            return Err(TopologyError::ListenerReentry);
+        }
+        topo.get(region)?;
+        let spans = topo.listeners.coalesced.entry(region).or_default();
+        let out = f(spans);
+        if spans.is_empty() {
+            topo.listeners.coalesced.remove(&region);
+        }
+        Ok(out)
+    }
+
+    fn notify_coalescing(&self, region: RegionId, spans: &[listener::Span], adding: bool) {
+        if spans.is_empty() {
+            return;
+        }
+        let guard = self.control.lock();
+        type Target = (
+            SpaceId,
+            Box<str>,
+            Arc<FlatView>,
+            Vec<Arc<dyn MemoryListener>>,
+        );
+        let spaces: Vec<Target> = {
+            let topo = guard.borrow();
+            topo.spaces_in_order()
+                .into_iter()
+                .map(|(id, n)| {
+                    let listeners = topo.listeners.of_space(id);
+                    (id, n.name.clone(), n.handle.view(), listeners)
+                })
+                .filter(|(.., l)| !l.is_empty())
+                .collect()
+        };
+        let _scope = CallbackScope::enter(&guard);
+        for span in spans {
+            for (id, name, view, listeners) in &spaces {
+                for range in view.ranges().iter().filter(|r| r.region().id() == region) {
+                    let s = listener::Section {
+                        space: *id,
+                        space_name: name,
+                        range,
+                        view,
+                    };
+                    listener::notify_coalesced(&s, std::slice::from_ref(span), listeners, adding);
+                }
+            }
+        }
+    }
+
+    // ---- global dirty logging ------------------------------------------------
+
+    /// Starts global dirty tracking: `log_global_start` on every listener in
+    /// ascending priority; if one refuses, the ones already started get
+    /// `log_global_stop` (in reverse) and the start fails. Starting twice is
+    /// a no-op. (The MIGRATION bit of flat-range dirty masks is not modelled.)
+    pub fn global_dirty_log_start(&self) -> Result<()> {
+        let guard = self.control.lock();
+        let listeners = {
+            let topo = guard
+                .try_borrow()
+                .map_err(|_| TopologyError::ListenerReentry)?;
+            if topo.in_commit {
+                return Err(TopologyError::ListenerReentry);
+            }
+            if topo.listeners.global_dirty_log {
+                return Ok(());
+            }
+            topo.listeners.snapshot()
+        };
+        let scope = CallbackScope::enter(&guard);
+        for (i, (_, l)) in listeners.iter().enumerate() {
+            if let Err(message) = l.log_global_start() {
+                for (_, done) in listeners[..i].iter().rev() {
+                    done.log_global_stop();
+                }
+                return Err(TopologyError::ListenerRefused {
+                    listener: l.name().to_owned(),
+                    message,
+                });
+            }
+        }
+        drop(scope);
+        guard.borrow_mut().listeners.global_dirty_log = true;
+        Ok(())
+    }
+
+    /// Stops global dirty tracking: `log_global_stop` on every listener in
+    /// descending priority. Stopping when not started is a no-op.
+    pub fn global_dirty_log_stop(&self) -> Result<()> {
+        let guard = self.control.lock();
+        let listeners = {
+            let mut topo = guard
+                .try_borrow_mut()
+                .map_err(|_| TopologyError::ListenerReentry)?;
+            if topo.in_commit {
+                return Err(TopologyError::ListenerReentry);
+            }
+            if !std::mem::take(&mut topo.listeners.global_dirty_log) {
+                return Ok(());
+            }
+            topo.listeners.snapshot()
+        };
+        let _scope = CallbackScope::enter(&guard);
+        for (_, l) in listeners.iter().rev() {
+            l.log_global_stop();
+        }
+        Ok(())
+    }
+
+    /// Whether global dirty tracking is on.
+    pub fn global_dirty_log(&self) -> bool {
+        self.read(|t| t.listeners.global_dirty_log)
     }
 
     // ---- queries ---------------------------------------------------------------
@@ -834,6 +1123,18 @@ impl Machine {
                 .iter()
                 .find(|(_, n)| n.name() == name)
                 .map(|((index, generation), _)| RegionId { index, generation })
+        })
+    }
+
+    /// Every region with this name, in arena order (QEMU allows duplicate
+    /// names: e.g. one `pam-pci` alias per PAM segment and mode).
+    pub fn find_regions(&self, name: &str) -> Vec<RegionId> {
+        self.read(|t| {
+            t.regions
+                .iter()
+                .filter(|(_, n)| n.name() == name)
+                .map(|((index, generation), _)| RegionId { index, generation })
+                .collect()
         })
     }
 
@@ -871,4 +1172,63 @@ fn check_backend_range(name: &str, backend: &MemoryBackend, offset: u64, size: u
             ),
         }),
     }
+}
+
+/// Marks the topology as "listeners are being called" for as long as it
+/// lives, so that an edit from a callback is refused with
+/// [`TopologyError::ListenerReentry`]; restores the previous state on drop
+/// (also when a listener panics).
+struct CallbackScope<'g> {
+    cell: &'g RefCell<Topology>,
+    was: bool,
+}
+
+impl<'g> CallbackScope<'g> {
+    fn enter(cell: &'g RefCell<Topology>) -> CallbackScope<'g> {
+        let mut t = cell.borrow_mut();
+        let was = std::mem::replace(&mut t.in_commit, true);
+        CallbackScope { cell, was }
+    }
+}
+
+impl Drop for CallbackScope<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.cell.try_borrow_mut() {
+            t.in_commit = self.was;
+        }
+    }
+}
+
+/// Validates and builds an ioeventfd entry (QEMU converts the match data to
+/// the device's byte order when the size is nonzero).
+fn eventfd_for(
+    t: &Topology,
+    region: RegionId,
+    addr: u64,
+    size: u64,
+    data: Option<u64>,
+    notifier: &Arc<EventNotifier>,
+    target: Endianness,
+) -> Result<IoEventFd> {
+    let node = t.get(region)?;
+    if !matches!(size, 0 | 1 | 2 | 4 | 8) {
+        return Err(TopologyError::BadEventfdSize {
+            region: node.name().to_owned(),
+            size,
+        });
+    }
+    let device_endian = match node.core.backing() {
+        Backing::Mmio(ops) | Backing::RomDevice { ops, .. } => ops.endianness(),
+        _ => target,
+    };
+    let data = match data {
+        Some(d) if size != 0 && device_endian != target => Some(listener::swap_data(d, size)),
+        other => other,
+    };
+    Ok(IoEventFd {
+        addr,
+        size,
+        data,
+        notifier: notifier.clone(),
+    })
 }

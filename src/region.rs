@@ -259,6 +259,9 @@ impl Drop for RegionCore {
 #[derive(Debug)]
 pub(crate) struct RegionNode {
     pub(crate) core: Arc<RegionCore>,
+    /// Copy of `core.kind`, so that rendering the tree does not have to load
+    /// every region's core.
+    pub(crate) kind: RegionKind,
     pub(crate) size: u128,
     pub(crate) addr: u64,
     pub(crate) priority: i32,
@@ -279,17 +282,21 @@ pub(crate) struct RegionNode {
     pub(crate) mapped_via_alias: u32,
     /// Dirty-log clients (bit 0 = VGA), frozen into flat ranges at render.
     pub(crate) dirty_log_mask: u8,
+    /// The QOM parent `info mtree -o` prints, when recorded from a QEMU dump
+    /// (`Some(None)`: print none). `None`: derived from the owner (see
+    /// `text::print`).
+    pub(crate) qom_parent: Option<Option<crate::owner::OwnerLabel>>,
 }
 
 impl RegionNode {
     pub(crate) fn kind(&self) -> RegionKind {
-        self.core.kind
+        self.kind
     }
     pub(crate) fn name(&self) -> &str {
         &self.core.name
     }
     pub(crate) fn terminates(&self) -> bool {
-        self.core.kind.terminates()
+        self.kind.terminates()
     }
 }
 

@@ -54,6 +54,9 @@ pub(crate) struct MachineData {
     pub(crate) ownerless: Mutex<Vec<Arc<MemoryBackend>>>,
     /// The shared empty view.
     pub(crate) empty_view: Arc<FlatView>,
+    /// Outstanding DMA mappings, caches and sections (diagnostics; also the
+    /// census's lazy source).
+    pub(crate) dma: Arc<crate::dma::DmaRegistry>,
 }
 
 pub(crate) struct SpaceShared {

@@ -50,6 +50,11 @@ pub struct UnplugReport {
     /// Address spaces of other owners whose root was removed; they now show
     /// the empty view.
     pub orphaned_spaces: Vec<String>,
+    /// DMA mappings, caches and sections still out that hold an unplugged
+    /// region (the device stays alive until they are released) or the
+    /// memory of one (the memory stays valid until they are released), e.g.
+    /// `mapping #12 "bounce pci 0x0+0x4 to-device" holds region "e1000-mmio": ...`.
+    pub outstanding: Vec<String>,
 }
 
 pub(crate) struct Topology {
@@ -242,6 +247,7 @@ impl Topology {
         self.machine.census.add_edge(self.census_key, core.census_key());
         let readonly = false;
         let inserted = self.regions.insert(RegionNode {
+            kind,
             core,
             size,
             addr: 0,
@@ -258,6 +264,7 @@ impl Topology {
             owner,
             mapped_via_alias: 0,
             dirty_log_mask: 0,
+            qom_parent: None,
         });
         debug_assert_eq!(inserted, (index, generation));
         if let Some(o) = owner {
@@ -597,6 +604,17 @@ impl Topology {
                 self.del_subregion(r, s)?;
             }
         }
+        // Report what DMA mappings, caches and sections still hold of them.
+        let mut pinned = HashMap::new();
+        for &r in &regions {
+            if let Some(n) = self.node(r) {
+                pinned.insert(n.core.census_key(), format!("region \"{}\"", n.name()));
+                if let Some(b) = crate::dma::ram_backend(&n.core) {
+                    pinned.insert(b.census_key(), format!("memory \"{}\"", b.name()));
+                }
+            }
+        }
+        report.outstanding = self.machine.dma.pinning(&self.machine.census, &pinned);
         // Remove the regions. Links among them stay in their cores, so a
         // container's core keeps its subregions' cores until it finishes.
         for &r in &regions {

@@ -4,4 +4,6 @@
 //! `fmt::Write`; the parser returns a syntax tree or a [`parse::ParseError`]
 //! naming the line.
 
+pub mod import;
 pub mod parse;
+pub mod print;

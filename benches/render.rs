@@ -1,0 +1,288 @@
+//! Rendering benchmark: PC-like machines of 100, 1k, 10k and 100k regions.
+//!
+//! The generator builds what a real machine looks like: a 2^64 system
+//! container; guest RAM seen through a below-4G and an above-4G alias; PAM
+//! stacks (for each 16 KiB segment of 0xc0000-0xfffff, four aliases of RAM or
+//! the PCI space at priority 1, one enabled); a PCI space at priority -1 under
+//! the whole system container, holding a tree of bridges (nested containers,
+//! each with a priority -1 background MMIO region filling its window); and on
+//! every bus, devices with MMIO BARs that have their own overlapping,
+//! prioritised subregions, RAM BARs, and windows (aliases) of some of those
+//! BARs mapped into low memory over RAM.
+//!
+//! Measured:
+//! * `render/N`: the pure render of the system address space
+//!   ([`Machine::render_for_bench`]: physical-root walk, render, merge; no
+//!   publication).
+//! * `commit/N`: a full commit that re-renders it: toggling one device's
+//!   BAR, which the view reaches (render + listener diff + publish; one
+//!   address space, no listener).
+//! * `commit_unrelated/N`: a commit of an edit no view reaches (an unmapped
+//!   region): memtree keeps every cached view whose reached regions are
+//!   clean, where QEMU would re-render every view.
+//!
+//! `cargo bench --bench render -- --warm-up-time 1 --measurement-time 3`
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use memtree::{
+    Endianness, MemTxAttrs, MemTxResult, Memory, MmioOps, RegionId, RegionKind, SpaceId,
+};
+
+struct Nop;
+
+impl MmioOps for Nop {
+    fn read(&self, _addr: u64, _size: u32, _attrs: MemTxAttrs) -> Result<u64, MemTxResult> {
+        Ok(0)
+    }
+    fn write(&self, _addr: u64, _data: u64, _size: u32, _attrs: MemTxAttrs) -> MemTxResult {
+        MemTxResult::OK
+    }
+    fn endianness(&self) -> Endianness {
+        Endianness::Little
+    }
+}
+
+/// Deterministic xorshift, so every run benchmarks the same machines.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const GIB: u64 = 1 << 30;
+
+pub struct Machine {
+    pub memory: Memory,
+    pub system: RegionId,
+    pub space: SpaceId,
+    /// A BAR the system view reaches.
+    pub reached: RegionId,
+    /// A region no view reaches.
+    pub unreached: RegionId,
+    pub regions: usize,
+}
+
+/// Builds a machine of about `n` regions (never fewer).
+pub fn machine(n: usize) -> Machine {
+    let memory = Memory::new();
+    let m = &memory;
+    let ops: Arc<dyn MmioOps> = Arc::new(Nop);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut count = 0usize;
+    macro_rules! made {
+        ($e:expr $(,)?) => {{
+            let r: RegionId = $e;
+            count += 1;
+            r
+        }};
+    }
+    let t = m.begin();
+    let system = made!(m.new_container("system", 1 << 64, None).unwrap());
+    let ram = made!(m
+        .new_model_region("pc.ram", RegionKind::Ram, u128::from(8 * GIB), None)
+        .unwrap(),);
+    let below = made!(m
+        .new_alias("ram-below-4g", ram, 0, u128::from(3 * GIB), None)
+        .unwrap());
+    let above = made!(m
+        .new_alias("ram-above-4g", ram, 3 * GIB, u128::from(5 * GIB), None)
+        .unwrap(),);
+    m.add_subregion(system, 0, below).unwrap();
+    m.add_subregion(system, 4 * GIB, above).unwrap();
+    let pci = made!(m.new_container("pci", 1 << 64, None).unwrap());
+    m.add_subregion_overlap(system, 0, pci, -1).unwrap();
+    // PAM: 16 segments of 16 KiB, four aliases each, one enabled.
+    for seg in 0..16u64 {
+        let base = 0xc_0000 + seg * 0x4000;
+        let on = rng.below(4);
+        for (k, (name, target)) in [("ram", ram), ("pci", pci), ("rom", ram), ("wo", pci)]
+            .into_iter()
+            .enumerate()
+        {
+            let a = made!(m
+                .new_alias(&format!("pam-{name}-{seg}"), target, base, 0x4000, None)
+                .unwrap(),);
+            m.add_subregion_overlap(system, base, a, 1).unwrap();
+            if k as u64 != on {
+                m.set_enabled(a, false).unwrap();
+            }
+            if name == "rom" {
+                m.set_readonly(a, true).unwrap();
+            }
+        }
+    }
+    // Buses: trees of bridges under the PCI space. A top-level bridge has a
+    // 256 MiB window in the 64-bit hole; each bridge has 16 slots of 1/16 of
+    // its window: slots 0-7 for devices, 8-15 for child bridges (up to depth
+    // 3, filled breadth-first). Each window has a priority -1 background
+    // region that fills what the devices leave free.
+    struct Bus {
+        id: RegionId,
+        depth: u32,
+        window: u64,
+        children: u64,
+    }
+    let mut open: std::collections::VecDeque<Bus> = Default::default();
+    let mut bridges = 0usize;
+    let mut next_top = 0x100_0000_0000u64;
+    let mut reached = None;
+    let mut low_windows = 0u64;
+    while count < n {
+        bridges += 1;
+        let (parent, at, window, depth) = match open.front_mut() {
+            Some(p) => {
+                let slot = 8 + p.children;
+                p.children += 1;
+                let out = (p.id, slot * (p.window / 16), p.window / 16, p.depth + 1);
+                if p.children == 8 {
+                    open.pop_front();
+                }
+                out
+            }
+            None => {
+                let at = next_top;
+                next_top += 0x1000_0000;
+                (pci, at, 0x1000_0000, 1)
+            }
+        };
+        let bridge = made!(m
+            .new_container(&format!("bridge{bridges}"), u128::from(window), None)
+            .unwrap());
+        m.add_subregion(parent, at, bridge).unwrap();
+        let background = made!(m
+            .new_mmio(
+                &format!("bridge{bridges}-unassigned"),
+                u128::from(window),
+                ops.clone(),
+                None
+            )
+            .unwrap());
+        m.add_subregion_overlap(bridge, 0, background, -1).unwrap();
+        if depth < 3 {
+            open.push_back(Bus {
+                id: bridge,
+                depth,
+                window,
+                children: 0,
+            });
+        }
+        let slot = window / 16;
+        for dev in 0..8u64 {
+            if count >= n {
+                break;
+            }
+            let name = format!("dev{bridges}.{dev}");
+            let bar_at = dev * slot;
+            let bar = made!(m
+                .new_mmio(&format!("{name}-bar0"), 0x4000, ops.clone(), None)
+                .unwrap());
+            // Overlapping subregions with mixed priorities, like a
+            // multi-function BAR (MSI-X table and PBA over the config area).
+            for s in 0..rng.below(4) {
+                let sub = made!(m
+                    .new_mmio(
+                        &format!("{name}-bar0.{s}"),
+                        0x800 << rng.below(3),
+                        ops.clone(),
+                        None
+                    )
+                    .unwrap());
+                let prio = rng.below(4) as i32 - 1;
+                m.add_subregion_overlap(bar, rng.below(8) * 0x400, sub, prio)
+                    .unwrap();
+            }
+            m.add_subregion(bridge, bar_at, bar).unwrap();
+            reached.get_or_insert(bar);
+            if rng.below(3) == 0 {
+                let vram = made!(m
+                    .new_model_region(&format!("{name}-vram"), RegionKind::Ram, 0x8000, None)
+                    .unwrap());
+                // Over the second half of the BAR, at a higher priority.
+                m.add_subregion_overlap(bridge, bar_at + 0x2000, vram, 1)
+                    .unwrap();
+                // A legacy window of it in low memory, over RAM.
+                if low_windows < 64 && rng.below(2) == 0 {
+                    let w = made!(m
+                        .new_alias(&format!("{name}-lowmem"), vram, 0, 0x4000, None)
+                        .unwrap());
+                    let at = 0xa_0000 + (low_windows * 0x4000) % 0x2_0000;
+                    m.add_subregion_overlap(system, at, w, 2).unwrap();
+                    low_windows += 1;
+                }
+            }
+        }
+    }
+    let unreached = made!(m.new_mmio("unplugged", 0x1000, ops.clone(), None).unwrap());
+    let space = m.new_address_space("memory", system, None).unwrap();
+    t.commit();
+    let regions = count;
+    Machine {
+        memory,
+        system,
+        space,
+        reached: reached.unwrap_or(below),
+        unreached,
+        regions,
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let sizes = [100usize, 1_000, 10_000, 100_000];
+    let machines: Vec<(usize, Machine)> = sizes.iter().map(|&n| (n, machine(n))).collect();
+    for (n, mach) in &machines {
+        let ranges = mach
+            .memory
+            .address_space(mach.space)
+            .unwrap()
+            .view()
+            .ranges()
+            .len();
+        eprintln!(
+            "machine {n}: {} regions, {ranges} flat ranges",
+            mach.regions
+        );
+    }
+    let mut g = c.benchmark_group("render");
+    for (n, mach) in &machines {
+        g.bench_with_input(BenchmarkId::from_parameter(n), mach, |b, mach| {
+            b.iter(|| black_box(mach.memory.render_for_bench(black_box(mach.system))))
+        });
+    }
+    g.finish();
+    let mut g = c.benchmark_group("commit");
+    for (n, mach) in &machines {
+        let mut on = true;
+        g.bench_with_input(BenchmarkId::from_parameter(n), mach, |b, mach| {
+            b.iter(|| {
+                on = !on;
+                mach.memory.set_enabled(mach.reached, on).unwrap();
+            })
+        });
+    }
+    g.finish();
+    let mut g = c.benchmark_group("commit_unrelated");
+    for (n, mach) in &machines {
+        let mut on = true;
+        g.bench_with_input(BenchmarkId::from_parameter(n), mach, |b, mach| {
+            b.iter(|| {
+                on = !on;
+                mach.memory.set_enabled(mach.unreached, on).unwrap();
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

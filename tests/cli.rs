@@ -1,0 +1,407 @@
+//! The `memtree` binary, run as a user runs it: on QEMU 7.2 oracle dumps, on
+//! the example machine files, and on malformed input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_memtree");
+const ORACLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/oracle/");
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run memtree")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn oracle(machine: &str, suffix: &str) -> String {
+    format!("{ORACLE}{machine}.{suffix}")
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// QEMU prints top-level blocks in hash order: sort them and renumber
+/// `FlatView #N` (what /work/shared/oracle/canon.py does).
+fn canon(text: &str) -> Vec<String> {
+    let mut blocks: Vec<String> = text
+        .split("\n\n")
+        .filter(|b| !b.trim().is_empty())
+        .map(|b| {
+            let b = b.trim_start_matches('\n');
+            match b.strip_prefix("FlatView #") {
+                Some(rest) => {
+                    let rest = rest.trim_start_matches(|c: char| c.is_ascii_digit());
+                    format!("FlatView #?{rest}")
+                }
+                None => b.to_owned(),
+            }
+        })
+        .collect();
+    blocks.sort();
+    blocks
+}
+
+fn assert_ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstderr: {}",
+        o.status.code(),
+        stderr(o)
+    );
+}
+
+/// Exit status 2 and a `memtree: FILE:LINE: ...` message naming `file`.
+fn assert_malformed(o: &Output, file: &str) -> usize {
+    assert_eq!(o.status.code(), Some(2), "stderr: {}", stderr(o));
+    let err = stderr(o);
+    let prefix = format!("memtree: {file}:");
+    let rest = err
+        .strip_prefix(&prefix)
+        .unwrap_or_else(|| panic!("expected {prefix:?}, got {err:?}"));
+    let line: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    assert!(
+        !line.is_empty() && rest[line.len()..].starts_with(": "),
+        "no LINE in {err:?}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    line.parse().unwrap()
+}
+
+fn tmp(name: &str, contents: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("memtree-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, contents).unwrap();
+    p
+}
+
+const MACHINES: &[&str] = &[
+    "x86_64/pc",
+    "x86_64/q35",
+    "x86_64/isapc",
+    "aarch64/virt",
+    "variants/pc-pcidevs",
+    "dynamic/q35-e1000-bar/02-mem-enabled",
+];
+
+fn existing(machine: &str) -> bool {
+    Path::new(&oracle(machine, "disabled.txt")).exists()
+}
+
+#[test]
+fn cli_flat_of_imported_qemu_dumps_equals_qemu_flat_view() {
+    let mut checked = 0;
+    for m in MACHINES.iter().filter(|m| existing(m)) {
+        let (t, f) = (oracle(m, "disabled.txt"), oracle(m, "flat.txt"));
+        let o = run(&["flat", "--qemu-tree", &t, "--qemu-flat", &f]);
+        assert_ok(&o);
+        assert_eq!(canon(&stdout(&o)), canon(&read(&f)), "{m}");
+        checked += 1;
+    }
+    assert!(checked >= 5, "only {checked} oracle machines found");
+}
+
+#[test]
+fn cli_flat_with_owners_equals_qemu_flat_owner_view() {
+    let m = "x86_64/pc";
+    let (t, f, ow) = (
+        oracle(m, "disabled.txt"),
+        oracle(m, "flat.txt"),
+        oracle(m, "owner.txt"),
+    );
+    let o = run(&[
+        "flat",
+        "--qemu-tree",
+        &t,
+        "--qemu-flat",
+        &f,
+        "--qemu-owners",
+        &ow,
+        "-o",
+    ]);
+    assert_ok(&o);
+    assert_eq!(
+        canon(&stdout(&o)),
+        canon(&read(&oracle(m, "flat-owner.txt")))
+    );
+}
+
+#[test]
+fn cli_tree_equals_qemu_tree_views_with_and_without_disabled() {
+    for m in ["x86_64/pc", "x86_64/q35"] {
+        let (t, f) = (oracle(m, "disabled.txt"), oracle(m, "flat.txt"));
+        let o = run(&["tree", "--qemu-tree", &t, "--qemu-flat", &f, "-D"]);
+        assert_ok(&o);
+        assert_eq!(canon(&stdout(&o)), canon(&read(&t)), "{m} -D");
+        let o = run(&["tree", "--qemu-tree", &t, "--qemu-flat", &f]);
+        assert_ok(&o);
+        assert_eq!(
+            canon(&stdout(&o)),
+            canon(&read(&oracle(m, "mtree.txt"))),
+            "{m}"
+        );
+    }
+}
+
+#[test]
+fn cli_lookup_names_the_msi_window_of_pc() {
+    let t = oracle("x86_64/pc", "disabled.txt");
+    let f = oracle("x86_64/pc", "flat.txt");
+    for addr in ["0xfee00000", "00000000fee00000", "4276092928"] {
+        let o = run(&["lookup", "--qemu-tree", &t, "--qemu-flat", &f, addr]);
+        assert_ok(&o);
+        let out = stdout(&o);
+        assert!(
+            out.contains("served by \"apic-msi\" (i/o) at offset 0x0")
+                || out.contains("served by \"apic-msi\" (mmio) at offset 0x0"),
+            "{addr}: {out}"
+        );
+    }
+}
+
+#[test]
+fn cli_lookup_in_pam_area_explains_which_alias_wins_and_why_others_lost() {
+    let t = oracle("x86_64/pc", "disabled.txt");
+    let o = run(&["lookup", "--qemu-tree", &t, "0xc0000"]);
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert!(out.contains("served by \"pc.rom\""), "{out}");
+    assert!(out.contains("system > pam-pci > pci > pc.rom"), "{out}");
+    // The three other PAM aliases at 0xc0000 are disabled.
+    assert!(out.matches("lost: disabled").count() >= 3, "{out}");
+    // RAM below 4G covers the address but loses on priority.
+    assert!(
+        out.contains("because in \"system\" its branch \"pam-pci\" has priority 1 > 0"),
+        "{out}"
+    );
+    // --all also lists what sits inside the disabled aliases.
+    let all = stdout(&run(&["lookup", "--qemu-tree", &t, "--all", "0xc0000"]));
+    assert!(
+        all.contains("inside \"pam-ram\", which is disabled"),
+        "{all}"
+    );
+}
+
+#[test]
+fn cli_lookup_in_io_space_and_offsets() {
+    let t = oracle("x86_64/pc", "disabled.txt");
+    let f = oracle("x86_64/pc", "flat.txt");
+    let o = run(&[
+        "lookup",
+        "--qemu-tree",
+        &t,
+        "--qemu-flat",
+        &f,
+        "--as",
+        "I/O",
+        "0x71",
+    ]);
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert!(out.contains("served by \"rtc\""), "{out}");
+    assert!(out.contains("at offset 0x1"), "{out}");
+}
+
+#[test]
+fn cli_machine_files_render_and_explain() {
+    let pc = format!("{EXAMPLES}pc-like.toml");
+    let o = run(&["flat", &pc]);
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert!(
+        out.contains("00000000000e0000-00000000000fffff (prio 0, rom): pc.bios @0000000000020000"),
+        "{out}"
+    );
+    assert!(out.contains(" AS \"e1000\", root: bus master container\n Root memory region: (none)"));
+    let o = run(&["tree", &pc, "-D"]);
+    assert_ok(&o);
+    assert!(
+        stdout(&o).contains("alias pam-ram @pc.ram 00000000000e0000-00000000000fffff [disabled]")
+    );
+    let o = run(&["lookup", &pc, "0xfee00000"]);
+    assert_ok(&o);
+    assert!(stdout(&o).contains("served by \"apic-msi\""));
+    let o = run(&["lookup", &pc, "--as", "I/O", "0x3fd"]);
+    assert_ok(&o);
+    assert!(stdout(&o).contains("served by \"serial\" (mmio) at offset 0x5"));
+    let kinds = format!("{EXAMPLES}all-kinds.toml");
+    let o = run(&["lookup", &kinds, "0x70001000"]);
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert!(out.contains("unassigned"), "{out}");
+    assert!(out.contains("the container \"mmio-window\""), "{out}");
+}
+
+#[test]
+fn cli_every_example_machine_file_loads() {
+    let mut n = 0;
+    for e in std::fs::read_dir(EXAMPLES).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let s = p.to_str().unwrap();
+            for cmd in [&["flat", s][..], &["tree", s, "-D"], &["lookup", s, "0"]] {
+                let o = run(cmd);
+                assert_ok(&o);
+                assert!(!stdout(&o).is_empty());
+            }
+            n += 1;
+        }
+    }
+    assert!(n >= 2, "only {n} examples");
+}
+
+#[test]
+fn cli_diff_reports_changed_ranges() {
+    let t = oracle("x86_64/pc", "disabled.txt");
+    let o = run(&["diff", &t, &t]);
+    assert_ok(&o);
+    assert!(stdout(&o).contains("identical"));
+    let a = format!("{EXAMPLES}pc-like.toml");
+    let o = run(&["diff", &t, &a]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("- 0000000000100000-0000000007ffffff (prio 0, ram): pc.ram @0000000000100000"),
+        "{out}"
+    );
+    assert!(
+        out.contains("+ 0000000000100000-00000000bfffffff (prio 0, ram): pc.ram @0000000000100000"),
+        "{out}"
+    );
+    let memory = out
+        .split("address space \"memory\":")
+        .nth(1)
+        .and_then(|rest| rest.split("address space ").next())
+        .expect("a section for \"memory\"");
+    assert!(
+        !memory.contains("ioapic"),
+        "identical lines are not reported: {memory}"
+    );
+}
+
+#[test]
+fn cli_truncated_dump_is_reported_with_file_and_line() {
+    let full = read(&oracle("x86_64/pc", "disabled.txt"));
+    let p = tmp("truncated.txt", &full[..3000]);
+    let s = p.to_str().unwrap();
+    let line = assert_malformed(&run(&["flat", "--qemu-tree", s]), s);
+    assert_eq!(line, full[..3000].lines().count());
+}
+
+#[test]
+fn cli_bad_hex_in_dump_is_reported_with_its_line() {
+    let full = read(&oracle("x86_64/pc", "disabled.txt"));
+    let bad: Vec<String> = full
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            if i == 19 {
+                l.replacen("00000000000", "0000000000z", 1)
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    let p = tmp("badhex.txt", &bad.join("\n"));
+    let s = p.to_str().unwrap();
+    assert_eq!(assert_malformed(&run(&["tree", "--qemu-tree", s]), s), 20);
+    // The flat dump is checked too.
+    let flat = read(&oracle("x86_64/pc", "flat.txt")).replacen("(prio 0, ram)", "(prio x, ram)", 1);
+    let pf = tmp("badflat.txt", &flat);
+    let sf = pf.to_str().unwrap();
+    let t = oracle("x86_64/pc", "disabled.txt");
+    assert_malformed(&run(&["flat", "--qemu-tree", &t, "--qemu-flat", sf]), sf);
+}
+
+#[test]
+fn cli_dump_without_disabled_regions_is_refused_with_a_line() {
+    let t = oracle("x86_64/pc", "mtree.txt");
+    assert_malformed(&run(&["flat", "--qemu-tree", &t]), &t);
+}
+
+#[test]
+fn cli_bad_toml_is_reported_with_file_and_line() {
+    let p = tmp(
+        "bad.toml",
+        "[[region]]\nname = \"a\"\nkind = \"container\"\nsize = 16\n[[region]\n",
+    );
+    let s = p.to_str().unwrap();
+    assert_eq!(assert_malformed(&run(&["flat", s]), s), 5);
+}
+
+#[test]
+fn cli_unknown_alias_target_is_reported_at_its_line() {
+    let p = tmp(
+        "alias.toml",
+        "[[region]]\nname = \"a\"\nkind = \"container\"\nsize = 16\n\n[[region]]\nname = \"b\"\nkind = \"alias\"\ntarget = \"nope\"\n",
+    );
+    let s = p.to_str().unwrap();
+    let o = run(&["tree", s]);
+    assert_eq!(assert_malformed(&o, s), 9);
+    assert!(stderr(&o).contains("unknown alias target \"nope\""));
+}
+
+#[test]
+fn cli_topology_errors_map_to_the_line_of_the_offending_entry() {
+    let cases = [
+        // A region inside itself (through its parent).
+        ("loop.toml", "[[region]]\nname=\"a\"\nkind=\"container\"\nsize=16\nparent=\"b\"\n[[region]]\nname=\"b\"\nkind=\"container\"\nsize=16\nparent=\"a\"\n", 10, "loop"),
+        ("dup.toml", "[[region]]\nname=\"a\"\nkind=\"container\"\nsize=16\n[[region]]\nname=\"a\"\nkind=\"mmio\"\nsize=16\n", 6, "duplicate"),
+        ("big.toml", "[[region]]\nname=\"a\"\nkind=\"container\"\nsize=\"0x1_0000_0000_0000_0001\"\n", 4, "too big"),
+        ("aliasloop.toml", "[[region]]\nname=\"a\"\nkind=\"alias\"\ntarget=\"b\"\n[[region]]\nname=\"b\"\nkind=\"alias\"\ntarget=\"a\"\n", 4, "alias loop"),
+        ("parent.toml", "[[region]]\nname=\"a\"\nkind=\"mmio\"\nsize=4\nparent=\"nowhere\"\n", 5, "unknown parent"),
+        ("kind.toml", "[[region]]\nname=\"a\"\nkind=\"flash\"\nsize=4\n", 3, "unknown region kind"),
+    ];
+    for (name, text, line, what) in cases {
+        let p = tmp(name, text);
+        let s = p.to_str().unwrap();
+        let o = run(&["flat", s]);
+        assert_eq!(assert_malformed(&o, s), line, "{name}: {}", stderr(&o));
+        assert!(stderr(&o).contains(what), "{name}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn cli_bad_arguments_exit_2_without_panicking() {
+    let pc = format!("{EXAMPLES}pc-like.toml");
+    for args in [
+        &["lookup", &pc, "--as", "nope", "0"][..],
+        &["lookup", &pc, "0xzz"],
+        &["lookup", &pc, "0x1_0000_0000_0000_0000"],
+        &["flat", "/nonexistent/machine.toml"],
+        &["flat"],
+        &["frobnicate"],
+        &["tree", &pc, "--qemu-tree", &pc],
+    ] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).starts_with("memtree: ") || stderr(&o).starts_with("error: "),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+        assert!(!stderr(&o).contains("panicked"));
+    }
+}
+
+#[test]
+fn cli_demo_runs_and_reports_that_nothing_survived() {
+    let o = run(&["demo"]);
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert!(
+        out.contains("leak report: nothing survived teardown"),
+        "{out}"
+    );
+    assert!(out.contains("== census of live objects =="), "{out}");
+    assert!(out.contains("FlatView #0"), "{out}");
+    assert!(out.contains("0xdeadbeef OK"), "{out}");
+}

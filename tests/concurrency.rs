@@ -1,0 +1,548 @@
+//! Lock-free dispatch under topology changes (issue 3).
+//!
+//! * `concurrency_stress_*`: two reader threads dispatch while a third thread
+//!   toggles two overlapping MMIO regions over RAM, together, in one
+//!   transaction each time. Every value read identifies the region that
+//!   served it, so each access proves it ran against exactly one topology.
+//!   Default: 100,000 toggles (`MEMTREE_STRESS_TOGGLES` overrides).
+//! * `concurrency_callback_remaps_its_own_region`: a BAR write moves the
+//!   device's own region from inside its callback; the next access sees it.
+//! * `concurrency_pam_toggle_from_callback_while_another_thread_holds_a_transaction`:
+//!   no deadlock (bounded by timeouts).
+//! * `concurrency_reader_progresses_while_writer_is_blocked_in_commit`: readers
+//!   never wait for the writer (a property, no timing thresholds).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use memtree::access::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
+use memtree::census::{Census, ObjectKey};
+use memtree::listener::{MemoryListener, Section};
+use memtree::{Endian, Memory, RegionId, WeakMemory};
+
+const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;
+const OK: MemTxResult = MemTxResult::OK;
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// RAM word at address `a` (RAM is filled with these before the test).
+fn ram_word(a: u64) -> u32 {
+    0xa000_0000 | a as u32
+}
+
+/// A device that answers every read with `tag << 24 | (base + offset)`, so a
+/// value names the device and the address, and checks on every callback that
+/// the objects the access is using are still alive.
+struct Tagged {
+    tag: u32,
+    base: u64,
+    census: Arc<Census>,
+    /// The census key of this device's region, once known.
+    region_key: OnceLock<ObjectKey>,
+    calls: AtomicU64,
+    violations: AtomicU64,
+}
+
+impl MmioOps for Tagged {
+    fn read(&self, addr: u64, size: u32, _: MemTxAttrs) -> Result<u64, MemTxResult> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if let Some(&k) = self.region_key.get() {
+            if !self.census.is_live(k) {
+                self.violations.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        assert_eq!(size, 4);
+        Ok(u64::from(self.tag << 24 | (self.base + addr) as u32))
+    }
+    fn write(&self, _: u64, _: u64, _: u32, _: MemTxAttrs) -> MemTxResult {
+        OK
+    }
+    fn endianness(&self) -> Endianness {
+        Endianness::Little
+    }
+}
+
+/// Which topology a word at `a` came from: `Some(false)` RAM, `Some(true)`
+/// a device, `None` garbage.
+fn classify(a: u64, w: u32) -> Option<bool> {
+    let device_tag = match a {
+        0x800..=0x8ff => 0xb100_0000,
+        0x900..=0x9ff => 0xb200_0000,
+        _ => 0,
+    };
+    if w == ram_word(a) {
+        Some(false)
+    } else if device_tag != 0 && w == device_tag | a as u32 {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+fn toggles() -> u64 {
+    std::env::var("MEMTREE_STRESS_TOGGLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000)
+}
+
+/// Issue 3: two threads dispatch continuously while a third toggles regions
+/// 100,000 times. Every access sees either the old or the new topology (a
+/// bulk read spans RAM and both devices, which toggle together: a mix would
+/// be a torn view); the census shows that nothing an access uses is
+/// finalized under it (the view a reader holds and the device's region stay
+/// live) and that nothing leaks (counts back to baseline, clean teardown, no
+/// double finalization).
+#[test]
+fn concurrency_stress_readers_see_old_or_new_topology_never_torn() {
+    let memory = Memory::new();
+    let census = memory.census().clone();
+    census.set_keep_log(false);
+    let system = memory.new_container("system", 1 << 64, None).unwrap();
+    let ram = memory.new_ram("ram", 0x1000, None).unwrap();
+    memory.add_subregion(system, 0, ram).unwrap();
+    let id = memory.new_address_space("memory", system, None).unwrap();
+    let space = memory.address_space(id).unwrap();
+    for a in (0..0x1000).step_by(4) {
+        assert_eq!(space.store_u32_le(a, ram_word(a), A), OK);
+    }
+    let owner = memory.new_owner("dev", None).unwrap();
+    let mut devs = Vec::new();
+    let mut ids: Vec<RegionId> = Vec::new();
+    for (tag, base) in [(0xb1u32, 0x800u64), (0xb2, 0x900)] {
+        let dev = Arc::new(Tagged {
+            tag,
+            base,
+            census: census.clone(),
+            region_key: OnceLock::new(),
+            calls: AtomicU64::new(0),
+            violations: AtomicU64::new(0),
+        });
+        let r = memory
+            .new_mmio(&format!("dev{tag:x}"), 0x100, dev.clone(), Some(owner))
+            .unwrap();
+        memory.add_subregion_overlap(system, base, r, 1).unwrap();
+        let view = space.view();
+        let range = view.lookup(base).unwrap();
+        dev.region_key.set(range.region().census_key()).unwrap();
+        devs.push(dev);
+        ids.push(r);
+    }
+    let baseline = census.counts();
+
+    let n = toggles();
+    let done = AtomicBool::new(false);
+    let seen = [AtomicU64::new(0), AtomicU64::new(0)];
+    let bad = Mutex::new(Vec::<String>::new());
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let (space, done, seen, bad, census) = (&space, &done, &seen, &bad, &census);
+            s.spawn(move || {
+                let mut buf = vec![0u8; 0x220];
+                let mut cursor = space.cursor();
+                let mut i = t;
+                while !done.load(Ordering::Acquire) {
+                    i += 1;
+                    // Bulk read 0x7f0..0xa10: through the address space, or
+                    // against a view we hold, checking that the held view is
+                    // still registered afterwards.
+                    let r = if i % 2 == 0 {
+                        space.read(0x7f0, &mut buf, A)
+                    } else {
+                        let view = space.view_guard();
+                        let r = view.read(0x7f0, &mut buf, A);
+                        if !census.is_live(view.census_key().unwrap()) {
+                            bad.lock().unwrap().push("view finalized while held".into());
+                        }
+                        r
+                    };
+                    let mut kinds = buf.chunks(4).enumerate().map(|(k, c)| {
+                        let a = 0x7f0 + 4 * k as u64;
+                        let w = u32::from_le_bytes(c.try_into().unwrap());
+                        ((0x800..0xa00).contains(&a), classify(a, w))
+                    });
+                    let mut device = None;
+                    let ok = r == OK
+                        && kinds.all(|(inside, k)| match (inside, k) {
+                            (_, None) => false,
+                            (false, Some(d)) => !d,
+                            (true, Some(d)) => *device.get_or_insert(d) == d,
+                        });
+                    if !ok {
+                        bad.lock()
+                            .unwrap()
+                            .push(format!("torn or wrong bulk read: {r:?} {buf:02x?}"));
+                    }
+                    seen[usize::from(device == Some(true))].fetch_add(1, Ordering::Relaxed);
+                    // A typed load somewhere in the toggled window.
+                    let a = 0x800 + (i * 4 % 0x200);
+                    // Thread 0 through a caching cursor, thread 1 directly.
+                    let (w, r) = if t == 0 {
+                        cursor.load::<u32>(a, Endian::Little, A)
+                    } else {
+                        space.load_u32_le(a, A)
+                    };
+                    if r != OK || classify(a, w).is_none() {
+                        bad.lock()
+                            .unwrap()
+                            .push(format!("bad load at {a:#x}: {w:#x} {r:?}"));
+                    }
+                }
+            });
+        }
+        for k in 0..n {
+            let on = k % 2 == 0;
+            memory.transaction(|m| {
+                m.set_enabled(ids[0], !on).unwrap();
+                m.set_enabled(ids[1], !on).unwrap();
+            });
+        }
+        done.store(true, Ordering::Release);
+    });
+    let bad = bad.into_inner().unwrap();
+    assert!(
+        bad.is_empty(),
+        "{} violations, first: {}",
+        bad.len(),
+        bad[0]
+    );
+    for d in &devs {
+        assert_eq!(
+            d.violations.load(Ordering::Relaxed),
+            0,
+            "a region was finalized during its callback"
+        );
+    }
+    let seen = [
+        seen[0].load(Ordering::Relaxed),
+        seen[1].load(Ordering::Relaxed),
+    ];
+    assert!(seen[0] + seen[1] > 0);
+    eprintln!(
+        "stress: {n} toggles, reads saw RAM {} times, devices {} times",
+        seen[0], seen[1]
+    );
+    assert!(census.double_finalized().is_empty());
+    // An even number of toggles leaves the devices enabled, as at baseline.
+    if n % 2 == 0 {
+        assert_eq!(census.counts(), baseline, "object counts back to baseline");
+    }
+    drop(space);
+    let report = memory.teardown();
+    assert!(report.is_clean(), "{report}");
+    assert!(census.double_finalized().is_empty());
+    assert!(
+        devs.iter().all(|d| Arc::strong_count(d) == 1),
+        "device ops released"
+    );
+}
+
+/// A device with a BAR register at offset 0 of its own 4 KiB region: writing
+/// an address there moves the region (from inside the callback, through the
+/// device's weak memory handle). Reads answer `0xba00_0000 | offset`.
+struct BarDevice {
+    memory: WeakMemory,
+    region: OnceLock<RegionId>,
+    errors: Mutex<Vec<String>>,
+}
+
+impl MmioOps for BarDevice {
+    fn read(&self, addr: u64, _: u32, _: MemTxAttrs) -> Result<u64, MemTxResult> {
+        Ok(0xba00_0000 | addr)
+    }
+    fn write(&self, addr: u64, data: u64, _: u32, _: MemTxAttrs) -> MemTxResult {
+        if addr == 0 {
+            let Some(m) = self.memory.upgrade() else {
+                return MemTxResult::DEVICE_ERROR;
+            };
+            if let Err(e) = m.set_address(*self.region.get().unwrap(), data) {
+                self.errors.lock().unwrap().push(e.to_string());
+                return MemTxResult::DEVICE_ERROR;
+            }
+        }
+        OK
+    }
+    fn endianness(&self) -> Endianness {
+        Endianness::Little
+    }
+}
+
+/// Issue 3: an MMIO callback remaps its own region (a BAR write) and the very
+/// next access — on this thread or another — sees the new map, while the
+/// access that made the write completed against the view it started with.
+#[test]
+fn concurrency_callback_remaps_its_own_region() {
+    let memory = Memory::new();
+    let system = memory.new_container("system", 1 << 64, None).unwrap();
+    let dev = Arc::new(BarDevice {
+        memory: memory.downgrade(),
+        region: OnceLock::new(),
+        errors: Mutex::new(Vec::new()),
+    });
+    let r = memory.new_mmio("bar0", 0x1000, dev.clone(), None).unwrap();
+    dev.region.set(r).unwrap();
+    memory.add_subregion(system, 0xe000_0000, r).unwrap();
+    let id = memory.new_address_space("memory", system, None).unwrap();
+    let space = memory.address_space(id).unwrap();
+
+    assert_eq!(space.load_u32(0xe000_0004, A), (0xba00_0004, OK));
+    // An 8-byte buffer write: the first piece moves the region, the second
+    // still reaches the device (same view), at offset 4.
+    let mut bytes = 0xf000_0000u32.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&[0; 4]);
+    assert_eq!(space.write(0xe000_0000, &bytes, A), OK);
+    assert!(dev.errors.lock().unwrap().is_empty());
+    assert_eq!(space.load_u32(0xf000_0004, A), (0xba00_0004, OK));
+    assert_eq!(
+        space.load_u32(0xe000_0004, A),
+        (0, MemTxResult::DECODE_ERROR)
+    );
+    let other = space.clone();
+    let seen = std::thread::spawn(move || other.load_u32(0xf000_0008, A))
+        .join()
+        .unwrap();
+    assert_eq!(seen, (0xba00_0008, OK));
+    // A caching cursor made before the move revalidates on its next access.
+    let mut cursor = space.cursor();
+    assert_eq!(
+        cursor.store::<u32>(0xf000_0000, 0xd000_0000, Endian::Native, A),
+        OK
+    );
+    assert_eq!(
+        cursor.load::<u32>(0xd000_0004, Endian::Native, A),
+        (0xba00_0004, OK)
+    );
+    assert_eq!(space.store_u32(0xd000_0000, 0xf000_0000, A), OK);
+    assert_eq!(
+        cursor.load::<u32>(0xf000_0004, Endian::Native, A),
+        (0xba00_0004, OK)
+    );
+    drop(cursor);
+    // And back, with a typed store.
+    assert_eq!(space.store_u32(0xf000_0000, 0xe000_0000, A), OK);
+    assert_eq!(space.load_u32(0xe000_0010, A), (0xba00_0010, OK));
+    drop(space);
+    assert!(memory.teardown().is_clean());
+}
+
+/// A PAM-like register: writing 1 maps RAM over the BIOS window, 0 the ROM,
+/// by toggling two aliases inside one transaction, from the callback.
+struct Pam {
+    memory: WeakMemory,
+    aliases: OnceLock<(RegionId, RegionId)>,
+    entered: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+}
+
+impl MmioOps for Pam {
+    fn read(&self, _: u64, _: u32, _: MemTxAttrs) -> Result<u64, MemTxResult> {
+        Ok(0)
+    }
+    fn write(&self, _: u64, data: u64, _: u32, _: MemTxAttrs) -> MemTxResult {
+        if let Some(tx) = self.entered.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+        let Some(m) = self.memory.upgrade() else {
+            return MemTxResult::DEVICE_ERROR;
+        };
+        let (ram, rom) = *self.aliases.get().unwrap();
+        m.transaction(|m| {
+            m.set_enabled(ram, data == 1).unwrap();
+            m.set_enabled(rom, data != 1).unwrap();
+        });
+        OK
+    }
+    fn endianness(&self) -> Endianness {
+        Endianness::Little
+    }
+}
+
+/// Issue 3: a device callback toggling PAM-like aliases from inside its write,
+/// on a vCPU thread, while another thread holds a transaction: the callback
+/// waits for that transaction (writers are serialised) and then completes; no
+/// deadlock, and readers are never blocked meanwhile. Bounded by timeouts.
+#[test]
+fn concurrency_pam_toggle_from_callback_while_another_thread_holds_a_transaction() {
+    let memory = Arc::new(Memory::new());
+    let system = memory.new_container("system", 1 << 64, None).unwrap();
+    let ram = memory.new_ram("ram", 0x10_0000, None).unwrap();
+    let bios = memory.new_rom("bios", 0x1_0000, None).unwrap();
+    let ram_alias = memory
+        .new_alias("pam-ram", ram, 0xc_0000, 0x1_0000, None)
+        .unwrap();
+    let rom_alias = memory
+        .new_alias("pam-rom", bios, 0, 0x1_0000, None)
+        .unwrap();
+    memory.set_enabled(ram_alias, false).unwrap();
+    memory
+        .add_subregion_overlap(system, 0xc_0000, ram_alias, 1)
+        .unwrap();
+    memory
+        .add_subregion_overlap(system, 0xc_0000, rom_alias, 1)
+        .unwrap();
+    memory.add_subregion(system, 0, ram).unwrap();
+    let (entered_tx, entered_rx) = channel();
+    let pam = Arc::new(Pam {
+        memory: memory.downgrade(),
+        aliases: OnceLock::new(),
+        entered: Mutex::new(Some(entered_tx)),
+    });
+    pam.aliases.set((ram_alias, rom_alias)).unwrap();
+    let reg = memory.new_mmio("pam", 1, pam.clone(), None).unwrap();
+    memory.add_subregion(system, 0xfee0_0000, reg).unwrap();
+    let id = memory.new_address_space("memory", system, None).unwrap();
+    let space = memory.address_space(id).unwrap();
+    // Distinguish RAM from ROM in the window.
+    assert_eq!(
+        space.store_u32(0xc_0000, 0x1111_1111, A),
+        MemTxResult::DECODE_ERROR
+    );
+    assert_eq!(space.load_u32(0xc_0000, A), (0, OK), "ROM visible, zero");
+
+    let (locked_tx, locked_rx) = channel();
+    let (result_tx, result_rx) = channel();
+    // Thread B: holds a transaction until the vCPU is inside its callback,
+    // then edits and commits.
+    let holder = {
+        let memory = memory.clone();
+        let space = space.clone();
+        let result_tx = result_tx.clone();
+        std::thread::spawn(move || {
+            let t = memory.begin();
+            locked_tx.send(()).unwrap();
+            let entered = entered_rx.recv_timeout(TIMEOUT).is_ok();
+            // Readers still work while this thread holds the writer lock.
+            let read = space.load_u32(0xc_0000, A);
+            memory.set_readonly(bios, true).unwrap();
+            t.commit();
+            result_tx
+                .send(("holder", entered && read == (0, OK)))
+                .unwrap();
+        })
+    };
+    // vCPU thread: writes the PAM register once B holds its transaction.
+    let vcpu = {
+        let space = space.clone();
+        std::thread::spawn(move || {
+            let ok = locked_rx.recv_timeout(TIMEOUT).is_ok();
+            let r = space.store_u8(0xfee0_0000, 1, A);
+            result_tx.send(("vcpu", ok && r == OK)).unwrap();
+        })
+    };
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        match result_rx.recv_timeout(TIMEOUT) {
+            Ok(x) => got.push(x),
+            Err(RecvTimeoutError::Timeout) => panic!("deadlock: only {got:?} finished"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    holder.join().unwrap();
+    vcpu.join().unwrap();
+    got.sort();
+    assert_eq!(got, vec![("holder", true), ("vcpu", true)]);
+    // The callback's toggle landed after B's transaction: RAM is mapped.
+    assert_eq!(space.store_u32(0xc_0000, 0x1111_1111, A), OK);
+    assert_eq!(space.load_u32(0xc_0000, A), (0x1111_1111, OK));
+}
+
+/// A listener that, when armed, blocks inside a commit callback until a
+/// reader reports progress (or a timeout passes).
+struct Blocking {
+    in_add: AtomicBool,
+    in_commit: AtomicBool,
+    entered: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    release: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    released_by_reader: AtomicBool,
+}
+
+impl Blocking {
+    fn block(&self) {
+        if let Some(tx) = self.entered.lock().unwrap().take() {
+            tx.send(()).unwrap();
+        }
+        if let Some(rx) = self.release.lock().unwrap().take() {
+            if rx.recv_timeout(TIMEOUT).is_ok() {
+                self.released_by_reader.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+impl MemoryListener for Blocking {
+    fn region_add(&self, _: &Section<'_>) {
+        if self.in_add.swap(false, Ordering::SeqCst) {
+            self.block();
+        }
+    }
+    fn commit(&self) {
+        if self.in_commit.swap(false, Ordering::SeqCst) {
+            self.block();
+        }
+    }
+}
+
+/// Issue 3: a reader never waits for the writer. The writer blocks inside a
+/// commit (in a listener callback, holding the writer lock) until a reader
+/// thread has completed N accesses; if readers waited for the writer, the
+/// reader could not finish and the listener would time out. While the
+/// writer is blocked before publishing, every access sees the old topology;
+/// blocked after publishing, the new one.
+#[test]
+fn concurrency_reader_progresses_while_writer_is_blocked_in_commit() {
+    const N: u64 = 10_000;
+    for after_publish in [false, true] {
+        let memory = Memory::new();
+        let system = memory.new_container("system", 1 << 64, None).unwrap();
+        let ram = memory.new_ram("ram", 0x1000, None).unwrap();
+        memory.add_subregion(system, 0, ram).unwrap();
+        let extra = memory.new_ram("extra", 0x1000, None).unwrap();
+        let id = memory.new_address_space("memory", system, None).unwrap();
+        let space = memory.address_space(id).unwrap();
+        let (entered_tx, entered_rx) = channel();
+        let (release_tx, release_rx) = channel();
+        let l = Arc::new(Blocking {
+            in_add: AtomicBool::new(false),
+            in_commit: AtomicBool::new(false),
+            entered: Mutex::new(Some(entered_tx)),
+            release: Mutex::new(Some(release_rx)),
+            released_by_reader: AtomicBool::new(false),
+        });
+        // Registration replays the view; arm only afterwards.
+        memory.register_listener(id, l.clone()).unwrap();
+        l.in_add.store(!after_publish, Ordering::SeqCst);
+        l.in_commit.store(after_publish, Ordering::SeqCst);
+
+        let reader = {
+            let space = space.clone();
+            std::thread::spawn(move || {
+                entered_rx
+                    .recv_timeout(TIMEOUT)
+                    .expect("writer entered the commit");
+                let mut results = Vec::new();
+                for i in 0..N {
+                    results.push(space.load_u32(0x10_0000 + (i % 1024) * 4, A).1);
+                }
+                release_tx.send(()).unwrap();
+                results
+            })
+        };
+        // The writer: maps `extra` at 1 MiB; blocks in the listener.
+        memory.add_subregion(system, 0x10_0000, extra).unwrap();
+        let results = reader.join().unwrap();
+        assert!(
+            l.released_by_reader.load(Ordering::SeqCst),
+            "the reader completed {N} accesses while the writer was blocked in its commit"
+        );
+        let want = if after_publish {
+            OK
+        } else {
+            MemTxResult::DECODE_ERROR
+        };
+        assert!(
+            results.iter().all(|&r| r == want),
+            "after_publish={after_publish}"
+        );
+        assert_eq!(space.load_u32(0x10_0000, A), (0, OK));
+    }
+}
