@@ -352,7 +352,7 @@ impl Machine {
                             let v = match phys {
                                 None => self.data.empty_view.clone(),
                                 Some(p) => match topo.views.get(&phys) {
-                                    Some(v) if !v.reached.iter().any(|r| dirty.contains(r)) => {
+                                    Some(v) if !dirty.iter().any(|d| v.reached.binary_search(d).is_ok()) => {
                                         v.clone()
                                     }
                                     _ => {

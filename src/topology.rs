@@ -652,16 +652,9 @@ impl Topology {
         for s in spaces {
             let _ = self.destroy_space(s);
         }
-        // Unmap everything, then remove leaves-last is not needed: cores keep
-        // subregions, so removal order does not change finalization order.
+        // Removal order does not matter: a container's core keeps the cores of
+        // its subregions, so finalization order is fixed by the cores.
         let ids = self.region_ids();
-        for &id in &ids {
-            if let Some(c) = self.node(id).and_then(|n| n.container) {
-                if !ids.contains(&c) {
-                    let _ = self.del_subregion(c, id);
-                }
-            }
-        }
         for id in ids {
             self.remove_node(id);
         }
