@@ -6,8 +6,10 @@
 //!   shared handle, and through a caching `SpaceCursor`) vs vm-memory's
 //!   `GuestMemoryMmap::read_obj::<u32>` over the same layout;
 //! * `ram_4k/{read,write,memcpy}`: 4 KiB buffer accesses vs `copy_from_slice`;
-//! * `mmio_u32/{dispatch,callback}`: u32 read of a no-op device through the
-//!   address space vs calling its `MmioOps::read` (through `dyn`) directly;
+//! * `mmio_u32/{dispatch,dispatch-cursor,dispatch-cursor-nohook,callback}`:
+//!   u32 read of a no-op device through the address space (shared handle,
+//!   cursor, cursor with a device that declares no `accepts` hook) vs calling
+//!   its `MmioOps::read` (through `dyn`) directly;
 //! * `commit/toggle_one_of_1k`: a commit that enables/disables one region in a
 //!   map of 1024 regions;
 //! * `reader_during_commits/{idle,busy}`: a u32 RAM read while another thread
@@ -153,12 +155,35 @@ impl MmioOps for Noop {
     }
 }
 
+/// The same device declaring that it has no `accepts` hook (QEMU's NULL
+/// `valid.accepts`), so dispatch skips that call.
+struct NoopNoHook;
+
+impl MmioOps for NoopNoHook {
+    fn read(&self, _: u64, _: u32, _: MemTxAttrs) -> Result<u64, MemTxResult> {
+        Ok(0)
+    }
+    fn write(&self, _: u64, _: u64, _: u32, _: MemTxAttrs) -> MemTxResult {
+        MemTxResult::OK
+    }
+    fn accepts_everything(&self) -> bool {
+        true
+    }
+    fn endianness(&self) -> Endianness {
+        Endianness::Little
+    }
+}
+
 fn mmio_u32(c: &mut Criterion) {
     let memory = Memory::new();
     let system = memory.new_container("system", 1 << 64, None).unwrap();
     let ops: Arc<dyn MmioOps> = Arc::new(Noop);
     let dev = memory.new_mmio("noop", 0x1000, ops.clone(), None).unwrap();
     memory.add_subregion(system, 0xfee0_0000, dev).unwrap();
+    let nohook = memory
+        .new_mmio("noop-nohook", 0x1000, Arc::new(NoopNoHook), None)
+        .unwrap();
+    memory.add_subregion(system, 0xfed0_0000, nohook).unwrap();
     let id = memory.new_address_space("memory", system, None).unwrap();
     let space = memory.address_space(id).unwrap();
     let mut g = c.benchmark_group("mmio_u32");
@@ -168,6 +193,9 @@ fn mmio_u32(c: &mut Criterion) {
     let mut cursor = space.cursor();
     g.bench_function("dispatch-cursor", |b| {
         b.iter(|| black_box(cursor.load::<u32>(black_box(0xfee0_0010), Endian::Little, A)))
+    });
+    g.bench_function("dispatch-cursor-nohook", |b| {
+        b.iter(|| black_box(cursor.load::<u32>(black_box(0xfed0_0010), Endian::Little, A)))
     });
     g.bench_function("callback", |b| {
         b.iter(|| black_box(black_box(&ops).read(black_box(0x10), 4, A)))

@@ -5,11 +5,14 @@
 //!   (target < 50 ns).
 //! * `dma/map_unmap_ownerless_ram`: machine-lifetime RAM — no reference
 //!   counting and no bookkeeping at all.
+//! * `dma/map_unmap_{owned,ownerless}_ram_cursor`: the same through a
+//!   `SpaceCursor` (no arc-swap load of the published view).
 //! * `dma/map_unmap_bounce_mmio`: an 8-byte bounce buffer over MMIO, with
 //!   prefill (one device callback).
 //! * `dma/cache_read_u64`: an 8-byte read through a direct
 //!   `MemoryRegionCache`.
-//! * `dma/baseline_*`: one view load (`view_guard`) and one 8-byte
+//! * `dma/baseline_*`: one view load (`view_guard`), one `Arc` clone + drop
+//!   (the reference an owned mapping must take) and one 8-byte
 //!   `AddressSpace::read` of RAM, to compare against on a loaded machine.
 //!
 //! Run: `cargo bench --bench dma -- --warm-up-time 1 --measurement-time 3`.
@@ -72,6 +75,25 @@ fn bench(c: &mut Criterion) {
             m.unmap(512)
         })
     });
+    let mut cursor = space.cursor();
+    g.bench_function("map_unmap_owned_ram_cursor", |b| {
+        b.iter(|| {
+            let m = cursor
+                .map(black_box(0x1000_0100), 512, DmaDirection::FromDevice, A)
+                .unwrap();
+            black_box(m.len());
+            m.unmap(512)
+        })
+    });
+    g.bench_function("map_unmap_ownerless_ram_cursor", |b| {
+        b.iter(|| {
+            let m = cursor
+                .map(black_box(0x100), 512, DmaDirection::FromDevice, A)
+                .unwrap();
+            black_box(m.len());
+            m.unmap(512)
+        })
+    });
     g.bench_function("map_unmap_bounce_mmio", |b| {
         b.iter(|| {
             let m = space
@@ -88,6 +110,15 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("baseline_view_guard", |b| {
         b.iter(|| black_box(space.view_guard().ranges().len()))
+    });
+    let backend = space
+        .map(0x1000_0100, 512, DmaDirection::FromDevice, A)
+        .unwrap()
+        .backend()
+        .cloned()
+        .unwrap();
+    g.bench_function("baseline_arc_clone_drop", |b| {
+        b.iter(|| drop(black_box(Arc::clone(black_box(&backend)))))
     });
     g.bench_function("baseline_read8_ownerless_ram", |b| {
         b.iter(|| {

@@ -172,6 +172,19 @@ impl AccessSizes {
 ///
 /// Defaults follow a zero-initialised `MemoryRegionOps`: no `accepts` hook
 /// (always true), `valid` and `impl` unset ([`AccessSizes::UNSET`]).
+///
+/// # Requirement: fixed configuration
+///
+/// [`valid_sizes`](Self::valid_sizes), [`impl_sizes`](Self::impl_sizes) and
+/// [`endianness`](Self::endianness) describe the device's *static*
+/// configuration (QEMU's `MemoryRegionOps` is a `const` table): they must
+/// return the same values for the whole life of the ops object. A region
+/// reads them **once**, when it is created ([`OpsConfig::of`]), and the
+/// access path uses that snapshot; values that change later are not seen.
+/// [`accepts_everything`](Self::accepts_everything) is read at the same
+/// time. [`accepts`](Self::accepts) (unless the device declared it has no
+/// hook), [`read`](Self::read) and [`write`](Self::write) are called on every
+/// access.
 pub trait MmioOps: Send + Sync + 'static {
     /// Read `size` bytes at `addr` (QEMU `read_with_attrs`).
     ///
@@ -191,6 +204,16 @@ pub trait MmioOps: Send + Sync + 'static {
         true
     }
 
+    /// Part of the fixed configuration: `true` declares that the device has
+    /// no `accepts` hook (QEMU's NULL `valid.accepts`), i.e. that
+    /// [`accepts`](Self::accepts) returns `true` for every access, so the
+    /// access path may skip calling it. Default: `false` (accepts is called
+    /// on every access, which is always correct). Return `true` only if
+    /// `accepts` is not overridden.
+    fn accepts_everything(&self) -> bool {
+        false
+    }
+
     /// Guest-visible constraints (QEMU `valid`). Default: unset.
     fn valid_sizes(&self) -> AccessSizes {
         AccessSizes::UNSET
@@ -205,6 +228,87 @@ pub trait MmioOps: Send + Sync + 'static {
     /// Device byte order, with QEMU's `DEVICE_NATIVE_ENDIAN` already resolved
     /// to the target's endianness by the implementor.
     fn endianness(&self) -> Endianness;
+}
+
+/// A snapshot of an [`MmioOps`]' fixed configuration (its `valid` and `impl`
+/// sizes and its byte order), taken once when a region is created so that
+/// the access path makes no dynamic call for it, plus the access widths that
+/// take the single-callback fast path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OpsConfig {
+    /// [`MmioOps::valid_sizes`].
+    pub valid: AccessSizes,
+    /// [`MmioOps::impl_sizes`].
+    pub impl_: AccessSizes,
+    /// [`MmioOps::endianness`].
+    pub endianness: Endianness,
+    /// [`MmioOps::accepts_everything`]: `accepts` need not be called.
+    pub accepts_everything: bool,
+    /// Bit `size` (1, 2, 4 or 8) is set iff a naturally aligned access of
+    /// `size` bytes passes the `valid` size limits and maps to exactly one
+    /// callback of the same width (inside the `impl` limits).
+    fast_sizes: u8,
+}
+
+impl OpsConfig {
+    /// Reads the configuration of `ops` (four dynamic calls).
+    pub fn of(ops: &dyn MmioOps) -> OpsConfig {
+        let mut cfg = OpsConfig::new(ops.valid_sizes(), ops.impl_sizes(), ops.endianness());
+        cfg.accepts_everything = ops.accepts_everything();
+        cfg
+    }
+
+    /// The configuration with these values, for ops whose `accepts` hook
+    /// must be called.
+    pub const fn new(valid: AccessSizes, impl_: AccessSizes, endianness: Endianness) -> OpsConfig {
+        let (imin, imax) = impl_bounds(impl_);
+        let mut fast_sizes = 0u8;
+        let mut size = 1u32;
+        while size <= 8 {
+            let valid_ok = valid.max == 0 || (size <= valid.max && size >= valid.min);
+            let single = size >= imin && size <= imax;
+            if valid_ok && single {
+                fast_sizes |= size as u8;
+            }
+            size *= 2;
+        }
+        OpsConfig {
+            valid,
+            impl_,
+            endianness,
+            accepts_everything: false,
+            fast_sizes,
+        }
+    }
+
+    /// Whether an access of `size` bytes at `addr` needs no validity check
+    /// beyond `accepts` and is exactly one callback of width `size`.
+    #[inline(always)]
+    fn is_fast(&self, addr: u64, size: u32) -> bool {
+        matches!(size, 1 | 2 | 4 | 8)
+            && self.fast_sizes & (size as u8) != 0
+            && addr & (u64::from(size) - 1) == 0
+    }
+}
+
+/// The effective `impl` bounds: unset min is 1, unset max is 4; widths above
+/// 8 cannot carry a u64 and are capped (memtree; QEMU only uses 1..8 here).
+const fn impl_bounds(imp: AccessSizes) -> (u32, u32) {
+    let min = if imp.min == 0 {
+        1
+    } else if imp.min < 8 {
+        imp.min
+    } else {
+        8
+    };
+    let max = if imp.max == 0 {
+        4
+    } else if imp.max < 8 {
+        imp.max
+    } else {
+        8
+    };
+    (min, max)
 }
 
 /// Whether `size` is an access width a `MemOp` with a `u64` value can carry.
@@ -264,13 +368,25 @@ pub fn access_valid(
     kind: AccessKind,
     attrs: MemTxAttrs,
 ) -> bool {
+    access_valid_with(ops, &OpsConfig::of(ops), addr, size, kind, attrs)
+}
+
+/// [`access_valid`] with the ops' configuration already read.
+fn access_valid_with(
+    ops: &dyn MmioOps,
+    cfg: &OpsConfig,
+    addr: u64,
+    size: u32,
+    kind: AccessKind,
+    attrs: MemTxAttrs,
+) -> bool {
     if !is_memop_size(size) {
         return false;
     }
-    if !ops.accepts(addr, size, kind, attrs) {
+    if !cfg.accepts_everything && !ops.accepts(addr, size, kind, attrs) {
         return false;
     }
-    let valid = ops.valid_sizes();
+    let valid = cfg.valid;
     if !valid.unaligned && addr & (u64::from(size) - 1) != 0 {
         return false;
     }
@@ -307,20 +423,19 @@ pub fn access_size(valid: AccessSizes, impl_: AccessSizes, len: u64, addr: u64) 
 /// reads the result is returned in `value`.
 fn access_with_adjusted_size(
     ops: &dyn MmioOps,
+    cfg: &OpsConfig,
     addr: u64,
     value: &mut u64,
     size: u32,
     kind: AccessKind,
     attrs: MemTxAttrs,
 ) -> MemTxResult {
-    let imp = ops.impl_sizes();
     // Unset impl sizes default to 1..4; widths above 8 cannot carry a u64 and
     // are capped (memtree; QEMU only uses 1..8 here).
-    let min = if imp.min == 0 { 1 } else { imp.min.min(8) };
-    let max = if imp.max == 0 { 4 } else { imp.max.min(8) };
+    let (min, max) = impl_bounds(cfg.impl_);
     let access = size.min(max).max(min);
     let mask = size_mask(access);
-    let big = ops.endianness() == Endianness::Big;
+    let big = cfg.endianness == Endianness::Big;
 
     let mut result = MemTxResult::OK;
     let mut i = 0u32;
@@ -364,13 +479,56 @@ pub fn dispatch_read(
     request: Endianness,
     attrs: MemTxAttrs,
 ) -> (u64, MemTxResult) {
-    if !access_valid(ops, addr, size, AccessKind::Read, attrs) {
+    dispatch_read_with(ops, &OpsConfig::of(ops), addr, size, request, attrs)
+}
+
+/// [`dispatch_read`] with the ops' configuration already read (`cfg` must be
+/// [`OpsConfig::of`] `ops`). The common case — a naturally aligned access
+/// inside the `valid` limits that is one callback wide — makes exactly two
+/// dynamic calls, `accepts` and `read` (one, `read`, if the device declared
+/// [`MmioOps::accepts_everything`]).
+#[inline]
+pub fn dispatch_read_with(
+    ops: &dyn MmioOps,
+    cfg: &OpsConfig,
+    addr: u64,
+    size: u32,
+    request: Endianness,
+    attrs: MemTxAttrs,
+) -> (u64, MemTxResult) {
+    if cfg.is_fast(addr, size) {
+        // Same checks as the general path, in an order that cannot differ:
+        // size, alignment and the valid limits are already known to pass.
+        if !cfg.accepts_everything && !ops.accepts(addr, size, AccessKind::Read, attrs) {
+            return (0, MemTxResult::DECODE_ERROR);
+        }
+        let (mut value, r) = match ops.read(addr, size, attrs) {
+            Ok(v) => (v & size_mask(size), MemTxResult::OK),
+            Err(r) => (0, r),
+        };
+        if request != cfg.endianness {
+            value = bswap_sized(value, size);
+        }
+        return (value, r);
+    }
+    dispatch_read_general(ops, cfg, addr, size, request, attrs)
+}
+
+fn dispatch_read_general(
+    ops: &dyn MmioOps,
+    cfg: &OpsConfig,
+    addr: u64,
+    size: u32,
+    request: Endianness,
+    attrs: MemTxAttrs,
+) -> (u64, MemTxResult) {
+    if !access_valid_with(ops, cfg, addr, size, AccessKind::Read, attrs) {
         return (0, MemTxResult::DECODE_ERROR);
     }
     let mut value = 0u64;
-    let r = access_with_adjusted_size(ops, addr, &mut value, size, AccessKind::Read, attrs);
+    let r = access_with_adjusted_size(ops, cfg, addr, &mut value, size, AccessKind::Read, attrs);
     value &= size_mask(size);
-    if request != ops.endianness() {
+    if request != cfg.endianness {
         value = bswap_sized(value, size);
     }
     (value, r)
@@ -392,14 +550,52 @@ pub fn dispatch_write(
     request: Endianness,
     attrs: MemTxAttrs,
 ) -> MemTxResult {
-    if !access_valid(ops, addr, size, AccessKind::Write, attrs) {
+    dispatch_write_with(ops, &OpsConfig::of(ops), addr, data, size, request, attrs)
+}
+
+/// [`dispatch_write`] with the ops' configuration already read (`cfg` must
+/// be [`OpsConfig::of`] `ops`); the common case makes exactly two dynamic
+/// calls, `accepts` and `write` (see [`dispatch_read_with`]).
+#[inline]
+pub fn dispatch_write_with(
+    ops: &dyn MmioOps,
+    cfg: &OpsConfig,
+    addr: u64,
+    data: u64,
+    size: u32,
+    request: Endianness,
+    attrs: MemTxAttrs,
+) -> MemTxResult {
+    if cfg.is_fast(addr, size) {
+        if !cfg.accepts_everything && !ops.accepts(addr, size, AccessKind::Write, attrs) {
+            return MemTxResult::DECODE_ERROR;
+        }
+        let mut value = data & size_mask(size);
+        if request != cfg.endianness {
+            value = bswap_sized(value, size);
+        }
+        return ops.write(addr, value, size, attrs);
+    }
+    dispatch_write_general(ops, cfg, addr, data, size, request, attrs)
+}
+
+fn dispatch_write_general(
+    ops: &dyn MmioOps,
+    cfg: &OpsConfig,
+    addr: u64,
+    data: u64,
+    size: u32,
+    request: Endianness,
+    attrs: MemTxAttrs,
+) -> MemTxResult {
+    if !access_valid_with(ops, cfg, addr, size, AccessKind::Write, attrs) {
         return MemTxResult::DECODE_ERROR;
     }
     let mut value = data & size_mask(size);
-    if request != ops.endianness() {
+    if request != cfg.endianness {
         value = bswap_sized(value, size);
     }
-    access_with_adjusted_size(ops, addr, &mut value, size, AccessKind::Write, attrs)
+    access_with_adjusted_size(ops, cfg, addr, &mut value, size, AccessKind::Write, attrs)
 }
 
 /// QEMU's `unassigned_mem_ops`: the ops of memory-space holes, containers and
@@ -443,6 +639,11 @@ impl MmioOps for IoRootOps {
         MemTxResult::OK
     }
 
+    /// No `accepts` hook.
+    fn accepts_everything(&self) -> bool {
+        true
+    }
+
     /// QEMU declares native endian; all-ones values are invariant under byte
     /// swapping, so the choice is unobservable. Little endian.
     fn endianness(&self) -> Endianness {
@@ -469,6 +670,152 @@ mod tests {
         assert_eq!(bswap_sized(0x1234, 2), 0x3412);
         assert_eq!(bswap_sized(0x12, 1), 0x12);
         assert_eq!(bswap_sized(0x1122_3344, 4), 0x4433_2211);
+    }
+
+    /// A device that records every callback and answers from its config.
+    struct Probe {
+        valid: AccessSizes,
+        imp: AccessSizes,
+        endian: Endianness,
+        accept: bool,
+        log: std::sync::Mutex<Vec<(char, u64, u64, u32)>>,
+    }
+
+    impl MmioOps for Probe {
+        fn read(&self, addr: u64, size: u32, _: MemTxAttrs) -> Result<u64, MemTxResult> {
+            self.log.lock().unwrap().push(('r', addr, 0, size));
+            if addr == 0x40 {
+                return Err(MemTxResult::DEVICE_ERROR);
+            }
+            Ok(0x0102_0304_0506_0708u64.wrapping_mul(addr + 1))
+        }
+        fn write(&self, addr: u64, data: u64, size: u32, _: MemTxAttrs) -> MemTxResult {
+            self.log.lock().unwrap().push(('w', addr, data, size));
+            MemTxResult::OK
+        }
+        fn accepts(&self, addr: u64, size: u32, _: AccessKind, _: MemTxAttrs) -> bool {
+            self.log.lock().unwrap().push(('a', addr, 0, size));
+            self.accept
+        }
+        fn valid_sizes(&self) -> AccessSizes {
+            self.valid
+        }
+        fn impl_sizes(&self) -> AccessSizes {
+            self.imp
+        }
+        fn endianness(&self) -> Endianness {
+            self.endian
+        }
+    }
+
+    #[test]
+    fn dispatch_fast_path_is_indistinguishable_from_the_general_rules() {
+        let sizes = [0u32, 1, 2, 4, 8, 16];
+        let a = MemTxAttrs::UNSPECIFIED;
+        let mut checked = 0;
+        let mut combos = Vec::new();
+        for &vmin in &sizes {
+            for &vmax in &sizes {
+                for &imin in &sizes {
+                    for &imax in &sizes {
+                        combos.push((vmin, vmax, imin, imax));
+                    }
+                }
+            }
+        }
+        for (vmin, vmax, imin, imax) in combos {
+            for (vu, iu, accept, endian) in [
+                (false, false, true, Endianness::Little),
+                (true, false, true, Endianness::Big),
+                (false, true, false, Endianness::Little),
+                (true, true, true, Endianness::Big),
+            ] {
+                let probe = Probe {
+                    valid: AccessSizes::new(vmin, vmax, vu),
+                    imp: AccessSizes::new(imin, imax, iu),
+                    endian,
+                    accept,
+                    log: std::sync::Mutex::new(Vec::new()),
+                };
+                let cfg = OpsConfig::of(&probe);
+                for size in [1u32, 2, 3, 4, 8, 16] {
+                    for addr in [0u64, 1, 2, 4, 6, 8, 0x40] {
+                        for req in [Endianness::Little, Endianness::Big] {
+                            let fast = dispatch_read_with(&probe, &cfg, addr, size, req, a);
+                            let fast_log = std::mem::take(&mut *probe.log.lock().unwrap());
+                            let slow = dispatch_read_general(&probe, &cfg, addr, size, req, a);
+                            let slow_log = std::mem::take(&mut *probe.log.lock().unwrap());
+                            assert_eq!((fast, &fast_log), (slow, &slow_log));
+                            let data = 0x1122_3344_5566_7788;
+                            let fast = dispatch_write_with(&probe, &cfg, addr, data, size, req, a);
+                            let fast_log = std::mem::take(&mut *probe.log.lock().unwrap());
+                            let slow =
+                                dispatch_write_general(&probe, &cfg, addr, data, size, req, a);
+                            let slow_log = std::mem::take(&mut *probe.log.lock().unwrap());
+                            assert_eq!((fast, &fast_log), (slow, &slow_log));
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 10_000);
+    }
+
+    #[test]
+    fn dispatch_fast_path_calls_accepts_once_then_the_callback_once() {
+        let probe = Probe {
+            valid: AccessSizes::UNSET,
+            imp: AccessSizes::UNSET,
+            endian: Endianness::Little,
+            accept: true,
+            log: std::sync::Mutex::new(Vec::new()),
+        };
+        let cfg = OpsConfig::of(&probe);
+        let a = MemTxAttrs::UNSPECIFIED;
+        assert!(
+            dispatch_read_with(&probe, &cfg, 4, 4, Endianness::Little, a)
+                .1
+                .is_ok()
+        );
+        assert_eq!(
+            *probe.log.lock().unwrap(),
+            vec![('a', 4, 0, 4), ('r', 4, 0, 4)]
+        );
+    }
+
+    #[test]
+    fn dispatch_skips_accepts_only_for_ops_that_declare_no_hook() {
+        struct NoHook;
+        impl MmioOps for NoHook {
+            fn read(&self, _: u64, _: u32, _: MemTxAttrs) -> Result<u64, MemTxResult> {
+                Ok(0x1234)
+            }
+            fn write(&self, _: u64, _: u64, _: u32, _: MemTxAttrs) -> MemTxResult {
+                MemTxResult::OK
+            }
+            fn accepts(&self, _: u64, _: u32, _: AccessKind, _: MemTxAttrs) -> bool {
+                panic!("declared no accepts hook: must not be called")
+            }
+            fn accepts_everything(&self) -> bool {
+                true
+            }
+            fn endianness(&self) -> Endianness {
+                Endianness::Little
+            }
+        }
+        let cfg = OpsConfig::of(&NoHook);
+        assert!(cfg.accepts_everything);
+        let a = MemTxAttrs::UNSPECIFIED;
+        // Fast path (aligned 4) and general path (unaligned 2 of an 8-byte
+        // access split into 4-byte callbacks) both skip it.
+        assert_eq!(
+            dispatch_read_with(&NoHook, &cfg, 8, 4, Endianness::Little, a),
+            (0x1234, MemTxResult::OK)
+        );
+        assert!(dispatch_write_with(&NoHook, &cfg, 8, 1, 8, Endianness::Little, a).is_ok());
+        assert!(!OpsConfig::of(&UnassignedOps).accepts_everything);
+        assert!(OpsConfig::of(&IoRootOps).accepts_everything);
     }
 
     #[test]

@@ -87,7 +87,7 @@ use std::sync::Arc;
 use arc_swap::{ArcSwap, Cache};
 
 use crate::access::{
-    self, AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps, UnassignedOps,
+    self, AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps, OpsConfig, UnassignedOps,
 };
 use crate::flatview::{FlatRange, FlatView};
 use crate::region::{Backing, RegionKind};
@@ -210,6 +210,7 @@ unsafe impl Sync for RamDeviceOps {}
 
 impl RamDeviceOps {
     const SIZES: AccessSizes = AccessSizes::new(1, 8, true);
+    const CONFIG: OpsConfig = OpsConfig::new(Self::SIZES, Self::SIZES, Endianness::HOST);
 
     fn at(&self, addr: u64, size: u32) -> Option<*mut u8> {
         let end = addr.checked_add(u64::from(size))?;
@@ -266,23 +267,25 @@ impl MmioOps for RamDeviceOps {
     }
 }
 
-/// What a non-direct piece is dispatched to.
+/// What a non-direct piece is dispatched to, with the ops' configuration.
 enum Target<'a> {
-    Ops(&'a dyn MmioOps),
+    Ops(&'a dyn MmioOps, &'a OpsConfig),
     RamDevice(RamDeviceOps),
 }
 
 impl Target<'_> {
     #[inline]
-    fn ops(&self) -> &dyn MmioOps {
+    fn ops(&self) -> (&dyn MmioOps, &OpsConfig) {
         match self {
-            Target::Ops(o) => *o,
-            Target::RamDevice(o) => o,
+            Target::Ops(o, c) => (*o, c),
+            Target::RamDevice(o) => (o, &RamDeviceOps::CONFIG),
         }
     }
 }
 
 static UNASSIGNED: UnassignedOps = UnassignedOps;
+static UNASSIGNED_CONFIG: OpsConfig =
+    OpsConfig::new(AccessSizes::UNSET, AccessSizes::UNSET, Endianness::Little);
 
 /// The ops and region-relative address serving a non-direct access at
 /// `addr`, plus a cap on the piece length (RAM devices only).
@@ -290,13 +293,17 @@ static UNASSIGNED: UnassignedOps = UnassignedOps;
 fn target(range: Option<&FlatRange>, addr: u64) -> (Target<'_>, u64, u64) {
     let Some(r) = range else {
         // A hole: QEMU's unassigned section, region offset = address.
-        return (Target::Ops(&UNASSIGNED), addr, u64::MAX);
+        return (Target::Ops(&UNASSIGNED, &UNASSIGNED_CONFIG), addr, u64::MAX);
     };
     let mr_addr = (addr - r.start()).wrapping_add(r.offset_in_region());
     let core = r.region();
     if !core.is_live() {
         // The owner was unplugged: the region is unassigned memory now.
-        return (Target::Ops(&UNASSIGNED), mr_addr, u64::MAX);
+        return (
+            Target::Ops(&UNASSIGNED, &UNASSIGNED_CONFIG),
+            mr_addr,
+            u64::MAX,
+        );
     }
     match core.backing() {
         Backing::RamDevice { block, offset } => {
@@ -308,7 +315,11 @@ fn target(range: Option<&FlatRange>, addr: u64) -> (Target<'_>, u64, u64) {
                 avail(r, addr),
             )
         }
-        _ => (Target::Ops(core.ops()), mr_addr, u64::MAX),
+        _ => (
+            Target::Ops(core.ops(), core.ops_config()),
+            mr_addr,
+            u64::MAX,
+        ),
     }
 }
 
@@ -346,10 +357,10 @@ fn read_piece(
     attrs: MemTxAttrs,
 ) -> (usize, MemTxResult) {
     let (t, mr_addr, cap) = target(range, addr);
-    let ops = t.ops();
+    let (ops, cfg) = t.ops();
     let len = (rest.len() as u64).min(cap);
-    let l = access::access_size(ops.valid_sizes(), ops.impl_sizes(), len, mr_addr);
-    let (v, r) = access::dispatch_read(ops, mr_addr, l, Endianness::HOST, attrs);
+    let l = access::access_size(cfg.valid, cfg.impl_, len, mr_addr);
+    let (v, r) = access::dispatch_read_with(ops, cfg, mr_addr, l, Endianness::HOST, attrs);
     let l = l as usize;
     stn_he(rest, l, v);
     (l, r)
@@ -363,11 +374,11 @@ fn write_piece(
     attrs: MemTxAttrs,
 ) -> (usize, MemTxResult) {
     let (t, mr_addr, cap) = target(range, addr);
-    let ops = t.ops();
+    let (ops, cfg) = t.ops();
     let len = (rest.len() as u64).min(cap);
-    let l = access::access_size(ops.valid_sizes(), ops.impl_sizes(), len, mr_addr);
+    let l = access::access_size(cfg.valid, cfg.impl_, len, mr_addr);
     let v = ldn_he(rest, l as usize);
-    let r = access::dispatch_write(ops, mr_addr, v, l, Endianness::HOST, attrs);
+    let r = access::dispatch_write_with(ops, cfg, mr_addr, v, l, Endianness::HOST, attrs);
     (l as usize, r)
 }
 
@@ -521,7 +532,8 @@ impl FlatView {
     }
 }
 
-#[cold]
+/// Everything but direct RAM (MMIO is a normal path: not `#[cold]`).
+#[inline(never)]
 fn load_slow<T: Primitive>(
     range: Option<&FlatRange>,
     addr: u64,
@@ -542,11 +554,12 @@ fn load_slow<T: Primitive>(
         }
     }
     let (t, mr_addr, _) = target(range, addr);
-    let (v, res) = access::dispatch_read(t.ops(), mr_addr, T::SIZE, order, attrs);
+    let (ops, cfg) = t.ops();
+    let (v, res) = access::dispatch_read_with(ops, cfg, mr_addr, T::SIZE, order, attrs);
     (T::from_u64(v), res)
 }
 
-#[cold]
+#[inline(never)]
 fn store_slow<T: Primitive>(
     range: Option<&FlatRange>,
     addr: u64,
@@ -566,7 +579,8 @@ fn store_slow<T: Primitive>(
         }
     }
     let (t, mr_addr, _) = target(range, addr);
-    access::dispatch_write(t.ops(), mr_addr, value.to_u64(), T::SIZE, order, attrs)
+    let (ops, cfg) = t.ops();
+    access::dispatch_write_with(ops, cfg, mr_addr, value.to_u64(), T::SIZE, order, attrs)
 }
 
 macro_rules! typed_accessors {
@@ -688,7 +702,7 @@ impl AddressSpace {
 
 /// The published-view cell of an address space, for [`Cache`].
 #[derive(Clone)]
-struct ViewCellRef(Arc<SpaceShared>);
+pub(crate) struct ViewCellRef(Arc<SpaceShared>);
 
 impl Deref for ViewCellRef {
     type Target = ArcSwap<FlatView>;
@@ -701,7 +715,9 @@ impl Deref for ViewCellRef {
 /// view between accesses (see the [module docs](crate::dispatch)). `Send`,
 /// not shared: one per vCPU or DMA worker.
 pub struct SpaceCursor {
-    cache: Cache<ViewCellRef, Arc<FlatView>>,
+    pub(crate) cache: Cache<ViewCellRef, Arc<FlatView>>,
+    /// The handle (DMA mappings made through the cursor borrow it).
+    pub(crate) space: AddressSpace,
     target_endian: Endianness,
 }
 
@@ -718,6 +734,7 @@ impl AddressSpace {
     pub fn cursor(&self) -> SpaceCursor {
         SpaceCursor {
             cache: Cache::new(ViewCellRef(self.shared.clone())),
+            space: self.clone(),
             target_endian: self.target_endian(),
         }
     }
@@ -792,9 +809,139 @@ impl SpaceCursor {
     }
 }
 
+/// The lookup accelerator of a [`FlatView`]: "which range starts last at or
+/// below `addr`" in (usually) two loads from one small table.
+///
+/// The span from the first range's start to the last range's start is cut
+/// into `nb` buckets of `2^shift` bytes (`nb` about four per range, at most
+/// [`RangeIndex::MAX_BUCKETS`]). `table[b]` is the index of the last range
+/// starting at or below the first address of bucket `b`; `table[nb]` is the
+/// last range. The answer for an address in bucket `b` lies in
+/// `table[b]..=table[b + 1]`, which is almost always one or two ranges; when
+/// a bucket holds more (many small ranges packed in a large sparse span), a
+/// binary search over that slice of the packed `starts` finishes the job.
+pub(crate) struct RangeIndex {
+    /// The `start` of every range, in order.
+    starts: Box<[u64]>,
+    /// `starts[0]` (0 for an empty view).
+    base: u64,
+    /// Log2 of the bucket size.
+    shift: u32,
+    /// `nb + 1` entries, see the type docs (empty for an empty view).
+    table: Box<[u32]>,
+}
+
+impl RangeIndex {
+    /// Bucket budget: 64 KiB of table at most.
+    const MAX_BUCKETS: u64 = 1 << 14;
+
+    /// Builds the index over `starts` (sorted, distinct).
+    pub(crate) fn new(starts: Box<[u64]>) -> RangeIndex {
+        let n = starts.len();
+        let (Some(&base), Some(&top)) = (starts.first(), starts.last()) else {
+            return RangeIndex {
+                starts,
+                base: 0,
+                shift: 0,
+                table: Box::new([]),
+            };
+        };
+        // Ranges are indexed by u32 (a flat view has far fewer ranges).
+        let n32 = u32::try_from(n).unwrap_or(u32::MAX);
+        let budget = (u64::from(n32) * 4)
+            .next_power_of_two()
+            .clamp(16, Self::MAX_BUCKETS);
+        let span = top - base;
+        let mut shift = 0u32;
+        while shift < 63 && (span >> shift) >= budget {
+            shift += 1;
+        }
+        let nb = (span >> shift) + 1;
+        let mut table = Vec::with_capacity(nb as usize + 1);
+        let mut j = 0usize;
+        for b in 0..nb {
+            let at = base + (b << shift);
+            while j + 1 < n && starts[j + 1] <= at {
+                j += 1;
+            }
+            table.push(j as u32);
+        }
+        table.push((n - 1) as u32);
+        RangeIndex {
+            starts,
+            base,
+            shift,
+            table: table.into_boxed_slice(),
+        }
+    }
+
+    /// Index of the last range starting at or below `addr`.
+    #[inline]
+    pub(crate) fn last_start_at_or_below(&self, addr: u64) -> Option<usize> {
+        let off = addr.checked_sub(self.base)?;
+        let last_bucket = self.table.len().checked_sub(2)?;
+        let b = usize::try_from(off >> self.shift)
+            .unwrap_or(usize::MAX)
+            .min(last_bucket);
+        let lo = *self.table.get(b)? as usize;
+        let hi = *self.table.get(b + 1)? as usize;
+        if lo == hi {
+            return Some(lo);
+        }
+        let more = self.starts.get(lo + 1..=hi)?;
+        Some(lo + more.partition_point(|&s| s <= addr))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn range_index_matches_a_binary_search() {
+        let layouts: Vec<Vec<u64>> = vec![
+            vec![],
+            vec![0],
+            vec![5],
+            vec![
+                0,
+                0xa0000,
+                0xc0000,
+                0x10_0000,
+                0xfec0_0000,
+                0xfee0_0000,
+                0x1_0000_0000,
+            ],
+            (0..1024u64).map(|i| (1 << 20) + i * (128 << 10)).collect(),
+            vec![0, 1, 2, 3, u64::MAX - 1, u64::MAX],
+            (0..100u64).map(|i| i * i * i * 7).collect(),
+        ];
+        let mut x = 0x1234_5678_9abc_def1u64;
+        for starts in layouts {
+            let idx = RangeIndex::new(starts.clone().into_boxed_slice());
+            let expect = |a: u64| starts.partition_point(|&s| s <= a).checked_sub(1);
+            let mut probes: Vec<u64> = vec![0, 1, u64::MAX, u64::MAX - 1];
+            for &s in &starts {
+                probes.extend([s, s.wrapping_sub(1), s.wrapping_add(1)]);
+            }
+            for _ in 0..2000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                probes.push(x);
+                if let Some(&top) = starts.last() {
+                    probes.push(x % top.max(1).saturating_mul(2).max(1));
+                }
+            }
+            for a in probes {
+                assert_eq!(
+                    idx.last_start_at_or_below(a),
+                    expect(a),
+                    "{a:#x} in {starts:x?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn host_order_helpers_round_trip() {

@@ -78,10 +78,11 @@
 //! Dirty-memory tracking is not modelled, so unmapping RAM marks nothing
 //! dirty (QEMU's `invalidate_and_set_dirty`).
 
+use std::cell::UnsafeCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -89,6 +90,7 @@ use parking_lot::Mutex;
 use crate::access::{MemTxAttrs, MemTxResult};
 use crate::backend::MemoryBackend;
 use crate::census::{Census, CensusSource, ObjectKey, ObjectKind};
+use crate::dispatch::SpaceCursor;
 use crate::flatview::{FlatRange, FlatView};
 use crate::region::{Backing, RegionCore};
 use crate::space::AddressSpace;
@@ -358,12 +360,96 @@ impl Ticket {
     }
 }
 
+/// A minimal lock for the table of recorded mappings: one atomic swap to
+/// take it and a plain release store to give it back (a `Mutex` release is a
+/// second locked instruction, which the map/unmap fast path pays twice).
+/// Critical sections are a few instructions long on the fast path; a waiter
+/// spins briefly, then yields its time slice, so a preempted holder cannot
+/// make it burn a core.
+struct TableLock<T> {
+    locked: AtomicBool,
+    value: UnsafeCell<T>,
+}
+
+// SAFETY: the value is only reached through a `TableGuard`, and at most one
+// guard exists at a time (the `locked` flag); `T: Send` moves between threads
+// with it.
+unsafe impl<T: Send> Sync for TableLock<T> {}
+// SAFETY: owning the lock owns the value.
+unsafe impl<T: Send> Send for TableLock<T> {}
+
+impl<T: Default> Default for TableLock<T> {
+    fn default() -> Self {
+        TableLock {
+            locked: AtomicBool::new(false),
+            value: UnsafeCell::new(T::default()),
+        }
+    }
+}
+
+impl<T> TableLock<T> {
+    #[inline]
+    fn lock(&self) -> TableGuard<'_, T> {
+        if self.locked.swap(true, Ordering::Acquire) {
+            self.lock_contended();
+        }
+        TableGuard { lock: self }
+    }
+
+    #[cold]
+    fn lock_contended(&self) {
+        let mut spins = 0u32;
+        loop {
+            while self.locked.load(Ordering::Relaxed) {
+                if spins < 64 {
+                    spins += 1;
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+            if !self.locked.swap(true, Ordering::Acquire) {
+                return;
+            }
+        }
+    }
+}
+
+struct TableGuard<'a, T> {
+    lock: &'a TableLock<T>,
+}
+
+impl<T> std::ops::Deref for TableGuard<'_, T> {
+    type Target = T;
+    #[inline]
+    fn deref(&self) -> &T {
+        // SAFETY: this guard is the only one (the lock is held), so no
+        // `&mut T` exists while the returned reference lives.
+        unsafe { &*self.lock.value.get() }
+    }
+}
+
+impl<T> std::ops::DerefMut for TableGuard<'_, T> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as in `deref`, and `&mut self` makes the borrow unique.
+        unsafe { &mut *self.lock.value.get() }
+    }
+}
+
+impl<T> Drop for TableGuard<'_, T> {
+    #[inline]
+    fn drop(&mut self) {
+        self.lock.locked.store(false, Ordering::Release);
+    }
+}
+
 /// The table of recorded mappings of one machine. It holds no reference to
 /// anything it describes (only census keys), so it cannot keep anything
 /// alive; the census holds it (as its [`CensusSource`]) and it holds nothing.
 #[derive(Default)]
 pub(crate) struct DmaRegistry {
-    inner: Mutex<Slots>,
+    inner: TableLock<Slots>,
 }
 
 impl fmt::Debug for DmaRegistry {
@@ -599,6 +685,7 @@ pub(crate) fn avail_in(r: &FlatRange, addr: u64, want: u64) -> u64 {
 /// Length of the direct window at `addr` in `view` (range index `i`),
 /// extended across following ranges served contiguously by the same region
 /// and direct in `dir`, capped at `want`.
+#[inline]
 pub(crate) fn direct_extent(
     view: &FlatView,
     i: usize,
@@ -751,7 +838,20 @@ impl AddressSpace {
         attrs: MemTxAttrs,
     ) -> Result<DmaMapping<'_>, DmaError> {
         check_range(addr, len)?;
-        let view = self.view_guard();
+        self.map_in(&self.view_guard(), addr, len, dir, attrs)
+    }
+
+    /// [`AddressSpace::map`] against `view` (the published view, loaded by
+    /// the caller: through the shared handle or a [`SpaceCursor`]).
+    #[inline]
+    pub(crate) fn map_in(
+        &self,
+        view: &FlatView,
+        addr: u64,
+        len: u64,
+        dir: DmaDirection,
+        attrs: MemTxAttrs,
+    ) -> Result<DmaMapping<'_>, DmaError> {
         let Some(i) = view.lookup_index(addr) else {
             return Err(DmaError::Unassigned {
                 space: self.name().to_owned(),
@@ -760,7 +860,7 @@ impl AddressSpace {
         };
         let r = &view.ranges()[i];
         if is_direct(r, dir) {
-            let got = direct_extent(&view, i, addr, len, dir);
+            let got = direct_extent(view, i, addr, len, dir);
             let Some(host) = NonNull::new(r.host_at(addr)) else {
                 // A direct range always has a host address; be total anyway.
                 return Err(DmaError::Unassigned {
@@ -819,7 +919,6 @@ impl AddressSpace {
         } else {
             MemTxResult::OK
         };
-        drop(view);
         let ticket = self.shared.machine.dma.insert(
             MappingKind::Bounce,
             self.census_key(),
@@ -908,6 +1007,23 @@ impl AddressSpace {
     pub fn outstanding_mappings(&self) -> Vec<MappingInfo> {
         let m = &self.shared.machine;
         m.dma.list(&m.census)
+    }
+}
+
+impl SpaceCursor {
+    /// [`AddressSpace::map`] through the cursor's cached view: the same
+    /// mapping, without loading the published view through the shared
+    /// handle (for a DMA worker that maps often).
+    pub fn map(
+        &mut self,
+        addr: u64,
+        len: u64,
+        dir: DmaDirection,
+        attrs: MemTxAttrs,
+    ) -> Result<DmaMapping<'_>, DmaError> {
+        check_range(addr, len)?;
+        let view = self.cache.load();
+        self.space.map_in(view, addr, len, dir, attrs)
     }
 }
 
@@ -1075,20 +1191,31 @@ impl<'a> DmaMapping<'a> {
         self.release(access_len)
     }
 
+    #[inline]
     fn release(&mut self, access_len: u64) -> MemTxResult {
+        // The direct cases release in place: moving the whole target out
+        // first costs more than the rest of an ownerless unmap.
+        match &self.target {
+            // Ownerless RAM holds nothing: releasing it twice is harmless.
+            None | Some(Target::Borrowed { .. }) => MemTxResult::OK,
+            Some(Target::Owned { ticket, .. }) => {
+                let machine = &self.space.shared.machine;
+                machine.dma.remove(*ticket, &machine.census);
+                // Drops the backend (after the record, as before).
+                self.target = None;
+                MemTxResult::OK
+            }
+            Some(Target::Bounce { .. }) => self.release_bounce(access_len),
+        }
+    }
+
+    fn release_bounce(&mut self, access_len: u64) -> MemTxResult {
         let Some(target) = self.target.take() else {
             return MemTxResult::OK;
         };
         let machine = &self.space.shared.machine;
         match target {
-            Target::Borrowed { .. } => MemTxResult::OK,
-            Target::Owned {
-                backend, ticket, ..
-            } => {
-                machine.dma.remove(ticket, &machine.census);
-                drop(backend);
-                MemTxResult::OK
-            }
+            Target::Borrowed { .. } | Target::Owned { .. } => MemTxResult::OK,
             Target::Bounce {
                 buf,
                 region,
@@ -1122,6 +1249,48 @@ impl Drop for DmaMapping<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dma_cursor_map_behaves_like_the_shared_handle_map() {
+        let memory = crate::Memory::new();
+        let root = memory.new_container("root", 1 << 32, None).unwrap();
+        let ram = memory.new_ram("ram", 0x1000, None).unwrap();
+        memory.add_subregion(root, 0, ram).unwrap();
+        let dev = memory.new_owner("dev", None).unwrap();
+        let dev_ram = memory.new_ram("dev.ram", 0x1000, Some(dev)).unwrap();
+        memory.add_subregion(root, 0x1_0000, dev_ram).unwrap();
+        let id = memory.new_address_space("as", root, None).unwrap();
+        let space = memory.address_space(id).unwrap();
+        let mut cursor = space.cursor();
+        let a = MemTxAttrs::UNSPECIFIED;
+        {
+            let mut m = cursor.map(0x10, 4, DmaDirection::FromDevice, a).unwrap();
+            assert!(!m.holds_reference() && m.id().is_none());
+            m.write(0, b"dma!").unwrap();
+            assert!(m.unmap(4).is_ok());
+        }
+        let mut buf = [0u8; 4];
+        assert!(space.read(0x10, &mut buf, a).is_ok());
+        assert_eq!(&buf, b"dma!");
+        let m = cursor
+            .map(0x1_0ff0, 0x100, DmaDirection::ToDevice, a)
+            .unwrap();
+        assert_eq!(m.len(), 0x10, "clamped to the end of the region");
+        let backend = m.backend().cloned().unwrap();
+        assert_eq!(space.outstanding_mappings().len(), 1);
+        drop(m);
+        assert!(space.outstanding_mappings().is_empty());
+        assert_eq!(Arc::strong_count(&backend), 2, "region + this test");
+        assert_eq!(
+            cursor
+                .map(0x2_0000, 4, DmaDirection::ToDevice, a)
+                .unwrap_err(),
+            DmaError::Unassigned {
+                space: "as".into(),
+                addr: 0x2_0000
+            }
+        );
+    }
 
     #[test]
     fn bounce_reserve_is_capped_by_the_limit() {

@@ -212,10 +212,9 @@ pub struct FlatView {
     /// of them changes.
     pub(crate) reached: Vec<RegionId>,
     census: Option<(Arc<Census>, ObjectKey)>,
-    /// Lookup accelerator: the `start` of every range, in order, packed
-    /// (8 bytes a range instead of a whole `FlatRange`), so the binary search
-    /// of the access path stays in a few cache lines. Built once in `new`.
-    starts: Box<[u64]>,
+    /// Lookup accelerator over the packed `start` of every range (a bucket
+    /// table, see [`crate::dispatch::RangeIndex`]). Built once in `new`.
+    starts: crate::dispatch::RangeIndex,
 }
 
 impl FlatView {
@@ -233,7 +232,7 @@ impl FlatView {
             let name = root_name.unwrap_or("(empty)");
             (c.clone(), c.register_holding(ObjectKind::FlatView, name, held))
         });
-        let starts = ranges.iter().map(|r| r.start).collect();
+        let starts = crate::dispatch::RangeIndex::new(ranges.iter().map(|r| r.start).collect());
         FlatView {
             root,
             root_name: root_name.map(Into::into),
@@ -271,11 +270,11 @@ impl FlatView {
         (addr <= r.last).then_some(r)
     }
 
-    /// Index of the last range starting at or below `addr`: a binary search
-    /// (std's, branch-free) over the packed `starts`.
+    /// Index of the last range starting at or below `addr` (bucket table,
+    /// then a binary search inside the bucket if it holds several ranges).
     #[inline]
     fn last_start_at_or_below(&self, addr: u64) -> Option<usize> {
-        self.starts.partition_point(|&s| s <= addr).checked_sub(1)
+        self.starts.last_start_at_or_below(addr)
     }
 
     /// Index of the range containing `addr`, if any.

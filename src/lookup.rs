@@ -811,6 +811,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "reads oracle dumps from disk")]
     fn lookup_agrees_with_flat_view_at_every_range_boundary_of_oracle_machines() {
         let machines = [
             "x86_64/pc",
@@ -860,6 +861,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "reads oracle dumps from disk")]
     fn lookup_pam_area_of_pc_names_the_winning_alias_and_why_ram_lost() {
         let mem = oracle("x86_64/pc");
         let space = mem.find_address_space("memory").unwrap();
@@ -896,6 +898,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "reads oracle dumps from disk")]
     fn lookup_io_root_loses_to_its_own_subregion() {
         let mem = oracle("x86_64/pc");
         let space = mem.find_address_space("I/O").unwrap();

@@ -33,11 +33,11 @@ use parking_lot::{ReentrantMutex, ReentrantMutexGuard};
 
 use crate::access::{Endianness, MmioOps};
 use crate::backend::MemoryBackend;
-use crate::census::{Census, CensusEntry, ObjectKind};
+use crate::census::{Census, CensusEntry};
 use crate::error::TopologyError;
 use crate::flatview::FlatView;
 use crate::listener::{self, EventNotifier, IoEventFd, ListenerId, MemoryListener, SpaceCtx};
-use crate::owner::{Finalizer, OwnerId, OwnerLabel};
+use crate::owner::{DeferFinalizers, Finalizer, OwnerId, OwnerLabel};
 use crate::ram::RamBacking;
 use crate::region::{Backing, RegionId, RegionInfo, RegionKind};
 use crate::render;
@@ -254,6 +254,8 @@ impl Machine {
     /// Runs `f` on the topology as one edit: refused during a listener
     /// callback; committed at once if no transaction is open.
     fn edit<T>(&self, f: impl FnOnce(&mut Topology) -> Result<T>) -> Result<T> {
+        // Declared before the lock guard: owner finalizers run after it.
+        let _defer = DeferFinalizers::enter();
         let guard = self.control.lock();
         let out = {
             let mut topo = guard
@@ -301,6 +303,7 @@ impl Machine {
     }
 
     fn end_transaction(&self) {
+        let _defer = DeferFinalizers::enter();
         let guard = self.control.lock();
         let commit_now = {
             let mut topo = guard.borrow_mut();
@@ -458,6 +461,7 @@ impl Machine {
     }
 
     fn teardown(&self) -> LeakReport {
+        let defer = DeferFinalizers::enter();
         let guard = self.control.lock();
         {
             let mut topo = guard.borrow_mut();
@@ -474,22 +478,13 @@ impl Machine {
                 .remove_edge(topo.census_key, topo.census_key);
         }
         drop(guard);
+        drop(defer);
         // Ownerless memory is machine-lifetime: free it unless address-space
         // handles (which may have lent it out to DMA) are still held.
         if Arc::strong_count(&self.data) <= 2 {
             self.data.ownerless.lock().clear();
         }
-        let census = &self.data.census;
-        let survivors = census
-            .live()
-            .into_iter()
-            .filter(|e| e.kind != ObjectKind::Topology)
-            .map(|e| {
-                let chains = census.explain(e.key);
-                (e, chains)
-            })
-            .collect();
-        LeakReport { survivors }
+        crate::diag::leak_report(&self.data.census)
     }
 
     // ---- owners -------------------------------------------------------------

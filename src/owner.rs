@@ -111,6 +111,61 @@ impl Drop for OwnerCore {
     fn drop(&mut self) {
         self.census.finalize(self.key);
         if let Some(f) = self.finalizer.get_mut().take() {
+            // Inside a machine edit the topology is borrowed: queue the
+            // callback so that it runs once the edit has let go and may call
+            // back into the machine.
+            let f = DEFERRED.with(|d| match d.borrow_mut().as_mut() {
+                Some(queue) => {
+                    queue.push(f);
+                    None
+                }
+                None => Some(f),
+            });
+            if let Some(f) = f {
+                f();
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Finalizers of owners dropped on this thread while a
+    /// [`DeferFinalizers`] scope is open (`None`: none is open).
+    static DEFERRED: std::cell::RefCell<Option<Vec<Finalizer>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// While alive, owner finalizers dropped on this thread are queued instead
+/// of run; the outermost scope runs them, in drop order, when it ends.
+///
+/// The machine opens one around every edit and commit, *outside* its lock,
+/// so a finalizer never runs while the topology is borrowed and can use the
+/// machine like any other code.
+pub(crate) struct DeferFinalizers {
+    outermost: bool,
+}
+
+impl DeferFinalizers {
+    pub(crate) fn enter() -> DeferFinalizers {
+        let outermost = DEFERRED.with(|d| {
+            let mut d = d.borrow_mut();
+            let outermost = d.is_none();
+            if outermost {
+                *d = Some(Vec::new());
+            }
+            outermost
+        });
+        DeferFinalizers { outermost }
+    }
+}
+
+impl Drop for DeferFinalizers {
+    fn drop(&mut self) {
+        if !self.outermost {
+            return;
+        }
+        let queue = DEFERRED.with(|d| d.borrow_mut().take()).unwrap_or_default();
+        for f in queue {
             f();
         }
     }

@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::access::{IoRootOps, MmioOps, UnassignedOps};
+use crate::access::{AccessSizes, Endianness, IoRootOps, MmioOps, OpsConfig, UnassignedOps};
 use crate::census::{Census, ObjectKind, ObjectKey};
 use crate::owner::{OwnerCore, OwnerId};
 use crate::backend::MemoryBackend;
@@ -133,6 +133,9 @@ pub struct RegionCore {
     owner: Option<Arc<OwnerCore>>,
     census: Arc<Census>,
     census_key: ObjectKey,
+    /// The configuration of [`RegionCore::ops`], read once at creation
+    /// (ops configuration is fixed per region, see [`MmioOps`]).
+    ops_config: OpsConfig,
 }
 
 impl RegionCore {
@@ -155,7 +158,7 @@ impl RegionCore {
             name,
             owner.as_ref().map(|o| o.census_key()).into_iter().chain(backend_key),
         );
-        RegionCore {
+        let mut core = RegionCore {
             id,
             name: name.into(),
             kind,
@@ -164,7 +167,17 @@ impl RegionCore {
             owner,
             census: census.clone(),
             census_key,
-        }
+            ops_config: OpsConfig::new(AccessSizes::UNSET, AccessSizes::UNSET, Endianness::Little),
+        };
+        core.ops_config = OpsConfig::of(core.ops());
+        core
+    }
+
+    /// The configuration of [`RegionCore::ops`], as read when the region was
+    /// created.
+    #[inline]
+    pub fn ops_config(&self) -> &OpsConfig {
+        &self.ops_config
     }
 
     /// The region's id in the topology (may be stale once the region has

@@ -436,6 +436,7 @@ proptest! {
     /// endianness dispatches without panicking or overflowing, reads never
     /// return bits above the access size, and every callback width is 1..=8.
     #[test]
+    #[cfg_attr(miri, ignore = "proptest: thousands of cases and file I/O")]
     fn rule_dispatch_is_total(
         vmin in sizes(), vmax in sizes(), vun in any::<bool>(),
         imin in sizes(), imax in sizes(), iun in any::<bool>(),

@@ -1098,6 +1098,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "reads oracle dumps from disk")]
     fn pc_disabled_groups_and_regions() {
         let d = tree("x86_64/pc.disabled.txt");
         let names: Vec<Vec<&str>> = d
@@ -1130,6 +1131,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "reads oracle dumps from disk")]
     fn alias_target_and_range() {
         let d = tree("x86_64/pc.disabled.txt");
         let sys = &d.groups[4].root;
@@ -1157,6 +1159,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "reads oracle dumps from disk")]
     fn disabled_flag() {
         let d = tree("x86_64/pc.disabled.txt");
         let smram = d.regions.iter().find(|r| r.name == "smram").unwrap();
@@ -1175,6 +1178,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "reads oracle dumps from disk")]
     fn hidden_disabled_levels_in_plain_dump() {
         let text = read("x86_64/pc.mtree.txt");
         let d = parse_tree(&text).unwrap();
@@ -1200,6 +1204,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "reads oracle dumps from disk")]
     fn owner_decorations() {
         let d = tree("x86_64/pc.owner.txt");
         let g = &d.groups[0];
@@ -1282,6 +1287,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "reads oracle dumps from disk")]
     fn flat_offset_and_owner() {
         let d = flat("x86_64/pc.flat.txt");
         let v0 = &d.views[1];
@@ -1306,6 +1312,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "reads oracle dumps from disk")]
     fn flat_kvm_suffix() {
         let d = flat("variants/pc-kvm.flat.txt");
         let v0 = &d.views[0];
@@ -1327,6 +1334,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "reads oracle dumps from disk")]
     fn flat_none_root_not_rendered() {
         let d = flat("variants/q35-pcidevs.flat.txt");
         let v = d
@@ -1360,6 +1368,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "reads oracle dumps from disk")]
     fn every_oracle_file_parses() {
         let mut files = Vec::new();
         walk(Path::new(ORACLE), &mut files);
@@ -1526,6 +1535,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "reads oracle dumps from disk")]
     fn empty_crlf_and_missing_newline() {
         assert_eq!(parse_tree("").unwrap(), TreeDump::default());
         assert_eq!(parse_flat("").unwrap(), FlatDump::default());
