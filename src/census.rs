@@ -126,7 +126,9 @@ pub trait CensusSource: Send + Sync {
 
 impl fmt::Debug for Census {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Census").field("counts", &self.counts()).finish()
+        f.debug_struct("Census")
+            .field("counts", &self.counts())
+            .finish()
     }
 }
 
@@ -335,7 +337,9 @@ impl Census {
     pub fn to_dot(&self) -> String {
         self.sync();
         let reg = self.inner.lock();
-        let mut s = String::from("digraph memtree {\n  rankdir=LR;\n  node [shape=box, fontname=monospace];\n");
+        let mut s = String::from(
+            "digraph memtree {\n  rankdir=LR;\n  node [shape=box, fontname=monospace];\n",
+        );
         for e in reg.live.values() {
             let shape = match e.kind {
                 ObjectKind::Topology => "doubleoctagon",

@@ -146,9 +146,7 @@ impl FlatRange {
     /// QEMU 7.2: writes go straight to RAM iff the region is RAM (not a RAM
     /// device, not a ROM device) and not readonly *itself*.
     pub fn is_direct_write(&self) -> bool {
-        !self.host.is_null()
-            && self.region.kind() == RegionKind::Ram
-            && !self.attrs.region_readonly
+        !self.host.is_null() && self.region.kind() == RegionKind::Ram && !self.attrs.region_readonly
     }
     /// Host address of `addr` (which must lie in the range) for direct access.
     #[inline]
@@ -170,9 +168,9 @@ impl FlatRange {
         attrs: RangeAttrs,
     ) -> FlatRange {
         let host = match region.backing() {
-            Backing::Ram { block, offset } => {
-                block.host_addr().wrapping_add((offset + offset_in_region) as usize)
-            }
+            Backing::Ram { block, offset } => block
+                .host_addr()
+                .wrapping_add((offset + offset_in_region) as usize),
             Backing::RomDevice { block, .. } if attrs.romd_mode => {
                 block.host_addr().wrapping_add(offset_in_region as usize)
             }
@@ -230,7 +228,10 @@ impl FlatView {
             held.sort_unstable();
             held.dedup();
             let name = root_name.unwrap_or("(empty)");
-            (c.clone(), c.register_holding(ObjectKind::FlatView, name, held))
+            (
+                c.clone(),
+                c.register_holding(ObjectKind::FlatView, name, held),
+            )
         });
         let starts = crate::dispatch::RangeIndex::new(ranges.iter().map(|r| r.start).collect());
         FlatView {

@@ -355,7 +355,11 @@ impl Machine {
                             let v = match phys {
                                 None => self.data.empty_view.clone(),
                                 Some(p) => match topo.views.get(&phys) {
-                                    Some(v) if !dirty.iter().any(|d| v.reached.binary_search(d).is_ok()) => {
+                                    Some(v)
+                                        if !dirty
+                                            .iter()
+                                            .any(|d| v.reached.binary_search(d).is_ok()) =>
+                                    {
                                         v.clone()
                                     }
                                     _ => {
@@ -544,13 +548,30 @@ impl Machine {
 
     /// Allocates a memory backend that regions (possibly of several owners)
     /// can map with [`Machine::new_ram_from_backend`].
-    pub fn new_backend(&self, name: &str, size: u64, backing: RamBacking) -> Result<Arc<MemoryBackend>> {
+    pub fn new_backend(
+        &self,
+        name: &str,
+        size: u64,
+        backing: RamBacking,
+    ) -> Result<Arc<MemoryBackend>> {
         self.backend(name, size, backing)
     }
 
     /// A pure container.
-    pub fn new_container(&self, name: &str, size: u128, owner: Option<OwnerId>) -> Result<RegionId> {
-        self.create(name, RegionKind::Container, size, Backing::None, owner, None)
+    pub fn new_container(
+        &self,
+        name: &str,
+        size: u128,
+        owner: Option<OwnerId>,
+    ) -> Result<RegionId> {
+        self.create(
+            name,
+            RegionKind::Container,
+            size,
+            Backing::None,
+            owner,
+            None,
+        )
     }
 
     /// RAM backed by fresh anonymous host memory.
@@ -606,7 +627,12 @@ impl Machine {
     }
 
     /// RAM device memory (exact-width accesses, never memcpy).
-    pub fn new_ram_device(&self, name: &str, size: u64, owner: Option<OwnerId>) -> Result<RegionId> {
+    pub fn new_ram_device(
+        &self,
+        name: &str,
+        size: u64,
+        owner: Option<OwnerId>,
+    ) -> Result<RegionId> {
         let block = self.backend(name, size, RamBacking::Anonymous)?;
         self.edit(|t| {
             if owner.is_none() {
@@ -656,12 +682,31 @@ impl Machine {
         ops: Arc<dyn MmioOps>,
         owner: Option<OwnerId>,
     ) -> Result<RegionId> {
-        self.create(name, RegionKind::Mmio, size, Backing::Mmio(ops), owner, None)
+        self.create(
+            name,
+            RegionKind::Mmio,
+            size,
+            Backing::Mmio(ops),
+            owner,
+            None,
+        )
     }
 
     /// A reservation: claims its range, rejects every access.
-    pub fn new_reservation(&self, name: &str, size: u128, owner: Option<OwnerId>) -> Result<RegionId> {
-        self.create(name, RegionKind::Reservation, size, Backing::None, owner, None)
+    pub fn new_reservation(
+        &self,
+        name: &str,
+        size: u128,
+        owner: Option<OwnerId>,
+    ) -> Result<RegionId> {
+        self.create(
+            name,
+            RegionKind::Reservation,
+            size,
+            Backing::None,
+            owner,
+            None,
+        )
     }
 
     /// The root of a port I/O space: holes read all ones.
@@ -678,7 +723,14 @@ impl Machine {
         size: u128,
         owner: Option<OwnerId>,
     ) -> Result<RegionId> {
-        self.create(name, RegionKind::Alias, size, Backing::None, owner, Some((target, offset)))
+        self.create(
+            name,
+            RegionKind::Alias,
+            size,
+            Backing::None,
+            owner,
+            Some((target, offset)),
+        )
     }
 
     /// A model-only region with no host memory or callbacks (used by the

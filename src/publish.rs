@@ -34,6 +34,15 @@
 //!   increment if the reader had already left); then drop the cell's
 //!   reference. The node is freed by whoever drops the last reference.
 //!
+//! Pointer provenance: a reader's first load of `current` may be stale, its
+//! node freed and the address reused by a newer node (ABA). The protocol is
+//! indifferent to that (a debt names an address, and the confirming CAS
+//! proves the address is current), but the confirming CAS writes the
+//! reader's pointer back into `current`, so the pointers stored in the cell
+//! may carry the provenance of a freed allocation. Every node's provenance is
+//! therefore exposed when it is created, and every dereference goes through
+//! [`live`], which takes the provenance of the node living at that address.
+//!
 //! Only read-modify-write operations are used where the protocol relies on
 //! "the latest value" (debt publication, confirmation, publication), so
 //! acquire/release orderings suffice: each RMW reads the latest value in the
@@ -75,10 +84,20 @@ impl<T> fmt::Debug for ViewCell<T> {
 }
 
 fn new_node<T>(value: T) -> *mut Node<T> {
-    Box::into_raw(Box::new(Node {
+    let node = Box::into_raw(Box::new(Node {
         refs: AtomicUsize::new(1),
         value,
-    }))
+    }));
+    let _ = node.expose_provenance();
+    node
+}
+
+/// The node allocated at `node`'s address, with that allocation's (exposed)
+/// provenance, whatever provenance `node` itself carries (see "Pointer
+/// provenance" above).
+#[inline]
+fn live<T>(node: *mut Node<T>) -> *mut Node<T> {
+    ptr::with_exposed_provenance_mut(node.addr())
 }
 
 /// Drops one reference to `node`, freeing it if it was the last.
@@ -87,7 +106,7 @@ fn new_node<T>(value: T) -> *mut Node<T> {
 /// The caller owns one reference to `node`, a node made by `new_node`.
 unsafe fn release<T>(node: *mut Node<T>) {
     // SAFETY: the caller's reference keeps the node alive until here.
-    let prev = unsafe { (*node).refs.fetch_sub(1, Ordering::AcqRel) };
+    let prev = unsafe { (*live(node)).refs.fetch_sub(1, Ordering::AcqRel) };
     if prev == 1 {
         // SAFETY: that was the last reference: nobody else can reach the node
         // (it is no longer current, and no slot holds an unpaid debt on it).
@@ -100,7 +119,7 @@ unsafe fn release<T>(node: *mut Node<T>) {
 #[cfg(not(loom))]
 unsafe fn free<T>(node: *mut Node<T>) {
     // SAFETY: per the contract, this is the only access left.
-    drop(unsafe { Box::from_raw(node) });
+    drop(unsafe { Box::from_raw(live(node)) });
 }
 
 /// Under loom the value is dropped but the allocation is leaked, so that a
@@ -113,7 +132,7 @@ unsafe fn free<T>(node: *mut Node<T>) {
 unsafe fn free<T>(node: *mut Node<T>) {
     // SAFETY: per the contract, this is the only access left; the value is
     // dropped exactly once and the memory is never freed.
-    unsafe { ptr::drop_in_place(ptr::addr_of_mut!((*node).value)) };
+    unsafe { ptr::drop_in_place(ptr::addr_of_mut!((*live(node)).value)) };
 }
 
 impl<T> ViewCell<T> {
@@ -189,7 +208,7 @@ impl<T> ViewCell<T> {
         for debt in self.slots.iter() {
             if debt.load(Ordering::Acquire) == old {
                 // SAFETY: the cell's reference to `old` is still held.
-                unsafe { (*old).refs.fetch_add(1, Ordering::AcqRel) };
+                unsafe { (*live(old)).refs.fetch_add(1, Ordering::AcqRel) };
                 if debt
                     .compare_exchange(old, ptr::null_mut(), Ordering::AcqRel, Ordering::Acquire)
                     .is_err()
@@ -197,7 +216,7 @@ impl<T> ViewCell<T> {
                     // The reader left first; take the payment back. The
                     // cell's reference keeps the count above zero.
                     // SAFETY: as above.
-                    unsafe { (*old).refs.fetch_sub(1, Ordering::AcqRel) };
+                    unsafe { (*live(old)).refs.fetch_sub(1, Ordering::AcqRel) };
                 }
             }
         }
@@ -230,7 +249,7 @@ impl<T> Deref for ViewGuard<'_, T> {
         // SAFETY: the node is kept alive by this guard's debt (which a writer
         // converts into a reference before it could drop the node) or by the
         // reference this guard owns.
-        unsafe { &(*self.node).value }
+        unsafe { &(*live(self.node)).value }
     }
 }
 

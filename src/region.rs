@@ -32,9 +32,9 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::access::{AccessSizes, Endianness, IoRootOps, MmioOps, OpsConfig, UnassignedOps};
-use crate::census::{Census, ObjectKind, ObjectKey};
-use crate::owner::{OwnerCore, OwnerId};
 use crate::backend::MemoryBackend;
+use crate::census::{Census, ObjectKey, ObjectKind};
+use crate::owner::{OwnerCore, OwnerId};
 
 /// Identity of a region: an index into the topology arena plus a generation,
 /// so a stale id (of a destroyed region) is detected instead of aliasing a new
@@ -93,9 +93,15 @@ pub enum Backing {
     /// Nothing to access (containers, aliases).
     None,
     /// Host memory; `offset` is where the region starts inside the block.
-    Ram { block: Arc<MemoryBackend>, offset: u64 },
+    Ram {
+        block: Arc<MemoryBackend>,
+        offset: u64,
+    },
     /// Device memory accessed by exact-width host loads and stores.
-    RamDevice { block: Arc<MemoryBackend>, offset: u64 },
+    RamDevice {
+        block: Arc<MemoryBackend>,
+        offset: u64,
+    },
     /// ROM device: RAM for reads in romd mode, ops for everything else.
     RomDevice {
         block: Arc<MemoryBackend>,
@@ -156,7 +162,11 @@ impl RegionCore {
         let census_key = census.register_holding(
             ObjectKind::Region,
             name,
-            owner.as_ref().map(|o| o.census_key()).into_iter().chain(backend_key),
+            owner
+                .as_ref()
+                .map(|o| o.census_key())
+                .into_iter()
+                .chain(backend_key),
         );
         let mut core = RegionCore {
             id,

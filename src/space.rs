@@ -89,11 +89,10 @@ impl AddressSpace {
         machine: &Arc<MachineData>,
         view: Arc<FlatView>,
     ) -> AddressSpace {
-        let census_key = machine.census.register_holding(
-            ObjectKind::AddressSpace,
-            name,
-            view.census_key(),
-        );
+        let census_key =
+            machine
+                .census
+                .register_holding(ObjectKind::AddressSpace, name, view.census_key());
         AddressSpace {
             shared: Arc::new(SpaceShared {
                 name: name.into(),

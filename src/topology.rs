@@ -191,7 +191,9 @@ impl Topology {
         let (index, generation) = self.owners.next_id();
         let id = OwnerId { index, generation };
         let core = Arc::new(OwnerCore::new(id, name, &self.machine.census));
-        self.machine.census.add_edge(self.census_key, core.census_key());
+        self.machine
+            .census
+            .add_edge(self.census_key, core.census_key());
         let inserted = self.owners.insert(OwnerNode {
             core,
             label,
@@ -244,7 +246,9 @@ impl Topology {
             owner_core,
             &self.machine.census,
         ));
-        self.machine.census.add_edge(self.census_key, core.census_key());
+        self.machine
+            .census
+            .add_edge(self.census_key, core.census_key());
         let readonly = false;
         let inserted = self.regions.insert(RegionNode {
             kind,
@@ -431,7 +435,11 @@ impl Topology {
                 why: format!("it is still a subregion of \"{}\"", self.name_of(c)),
             });
         }
-        if let Some((_, s)) = self.spaces_in_order().into_iter().find(|(_, s)| s.root == Some(id)) {
+        if let Some((_, s)) = self
+            .spaces_in_order()
+            .into_iter()
+            .find(|(_, s)| s.root == Some(id))
+        {
             return Err(TopologyError::InUse {
                 region: name,
                 why: format!("it is the root of address space \"{}\"", s.name),
@@ -648,7 +656,11 @@ impl Topology {
         for o in roots {
             let _ = self.unplug(o);
         }
-        let spaces: Vec<SpaceId> = self.spaces_in_order().into_iter().map(|(id, _)| id).collect();
+        let spaces: Vec<SpaceId> = self
+            .spaces_in_order()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         for s in spaces {
             let _ = self.destroy_space(s);
         }
