@@ -898,6 +898,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(miri, ignore = "hundreds of thousands of cases: minutes under Miri")]
     fn range_index_matches_a_binary_search() {
         let layouts: Vec<Vec<u64>> = vec![
             vec![],

@@ -6,7 +6,9 @@
 //! borrows the weak handle, so device state (which must be `'static`) cannot
 //! store a strong reference to the machine. That is what makes
 //! "device → machine → region → device" cycles impossible to write by
-//! accident.
+//! accident. (Deliberately leaking a `WeakMemory` to get a
+//! `MemoryRef<'static>` defeats this; even then teardown of the `Memory`
+//! clears the topology, which breaks the cycle.)
 //!
 //! Every edit goes through [`Machine`] (which both handles dereference to). An
 //! edit outside a transaction is its own transaction; [`Machine::begin`] opens
