@@ -340,6 +340,11 @@ impl Machine {
             let fds_changed = std::mem::take(&mut topo.listeners.ioeventfd_pending);
             topo.pending = false;
             let dirty = std::mem::take(&mut topo.dirty);
+            // The changed regions' arena slots as a bitmap: a cached view is
+            // re-rendered iff it reached one of them. Testing by slot (not by
+            // generation) can only err towards re-rendering.
+            let dirty_slots =
+                SlotBitmap::new(topo.regions.slot_count(), dirty.iter().map(|d| d.index));
             let mut fresh: HashMap<Option<RegionId>, Arc<FlatView>> = HashMap::new();
             let mut steps = Vec::new();
             let spaces: Vec<(SpaceId, Box<str>, Option<RegionId>, AddressSpace)> = topo
@@ -358,9 +363,10 @@ impl Machine {
                                 None => self.data.empty_view.clone(),
                                 Some(p) => match topo.views.get(&phys) {
                                     Some(v)
-                                        if !dirty
+                                        if !v
+                                            .reached
                                             .iter()
-                                            .any(|d| v.reached.binary_search(d).is_ok()) =>
+                                            .any(|r| dirty_slots.contains(r.index)) =>
                                     {
                                         v.clone()
                                     }
@@ -1280,4 +1286,27 @@ fn eventfd_for(
         data,
         notifier: notifier.clone(),
     })
+}
+
+/// A set of arena slot indices, for the commit's "did this view reach a
+/// changed region" test: one bit per slot, O(1) per probe.
+struct SlotBitmap(Vec<u64>);
+
+impl SlotBitmap {
+    fn new(slots: usize, set: impl Iterator<Item = u32>) -> SlotBitmap {
+        let mut words = vec![0u64; slots.div_ceil(64)];
+        for i in set {
+            if let Some(w) = words.get_mut(i as usize / 64) {
+                *w |= 1 << (i % 64);
+            }
+        }
+        SlotBitmap(words)
+    }
+
+    #[inline]
+    fn contains(&self, i: u32) -> bool {
+        self.0
+            .get(i as usize / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
 }

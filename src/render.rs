@@ -79,12 +79,9 @@ pub(crate) fn render(topo: &Topology, root: RegionId) -> Rendered {
     r.region(root, 0, (0, MAX_REGION_SIZE as i128), PathFlags::default());
     let Renderer {
         mut pieces,
-        mut reached,
+        reached,
         ..
     } = r;
-    // Sorted so that a commit can test its few dirty ids by binary search.
-    reached.sort_unstable();
-    reached.dedup();
     // Pieces are disjoint, so their starts are distinct.
     pieces.sort_unstable_by_key(|p| p.start);
     Rendered {
