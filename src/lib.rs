@@ -21,6 +21,11 @@
 //! let space = memory.new_address_space("memory", system, None).unwrap();
 //! let handle = memory.address_space(space).unwrap();
 //! assert_eq!(handle.view().ranges().len(), 1);
+//!
+//! use memtree::{Endian, MemTxAttrs};
+//! let attrs = MemTxAttrs::UNSPECIFIED;
+//! assert!(handle.store::<u32>(0x1000, 0xdead_beef, Endian::Little, attrs).is_ok());
+//! assert_eq!(handle.load::<u32>(0x1000, Endian::Little, attrs).0, 0xdead_beef);
 //! ```
 
 #![warn(missing_debug_implementations)]
