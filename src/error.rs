@@ -47,6 +47,15 @@ pub enum TopologyError {
     /// uses it.
     #[error("region \"{region}\" is still in use: {why}")]
     InUse { region: String, why: String },
+    /// The region's range does not fit inside its memory backend (a RAM
+    /// region mapping past the end of its backend, or resized beyond it).
+    #[error("region \"{region}\": {offset:#x}+{size:#x} does not fit its memory backend of {backend_size:#x} bytes")]
+    BackendTooSmall {
+        region: String,
+        offset: u64,
+        size: u128,
+        backend_size: u64,
+    },
     /// A listener callback tried to change the topology during a commit.
     #[error("a listener tried to change the topology from inside a commit")]
     ListenerReentry,

@@ -1219,12 +1219,11 @@ fn wrong_kind(t: &Topology, id: RegionId, expected: &'static str) -> TopologyErr
 fn check_backend_range(name: &str, backend: &MemoryBackend, offset: u64, size: u64) -> Result<()> {
     match offset.checked_add(size) {
         Some(end) if end <= backend.size() && size > 0 => Ok(()),
-        _ => Err(TopologyError::InUse {
+        _ => Err(TopologyError::BackendTooSmall {
             region: name.to_owned(),
-            why: format!(
-                "range {offset:#x}+{size:#x} does not fit its backend of {:#x} bytes",
-                backend.size()
-            ),
+            offset,
+            size: u128::from(size),
+            backend_size: backend.size(),
         }),
     }
 }

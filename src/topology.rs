@@ -406,18 +406,20 @@ impl Topology {
             return Err(TopologyError::SizeTooLarge(size));
         }
         let n = self.get(id)?;
-        let max = match n.core.backing() {
+        let fit = match n.core.backing() {
             Backing::Ram { block, offset } | Backing::RamDevice { block, offset } => {
-                Some(u128::from(block.size() - offset))
+                Some((*offset, block.size()))
             }
-            Backing::RomDevice { block, .. } => Some(u128::from(block.size())),
+            Backing::RomDevice { block, .. } => Some((0, block.size())),
             _ => None,
         };
-        if let Some(max) = max {
-            if size > max {
-                return Err(TopologyError::InUse {
+        if let Some((offset, backend_size)) = fit {
+            if size > u128::from(backend_size - offset) {
+                return Err(TopologyError::BackendTooSmall {
                     region: n.name().to_owned(),
-                    why: format!("its memory backend holds {max:#x} bytes, less than {size:#x}"),
+                    offset,
+                    size,
+                    backend_size,
                 });
             }
         }
