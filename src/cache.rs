@@ -47,8 +47,9 @@ use crate::backend::MemoryBackend;
 use crate::census::ObjectKey;
 use crate::dma::{
     avail_in, check_bounds, check_range, direct_extent, is_direct, ram_backend, DmaDirection,
-    DmaError, MappingId, MappingKind, Ticket,
+    DmaError, MappingId, MappingKind,
 };
+use crate::mapping_table::{Entry, Ticket};
 use crate::region::RegionCore;
 use crate::space::{AddressSpace, MachineData};
 
@@ -134,14 +135,14 @@ impl MemoryRegionCache {
                 let len = direct_extent(&view, i, self.addr, self.requested, self.dir);
                 let held = match (r.region().owner(), ram_backend(r.region())) {
                     (Some(_), Some(b)) => {
-                        let ticket = self.space.shared.machine.dma.insert(
-                            MappingKind::Cache,
-                            self.space.census_key(),
-                            self.addr,
+                        let ticket = self.space.shared.machine.dma.insert(&Entry {
+                            kind: MappingKind::Cache,
+                            dir: self.dir,
+                            space: self.space.census_key(),
+                            addr: self.addr,
                             len,
-                            self.dir,
-                            b.census_key(),
-                        );
+                            holds: b.census_key(),
+                        });
                         Some((b.clone(), ticket))
                     }
                     _ => None,
@@ -163,7 +164,7 @@ impl MemoryRegionCache {
         }) = self.direct.take()
         {
             let m = &self.space.shared.machine;
-            m.dma.remove(ticket, &m.census);
+            m.dma.remove(ticket);
             drop(backend);
         }
     }
@@ -208,7 +209,7 @@ impl MemoryRegionCache {
         self.direct
             .as_ref()
             .and_then(|d| d.held.as_ref())
-            .map(|(_, t)| t.id())
+            .map(|(_, t)| self.space.shared.machine.dma.id(*t))
     }
 
     /// Copies `buf.len()` bytes at `offset` (relative to the cache) into
@@ -356,7 +357,7 @@ impl SectionRef {
 
     /// Diagnostic id.
     pub fn id(&self) -> MappingId {
-        self.ticket.id()
+        self.machine.dma.id(self.ticket)
     }
 
     /// The section's census key (registering it now if needed).
@@ -369,7 +370,7 @@ impl SectionRef {
 
 impl Drop for SectionRef {
     fn drop(&mut self) {
-        self.machine.dma.remove(self.ticket, &self.machine.census);
+        self.machine.dma.remove(self.ticket);
         // `region` drops after the record: the section is finalized before
         // what it held.
     }
@@ -389,14 +390,14 @@ impl AddressSpace {
         let offset_within_region = r.offset_in_region().wrapping_add(addr - r.start());
         drop(view);
         let machine = self.shared.machine.clone();
-        let ticket = machine.dma.insert(
-            MappingKind::Section,
-            self.census_key(),
+        let ticket = machine.dma.insert(&Entry {
+            kind: MappingKind::Section,
+            dir: DmaDirection::Bidirectional,
+            space: self.census_key(),
             addr,
-            size,
-            DmaDirection::Bidirectional,
-            region.census_key(),
-        );
+            len: size,
+            holds: region.census_key(),
+        });
         Some(SectionRef {
             machine,
             region,

@@ -35,6 +35,18 @@ use parking_lot::Mutex;
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectKey(u64);
 
+impl ObjectKey {
+    /// The key as a number (for tables that store keys in atomics).
+    pub(crate) fn raw(self) -> u64 {
+        self.0
+    }
+
+    /// A key from [`raw`](Self::raw).
+    pub(crate) fn from_raw(raw: u64) -> ObjectKey {
+        ObjectKey(raw)
+    }
+}
+
 impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "#{}", self.0)
@@ -118,7 +130,7 @@ pub struct Census {
 /// answers any query ([`Census::is_live`], [`Census::live`],
 /// [`Census::counts`], [`Census::holder_chains`], [`Census::explain`],
 /// [`Census::to_dot`]). The source must not be held by anything it
-/// describes, and must call only registration methods from `sync`.
+/// describes, and must call only `register*` and `finalize` from `sync`.
 pub trait CensusSource: Send + Sync {
     /// Registers every object not yet registered.
     fn sync(&self, census: &Census);

@@ -29,10 +29,13 @@
 //! Exactly what it needs, and nothing else:
 //!
 //! * Direct RAM of a region with an owner: the memory
-//!   ([`Arc<MemoryBackend>`](MemoryBackend)) — not the region, not the
-//!   device. The device can be unplugged while the mapping is out; its regions
-//!   and the device itself are finalized at unplug (once no view holds them)
-//!   and the memory stays valid until the mapping is dropped.
+//!   ([`MemoryBackend`]) — not the region, not the device. The device can be
+//!   unplugged while the mapping is out; its regions and the device itself
+//!   are finalized at unplug (once no view holds them) and the memory stays
+//!   valid until the mapping is dropped. The mapping pins the memory with its
+//!   entry in the machine's mapping table rather than with an `Arc`, so map
+//!   and unmap cost no locked instruction at all (see
+//!   [`crate::mapping_table`], "Entries that pin memory").
 //! * Direct RAM of an ownerless region: nothing. Ownerless memory is
 //!   machine-lifetime memory, freed only when the last handle to the machine's
 //!   data goes; the mapping borrows the [`AddressSpace`] handle (lifetime
@@ -45,10 +48,11 @@
 //!
 //! Mappings that hold something (owned RAM, bounce buffers), caches
 //! ([`crate::cache::MemoryRegionCache`]) and sections
-//! ([`crate::cache::SectionRef`]) are recorded in a machine-wide table,
-//! cheaply (one uncontended lock, no allocation on the direct path). The
-//! census registers them as [`ObjectKind::Mapping`] objects lazily, the first
-//! time anybody asks the census anything, so `census.explain(backend)` says
+//! ([`crate::cache::SectionRef`]) are recorded in the machine's mapping table
+//! ([`crate::mapping_table`]) with plain stores into the recording thread's
+//! shard: no lock, no locked instruction, no allocation. The census
+//! registers them as [`crate::census::ObjectKind::Mapping`] objects lazily,
+//! whenever anybody asks the census anything, so `census.explain(backend)` says
 //! `held by mapping #12 "dma pci 0x1000+0x200 from-device" -> backend ...`.
 //! [`crate::Machine::unplug`] lists in its report every recorded mapping
 //! that still holds one of the unplugged device's regions or memory.
@@ -78,20 +82,19 @@
 //! Dirty-memory tracking is not modelled, so unmapping RAM marks nothing
 //! dirty (QEMU's `invalidate_and_set_dirty`).
 
-use std::cell::UnsafeCell;
-use std::collections::HashMap;
 use std::fmt;
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
 use crate::access::{MemTxAttrs, MemTxResult};
 use crate::backend::MemoryBackend;
-use crate::census::{Census, CensusSource, ObjectKey, ObjectKind};
+use crate::census::ObjectKey;
 use crate::dispatch::SpaceCursor;
 use crate::flatview::{FlatRange, FlatView};
+use crate::mapping_table::{Entry, MappingTable, Ticket};
 use crate::region::{Backing, RegionCore};
 use crate::space::AddressSpace;
 
@@ -123,7 +126,7 @@ impl DmaDirection {
         matches!(self, DmaDirection::FromDevice | DmaDirection::Bidirectional)
     }
 
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             DmaDirection::ToDevice => "to-device",
             DmaDirection::FromDevice => "from-device",
@@ -187,9 +190,26 @@ pub enum DmaError {
 }
 
 /// Diagnostic identity of a recorded mapping, cache or section (unique per
-/// machine, never reused).
+/// machine, never reused): the number of the table shard that recorded it
+/// (one per recording thread, see [`crate::mapping_table`]) and a sequence
+/// number in that shard. Displayed as `shard.seq`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MappingId(pub u64);
+pub struct MappingId {
+    shard: u32,
+    seq: u64,
+}
+
+impl MappingId {
+    pub(crate) fn new(shard: u32, seq: u64) -> MappingId {
+        MappingId { shard, seq }
+    }
+}
+
+impl fmt::Display for MappingId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.shard, self.seq)
+    }
+}
 
 /// Identity of a registered map client.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -275,10 +295,10 @@ impl BounceState {
 }
 
 // ---------------------------------------------------------------------------
-// The machine-wide table of recorded mappings
+// What the machine-wide table of mappings reports (crate::mapping_table)
 // ---------------------------------------------------------------------------
 
-/// What a record describes.
+/// What a recorded entry describes.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum MappingKind {
     /// A direct DMA mapping of RAM (holds the memory).
@@ -293,7 +313,7 @@ pub enum MappingKind {
 }
 
 impl MappingKind {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             MappingKind::DirectRam => "dma",
             MappingKind::Bounce => "bounce",
@@ -319,349 +339,12 @@ pub struct MappingInfo {
     pub holds: ObjectKey,
 }
 
-#[derive(Clone, Debug)]
-pub(crate) struct Record {
-    id: u64,
-    kind: MappingKind,
-    /// Census key of the address-space handle it was made through (its name
-    /// is looked up when the label is needed, so recording allocates
-    /// nothing).
-    space: ObjectKey,
-    addr: u64,
-    len: u64,
-    dir: DmaDirection,
-    holds: ObjectKey,
-    census: Option<ObjectKey>,
-}
-
-struct Slot {
-    generation: u32,
-    record: Option<Record>,
-}
-
-#[derive(Default)]
-struct Slots {
-    slots: Vec<Slot>,
-    free: Vec<u32>,
-    next_id: u64,
-}
-
-/// A ticket for a recorded entry: slot + generation.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Ticket {
-    slot: u32,
-    generation: u32,
-    id: u64,
-}
-
-impl Ticket {
-    pub(crate) fn id(self) -> MappingId {
-        MappingId(self.id)
-    }
-}
-
-/// A minimal lock for the table of recorded mappings: one atomic swap to
-/// take it and a plain release store to give it back (a `Mutex` release is a
-/// second locked instruction, which the map/unmap fast path pays twice).
-/// Critical sections are a few instructions long on the fast path; a waiter
-/// spins briefly, then yields its time slice, so a preempted holder cannot
-/// make it burn a core.
-struct TableLock<T> {
-    locked: AtomicBool,
-    value: UnsafeCell<T>,
-}
-
-// SAFETY: the value is only reached through a `TableGuard`, and at most one
-// guard exists at a time (the `locked` flag); `T: Send` moves between threads
-// with it.
-unsafe impl<T: Send> Sync for TableLock<T> {}
-// SAFETY: owning the lock owns the value.
-unsafe impl<T: Send> Send for TableLock<T> {}
-
-impl<T: Default> Default for TableLock<T> {
-    fn default() -> Self {
-        TableLock {
-            locked: AtomicBool::new(false),
-            value: UnsafeCell::new(T::default()),
-        }
-    }
-}
-
-impl<T> TableLock<T> {
-    #[inline]
-    fn lock(&self) -> TableGuard<'_, T> {
-        if self.locked.swap(true, Ordering::Acquire) {
-            self.lock_contended();
-        }
-        TableGuard { lock: self }
-    }
-
-    #[cold]
-    fn lock_contended(&self) {
-        let mut spins = 0u32;
-        loop {
-            while self.locked.load(Ordering::Relaxed) {
-                if spins < 64 {
-                    spins += 1;
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::yield_now();
-                }
-            }
-            if !self.locked.swap(true, Ordering::Acquire) {
-                return;
-            }
-        }
-    }
-}
-
-struct TableGuard<'a, T> {
-    lock: &'a TableLock<T>,
-}
-
-impl<T> std::ops::Deref for TableGuard<'_, T> {
-    type Target = T;
-    #[inline]
-    fn deref(&self) -> &T {
-        // SAFETY: this guard is the only one (the lock is held), so no
-        // `&mut T` exists while the returned reference lives.
-        unsafe { &*self.lock.value.get() }
-    }
-}
-
-impl<T> std::ops::DerefMut for TableGuard<'_, T> {
-    #[inline]
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: as in `deref`, and `&mut self` makes the borrow unique.
-        unsafe { &mut *self.lock.value.get() }
-    }
-}
-
-impl<T> Drop for TableGuard<'_, T> {
-    #[inline]
-    fn drop(&mut self) {
-        self.lock.locked.store(false, Ordering::Release);
-    }
-}
-
-/// The table of recorded mappings of one machine. It holds no reference to
-/// anything it describes (only census keys), so it cannot keep anything
-/// alive; the census holds it (as its [`CensusSource`]) and it holds nothing.
-#[derive(Default)]
-pub(crate) struct DmaRegistry {
-    inner: TableLock<Slots>,
-}
-
-impl fmt::Debug for DmaRegistry {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DmaRegistry")
-            .field("outstanding", &self.len())
-            .finish()
-    }
-}
-
-impl DmaRegistry {
-    pub(crate) fn new() -> DmaRegistry {
-        DmaRegistry::default()
-    }
-
-    /// Records an entry (no allocation unless the table grows).
-    pub(crate) fn insert(
-        &self,
-        kind: MappingKind,
-        space: ObjectKey,
-        addr: u64,
-        len: u64,
-        dir: DmaDirection,
-        holds: ObjectKey,
-    ) -> Ticket {
-        let mut s = self.inner.lock();
-        s.next_id += 1;
-        let id = s.next_id;
-        let record = Record {
-            id,
-            kind,
-            space,
-            addr,
-            len,
-            dir,
-            holds,
-            census: None,
-        };
-        let slot = match s.free.pop() {
-            Some(i) => i,
-            None => {
-                s.slots.push(Slot {
-                    generation: 0,
-                    record: None,
-                });
-                (s.slots.len() - 1) as u32
-            }
-        };
-        let e = &mut s.slots[slot as usize];
-        e.generation = e.generation.wrapping_add(1);
-        e.record = Some(record);
-        Ticket {
-            slot,
-            generation: e.generation,
-            id,
-        }
-    }
-
-    /// Removes an entry and finalizes its census object if it had one.
-    pub(crate) fn remove(&self, ticket: Ticket, census: &Census) {
-        let key = {
-            let mut s = self.inner.lock();
-            let Some(e) = s.slots.get_mut(ticket.slot as usize) else {
-                return;
-            };
-            if e.generation != ticket.generation {
-                return;
-            }
-            let Some(r) = e.record.take() else { return };
-            s.free.push(ticket.slot);
-            r.census
-        };
-        if let Some(k) = key {
-            census.finalize(k);
-        }
-    }
-
-    /// Number of outstanding entries.
-    pub(crate) fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .slots
-            .iter()
-            .filter(|s| s.record.is_some())
-            .count()
-    }
-
-    fn label(r: &Record, names: &HashMap<ObjectKey, String>) -> String {
-        let space = names.get(&r.space).map_or("?", String::as_str);
-        format!(
-            "{} {} {:#x}+{:#x} {}",
-            r.kind.as_str(),
-            space,
-            r.addr,
-            r.len,
-            r.dir.as_str()
-        )
-    }
-
-    fn space_names(census: &Census, records: &[Record]) -> HashMap<ObjectKey, String> {
-        let mut names = HashMap::new();
-        for r in records {
-            if let std::collections::hash_map::Entry::Vacant(v) = names.entry(r.space) {
-                if let Some(n) = census.name_of(r.space) {
-                    v.insert(n);
-                }
-            }
-        }
-        names
-    }
-
-    /// Registers every unregistered entry in the census (lock order: this
-    /// table, then the census; the census never calls out while locked).
-    pub(crate) fn sync(&self, census: &Census) {
-        let mut s = self.inner.lock();
-        let pending: Vec<Record> = s
-            .slots
-            .iter()
-            .filter_map(|e| e.record.as_ref())
-            .filter(|r| r.census.is_none())
-            .cloned()
-            .collect();
-        if pending.is_empty() {
-            return;
-        }
-        let names = Self::space_names(census, &pending);
-        for e in s.slots.iter_mut() {
-            if let Some(r) = e.record.as_mut() {
-                if r.census.is_none() {
-                    let label = Self::label(r, &names);
-                    r.census = Some(census.register(ObjectKind::Mapping, &label, Some(r.holds)));
-                }
-            }
-        }
-    }
-
-    /// Registers one entry in the census (if not yet) and returns its key.
-    pub(crate) fn census_key(&self, ticket: Ticket, census: &Census) -> Option<ObjectKey> {
-        self.sync(census);
-        let s = self.inner.lock();
-        let e = s.slots.get(ticket.slot as usize)?;
-        if e.generation != ticket.generation {
-            return None;
-        }
-        e.record.as_ref().and_then(|r| r.census)
-    }
-
-    /// Every outstanding entry, registered in the census first.
-    pub(crate) fn list(&self, census: &Census) -> Vec<MappingInfo> {
-        self.sync(census);
-        let records: Vec<Record> = self
-            .inner
-            .lock()
-            .slots
-            .iter()
-            .filter_map(|e| e.record.clone())
-            .collect();
-        let names = Self::space_names(census, &records);
-        let mut out: Vec<MappingInfo> = records
-            .iter()
-            .map(|r| MappingInfo {
-                id: MappingId(r.id),
-                kind: r.kind,
-                census_key: r.census,
-                label: Self::label(r, &names),
-                holds: r.holds,
-            })
-            .collect();
-        out.sort_by_key(|m| m.id);
-        out
-    }
-
-    /// One line per outstanding entry holding one of `keys` (census key ->
-    /// what it is, e.g. `region "e1000-mmio"`).
-    pub(crate) fn pinning(
-        &self,
-        census: &Census,
-        keys: &HashMap<ObjectKey, String>,
-    ) -> Vec<String> {
-        self.list(census)
-            .into_iter()
-            .filter_map(|m| {
-                let what = keys.get(&m.holds)?;
-                let key = m.census_key.map_or_else(String::new, |k| format!(" {k}"));
-                let consequence = match m.kind {
-                    MappingKind::DirectRam | MappingKind::Cache => {
-                        "the memory stays valid until it is released"
-                    }
-                    MappingKind::Bounce | MappingKind::Section => {
-                        "the region and its device stay alive until it is released"
-                    }
-                };
-                Some(format!(
-                    "mapping{key} \"{}\" holds {what}: {consequence}",
-                    m.label
-                ))
-            })
-            .collect()
-    }
-}
-
-impl CensusSource for DmaRegistry {
-    fn sync(&self, census: &Census) {
-        DmaRegistry::sync(self, census);
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Helpers shared with the cache
 // ---------------------------------------------------------------------------
 
 /// The memory behind a directly accessible range.
+#[inline]
 pub(crate) fn ram_backend(core: &RegionCore) -> Option<&Arc<MemoryBackend>> {
     match core.backing() {
         Backing::Ram { block, .. }
@@ -672,11 +355,13 @@ pub(crate) fn ram_backend(core: &RegionCore) -> Option<&Arc<MemoryBackend>> {
 }
 
 /// Whether the range can be accessed directly in direction `dir`.
+#[inline]
 pub(crate) fn is_direct(r: &FlatRange, dir: DmaDirection) -> bool {
     (!dir.reads() || r.is_direct_read()) && (!dir.writes() || r.is_direct_write())
 }
 
 /// Bytes from `addr` (inside `r`) to the end of `r`, capped at `want`.
+#[inline]
 pub(crate) fn avail_in(r: &FlatRange, addr: u64, want: u64) -> u64 {
     let rest = u128::from(r.last() - addr) + 1;
     u64::try_from(rest).unwrap_or(u64::MAX).min(want)
@@ -715,6 +400,7 @@ pub(crate) fn direct_extent(
     got
 }
 
+#[inline]
 pub(crate) fn check_range(addr: u64, len: u64) -> Result<(), DmaError> {
     if len == 0 {
         return Err(DmaError::ZeroLength);
@@ -741,23 +427,28 @@ pub(crate) fn check_bounds(offset: u64, len: usize, size: u64) -> Result<(), Dma
 // The mapping guard
 // ---------------------------------------------------------------------------
 
-enum Target {
-    /// Ownerless RAM: machine-lifetime memory, valid while the borrowed
-    /// address-space handle (and so the machine's data) lives.
-    Borrowed { host: NonNull<u8> },
-    /// RAM of an owned region: the mapping holds the memory.
-    Owned {
-        host: NonNull<u8>,
-        backend: Arc<MemoryBackend>,
+/// What a mapping holds, besides its borrow of the address-space handle.
+enum Hold<'a> {
+    /// Nothing: ownerless RAM (machine-lifetime memory, valid while the
+    /// borrowed handle, and so the machine's data, lives), or a mapping
+    /// already released.
+    Nothing,
+    /// RAM of an owned region: the mapping's entry in `table` (the
+    /// machine's, borrowed from the handle), which pins the memory (see
+    /// [`crate::mapping_table`]).
+    Memory {
+        table: &'a MappingTable,
         ticket: Ticket,
     },
-    /// A bounce buffer: holds the region (and so the device).
-    Bounce {
-        buf: Box<[u8]>,
-        region: Arc<RegionCore>,
-        ticket: Ticket,
-        prefill: MemTxResult,
-    },
+    /// A bounce buffer: the region (and so the device).
+    Bounce(Box<BounceHold>),
+}
+
+struct BounceHold {
+    buf: Box<[u8]>,
+    region: Arc<RegionCore>,
+    ticket: Ticket,
+    prefill: MemTxResult,
 }
 
 /// A DMA mapping of a guest range: an RAII guard over direct host memory or a
@@ -768,11 +459,14 @@ enum Target {
 /// out. Dropping the guard is [`unmap`](Self::unmap) with the full length.
 pub struct DmaMapping<'a> {
     space: &'a AddressSpace,
+    /// Host address of the first byte of a direct mapping (unused for a
+    /// bounce buffer).
+    host: NonNull<u8>,
     addr: u64,
     len: u64,
     dir: DmaDirection,
-    /// `None` once unmapped (only inside `unmap`/`drop`).
-    target: Option<Target>,
+    /// [`Hold::Nothing`] once released (only inside `unmap`/`drop`).
+    hold: Hold<'a>,
 }
 
 // SAFETY: the raw host pointers point into memory kept mapped either by the
@@ -830,6 +524,7 @@ impl AddressSpace {
     /// assert!(space.read(0x10, &mut buf, MemTxAttrs::UNSPECIFIED).is_ok());
     /// assert_eq!(&buf, b"dma!");
     /// ```
+    #[inline(always)]
     pub fn map(
         &self,
         addr: u64,
@@ -842,8 +537,9 @@ impl AddressSpace {
     }
 
     /// [`AddressSpace::map`] against `view` (the published view, loaded by
-    /// the caller: through the shared handle or a [`SpaceCursor`]).
-    #[inline]
+    /// the caller: through the shared handle or a [`SpaceCursor`]). The
+    /// direct-RAM path is inlined into the caller; the rest is not.
+    #[inline(always)]
     pub(crate) fn map_in(
         &self,
         view: &FlatView,
@@ -853,55 +549,71 @@ impl AddressSpace {
         attrs: MemTxAttrs,
     ) -> Result<DmaMapping<'_>, DmaError> {
         let Some(i) = view.lookup_index(addr) else {
-            return Err(DmaError::Unassigned {
-                space: self.name().to_owned(),
-                addr,
-            });
+            return Err(self.unassigned(addr));
         };
         let r = &view.ranges()[i];
-        if is_direct(r, dir) {
-            let got = direct_extent(view, i, addr, len, dir);
-            let Some(host) = NonNull::new(r.host_at(addr)) else {
-                // A direct range always has a host address; be total anyway.
-                return Err(DmaError::Unassigned {
-                    space: self.name().to_owned(),
-                    addr,
-                });
-            };
-            let target = match (r.region().owner(), ram_backend(r.region())) {
-                (Some(_), Some(backend)) => {
-                    let ticket = self.shared.machine.dma.insert(
-                        MappingKind::DirectRam,
-                        self.census_key(),
-                        addr,
-                        got,
-                        dir,
-                        backend.census_key(),
-                    );
-                    Target::Owned {
-                        host,
-                        backend: backend.clone(),
-                        ticket,
-                    }
-                }
-                _ => {
-                    debug_assert!(
-                        self.is_machine_lifetime(r.region()),
-                        "ownerless RAM must be machine-lifetime memory"
-                    );
-                    Target::Borrowed { host }
-                }
-            };
-            return Ok(DmaMapping {
-                space: self,
-                addr,
-                len: got,
-                dir,
-                target: Some(target),
-            });
+        if !is_direct(r, dir) {
+            return self.map_bounce(view, r, addr, len, dir, attrs);
         }
-        // Bounce buffer, clamped to the flat range at `addr` so that the
-        // region it pins is the one whose bytes it holds.
+        let Some(host) = NonNull::new(r.host_at(addr)) else {
+            // A direct range always has a host address; be total anyway.
+            return Err(self.unassigned(addr));
+        };
+        let got = direct_extent(view, i, addr, len, dir);
+        let hold = match (r.region().owner(), ram_backend(r.region())) {
+            (Some(_), Some(backend)) => {
+                // The view (borrowed for this call) holds the backend, so
+                // it cannot be retired before the entry below pins it.
+                backend.mark_pinned();
+                let table = &*self.shared.machine.dma;
+                let ticket = table.insert(&Entry {
+                    kind: MappingKind::DirectRam,
+                    dir,
+                    space: self.census_key(),
+                    addr,
+                    len: got,
+                    holds: backend.census_key(),
+                });
+                Hold::Memory { table, ticket }
+            }
+            _ => {
+                debug_assert!(
+                    self.is_machine_lifetime(r.region()),
+                    "ownerless RAM must be machine-lifetime memory"
+                );
+                Hold::Nothing
+            }
+        };
+        Ok(DmaMapping {
+            space: self,
+            host,
+            addr,
+            len: got,
+            dir,
+            hold,
+        })
+    }
+
+    #[cold]
+    fn unassigned(&self, addr: u64) -> DmaError {
+        DmaError::Unassigned {
+            space: self.name().to_owned(),
+            addr,
+        }
+    }
+
+    /// A bounce buffer over the flat range `r` at `addr`, clamped to that
+    /// range so that the region it pins is the one whose bytes it holds.
+    #[inline(never)]
+    fn map_bounce(
+        &self,
+        view: &FlatView,
+        r: &FlatRange,
+        addr: u64,
+        len: u64,
+        dir: DmaDirection,
+        attrs: MemTxAttrs,
+    ) -> Result<DmaMapping<'_>, DmaError> {
         let want = avail_in(r, addr, len);
         let bounce = &self.shared.bounce;
         let got = bounce.reserve(want);
@@ -919,25 +631,26 @@ impl AddressSpace {
         } else {
             MemTxResult::OK
         };
-        let ticket = self.shared.machine.dma.insert(
-            MappingKind::Bounce,
-            self.census_key(),
-            addr,
-            got,
+        let ticket = self.shared.machine.dma.insert(&Entry {
+            kind: MappingKind::Bounce,
             dir,
-            region.census_key(),
-        );
+            space: self.census_key(),
+            addr,
+            len: got,
+            holds: region.census_key(),
+        });
         Ok(DmaMapping {
             space: self,
+            host: NonNull::dangling(),
             addr,
             len: got,
             dir,
-            target: Some(Target::Bounce {
+            hold: Hold::Bounce(Box::new(BounceHold {
                 buf,
                 region,
                 ticket,
                 prefill,
-            }),
+            })),
         })
     }
 
@@ -1014,6 +727,7 @@ impl SpaceCursor {
     /// [`AddressSpace::map`] through the cursor's cached view: the same
     /// mapping, without loading the published view through the shared
     /// handle (for a DMA worker that maps often).
+    #[inline(always)]
     pub fn map(
         &mut self,
         addr: u64,
@@ -1055,20 +769,20 @@ impl<'a> DmaMapping<'a> {
 
     /// Whether the mapping goes through a bounce buffer.
     pub fn is_bounce(&self) -> bool {
-        matches!(self.target, Some(Target::Bounce { .. }))
+        matches!(self.hold, Hold::Bounce(_))
     }
 
     /// Whether the mapping holds a reference (owned RAM or bounce): false for
     /// ownerless RAM, which costs no reference counting.
     pub fn holds_reference(&self) -> bool {
-        !matches!(self.target, Some(Target::Borrowed { .. }))
+        !matches!(self.hold, Hold::Nothing)
     }
 
     /// Result of the bounce prefill (`OK` for direct mappings and mappings
     /// for writing).
     pub fn prefill_result(&self) -> MemTxResult {
-        match &self.target {
-            Some(Target::Bounce { prefill, .. }) => *prefill,
+        match &self.hold {
+            Hold::Bounce(b) => b.prefill,
             _ => MemTxResult::OK,
         }
     }
@@ -1076,30 +790,32 @@ impl<'a> DmaMapping<'a> {
     /// The region a bounce mapping holds (`None` for direct RAM, which holds
     /// only memory).
     pub fn region(&self) -> Option<&Arc<RegionCore>> {
-        match &self.target {
-            Some(Target::Bounce { region, .. }) => Some(region),
+        match &self.hold {
+            Hold::Bounce(b) => Some(&b.region),
             _ => None,
         }
     }
 
-    /// The memory an owned direct mapping holds.
-    pub fn backend(&self) -> Option<&Arc<MemoryBackend>> {
-        match &self.target {
-            Some(Target::Owned { backend, .. }) => Some(backend),
+    /// The census key of the memory ([`MemoryBackend`]) an owned direct
+    /// mapping pins (`None` for ownerless RAM and bounce buffers).
+    pub fn memory_key(&self) -> Option<ObjectKey> {
+        match &self.hold {
+            Hold::Memory { table, ticket } => Some(table.holds(*ticket)),
             _ => None,
         }
     }
 
     fn ticket(&self) -> Option<Ticket> {
-        match &self.target {
-            Some(Target::Owned { ticket, .. } | Target::Bounce { ticket, .. }) => Some(*ticket),
-            _ => None,
+        match &self.hold {
+            Hold::Memory { ticket, .. } => Some(*ticket),
+            Hold::Bounce(b) => Some(b.ticket),
+            Hold::Nothing => None,
         }
     }
 
     /// Diagnostic id (`None` for ownerless RAM, which is not recorded).
     pub fn id(&self) -> Option<MappingId> {
-        self.ticket().map(Ticket::id)
+        Some(self.space.shared.machine.dma.id(self.ticket()?))
     }
 
     /// The mapping's census key, registering it now if the census has not
@@ -1115,10 +831,9 @@ impl<'a> DmaMapping<'a> {
     /// Rust references from it into guest memory (raw copies or atomics only,
     /// see [`crate::ram`]).
     pub fn as_ptr(&self) -> *const u8 {
-        match &self.target {
-            Some(Target::Borrowed { host } | Target::Owned { host, .. }) => host.as_ptr(),
-            Some(Target::Bounce { buf, .. }) => buf.as_ptr(),
-            None => ptr::null(),
+        match &self.hold {
+            Hold::Bounce(b) => b.buf.as_ptr(),
+            _ => self.host.as_ptr(),
         }
     }
 
@@ -1126,8 +841,12 @@ impl<'a> DmaMapping<'a> {
     /// `buf`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         check_bounds(offset, buf.len(), self.len)?;
-        match &self.target {
-            Some(Target::Borrowed { host } | Target::Owned { host, .. }) => {
+        match &self.hold {
+            Hold::Bounce(b) => {
+                let o = offset as usize;
+                buf.copy_from_slice(&b.buf[o..o + buf.len()]);
+            }
+            Hold::Nothing | Hold::Memory { .. } => {
                 // SAFETY: `offset + buf.len() <= len`, and `len` bytes at
                 // `host` lie in host memory that stays mapped while the guard
                 // lives (held backend, or machine-lifetime memory kept by the
@@ -1135,17 +854,12 @@ impl<'a> DmaMapping<'a> {
                 // memory, so the ranges do not overlap.
                 unsafe {
                     ptr::copy_nonoverlapping(
-                        host.as_ptr().add(offset as usize),
+                        self.host.as_ptr().add(offset as usize),
                         buf.as_mut_ptr(),
                         buf.len(),
                     )
                 }
             }
-            Some(Target::Bounce { buf: b, .. }) => {
-                let o = offset as usize;
-                buf.copy_from_slice(&b[o..o + buf.len()]);
-            }
-            None => {}
         }
         Ok(())
     }
@@ -1161,23 +875,22 @@ impl<'a> DmaMapping<'a> {
             return Err(DmaError::WrongDirection(self.dir));
         }
         check_bounds(offset, buf.len(), self.len)?;
-        match &mut self.target {
-            Some(Target::Borrowed { host } | Target::Owned { host, .. }) => {
+        match &mut self.hold {
+            Hold::Bounce(b) => {
+                let o = offset as usize;
+                b.buf[o..o + buf.len()].copy_from_slice(buf);
+            }
+            Hold::Nothing | Hold::Memory { .. } => {
                 // SAFETY: as in `read`, with the copy reversed; direct
                 // mappings for writing are only made of writable RAM.
                 unsafe {
                     ptr::copy_nonoverlapping(
                         buf.as_ptr(),
-                        host.as_ptr().add(offset as usize),
+                        self.host.as_ptr().add(offset as usize),
                         buf.len(),
                     )
                 }
             }
-            Some(Target::Bounce { buf: b, .. }) => {
-                let o = offset as usize;
-                b[o..o + buf.len()].copy_from_slice(buf);
-            }
-            None => {}
         }
         Ok(())
     }
@@ -1187,59 +900,50 @@ impl<'a> DmaMapping<'a> {
     /// back through the address space; then everything the mapping held is
     /// released and map clients are notified. Returns the result of the
     /// write-back (`OK` if there was none).
+    #[inline]
     pub fn unmap(mut self, access_len: u64) -> MemTxResult {
         self.release(access_len)
     }
 
-    #[inline]
+    #[inline(always)]
     fn release(&mut self, access_len: u64) -> MemTxResult {
-        // The direct cases release in place: moving the whole target out
-        // first costs more than the rest of an ownerless unmap.
-        match &self.target {
-            // Ownerless RAM holds nothing: releasing it twice is harmless.
-            None | Some(Target::Borrowed { .. }) => MemTxResult::OK,
-            Some(Target::Owned { ticket, .. }) => {
-                let machine = &self.space.shared.machine;
-                machine.dma.remove(*ticket, &machine.census);
-                // Drops the backend (after the record, as before).
-                self.target = None;
+        match std::mem::replace(&mut self.hold, Hold::Nothing) {
+            // Ownerless RAM holds nothing (and a released mapping nothing
+            // more).
+            Hold::Nothing => MemTxResult::OK,
+            Hold::Memory { table, ticket } => {
+                table.remove_pin(ticket, || &self.space.shared.machine.census);
                 MemTxResult::OK
             }
-            Some(Target::Bounce { .. }) => self.release_bounce(access_len),
+            Hold::Bounce(b) => self.release_bounce(*b, access_len),
         }
     }
 
-    fn release_bounce(&mut self, access_len: u64) -> MemTxResult {
-        let Some(target) = self.target.take() else {
-            return MemTxResult::OK;
+    #[inline(never)]
+    fn release_bounce(&mut self, hold: BounceHold, access_len: u64) -> MemTxResult {
+        let BounceHold {
+            buf,
+            region,
+            ticket,
+            ..
+        } = hold;
+        let n = access_len.min(self.len) as usize;
+        let r = if self.dir.writes() {
+            self.space
+                .write(self.addr, &buf[..n], MemTxAttrs::UNSPECIFIED)
+        } else {
+            MemTxResult::OK
         };
-        let machine = &self.space.shared.machine;
-        match target {
-            Target::Borrowed { .. } | Target::Owned { .. } => MemTxResult::OK,
-            Target::Bounce {
-                buf,
-                region,
-                ticket,
-                ..
-            } => {
-                let n = access_len.min(self.len) as usize;
-                let r = if self.dir.writes() {
-                    self.space
-                        .write(self.addr, &buf[..n], MemTxAttrs::UNSPECIFIED)
-                } else {
-                    MemTxResult::OK
-                };
-                machine.dma.remove(ticket, &machine.census);
-                drop(buf);
-                drop(region);
-                self.space.shared.bounce.release(self.len);
-                r
-            }
-        }
+        self.space.shared.machine.dma.remove(ticket);
+        drop(buf);
+        drop(region);
+        self.space.shared.bounce.release(self.len);
+        r
     }
 }
 
 impl Drop for DmaMapping<'_> {
+    #[inline]
     fn drop(&mut self) {
         let len = self.len;
         self.release(len);
@@ -1257,7 +961,12 @@ mod tests {
         let ram = memory.new_ram("ram", 0x1000, None).unwrap();
         memory.add_subregion(root, 0, ram).unwrap();
         let dev = memory.new_owner("dev", None).unwrap();
-        let dev_ram = memory.new_ram("dev.ram", 0x1000, Some(dev)).unwrap();
+        let backend = memory
+            .new_backend("dev.ram", 0x1000, crate::RamBacking::Anonymous)
+            .unwrap();
+        let dev_ram = memory
+            .new_ram_from_backend("dev.ram", &backend, 0, 0x1000, Some(dev))
+            .unwrap();
         memory.add_subregion(root, 0x1_0000, dev_ram).unwrap();
         let id = memory.new_address_space("as", root, None).unwrap();
         let space = memory.address_space(id).unwrap();
@@ -1276,11 +985,15 @@ mod tests {
             .map(0x1_0ff0, 0x100, DmaDirection::ToDevice, a)
             .unwrap();
         assert_eq!(m.len(), 0x10, "clamped to the end of the region");
-        let backend = m.backend().cloned().unwrap();
+        assert_eq!(m.memory_key(), Some(backend.census_key()));
+        assert_eq!(
+            Arc::strong_count(&backend),
+            2,
+            "region + this test: the mapping pins the memory without a reference"
+        );
         assert_eq!(space.outstanding_mappings().len(), 1);
         drop(m);
         assert!(space.outstanding_mappings().is_empty());
-        assert_eq!(Arc::strong_count(&backend), 2, "region + this test");
         assert_eq!(
             cursor
                 .map(0x2_0000, 4, DmaDirection::ToDevice, a)
@@ -1300,36 +1013,5 @@ mod tests {
         assert_eq!(b.reserve(1), 0);
         b.release(60);
         assert_eq!(b.in_use(), 40);
-    }
-
-    #[test]
-    fn registry_reuses_slots_with_new_generations() {
-        let c = Census::new();
-        let reg = DmaRegistry::new();
-        let held = c.register(ObjectKind::Backend, "b", None);
-        let t1 = reg.insert(
-            MappingKind::DirectRam,
-            held,
-            0,
-            1,
-            DmaDirection::ToDevice,
-            held,
-        );
-        reg.remove(t1, &c);
-        let t2 = reg.insert(
-            MappingKind::DirectRam,
-            held,
-            0,
-            1,
-            DmaDirection::ToDevice,
-            held,
-        );
-        assert_eq!(t1.slot, t2.slot);
-        assert_ne!(t1.generation, t2.generation);
-        // A stale ticket removes nothing.
-        reg.remove(t1, &c);
-        assert_eq!(reg.len(), 1);
-        reg.remove(t2, &c);
-        assert_eq!(reg.len(), 0);
     }
 }

@@ -56,6 +56,10 @@ pub enum TopologyError {
         size: u128,
         backend_size: u64,
     },
+    /// The memory backend was allocated by another machine (a backend is
+    /// only mapped by regions of the machine that allocated it).
+    #[error("region \"{region}\": memory backend \"{backend}\" belongs to another machine")]
+    ForeignBackend { region: String, backend: String },
     /// A listener callback tried to change the topology during a commit.
     #[error("a listener tried to change the topology from inside a commit")]
     ListenerReentry,

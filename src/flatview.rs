@@ -1,7 +1,7 @@
 //! Flat views: the immutable, rendered form of an address space.
 //!
 //! A [`FlatView`] is a sorted array of disjoint [`FlatRange`]s, each naming the
-//! terminating region that serves it. It is built once by [`crate::render`],
+//! terminating region that serves it. It is built once by `crate::render`,
 //! published into address spaces with an atomic pointer swap, and never
 //! changed afterwards: vCPU threads read it without locks.
 //!
@@ -279,6 +279,7 @@ impl FlatView {
     }
 
     /// Index of the range containing `addr`, if any.
+    #[inline]
     pub fn lookup_index(&self, addr: u64) -> Option<usize> {
         let j = self.last_start_at_or_below(addr)?;
         (addr <= self.ranges.get(j)?.last).then_some(j)

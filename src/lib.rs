@@ -44,6 +44,7 @@ pub mod flatview;
 pub mod listener;
 pub mod lookup;
 pub mod machine_file;
+pub mod mapping_table;
 pub mod memory;
 pub mod owner;
 pub mod publish;

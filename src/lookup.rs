@@ -1,7 +1,7 @@
 //! Why an address lands where it does: a one-address replay of rendering.
 //!
 //! [`explain`] walks the region tree of an address space exactly as
-//! [`crate::render`] does (same physical root, same order, same base and clip
+//! `crate::render` does (same physical root, same order, same base and clip
 //! arithmetic, same "first rendered wins" rule), but for one address. It
 //! records every region whose own range covers the address, in rendering
 //! order, and what became of it:

@@ -142,7 +142,7 @@ impl Memory {
     /// A new, empty memory system for a guest of the given byte order.
     pub fn with_target_endian(target_endian: Endianness) -> Memory {
         let census = Arc::new(Census::new());
-        let dma = Arc::new(crate::dma::DmaRegistry::new());
+        let dma = Arc::new(crate::mapping_table::MappingTable::new());
         census.set_source(dma.clone());
         let data = Arc::new(MachineData {
             census: census.clone(),
@@ -546,7 +546,7 @@ impl Machine {
     }
 
     fn backend(&self, name: &str, size: u64, backing: RamBacking) -> Result<Arc<MemoryBackend>> {
-        MemoryBackend::new(&self.data.census, name, size, backing)
+        MemoryBackend::new(&self.data.census, &self.data.dma, name, size, backing)
             .map(Arc::new)
             .map_err(|e| TopologyError::Allocation {
                 region: name.to_owned(),
@@ -608,6 +608,12 @@ impl Machine {
         size: u64,
         owner: Option<OwnerId>,
     ) -> Result<RegionId> {
+        if !backend.is_of(&self.data.dma) {
+            return Err(TopologyError::ForeignBackend {
+                region: name.to_owned(),
+                backend: backend.name().to_owned(),
+            });
+        }
         check_backend_range(name, backend, offset, size)?;
         self.edit(|t| {
             if owner.is_none() {

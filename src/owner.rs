@@ -1,7 +1,7 @@
 //! Owners: the devices (or other objects) that own regions and address spaces.
 //!
 //! Like regions, an owner has a control-plane node in the topology arena
-//! ([`OwnerNode`]: name, parent device, child devices, what it owns) and a
+//! (`OwnerNode`: name, parent device, child devices, what it owns) and a
 //! data-plane core ([`OwnerCore`]) that every region of the owner holds
 //! strongly. The core carries the *liveness gate* checked before each MMIO
 //! callback and the owner's finalizer.

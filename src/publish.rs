@@ -41,7 +41,7 @@
 //! reader's pointer back into `current`, so the pointers stored in the cell
 //! may carry the provenance of a freed allocation. Every node's provenance is
 //! therefore exposed when it is created, and every dereference goes through
-//! [`live`], which takes the provenance of the node living at that address.
+//! `live`, which takes the provenance of the node living at that address.
 //!
 //! Only read-modify-write operations are used where the protocol relies on
 //! "the latest value" (debt publication, confirmation, publication), so

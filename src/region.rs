@@ -2,8 +2,8 @@
 //!
 //! A region lives in two halves, one per plane:
 //!
-//! * [`RegionNode`] is the control-plane half, stored in the topology arena
-//!   ([`crate::topology::Topology`]). It holds everything that changes at run
+//! * `RegionNode` is the control-plane half, stored in the topology arena
+//!   (`crate::topology::Topology`). It holds everything that changes at run
 //!   time — position, priority, flags, container and subregion links — and is
 //!   only ever touched by the single topology writer.
 //! * [`RegionCore`] is the data-plane half, behind an `Arc`. It holds what an
@@ -324,7 +324,7 @@ impl RegionNode {
 }
 
 /// A read-only snapshot of a region's control-plane attributes, as returned by
-/// [`crate::Memory::region_info`].
+/// [`crate::Machine::region_info`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegionInfo {
     pub id: RegionId,

@@ -1,6 +1,6 @@
 //! Address spaces.
 //!
-//! An address space has a control-plane node ([`SpaceNode`]: name, root
+//! An address space has a control-plane node (`SpaceNode`: name, root
 //! region, owner) and a data-plane handle ([`AddressSpace`]) that vCPU and DMA
 //! threads clone and dispatch through. The handle holds the currently
 //! published [`FlatView`] in an [`ArcSwap`]: readers load it without locks and
@@ -56,7 +56,7 @@ pub(crate) struct MachineData {
     pub(crate) empty_view: Arc<FlatView>,
     /// Outstanding DMA mappings, caches and sections (diagnostics; also the
     /// census's lazy source).
-    pub(crate) dma: Arc<crate::dma::DmaRegistry>,
+    pub(crate) dma: Arc<crate::mapping_table::MappingTable>,
 }
 
 pub(crate) struct SpaceShared {

@@ -32,7 +32,7 @@ use crate::space::{AddressSpace, MachineData, SpaceId, SpaceNode};
 
 type Result<T> = std::result::Result<T, TopologyError>;
 
-/// What [`Topology::unplug`] did, and what it had to cut.
+/// What `Topology::unplug` did, and what it had to cut.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UnplugReport {
     /// Owners unplugged (the owner and its child devices), parents first.
