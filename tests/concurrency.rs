@@ -86,11 +86,13 @@ fn classify(a: u64, w: u32) -> Option<bool> {
     }
 }
 
-fn toggles() -> u64 {
-    std::env::var("MEMTREE_STRESS_TOGGLES")
+/// A stress test's iteration count: `var` from the environment, or
+/// `default`.
+fn count_from_env(var: &str, default: u64) -> u64 {
+    std::env::var(var)
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(100_000)
+        .unwrap_or(default)
 }
 
 /// Issue 3: two threads dispatch continuously while a third toggles regions
@@ -137,7 +139,7 @@ fn concurrency_stress_readers_see_old_or_new_topology_never_torn() {
     }
     let baseline = census.counts();
 
-    let n = toggles();
+    let n = count_from_env("MEMTREE_STRESS_TOGGLES", 100_000);
     let done = AtomicBool::new(false);
     let seen = [AtomicU64::new(0), AtomicU64::new(0)];
     let bad = Mutex::new(Vec::<String>::new());
@@ -553,13 +555,6 @@ fn concurrency_reader_progresses_while_writer_is_blocked_in_commit() {
     }
 }
 
-fn plugs() -> u64 {
-    std::env::var("MEMTREE_STRESS_PLUGS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2_000)
-}
-
 /// Issue 4: two DMA workers map a device's RAM (one through a cursor, one
 /// through the shared handle), holding some mappings across several of
 /// their own accesses, while the main
@@ -578,7 +573,7 @@ fn concurrency_dma_mappings_race_device_unplug() {
     let id = memory.new_address_space("memory", system, None).unwrap();
     let space = memory.address_space(id).unwrap();
     let stop = AtomicBool::new(false);
-    let cycles = plugs();
+    let cycles = count_from_env("MEMTREE_STRESS_PLUGS", 2_000);
     let (mapped, unassigned) = std::thread::scope(|s| {
         let workers: Vec<_> = (0..2u64)
             .map(|w| {

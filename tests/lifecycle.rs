@@ -752,6 +752,24 @@ fn lifecycle_misuse_returns_errors() {
     );
     assert!(memory.new_ram("late", 0x1000, Some(dev)).is_err());
 
+    // Memory allocated by another machine is refused: its drop would not
+    // consult this machine's mapping table.
+    let other = Memory::new();
+    let foreign = other
+        .new_backend("elsewhere", 0x1000, RamBacking::Anonymous)
+        .unwrap();
+    assert_eq!(
+        memory
+            .new_ram_from_backend("borrowed", &foreign, 0, 0x1000, None)
+            .unwrap_err(),
+        TopologyError::ForeignBackend {
+            region: "borrowed".into(),
+            backend: "elsewhere".into()
+        }
+    );
+    drop(foreign);
+    assert!(other.teardown().is_clean());
+
     memory.add_subregion(system, 0, c2).unwrap();
     let d = DmaDirection::ToDevice;
     assert_eq!(space.map(0, 0, d, A).unwrap_err(), DmaError::ZeroLength);
