@@ -477,13 +477,15 @@ impl Machine {
         let guard = self.control.lock();
         {
             let mut topo = guard.borrow_mut();
-            topo.listeners.clear();
             topo.clear();
             topo.depth = 0;
         }
+        // Listeners see every range deleted (a KVM slot listener gives the
+        // memory back), then go.
         self.commit_locked(&guard);
         {
             let mut topo = guard.borrow_mut();
+            topo.listeners.clear();
             topo.views.clear();
             self.data
                 .census

@@ -1,0 +1,232 @@
+//! A real guest on KVM (when `/dev/kvm` is usable; otherwise each test says
+//! it was skipped): memory slots follow the address space through a memory
+//! listener, and MMIO and port I/O exits are served by memtree devices.
+#![cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use memtree::access::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
+use memtree::kvm::{dispatch_exit, ExitAction, KvmMemorySlots};
+use memtree::{Memory, RamBacking};
+
+const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;
+
+/// A device that answers reads with `0x5a` and records writes.
+#[derive(Default)]
+struct Recorder {
+    writes: Mutex<Vec<(u64, u64, u32)>>,
+}
+
+impl MmioOps for Recorder {
+    fn read(&self, _addr: u64, _size: u32, _attrs: MemTxAttrs) -> Result<u64, MemTxResult> {
+        Ok(0x5a)
+    }
+    fn write(&self, addr: u64, data: u64, size: u32, _attrs: MemTxAttrs) -> MemTxResult {
+        self.writes.lock().unwrap().push((addr, data, size));
+        MemTxResult::OK
+    }
+    fn endianness(&self) -> Endianness {
+        Endianness::Little
+    }
+}
+
+fn kvm_or_skip(test: &str) -> Option<(Kvm, Arc<VmFd>)> {
+    let kvm = match Kvm::new() {
+        Ok(k) => k,
+        Err(e) => {
+            println!("{test}: skipped, /dev/kvm is not usable here: {e}");
+            return None;
+        }
+    };
+    match kvm.create_vm() {
+        Ok(vm) => Some((kvm, Arc::new(vm))),
+        Err(e) => {
+            println!("{test}: skipped, cannot create a KVM VM: {e}");
+            None
+        }
+    }
+}
+
+/// A vCPU in real mode at `0:ip`.
+fn real_mode_vcpu(vm: &VmFd, ip: u64) -> VcpuFd {
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    sregs.ds.base = 0;
+    sregs.ds.selector = 0;
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.get_regs().unwrap();
+    regs.rip = ip;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).unwrap();
+    vcpu
+}
+
+/// The guest (16-bit real mode, at 0x1000):
+///
+/// ```text
+/// mov dx, 0x3f8
+/// mov al, [0xd000]     ; MMIO read: exits, the device answers 0x5a
+/// out dx, al           ; port I/O: exits, the port device records 0x5a
+/// mov [0x8000], al     ; RAM write: no exit (memory slot)
+/// mov byte [0xd004], 0x77 ; MMIO write: exits
+/// mov al, [0xe010]     ; the device's own RAM (a second slot): 0x33
+/// mov [0x8001], al
+/// hlt
+/// ```
+const GUEST: &[u8] = &[
+    0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xa0, 0x00, 0xd0, // mov al, [0xd000]
+    0xee, // out dx, al
+    0xa2, 0x00, 0x80, // mov [0x8000], al
+    0xc6, 0x06, 0x04, 0xd0, 0x77, // mov byte [0xd004], 0x77
+    0xa0, 0x10, 0xe0, // mov al, [0xe010]
+    0xa2, 0x01, 0x80, // mov [0x8001], al
+    0xf4, // hlt
+];
+
+/// The listener installs one slot per RAM range (none for MMIO), the guest
+/// runs against memtree's devices and RAM, and unplugging a device removes
+/// the slot of its RAM before the memory can go.
+#[test]
+fn kvm_guest_runs_on_memtree_slots_and_devices() {
+    let Some((kvm, vm)) = kvm_or_skip("kvm_guest_runs_on_memtree_slots_and_devices") else {
+        return;
+    };
+    let memory = Memory::new();
+    let system = memory.new_container("system", 1 << 32, None).unwrap();
+    let ram = memory.new_ram("pc.ram", 0xc000, None).unwrap();
+    memory.add_subregion(system, 0, ram).unwrap();
+    let regs = Arc::new(Recorder::default());
+    let mmio = memory.new_mmio("regs", 0x1000, regs.clone(), None).unwrap();
+    memory.add_subregion(system, 0xd000, mmio).unwrap();
+    let gpu = memory.new_owner("gpu", None).unwrap();
+    let vram_backend = memory
+        .new_backend("vram", 0x1000, RamBacking::Anonymous)
+        .unwrap();
+    vram_backend.write(0x10, &[0x33]).unwrap();
+    let vram = memory
+        .new_ram_from_backend("vram", &vram_backend, 0, 0x1000, Some(gpu))
+        .unwrap();
+    drop(vram_backend);
+    memory.add_subregion(system, 0xe000, vram).unwrap();
+    let io_root = memory.new_io_root("io", 0x10000).unwrap();
+    let uart = Arc::new(Recorder::default());
+    let port = memory.new_mmio("uart", 8, uart.clone(), None).unwrap();
+    memory.add_subregion(io_root, 0x3f8, port).unwrap();
+    let sid = memory.new_address_space("memory", system, None).unwrap();
+    let iid = memory.new_address_space("I/O", io_root, None).unwrap();
+    let space = memory.address_space(sid).unwrap();
+    let io_space = memory.address_space(iid).unwrap();
+    space.write(0x1000, GUEST, A);
+
+    let slots = Arc::new(KvmMemorySlots::new(&kvm, vm.clone()));
+    let lid = memory.register_listener(sid, slots.clone()).unwrap();
+    let installed: Vec<(u64, u64, String)> = slots
+        .slots()
+        .into_iter()
+        .map(|s| (s.guest_phys_addr, s.size, s.region))
+        .collect();
+    assert_eq!(
+        installed,
+        vec![
+            (0, 0xc000, "pc.ram".into()),
+            (0xe000, 0x1000, "vram".into())
+        ],
+        "one slot per RAM range, none for MMIO"
+    );
+
+    let mut vcpu = real_mode_vcpu(&vm, 0x1000);
+    let (mut mem, mut io) = (space.cursor(), io_space.cursor());
+    let mut exits = Vec::new();
+    for _ in 0..64 {
+        let exit = vcpu.run().expect("KVM_RUN");
+        let action = dispatch_exit(exit, &mut mem, Some(&mut io));
+        exits.push(action.clone());
+        if action != ExitAction::Resume {
+            break;
+        }
+    }
+    assert_eq!(exits.last(), Some(&ExitAction::Halt), "{exits:?}");
+    assert_eq!(
+        exits.len(),
+        4,
+        "three exits (MMIO read, port write, MMIO write) and hlt: RAM needs none"
+    );
+    assert_eq!(*uart.writes.lock().unwrap(), vec![(0, 0x5a, 1)]);
+    assert_eq!(*regs.writes.lock().unwrap(), vec![(4, 0x77, 1)]);
+    let mut buf = [0u8; 2];
+    assert!(space.read(0x8000, &mut buf, A).is_ok());
+    assert_eq!(buf, [0x5a, 0x33], "guest RAM writes land in memtree's RAM");
+
+    let report = memory.unplug(gpu).unwrap();
+    assert!(report.outstanding.is_empty(), "{report:?}");
+    let left: Vec<String> = slots.slots().into_iter().map(|s| s.region).collect();
+    assert_eq!(
+        left,
+        vec!["pc.ram".to_string()],
+        "the unplug removed the slot"
+    );
+    assert!(slots.errors().is_empty(), "{:?}", slots.errors());
+
+    memory.unregister_listener(lid).unwrap();
+    assert!(slots.slots().is_empty(), "unregistering deletes every slot");
+    drop((space, io_space, mem, io));
+    assert!(memory.teardown().is_clean());
+}
+
+/// Tearing the machine down deletes the slots of a listener still
+/// registered, so the memory they held is freed and nothing leaks.
+#[test]
+fn kvm_teardown_deletes_slots_and_frees_their_memory() {
+    let Some((kvm, vm)) = kvm_or_skip("kvm_teardown_deletes_slots_and_frees_their_memory") else {
+        return;
+    };
+    let memory = Memory::new();
+    let system = memory.new_container("system", 1 << 32, None).unwrap();
+    let dev = memory.new_owner("nic", None).unwrap();
+    let ram = memory.new_ram("nic.ram", 0x2000, Some(dev)).unwrap();
+    memory.add_subregion(system, 0x10_0000, ram).unwrap();
+    let sid = memory.new_address_space("memory", system, None).unwrap();
+    let slots = Arc::new(KvmMemorySlots::new(&kvm, vm));
+    memory.register_listener(sid, slots.clone()).unwrap();
+    assert_eq!(slots.slots().len(), 1);
+    let report = memory.teardown();
+    assert!(report.is_clean(), "{report}");
+    assert!(slots.slots().is_empty());
+}
+
+/// Ranges that are not page aligned keep their aligned middle as a slot;
+/// the head and tail are emulated through exits.
+#[test]
+fn kvm_slots_cover_only_whole_pages() {
+    let Some((kvm, vm)) = kvm_or_skip("kvm_slots_cover_only_whole_pages") else {
+        return;
+    };
+    let memory = Memory::new();
+    let system = memory.new_container("system", 1 << 32, None).unwrap();
+    let ram = memory.new_ram("ram", 0x4000, None).unwrap();
+    // An alias that starts and ends mid-page.
+    let alias = memory
+        .new_alias("window", ram, 0x800, 0x2000, None)
+        .unwrap();
+    memory.add_subregion(system, 0x10_0800, alias).unwrap();
+    let small = memory.new_ram("small", 0x800, None).unwrap();
+    memory.add_subregion(system, 0x20_0000, small).unwrap();
+    let sid = memory.new_address_space("memory", system, None).unwrap();
+    let slots = Arc::new(KvmMemorySlots::new(&kvm, vm));
+    memory.register_listener(sid, slots.clone()).unwrap();
+    let installed: Vec<(u64, u64)> = slots
+        .slots()
+        .into_iter()
+        .map(|s| (s.guest_phys_addr, s.size))
+        .collect();
+    assert_eq!(
+        installed,
+        vec![(0x10_1000, 0x1000)],
+        "only the whole page in the middle"
+    );
+    assert!(slots.errors().is_empty(), "{:?}", slots.errors());
+}
