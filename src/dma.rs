@@ -310,6 +310,10 @@ pub enum MappingKind {
     /// A [`crate::cache::SectionRef`] from [`AddressSpace::find`] (holds the
     /// region).
     Section,
+    /// A region of a rust-vmm `GuestMemory` snapshot
+    /// (`AddressSpace::guest_memory`, feature `vm-memory`; holds the
+    /// memory).
+    GuestMemory,
 }
 
 impl MappingKind {
@@ -319,6 +323,7 @@ impl MappingKind {
             MappingKind::Bounce => "bounce",
             MappingKind::Cache => "cache",
             MappingKind::Section => "section",
+            MappingKind::GuestMemory => "guest-memory",
         }
     }
 }

@@ -41,6 +41,8 @@ pub mod dispatch;
 pub mod dma;
 pub mod error;
 pub mod flatview;
+#[cfg(all(feature = "vm-memory", unix))]
+pub mod guest_memory;
 #[cfg(all(feature = "kvm", target_os = "linux"))]
 pub mod kvm;
 pub mod listener;

@@ -136,15 +136,17 @@ fn kind_bits(kind: MappingKind) -> u64 {
         MappingKind::Bounce => 1,
         MappingKind::Cache => 2,
         MappingKind::Section => 3,
+        MappingKind::GuestMemory => 4,
     }
 }
 
 fn kind_from_bits(bits: u64) -> MappingKind {
-    match bits & 3 {
+    match bits & 7 {
         0 => MappingKind::DirectRam,
         1 => MappingKind::Bounce,
         2 => MappingKind::Cache,
-        _ => MappingKind::Section,
+        3 => MappingKind::Section,
+        _ => MappingKind::GuestMemory,
     }
 }
 
@@ -172,7 +174,7 @@ fn dir_from_bits(bits: u64) -> DmaDirection {
 pub(crate) struct Slot {
     state: AtomicU64,
     seq: AtomicU64,
-    /// `kind | dir << 2`.
+    /// `kind | dir << 3`.
     kind_dir: AtomicU64,
     space: AtomicU64,
     addr: AtomicU64,
@@ -210,7 +212,7 @@ impl Slot {
         fence(Ordering::Release);
         self.seq.store(seq, Ordering::Relaxed);
         self.kind_dir.store(
-            kind_bits(entry.kind) | dir_bits(entry.dir) << 2,
+            kind_bits(entry.kind) | dir_bits(entry.dir) << 3,
             Ordering::Relaxed,
         );
         self.space.store(entry.space.raw(), Ordering::Relaxed);
@@ -249,7 +251,7 @@ impl Slot {
             let kind_dir = self.kind_dir.load(Ordering::Relaxed);
             let entry = Entry {
                 kind: kind_from_bits(kind_dir),
-                dir: dir_from_bits(kind_dir >> 2),
+                dir: dir_from_bits(kind_dir >> 3),
                 space: ObjectKey::from_raw(self.space.load(Ordering::Relaxed)),
                 addr: self.addr.load(Ordering::Relaxed),
                 len: self.len.load(Ordering::Relaxed),
@@ -818,7 +820,7 @@ impl MappingTable {
                 let what = keys.get(&m.holds)?;
                 let key = m.census_key.map_or_else(String::new, |k| format!(" {k}"));
                 let consequence = match m.kind {
-                    MappingKind::DirectRam | MappingKind::Cache => {
+                    MappingKind::DirectRam | MappingKind::Cache | MappingKind::GuestMemory => {
                         "the memory stays valid until it is released"
                     }
                     MappingKind::Bounce | MappingKind::Section => {
