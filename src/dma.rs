@@ -474,11 +474,12 @@ pub struct DmaMapping<'a> {
     hold: Hold<'a>,
 }
 
-// SAFETY: the raw host pointers point into memory kept mapped either by the
-// `Arc<MemoryBackend>` held alongside (owned RAM) or by the machine data the
-// borrowed address space holds (ownerless RAM); `MemoryBackend` is
-// `Send + Sync` and the guard only performs raw copies through them, like
-// `RamBlock`'s own methods.
+// SAFETY: the raw host pointer points into memory kept mapped either by the
+// mapping's entry in the machine's mapping table, which pins it (owned RAM:
+// the memory is freed only after the entry is removed, see
+// `crate::mapping_table`), or by the machine data the borrowed address space
+// holds (ownerless RAM); the guard only performs raw copies through it, like
+// `RamBlock`'s own methods, which are `Send + Sync`.
 unsafe impl Send for DmaMapping<'_> {}
 // SAFETY: as above; `&DmaMapping` only allows reads (raw copies out of
 // memory that tolerates concurrent access, or reads of the owned bounce
@@ -854,7 +855,7 @@ impl<'a> DmaMapping<'a> {
             Hold::Nothing | Hold::Memory { .. } => {
                 // SAFETY: `offset + buf.len() <= len`, and `len` bytes at
                 // `host` lie in host memory that stays mapped while the guard
-                // lives (held backend, or machine-lifetime memory kept by the
+                // lives (pinned by its table entry, or machine-lifetime memory kept by the
                 // borrowed handle); `buf` is a Rust buffer, never guest
                 // memory, so the ranges do not overlap.
                 unsafe {

@@ -62,6 +62,10 @@
 //! `fence(SeqCst)`. Retiring happens at unplug or region destruction, never
 //! per access, and only for memory that has ever been DMA-mapped.
 //!
+//! The handshake is for liveness only. Safety does not depend on it: a sweep
+//! frees a block only after its acquire load saw every pin of the block
+//! cleared, and each holder's accesses come before its clear.
+//!
 //! # Invariants
 //!
 //! * A free slot is written only by the holder of its shard's claim; a live
@@ -79,6 +83,13 @@
 //!   shards are dropped the next time that thread claims a shard.
 //! * Entry ids are never reused within a table: a shard's number and a
 //!   sequence number only that shard's claim holder advances.
+//! * A shard grows only when a full pass finds every slot live, by half
+//!   again, so its slots stay below 1.5 times the most entries ever live in
+//!   it at once, plus one; a free slot anywhere is found by the next
+//!   round-robin pass.
+//! * Host memory of a retired backend is freed exactly once, by a sweep
+//!   under the `retired` lock, after the sweep's acquire load saw each entry
+//!   naming it cleared.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -104,11 +115,9 @@ pub(crate) const MAX_CLAIMS: usize = 4;
 
 /// Slots of a shard's first chunk; chunk `k` holds `FIRST_CHUNK << k`.
 const FIRST_CHUNK: usize = 32;
-/// Chunks per shard: `FIRST_CHUNK * (2^CHUNKS - 1)` slots, about two
-/// billion live entries per shard (each one a guard the caller holds).
-const CHUNKS: usize = 26;
-/// Free-slot probes before a shard grows instead.
-const PROBES: usize = 16;
+/// Chunks per shard: `FIRST_CHUNK * (2^CHUNKS - 1)` slots, more entries
+/// than a process can hold guards for (memory runs out first).
+const CHUNKS: usize = 58;
 /// Tries a reader makes to copy a slot that keeps changing under it.
 const READ_TRIES: usize = 8;
 
@@ -323,9 +332,12 @@ impl Shard {
         // Plain load + store: only the claim holder writes these.
         let seq = self.next_seq.load(Ordering::Relaxed);
         self.next_seq.store(seq + 1, Ordering::Relaxed);
+        // One pass round the slots in use, from where the last one ended
+        // (round-robin, so a slot freed anywhere is found); grow only when
+        // every slot is live.
         let len = self.len.load(Ordering::Relaxed);
         let mut i = self.hint.load(Ordering::Relaxed);
-        for _ in 0..len.min(PROBES) {
+        for _ in 0..len {
             if i >= len {
                 i = 0;
             }
@@ -339,24 +351,28 @@ impl Shard {
         self.grow(seq, entry)
     }
 
-    /// Claim holder: appends a slot for `entry`.
+    /// Claim holder, every slot live: adds half as many slots again (so
+    /// full passes are rare: the slots in use stay below 1.5 times the most
+    /// entries ever live at once, plus one) and fills the first new one.
     #[cold]
     fn grow(&self, seq: u64, entry: &Entry) -> &Slot {
-        let i = self.len.load(Ordering::Relaxed);
-        let (chunk, offset) = locate(i);
-        let slots = self.chunks[chunk].get_or_init(|| {
-            (0..FIRST_CHUNK << chunk)
-                .map(|_| Slot::new())
-                .collect::<Vec<_>>()
-                .into_boxed_slice()
-        });
-        let slot = &slots[offset];
+        let len = self.len.load(Ordering::Relaxed);
+        let new_len = len + (len / 2).max(1);
+        for chunk in locate(len).0..=locate(new_len - 1).0 {
+            self.chunks[chunk].get_or_init(|| {
+                (0..FIRST_CHUNK << chunk)
+                    .map(|_| Slot::new())
+                    .collect::<Vec<_>>()
+                    .into_boxed_slice()
+            });
+        }
+        let slot = self.slot(len);
         let filled = slot.try_fill(seq, entry);
         debug_assert!(filled, "a slot past `len` is free");
-        // Release: a reader that sees the new length sees the chunk and the
-        // slot's initial state.
-        self.len.store(i + 1, Ordering::Release);
-        self.hint.store(i + 1, Ordering::Relaxed);
+        // Release: a reader that sees the new length sees the chunks and the
+        // slots' initial (free) state.
+        self.len.store(new_len, Ordering::Release);
+        self.hint.store(len + 1, Ordering::Relaxed);
         slot
     }
 
@@ -486,9 +502,7 @@ fn light_barrier(asymmetric: bool) {
 
 /// The retire side's barrier: a full barrier on every running thread.
 /// Returns false if it could not be made (`membarrier` refused after a
-/// successful registration, which the kernel does not do): the caller must
-/// then not free anything.
-#[must_use]
+/// successful registration, which the kernel does not do).
 fn heavy_barrier(asymmetric: bool) -> bool {
     #[cfg(all(target_os = "linux", not(miri), not(loom)))]
     if asymmetric {
@@ -652,11 +666,13 @@ impl MappingTable {
         let mut retired = self.retired.lock();
         retired.push((key, block));
         self.retired_count.store(retired.len(), Ordering::Relaxed);
-        if heavy_barrier(self.asymmetric) {
-            self.sweep_locked(&mut retired, census);
-        }
-        // Else the block stays parked (memory held, never freed early) until
-        // a later sweep or the table's drop.
+        // Sweeping is safe with or without the barrier: a block is freed
+        // only after a sweep's acquire load saw each of its pins cleared.
+        // The barrier is for liveness: without it an unmap racing this drop
+        // might miss the count, and the block would stay parked until the
+        // next sweep (another retire, or an unmap that sees the count).
+        let _ = heavy_barrier(self.asymmetric);
+        self.sweep_locked(&mut retired, census);
     }
 
     #[cold]
@@ -901,6 +917,41 @@ mod tests {
             table.remove(*t);
         }
         assert_eq!(table.len(), 0);
+    }
+
+    /// Slots in use in this thread's current shard.
+    fn current_shard_len() -> usize {
+        let shard = CURRENT.with(Cell::get).1;
+        assert!(!shard.is_null());
+        // SAFETY: `CURRENT` names the shard of this thread's current claim,
+        // which the thread-local `CLAIMS` keeps alive.
+        unsafe { &*shard }.len.load(Ordering::Relaxed)
+    }
+
+    /// Long-lived entries (a device's ring caches) in front of a churn of
+    /// short mappings: freed slots are found again, the shard does not grow.
+    #[test]
+    fn churn_behind_long_lived_entries_reuses_slots() {
+        let c = Census::new();
+        let table = MappingTable::new();
+        let long_lived: Vec<Ticket> = (0..16).map(|i| table.insert(&entry(&c, i))).collect();
+        let cycles = if cfg!(miri) { 200 } else { 100_000 };
+        for i in 0..cycles {
+            let t = table.insert(&entry(&c, 100 + i));
+            table.remove_pin(t, || &c);
+        }
+        let len = current_shard_len();
+        assert!(len <= 32, "{len} slots for at most 17 live entries");
+        for t in long_lived {
+            table.remove(t);
+        }
+        // Many live at once, then all freed: slots stay below 1.5x the peak.
+        let peak: Vec<Ticket> = (0..1000).map(|i| table.insert(&entry(&c, i))).collect();
+        for t in peak {
+            table.remove(t);
+        }
+        let len = current_shard_len();
+        assert!(len <= 1501, "{len} slots for a peak of 1000 live entries");
     }
 
     #[test]
