@@ -440,7 +440,8 @@ enum Hold<'a> {
     Nothing,
     /// RAM of an owned region: the mapping's entry in `table` (the
     /// machine's, borrowed from the handle), which pins the memory (see
-    /// [`crate::mapping_table`]).
+    /// [`crate::mapping_table`]). `table` is derivable from `space`; it is
+    /// kept so that unmap does not chase three pointers to reach it.
     Memory {
         table: &'a MappingTable,
         ticket: Ticket,

@@ -28,8 +28,7 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::backend::MemoryBackend;
-use crate::dma::{ram_backend, DmaDirection, MappingKind};
-use crate::flatview::FlatRange;
+use crate::dma::{direct_extent, is_direct, ram_backend, DmaDirection, MappingKind};
 use crate::mapping_table::{Entry, MappingTable, Ticket};
 use crate::space::AddressSpace;
 
@@ -95,14 +94,6 @@ impl Drop for GuestMemorySnapshot {
     }
 }
 
-/// A run of writable RAM: guest start, length, host start, its memory.
-struct Run<'v> {
-    start: u64,
-    len: u64,
-    host: *mut u8,
-    range: &'v FlatRange,
-}
-
 impl AddressSpace {
     /// A vm-memory view of this address space's RAM (see
     /// [`crate::guest_memory`]).
@@ -113,30 +104,23 @@ impl AddressSpace {
     /// not for regions memtree produces; kept total).
     pub fn guest_memory(&self) -> Result<GuestMemorySnapshot, GuestMemoryError> {
         let view = self.view_guard();
-        let mut runs: Vec<Run<'_>> = Vec::new();
-        for r in view.ranges() {
-            if !r.is_direct_write() {
+        // Runs of writable RAM: (range index, length), each extended across
+        // the following ranges of the same region, as a DMA mapping is.
+        let mut runs: Vec<(usize, u64)> = Vec::new();
+        let ranges = view.ranges();
+        let mut i = 0;
+        while i < ranges.len() {
+            let r = &ranges[i];
+            if !is_direct(r, DmaDirection::Bidirectional) {
+                i += 1;
                 continue;
             }
-            let Ok(len) = u64::try_from(r.len()) else {
-                continue;
-            };
-            let host = r.host_at(r.start());
-            if let Some(last) = runs.last_mut() {
-                let contiguous = last.start.checked_add(last.len) == Some(r.start())
-                    && Arc::ptr_eq(last.range.region(), r.region())
-                    && last.host.wrapping_add(last.len as usize) == host;
-                if contiguous {
-                    last.len += len;
-                    continue;
-                }
+            let len = direct_extent(&view, i, r.start(), u64::MAX, DmaDirection::Bidirectional);
+            runs.push((i, len));
+            let last = r.start().saturating_add(len - 1);
+            while i < ranges.len() && ranges[i].last() <= last {
+                i += 1;
             }
-            runs.push(Run {
-                start: r.start(),
-                len,
-                host,
-                range: r,
-            });
         }
         let table = self.shared.machine.dma.clone();
         let mut snapshot = GuestMemorySnapshot {
@@ -145,14 +129,16 @@ impl AddressSpace {
             table,
         };
         let mut regions = Vec::new();
-        for run in runs {
-            let Some(backend) = ram_backend(run.range.region()) else {
+        for (i, len) in runs {
+            let range = &ranges[i];
+            let (start, host) = (range.start(), range.host_at(range.start()));
+            let Some(backend) = ram_backend(range.region()) else {
                 continue;
             };
-            if run.host as u64 % PAGE != 0 || run.start % PAGE != 0 {
+            if host as u64 % PAGE != 0 || start % PAGE != 0 {
                 continue;
             }
-            let Ok(size) = usize::try_from(run.len) else {
+            let Ok(size) = usize::try_from(len) else {
                 continue;
             };
             // What `crate::ram` mapped the memory with.
@@ -161,27 +147,27 @@ impl AddressSpace {
                 crate::RamBacking::Memfd => libc::MAP_SHARED,
             } | libc::MAP_NORESERVE;
             let prot = libc::PROT_READ | libc::PROT_WRITE;
-            // SAFETY: `run.host..run.host + size` lies inside the host
+            // SAFETY: `host..host + size` lies inside the host
             // mapping of `backend` (a flat range never extends past its
             // backend), which the snapshot holds until after the vm-memory
             // regions are dropped (`GuestMemorySnapshot::drop`); the region
             // is built as not owning the mapping, so vm-memory never unmaps
             // it.
-            let mmap = unsafe { MmapRegion::build_raw(run.host, size, prot, flags) };
+            let mmap = unsafe { MmapRegion::build_raw(host, size, prot, flags) };
             let refused = |message: String| GuestMemoryError::Region {
-                start: run.start,
-                len: run.len,
+                start,
+                len,
                 message,
             };
             let mmap = mmap.map_err(|e| refused(e.to_string()))?;
-            let region = GuestRegionMmap::new(mmap, GuestAddress(run.start))
+            let region = GuestRegionMmap::new(mmap, GuestAddress(start))
                 .map_err(|e| refused(e.to_string()))?;
             let ticket = snapshot.table.insert(&Entry {
                 kind: MappingKind::GuestMemory,
                 dir: DmaDirection::Bidirectional,
                 space: self.census_key(),
-                addr: run.start,
-                len: run.len,
+                addr: start,
+                len,
                 holds: backend.census_key(),
             });
             snapshot.held.push((backend.clone(), ticket));
