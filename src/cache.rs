@@ -371,8 +371,8 @@ impl SectionRef {
 impl Drop for SectionRef {
     fn drop(&mut self) {
         self.machine.dma.remove(self.ticket);
-        // `region` drops after the record: the section is finalized before
-        // what it held.
+        // `region` drops after the entry is removed (the section's census
+        // entry is finalized at the next census query).
     }
 }
 
