@@ -27,23 +27,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use memtree::{
-    Endianness, MemTxAttrs, MemTxResult, Memory, MmioOps, RegionId, RegionKind, SpaceId,
-};
-
-struct Nop;
-
-impl MmioOps for Nop {
-    fn read(&self, _addr: u64, _size: u32, _attrs: MemTxAttrs) -> Result<u64, MemTxResult> {
-        Ok(0)
-    }
-    fn write(&self, _addr: u64, _data: u64, _size: u32, _attrs: MemTxAttrs) -> MemTxResult {
-        MemTxResult::OK
-    }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
-    }
-}
+use memtree::{Memory, MmioOps, RegionId, RegionKind, SpaceId, UnimplementedDevice};
 
 /// Deterministic xorshift, so every run benchmarks the same machines.
 struct Rng(u64);
@@ -77,7 +61,7 @@ pub struct Machine {
 pub fn machine(n: usize) -> Machine {
     let memory = Memory::new();
     let m = &memory;
-    let ops: Arc<dyn MmioOps> = Arc::new(Nop);
+    let ops: Arc<dyn MmioOps> = Arc::new(UnimplementedDevice);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut count = 0usize;
     macro_rules! made {

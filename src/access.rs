@@ -237,6 +237,32 @@ pub trait MmioOps: Send + Sync + 'static {
     fn endianness(&self) -> Endianness;
 }
 
+/// A device that reads as zero and ignores writes, like QEMU's
+/// `unimplemented-device`: a placeholder for a block of registers nobody
+/// models yet, so that guest accesses to it succeed instead of decoding as
+/// unassigned. Little endian; accesses of 1 to 8 bytes at any alignment are
+/// valid and reach it whole.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UnimplementedDevice;
+
+impl MmioOps for UnimplementedDevice {
+    fn valid_sizes(&self) -> AccessSizes {
+        AccessSizes::new(1, 8, true)
+    }
+    fn impl_sizes(&self) -> AccessSizes {
+        AccessSizes::new(1, 8, true)
+    }
+    fn read(&self, _addr: u64, _size: u32, _attrs: MemTxAttrs) -> Result<u64, MemTxResult> {
+        Ok(0)
+    }
+    fn write(&self, _addr: u64, _data: u64, _size: u32, _attrs: MemTxAttrs) -> MemTxResult {
+        MemTxResult::OK
+    }
+    fn endianness(&self) -> Endianness {
+        Endianness::Little
+    }
+}
+
 /// A snapshot of an [`MmioOps`]' fixed configuration (its `valid` and `impl`
 /// sizes and its byte order), taken once when a region is created so that
 /// the access path makes no dynamic call for it, plus the access widths that
@@ -661,6 +687,23 @@ impl MmioOps for IoRootOps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An unimplemented device answers every access, unlike unassigned
+    /// memory (which decodes as an error).
+    #[test]
+    fn unimplemented_device_reads_zero_and_takes_writes() {
+        let a = MemTxAttrs::UNSPECIFIED;
+        for size in [1, 2, 4, 8] {
+            assert_eq!(
+                dispatch_read(&UnimplementedDevice, 0x13, size, Endianness::Big, a),
+                (0, MemTxResult::OK)
+            );
+            assert_eq!(
+                dispatch_write(&UnimplementedDevice, 0x13, !0, size, Endianness::Little, a),
+                MemTxResult::OK
+            );
+        }
+    }
 
     #[test]
     fn helpers() {

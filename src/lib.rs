@@ -59,7 +59,9 @@ pub mod space;
 pub mod text;
 mod topology;
 
-pub use access::{AccessKind, AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps};
+pub use access::{
+    AccessKind, AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps, UnimplementedDevice,
+};
 pub use backend::MemoryBackend;
 pub use census::{Census, ObjectKey, ObjectKind};
 pub use dispatch::{Endian, Primitive};

@@ -4,26 +4,12 @@
 
 use std::sync::Arc;
 
-use memtree::access::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
+use memtree::access::MemTxAttrs;
 use memtree::census::ObjectKind;
-use memtree::{diag, Memory};
+use memtree::{diag, Memory, UnimplementedDevice};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryRegion};
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;
-
-struct Regs;
-
-impl MmioOps for Regs {
-    fn read(&self, _addr: u64, _size: u32, _attrs: MemTxAttrs) -> Result<u64, MemTxResult> {
-        Ok(0)
-    }
-    fn write(&self, _addr: u64, _data: u64, _size: u32, _attrs: MemTxAttrs) -> MemTxResult {
-        MemTxResult::OK
-    }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
-    }
-}
 
 /// The snapshot has one region per run of writable RAM (an alias window
 /// of the same RAM contiguous with it merges; MMIO and ROM are left out);
@@ -43,7 +29,7 @@ fn guest_memory_snapshot_maps_writable_ram_only() {
     memory.add_subregion(system, 0, low).unwrap();
     memory.add_subregion(system, 0x10_0000, high).unwrap();
     let mmio = memory
-        .new_mmio("regs", 0x1000, Arc::new(Regs), None)
+        .new_mmio("regs", 0x1000, Arc::new(UnimplementedDevice), None)
         .unwrap();
     memory.add_subregion(system, 0x4000_0000, mmio).unwrap();
     let rom = memory.new_rom("bios", 0x1_0000, None).unwrap();

@@ -25,27 +25,12 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use memtree::{
-    Endianness, FlatView, MemTxAttrs, MemTxResult, Memory, MmioOps, RegionId, RegionKind, SpaceId,
-    TopologyError,
+    FlatView, Memory, RegionId, RegionKind, SpaceId, TopologyError, UnimplementedDevice,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
 const FULL: u128 = 1 << 64;
-
-struct Nop;
-
-impl MmioOps for Nop {
-    fn read(&self, _addr: u64, _size: u32, _attrs: MemTxAttrs) -> Result<u64, MemTxResult> {
-        Ok(0)
-    }
-    fn write(&self, _addr: u64, _data: u64, _size: u32, _attrs: MemTxAttrs) -> MemTxResult {
-        MemTxResult::OK
-    }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
-    }
-}
 
 // ---- the reference model -----------------------------------------------------
 
@@ -501,7 +486,7 @@ impl World {
                     Kind::Ram,
                 ),
                 2 => (
-                    memory.new_mmio(&name, s.size, Arc::new(Nop), None),
+                    memory.new_mmio(&name, s.size, Arc::new(UnimplementedDevice), None),
                     Kind::Mmio,
                 ),
                 _ => {

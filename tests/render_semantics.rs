@@ -4,30 +4,13 @@
 
 use std::sync::Arc;
 
-use memtree::{
-    Endianness, FlatView, MemTxAttrs, MemTxResult, Memory, MmioOps, RegionId, SpaceId,
-    TopologyError,
-};
+use memtree::{FlatView, Memory, RegionId, SpaceId, TopologyError, UnimplementedDevice};
 
 const FULL: u128 = 1 << 64;
 
-/// A device that does nothing: rendering never calls it.
-struct Nop;
-
-impl MmioOps for Nop {
-    fn read(&self, _addr: u64, _size: u32, _attrs: MemTxAttrs) -> Result<u64, MemTxResult> {
-        Ok(0)
-    }
-    fn write(&self, _addr: u64, _data: u64, _size: u32, _attrs: MemTxAttrs) -> MemTxResult {
-        MemTxResult::OK
-    }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
-    }
-}
-
 fn mmio(m: &Memory, name: &str, size: u128) -> RegionId {
-    m.new_mmio(name, size, Arc::new(Nop), None).unwrap()
+    m.new_mmio(name, size, Arc::new(UnimplementedDevice), None)
+        .unwrap()
 }
 
 fn container(m: &Memory, name: &str, size: u128) -> RegionId {
