@@ -46,7 +46,7 @@ use crate::access::{MemTxAttrs, MemTxResult};
 use crate::backend::MemoryBackend;
 use crate::census::ObjectKey;
 use crate::dma::{
-    avail_in, check_bounds, check_range, direct_extent, is_direct, ram_backend, DmaDirection,
+    avail_in, check_bounds, check_range, direct_extent, is_direct, owned_ram_backend, DmaDirection,
     DmaError, MappingId, MappingKind,
 };
 use crate::mapping_table::{Entry, Ticket};
@@ -124,29 +124,23 @@ impl MemoryRegionCache {
         check_range(self.addr, self.requested)?;
         let view = self.space.view_guard();
         let Some(i) = view.lookup_index(self.addr) else {
-            return Err(DmaError::Unassigned {
-                space: self.space.name().to_owned(),
-                addr: self.addr,
-            });
+            return Err(self.space.unassigned(self.addr));
         };
         let r = &view.ranges()[i];
         if is_direct(r, self.dir) {
             if let Some(host) = NonNull::new(r.host_at(self.addr)) {
                 let len = direct_extent(&view, i, self.addr, self.requested, self.dir);
-                let held = match (r.region().owner(), ram_backend(r.region())) {
-                    (Some(_), Some(b)) => {
-                        let ticket = self.space.shared.machine.dma.insert(&Entry {
-                            kind: MappingKind::Cache,
-                            dir: self.dir,
-                            space: self.space.census_key(),
-                            addr: self.addr,
-                            len,
-                            holds: b.census_key(),
-                        });
-                        Some((b.clone(), ticket))
-                    }
-                    _ => None,
-                };
+                let held = owned_ram_backend(r.region()).map(|b| {
+                    let ticket = self.space.shared.machine.dma.insert(&Entry {
+                        kind: MappingKind::Cache,
+                        dir: self.dir,
+                        space: self.space.census_key(),
+                        addr: self.addr,
+                        len,
+                        holds: b.census_key(),
+                    });
+                    (b.clone(), ticket)
+                });
                 self.len = len;
                 self.direct = Some(Direct { host, held });
                 return Ok(());

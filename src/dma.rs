@@ -359,6 +359,14 @@ pub(crate) fn ram_backend(core: &RegionCore) -> Option<&Arc<MemoryBackend>> {
     }
 }
 
+/// The memory of a region with an owner, which a mapping or cache of it
+/// must keep (`None` for ownerless RAM, machine-lifetime memory, and for
+/// regions without memory).
+#[inline]
+pub(crate) fn owned_ram_backend(core: &RegionCore) -> Option<&Arc<MemoryBackend>> {
+    core.owner().and(ram_backend(core))
+}
+
 /// Whether the range can be accessed directly in direction `dir`.
 #[inline]
 pub(crate) fn is_direct(r: &FlatRange, dir: DmaDirection) -> bool {
@@ -567,8 +575,8 @@ impl AddressSpace {
             return Err(self.unassigned(addr));
         };
         let got = direct_extent(view, i, addr, len, dir);
-        let hold = match (r.region().owner(), ram_backend(r.region())) {
-            (Some(_), Some(backend)) => {
+        let hold = match owned_ram_backend(r.region()) {
+            Some(backend) => {
                 // The view (borrowed for this call) holds the backend, so
                 // it cannot be retired before the entry below pins it.
                 backend.mark_pinned();
@@ -583,7 +591,7 @@ impl AddressSpace {
                 });
                 Hold::Memory { table, ticket }
             }
-            _ => {
+            None => {
                 debug_assert!(
                     self.is_machine_lifetime(r.region()),
                     "ownerless RAM must be machine-lifetime memory"
@@ -602,7 +610,7 @@ impl AddressSpace {
     }
 
     #[cold]
-    fn unassigned(&self, addr: u64) -> DmaError {
+    pub(crate) fn unassigned(&self, addr: u64) -> DmaError {
         DmaError::Unassigned {
             space: self.name().to_owned(),
             addr,

@@ -166,20 +166,7 @@ mod built {
     use super::chipset::{pam_layout, Chipset};
     use std::sync::Arc;
 
-    use memtree::{AddressSpace, Endianness, MemTxAttrs, MemTxResult, Memory, MmioOps, RegionId};
-
-    struct Vga;
-    impl MmioOps for Vga {
-        fn read(&self, _: u64, _: u32, _: MemTxAttrs) -> Result<u64, MemTxResult> {
-            Ok(0)
-        }
-        fn write(&self, _: u64, _: u64, _: u32, _: MemTxAttrs) -> MemTxResult {
-            MemTxResult::OK
-        }
-        fn endianness(&self) -> Endianness {
-            Endianness::Little
-        }
-    }
+    use memtree::{AddressSpace, Memory, RegionId, UnimplementedDevice};
 
     struct Pc {
         memory: Memory,
@@ -201,7 +188,7 @@ mod built {
         let rom = memory.new_rom("pc.rom", 0x20000, None).unwrap();
         memory.add_subregion_overlap(pci, 0xc0000, rom, 1).unwrap();
         let vga = memory
-            .new_mmio("vga-lowmem", 0x20000, Arc::new(Vga), None)
+            .new_mmio("vga-lowmem", 0x20000, Arc::new(UnimplementedDevice), None)
             .unwrap();
         memory.add_subregion(pci, 0xa0000, vga).unwrap();
         let smm = memory.new_container("memory", 1 << 64, None).unwrap();
