@@ -1,5 +1,5 @@
 //! The PAM/SMRAM chipset example against QEMU 7.2: the qtest transcripts of
-//! ../shared/oracle/dynamic/{pc-pam-smram,q35-pam} are replayed into the
+//! tests/data/oracle/dynamic/{pc-pam-smram,q35-pam} are replayed into the
 //! model, attached to the machine imported from the scenario's initial dump,
 //! and after every `### snapshot NN-label` memtree's `info mtree -f` and
 //! `info mtree -D` must equal QEMU's dumps of that step (modulo block order
@@ -23,7 +23,7 @@ use memtree::Machine;
 fn scenario_dir(name: &str) -> PathBuf {
     let base = match std::env::var_os("MEMTREE_ORACLE") {
         Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/oracle"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/oracle"),
     };
     base.join("dynamic").join(name)
 }
