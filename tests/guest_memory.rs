@@ -375,3 +375,89 @@ fn guest_memory_clips_ram_ending_at_top_of_address_space() {
     drop((gm, space));
     assert!(memory.teardown().is_clean());
 }
+
+/// What a multi-threaded back-end needs (vhost-user-backend requires
+/// `Send + Sync` memory), from the fields' own impls: memtree declares none
+/// for these types.
+#[test]
+fn vm_memory_types_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<memtree::guest_memory::GuestRamRegion>();
+    send_sync::<GuestRam>();
+    send_sync::<Arc<GuestRam>>();
+    send_sync::<memtree::AddressSpace>();
+}
+
+/// A back-end thread asks for the memory per request while the VMM plugs
+/// and unplugs a DIMM: each `memory()` is a consistent snapshot (the DIMM
+/// reads its pattern or is absent, boot RAM is always there), the thread
+/// sees every plug and every unplug, and teardown is clean afterwards.
+#[test]
+fn guest_address_space_hotplug_while_a_thread_reads() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const DIMM: u64 = 0x1_0000_0000;
+    let memory = Memory::new();
+    let system = memory.new_container("system", 1 << 40, None).unwrap();
+    let boot = memory.new_ram("boot.ram", 0x1000, None).unwrap();
+    memory.add_subregion(system, 0, boot).unwrap();
+    let sid = memory.new_address_space("memory", system, None).unwrap();
+    let space = memory.address_space(sid).unwrap();
+    space.write(0x10, &[9; 4], A);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Reads that found the DIMM, reads that found nothing there.
+    let seen = Arc::new(AtomicU64::new(0));
+    let absent = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (mem, stop, seen, absent) = (space.clone(), stop.clone(), seen.clone(), absent.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let snapshot = mem.memory();
+                assert_eq!(
+                    snapshot.read_obj::<u32>(GuestAddress(0x10)).unwrap(),
+                    0x0909_0909
+                );
+                match snapshot.read_obj::<u32>(GuestAddress(DIMM + 0x20)) {
+                    Ok(v) => {
+                        assert_eq!(v, 0xa5a5_a5a5);
+                        seen.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        absent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                std::thread::yield_now();
+            }
+        })
+    };
+    // Waits until the reader has made one more read of the given kind.
+    let wait_for = |counter: &AtomicU64, reader: &std::thread::JoinHandle<()>| {
+        let from = counter.load(Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while counter.load(Ordering::Relaxed) <= from + 1 {
+            assert!(!reader.is_finished(), "the reader failed");
+            assert!(std::time::Instant::now() < deadline, "the reader is stuck");
+            std::thread::yield_now();
+        }
+    };
+    let rounds = if cfg!(miri) { 2 } else { 50 };
+    for i in 0..rounds {
+        let owner = memory.new_owner(&format!("dimm{i}"), None).unwrap();
+        // Filled before it is plugged: a reader sees the pattern or nothing.
+        let backend = memory
+            .new_backend("dimm.ram", 0x1000, RamBacking::Anonymous)
+            .unwrap();
+        backend.write(0x20, &[0xa5; 4]).unwrap();
+        let ram = memory
+            .new_ram_from_backend("dimm.ram", &backend, 0, 0x1000, Some(owner))
+            .unwrap();
+        drop(backend);
+        memory.add_subregion(system, DIMM, ram).unwrap();
+        wait_for(&seen, &reader);
+        memory.unplug(owner).unwrap();
+        wait_for(&absent, &reader);
+    }
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    drop(space);
+    assert!(memory.teardown().is_clean());
+}
