@@ -213,10 +213,10 @@ pub struct FlatView {
     /// Lookup accelerator over the packed `start` of every range (a bucket
     /// table, see [`crate::dispatch::RangeIndex`]). Built once in `new`.
     starts: crate::dispatch::RangeIndex,
-    /// This view's writable RAM as a vm-memory collection, built on first
-    /// use by `AddressSpace::guest_memory` and dropped with the view.
+    /// This view's writable RAM for vm-memory, built on first use by
+    /// `AddressSpace::guest_memory` and dropped with the view.
     #[cfg(all(feature = "vm-memory", unix))]
-    pub(crate) guest_ram: std::sync::OnceLock<Arc<crate::guest_memory::GuestRam>>,
+    pub(crate) guest_ram: std::sync::OnceLock<crate::guest_memory::GuestRamCache>,
 }
 
 impl FlatView {

@@ -46,35 +46,43 @@
 //! Each region records an entry in the machine's mapping table for as long
 //! as it lives, so the census explains the memory it holds: `held by mapping
 //! #N "vm-memory-region memory 0x80000000+0x10000 bidirectional"` (kind,
-//! address space through which it was built, guest range), and an unplug
-//! report lists it among the outstanding mappings.
+//! address space it was handed out through, guest range), and an unplug
+//! report lists it among the outstanding mappings. Regions exist only while
+//! someone outside memtree holds them (see below), so such an entry always
+//! means a holder outside memtree.
 //!
 //! # Cost and caching
 //!
-//! The collection is a function of the flat view, so it is built once per
-//! published view, on first use, and cached in the view: repeated
-//! [`AddressSpace::guest_memory`] / `memory()` calls between two commits are
-//! a view load and an `Arc` clone. The cache goes with the view (views are
-//! dropped when replaced and no reader holds them), so it never keeps
-//! unplugged memory alive beyond what holders of the view already do.
-//! Address spaces that share a view share its collection (its entries are
-//! labelled with the first of them).
+//! What a view's RAM is (its runs: memory, offset, guest range, memfd) is a
+//! function of the view, so it is computed once per published view, on
+//! first use, and cached in the view (`FlatView::guest_ram`, dropped with
+//! the view; it holds the memory only as the view's ranges already do). The
+//! collection handed out is cached *weakly*: while anyone holds it, every
+//! [`AddressSpace::guest_memory`] / `memory()` call returns the same one (a
+//! view load, a lock and an `Arc` upgrade); once its last holder drops it,
+//! its regions and their table entries go, and the next call wraps the
+//! cached runs in fresh regions (one allocation per region plus one, and
+//! one table entry per region; no system call). Holding the view does not
+//! hold the collection, so a collection nobody holds is never reported as a
+//! holder.
 //!
 //! # Invariants
 //!
-//! * A region's `offset + len` lies within its backend's host memory and
-//!   `start + len <= u64::MAX`; the regions of a collection are sorted and
-//!   disjoint (they come from disjoint flat ranges).
-//! * A region holds its backend's `Arc` and its table entry from
-//!   construction to drop; the entry is removed before the `Arc` is
+//! * A run's `offset + len` lies within its backend's host memory and
+//!   `start + len <= u64::MAX`; the runs of a view are sorted and disjoint
+//!   (they come from disjoint flat ranges), so the regions of a collection
+//!   are.
+//! * A region holds its run (so the backend's `Arc`) and its table entry
+//!   from construction to drop; the entry is removed before the `Arc` is
 //!   released, so a sweep that frees retired memory never sees the memory
 //!   named by a live entry of a dropped region.
 //! * No type here has an `unsafe impl Send`/`Sync`: a region is `Send +
 //!   Sync` because each of its fields is, whatever clones exist.
 
 use std::fs::File;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
+use parking_lot::Mutex;
 use vm_memory::bitmap::BS;
 use vm_memory::{
     Address, FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryError, GuestMemoryRegion,
@@ -92,12 +100,11 @@ use crate::space::AddressSpace;
 /// clones `Arc`s of its regions, each of which holds its memory.
 pub type GuestRam = GuestRegionCollection<GuestRamRegion>;
 
-/// One vm-memory region: `len` bytes of a memtree memory backend, starting
-/// at `offset` inside it, seen at guest address `start`. Holds the memory
-/// (see the [module docs](self)).
-pub struct GuestRamRegion {
+/// A run of writable RAM as a view has it: `len` bytes of `backend` from
+/// `offset`, at guest address `start`. Built once per view.
+struct RamRun {
     backend: Arc<MemoryBackend>,
-    /// Offset of the region's first byte inside the backend.
+    /// Offset of the run's first byte inside the backend.
     offset: u64,
     start: GuestAddress,
     /// Non-zero; `offset + len <= backend.size()`, `start + len <= u64::MAX`.
@@ -105,6 +112,20 @@ pub struct GuestRamRegion {
     /// A second descriptor of the backend's memfd (memfd-backed RAM only),
     /// so that consumers can share the memory with another process.
     file_offset: Option<FileOffset>,
+}
+
+/// What a flat view caches for vm-memory (`FlatView::guest_ram`).
+pub(crate) struct GuestRamCache {
+    /// The view's runs, built on first use.
+    runs: Vec<Arc<RamRun>>,
+    /// The collection last handed out, while anyone holds it.
+    handed_out: Mutex<Weak<GuestRam>>,
+}
+
+/// One vm-memory region: a run of a view's RAM. Holds the memory (see the
+/// [module docs](self)) and the mapping-table entry that says so.
+pub struct GuestRamRegion {
+    run: Arc<RamRun>,
     table: Arc<MappingTable>,
     /// This region's entry in `table`, removed by `Drop`.
     ticket: Ticket,
@@ -113,18 +134,18 @@ pub struct GuestRamRegion {
 impl GuestRamRegion {
     /// The memory this region maps (and holds).
     pub fn backend(&self) -> &Arc<MemoryBackend> {
-        &self.backend
+        &self.run.backend
     }
 
     /// Offset of the region's first byte inside [`Self::backend`].
     pub fn backend_offset(&self) -> u64 {
-        self.offset
+        self.run.offset
     }
 
     /// `len` bytes from `offset` inside the region, if they are in it.
     fn check(&self, offset: MemoryRegionAddress, len: usize) -> GuestMemoryResult<()> {
         match offset.raw_value().checked_add(len as u64) {
-            Some(end) if end <= self.len => Ok(()),
+            Some(end) if end <= self.run.len => Ok(()),
             _ => Err(GuestMemoryError::InvalidBackendAddress),
         }
     }
@@ -133,9 +154,10 @@ impl GuestRamRegion {
     fn host(&self, offset: MemoryRegionAddress) -> *mut u8 {
         // In bounds of the backend's mapping (module invariants), so the
         // cast and the offset do not wrap.
-        self.backend
+        self.run
+            .backend
             .host_addr()
-            .wrapping_add((self.offset + offset.raw_value()) as usize)
+            .wrapping_add((self.run.offset + offset.raw_value()) as usize)
     }
 }
 
@@ -149,10 +171,10 @@ impl Drop for GuestRamRegion {
 impl std::fmt::Debug for GuestRamRegion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GuestRamRegion")
-            .field("start", &format_args!("{:#x}", self.start.0))
-            .field("len", &format_args!("{:#x}", self.len))
-            .field("backend", &self.backend.name())
-            .field("offset", &format_args!("{:#x}", self.offset))
+            .field("start", &format_args!("{:#x}", self.run.start.0))
+            .field("len", &format_args!("{:#x}", self.run.len))
+            .field("backend", &self.run.backend.name())
+            .field("offset", &format_args!("{:#x}", self.run.offset))
             .finish()
     }
 }
@@ -161,24 +183,24 @@ impl GuestMemoryRegion for GuestRamRegion {
     type B = ();
 
     fn len(&self) -> GuestUsize {
-        self.len
+        self.run.len
     }
 
     fn start_addr(&self) -> GuestAddress {
-        self.start
+        self.run.start
     }
 
     fn bitmap(&self) {}
 
     fn get_host_address(&self, addr: MemoryRegionAddress) -> GuestMemoryResult<*mut u8> {
-        if addr.raw_value() >= self.len {
+        if addr.raw_value() >= self.run.len {
             return Err(GuestMemoryError::InvalidBackendAddress);
         }
         Ok(self.host(addr))
     }
 
     fn file_offset(&self) -> Option<&FileOffset> {
-        self.file_offset.as_ref()
+        self.run.file_offset.as_ref()
     }
 
     fn get_slice(
@@ -189,7 +211,7 @@ impl GuestMemoryRegion for GuestRamRegion {
         self.check(offset, count)?;
         // SAFETY: `offset..offset + count` lies in the region (checked
         // above), so in the backend's host mapping (module invariants).
-        // That mapping stays valid while `self.backend` is held, and the
+        // That mapping stays valid while `self.run.backend` is held, and the
         // slice borrows `self`, which holds it for the slice's whole life,
         // whichever clone of the collection or `Arc` the region was reached
         // through. memtree never creates Rust references into guest memory:
@@ -203,88 +225,107 @@ impl GuestMemoryRegionBytes for GuestRamRegion {}
 
 impl AddressSpace {
     /// The RAM of the currently published view as a vm-memory collection
-    /// (see [`crate::guest_memory`]). Built once per published view and
-    /// cached; every `Arc` and every clone of the collection keeps the
-    /// memory it maps alive.
+    /// (see [`crate::guest_memory`]). While any holder of the collection
+    /// returned for this view is left, the same collection is returned;
+    /// every `Arc` and every clone of it keeps the memory it maps alive.
     pub fn guest_memory(&self) -> Arc<GuestRam> {
         let view = self.view_guard();
-        view.guest_ram
-            .get_or_init(|| Arc::new(self.build_guest_ram(&view)))
-            .clone()
+        let cache = view.guest_ram.get_or_init(|| GuestRamCache {
+            runs: ram_runs(&view),
+            handed_out: Mutex::new(Weak::new()),
+        });
+        let mut handed_out = cache.handed_out.lock();
+        if let Some(ram) = handed_out.upgrade() {
+            return ram;
+        }
+        let ram = Arc::new(self.regions_of(&cache.runs));
+        *handed_out = Arc::downgrade(&ram);
+        ram
     }
 
-    fn build_guest_ram(&self, view: &FlatView) -> GuestRam {
-        let table = &self.shared.machine.dma;
-        let ranges = view.ranges();
-        let mut regions = Vec::new();
-        let mut i = 0;
-        while i < ranges.len() {
-            let range = &ranges[i];
-            if !is_direct(range, DmaDirection::Bidirectional) {
-                i += 1;
-                continue;
-            }
-            // The run: this range extended across the following ranges of
-            // the same memory, as a DMA mapping is.
-            let start = range.start();
-            let run = direct_extent(view, i, start, u64::MAX, DmaDirection::Bidirectional);
-            let last = start.saturating_add(run - 1);
-            while i < ranges.len() && ranges[i].last() <= last {
-                i += 1;
-            }
-            // vm-memory needs `start + len` to fit (module docs, "The top
-            // byte").
-            let len = run.min(u64::MAX - start);
-            if len == 0 {
-                continue;
-            }
-            let Some(backend) = ram_backend(range.region()) else {
-                continue;
-            };
-            let base = backend.host_addr().addr();
-            let Some(offset) = range.host_at(start).addr().checked_sub(base) else {
-                continue;
-            };
-            let offset = offset as u64;
-            // A flat range never extends past its backend, so this holds;
-            // checked because the region's safety rests on it.
-            if offset
-                .checked_add(len)
-                .is_none_or(|end| end > backend.size())
-            {
-                continue;
-            }
-            regions.push(Arc::new(GuestRamRegion {
-                file_offset: backend
-                    .fd()
-                    .and_then(|fd| fd.try_clone_to_owned().ok())
-                    .map(|fd| FileOffset::new(File::from(fd), offset)),
-                ticket: table.insert(&Entry {
-                    kind: MappingKind::GuestMemory,
-                    dir: DmaDirection::Bidirectional,
-                    space: self.census_key(),
-                    addr: start,
-                    len,
-                    holds: backend.census_key(),
-                }),
-                table: table.clone(),
-                backend: backend.clone(),
-                offset,
-                start: GuestAddress(start),
-                len,
-            }));
-        }
-        if regions.is_empty() {
+    /// A collection of fresh regions over `runs`, each with its table entry.
+    fn regions_of(&self, runs: &[Arc<RamRun>]) -> GuestRam {
+        if runs.is_empty() {
             return GuestRam::new();
         }
+        let table = &self.shared.machine.dma;
+        let regions = runs
+            .iter()
+            .map(|run| {
+                Arc::new(GuestRamRegion {
+                    ticket: table.insert(&Entry {
+                        kind: MappingKind::GuestMemory,
+                        dir: DmaDirection::Bidirectional,
+                        space: self.census_key(),
+                        addr: run.start.0,
+                        len: run.len,
+                        holds: run.backend.census_key(),
+                    }),
+                    table: table.clone(),
+                    run: run.clone(),
+                })
+            })
+            .collect();
         // Sorted and disjoint by construction (flat ranges are), so
-        // vm-memory's checks pass; an empty collection rather than a
-        // dangling or partial one if they ever did not.
-        debug_assert!(regions
-            .windows(2)
-            .all(|w| w[0].last_addr() < w[1].start_addr()));
+        // vm-memory's checks pass; an empty collection (every address
+        // invalid) rather than a partial one if they ever did not.
         GuestRam::from_arc_regions(regions).unwrap_or_default()
     }
+}
+
+/// The runs of writable RAM of `view`, sorted and disjoint.
+fn ram_runs(view: &FlatView) -> Vec<Arc<RamRun>> {
+    let ranges = view.ranges();
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < ranges.len() {
+        let range = &ranges[i];
+        if !is_direct(range, DmaDirection::Bidirectional) {
+            i += 1;
+            continue;
+        }
+        // The run: this range extended across the following ranges of the
+        // same memory, as a DMA mapping is.
+        let start = range.start();
+        let extent = direct_extent(view, i, start, u64::MAX, DmaDirection::Bidirectional);
+        let last = start.saturating_add(extent - 1);
+        while i < ranges.len() && ranges[i].last() <= last {
+            i += 1;
+        }
+        // vm-memory needs `start + len` to fit (module docs, "The top
+        // byte").
+        let len = extent.min(u64::MAX - start);
+        if len == 0 {
+            continue;
+        }
+        let Some(backend) = ram_backend(range.region()) else {
+            continue;
+        };
+        let base = backend.host_addr().addr();
+        let Some(offset) = range.host_at(start).addr().checked_sub(base) else {
+            continue;
+        };
+        let offset = offset as u64;
+        // A flat range never extends past its backend, so this holds;
+        // checked because the regions' safety rests on it.
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > backend.size())
+        {
+            continue;
+        }
+        runs.push(Arc::new(RamRun {
+            file_offset: backend
+                .fd()
+                .and_then(|fd| fd.try_clone_to_owned().ok())
+                .map(|fd| FileOffset::new(File::from(fd), offset)),
+            backend: backend.clone(),
+            offset,
+            start: GuestAddress(start),
+            len,
+        }));
+    }
+    runs
 }
 
 /// vm-memory's view of an address space that changes at run time: each

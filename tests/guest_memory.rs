@@ -461,3 +461,34 @@ fn guest_address_space_hotplug_while_a_thread_reads() {
     drop(space);
     assert!(memory.teardown().is_clean());
 }
+
+/// A vm-memory view nobody holds any more holds nothing: the unplug report
+/// (made while the old flat view is still published) lists no
+/// vm-memory region, and the table has no entry for it; one still held is
+/// listed.
+#[test]
+fn guest_memory_dropped_view_is_not_reported_at_unplug() {
+    let memory = Memory::new();
+    let system = memory.new_container("system", 1 << 32, None).unwrap();
+    let a = memory.new_owner("ivshmem-a", None).unwrap();
+    let b = memory.new_owner("ivshmem-b", None).unwrap();
+    let shm_a = memory.new_ram("a.bar2", 0x1_0000, Some(a)).unwrap();
+    let shm_b = memory.new_ram("b.bar2", 0x1_0000, Some(b)).unwrap();
+    memory.add_subregion(system, 0x8000_0000, shm_a).unwrap();
+    memory.add_subregion(system, 0x9000_0000, shm_b).unwrap();
+    let sid = memory.new_address_space("memory", system, None).unwrap();
+    let space = memory.address_space(sid).unwrap();
+    let gm = space.guest_memory();
+    assert_eq!(space.outstanding_mappings().len(), 2, "one per region");
+    drop(gm);
+    assert!(space.outstanding_mappings().is_empty());
+    let report = memory.unplug(a).unwrap();
+    assert!(report.outstanding.is_empty(), "{report:?}");
+
+    let held = space.memory();
+    let report = memory.unplug(b).unwrap();
+    assert_eq!(report.outstanding.len(), 1, "{report:?}");
+    assert!(report.outstanding[0].contains("vm-memory-region memory 0x90000000+0x10000"));
+    drop((held, space));
+    assert!(memory.teardown().is_clean());
+}
