@@ -492,3 +492,28 @@ fn guest_memory_dropped_view_is_not_reported_at_unplug() {
     drop((held, space));
     assert!(memory.teardown().is_clean());
 }
+
+/// RAM at an address and of a size that are not page multiples is in the
+/// view (memtree's regions need no alignment, unlike `MmapRegion`), with
+/// its exact bounds.
+#[test]
+fn guest_memory_includes_unaligned_ram() {
+    let memory = Memory::new();
+    let system = memory.new_container("system", 1 << 32, None).unwrap();
+    let ram = memory.new_ram("odd", 0x180, None).unwrap();
+    memory.add_subregion(system, 0x1234, ram).unwrap();
+    let sid = memory.new_address_space("memory", system, None).unwrap();
+    let space = memory.address_space(sid).unwrap();
+    let gm = space.guest_memory();
+    let regions: Vec<(u64, u64)> = gm.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    assert_eq!(regions, vec![(0x1234, 0x180)]);
+    gm.write_obj(0x0102_0304_u32, GuestAddress(0x1234 + 0x17c))
+        .unwrap();
+    let mut got = [0u8; 4];
+    assert!(space.read(0x1234 + 0x17c, &mut got, A).is_ok());
+    assert_eq!(u32::from_le_bytes(got), 0x0102_0304);
+    assert!(gm.read_obj::<u32>(GuestAddress(0x1234 + 0x17d)).is_err());
+    assert!(gm.read_obj::<u8>(GuestAddress(0x1233)).is_err());
+    drop((gm, space));
+    assert!(memory.teardown().is_clean());
+}
