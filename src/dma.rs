@@ -310,9 +310,9 @@ pub enum MappingKind {
     /// A [`crate::cache::SectionRef`] from [`AddressSpace::find`] (holds the
     /// region).
     Section,
-    /// A region of a rust-vmm `GuestMemory` snapshot
-    /// (`AddressSpace::guest_memory`, feature `vm-memory`; holds the
-    /// memory).
+    /// A `GuestRamRegion`, one region of the rust-vmm view of an address
+    /// space's RAM (`AddressSpace::guest_memory`, feature `vm-memory`;
+    /// holds the memory for as long as any clone of the view holds it).
     GuestMemory,
 }
 
@@ -323,7 +323,7 @@ impl MappingKind {
             MappingKind::Bounce => "bounce",
             MappingKind::Cache => "cache",
             MappingKind::Section => "section",
-            MappingKind::GuestMemory => "guest-memory",
+            MappingKind::GuestMemory => "vm-memory-region",
         }
     }
 }

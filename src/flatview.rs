@@ -213,6 +213,10 @@ pub struct FlatView {
     /// Lookup accelerator over the packed `start` of every range (a bucket
     /// table, see [`crate::dispatch::RangeIndex`]). Built once in `new`.
     starts: crate::dispatch::RangeIndex,
+    /// This view's writable RAM for vm-memory, built on first use by
+    /// `AddressSpace::guest_memory` and dropped with the view.
+    #[cfg(all(feature = "vm-memory", unix))]
+    pub(crate) guest_ram: std::sync::OnceLock<crate::guest_memory::GuestRamCache>,
 }
 
 impl FlatView {
@@ -241,6 +245,8 @@ impl FlatView {
             reached,
             census,
             starts,
+            #[cfg(all(feature = "vm-memory", unix))]
+            guest_ram: std::sync::OnceLock::new(),
         }
     }
 

@@ -59,6 +59,12 @@ pub mod space;
 pub mod text;
 mod topology;
 
+/// The vm-memory crate memtree's [`guest_memory`] interop is built with
+/// (feature `vm-memory`): name its types through this path so that they
+/// are the same crate version as memtree's.
+#[cfg(all(feature = "vm-memory", unix))]
+pub use vm_memory;
+
 pub use access::{
     AccessKind, AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps, UnimplementedDevice,
 };
