@@ -58,6 +58,8 @@ mod render;
 pub mod space;
 pub mod text;
 mod topology;
+#[cfg(all(feature = "vhost-user", target_os = "linux"))]
+pub mod vhost_user;
 
 pub use access::{
     AccessKind, AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps, UnimplementedDevice,
