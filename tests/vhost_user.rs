@@ -873,3 +873,45 @@ fn vhost_user_table_errors_are_reported_never_silent() {
     let report = memory.teardown();
     assert!(report.is_clean(), "{report}");
 }
+
+#[test]
+fn vhost_user_first_table_beyond_one_message_and_the_slot_limit() {
+    // Ten RAM ranges at registration: eight go in SET_MEM_TABLE (one fd
+    // each), the rest with ADD_MEM_REG, up to the back-end's nine slots;
+    // the tenth is refused with an error naming it.
+    let memory = Memory::new();
+    let system = memory.new_container("system", 1 << 40, None).unwrap();
+    for i in 0..10u64 {
+        let r = memory
+            .new_ram_with(&format!("ram{i}"), 1 << 16, None, RamBacking::Memfd)
+            .unwrap();
+        memory.add_subregion(system, i << 20, r).unwrap();
+    }
+    let sid = memory.new_address_space("memory", system, None).unwrap();
+    let (sock, seen) = fake_backend(|req| match req {
+        GET_MAX_MEM_SLOTS => Act::Raw(reply_u64(req, 9)),
+        _ => Act::Normal,
+    });
+    let fe = VhostUserFrontend::from_stream(&memory, sock, "fake", quick()).unwrap();
+    let listener = memory.register_listener(sid, fe.clone()).unwrap();
+    let e = fe.check().unwrap_err();
+    assert!(
+        matches!(e, VhostUserError::SlotsExhausted { max: 9, ref region, .. } if region == "ram9"),
+        "{e}"
+    );
+    fe.check().unwrap();
+    let table = fe.table();
+    assert_eq!(table.len(), 9);
+    assert_eq!(table[8].region, "ram8");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.iter().filter(|&&r| r == SET_MEM_TABLE).count(), 1);
+    assert_eq!(seen.iter().filter(|&&r| r == ADD_MEM_REG).count(), 1);
+    // Unregistering removes every entry (REM_MEM_REG each) and the census
+    // entry goes with the last.
+    memory.unregister_listener(listener).unwrap();
+    assert!(fe.table().is_empty());
+    assert!(fe.census_key().is_none());
+    drop(fe);
+    let report = memory.teardown();
+    assert!(report.is_clean(), "{report}");
+}
