@@ -778,6 +778,16 @@ fn vhost_user_bad_backend_input_is_an_error() {
         _ => Act::Normal,
     });
     let fe = VhostUserFrontend::from_stream(&memory, sock, "fake", quick()).unwrap();
+    // Bad arguments are refused before anything is sent.
+    assert!(matches!(
+        fe.get_config(0, u32::MAX),
+        Err(VhostUserError::Invalid(_))
+    ));
+    assert!(matches!(
+        fe.get_config(0, 0),
+        Err(VhostUserError::Invalid(_))
+    ));
+    assert!(fe.is_connected());
     assert!(fe.get_config(0, 8).is_err());
     assert!(matches!(
         fe.get_config(0, 8),

@@ -404,6 +404,12 @@ fn classify(
     match e {
         vhost::Error::VhostUserProtocol(p) => match p {
             ProtoError::BackendInternalError => VhostUserError::Refused { backend, request },
+            // Checked before anything is sent: the stream is still in step.
+            ProtoError::InvalidParam
+            | ProtoError::InactiveFeature(_)
+            | ProtoError::InactiveOperation(_) => VhostUserError::Invalid(format!(
+                "{request} to vhost-user back-end {backend} not sent: {p}"
+            )),
             ProtoError::Disconnected
             | ProtoError::PartialMessage
             | ProtoError::SocketBroken(_)
@@ -439,8 +445,8 @@ impl VhostUserFrontend {
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
+                // The back-end may not be listening yet.
+                Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => {
@@ -511,11 +517,9 @@ impl VhostUserFrontend {
             max_mem_slots: 0,
             queues: options.queues,
         };
-        let result = fe.negotiate(&options);
-        match result {
-            Ok(()) => Ok(Arc::new(fe)),
-            Err(e) => Err(e), // `fe` drops: the watchdog stops, the socket closes.
-        }
+        // On failure `fe` drops: the watchdog stops, the socket closes.
+        fe.negotiate(&options)?;
+        Ok(Arc::new(fe))
     }
 
     fn negotiate(&mut self, options: &FrontendOptions) -> Result<(), VhostUserError> {
@@ -617,7 +621,10 @@ impl VhostUserFrontend {
             }
             Err(err) => {
                 let e = classify(&self.name, what, &err, timed_out, self.timeout);
-                if !matches!(e, VhostUserError::Refused { .. }) {
+                if !matches!(
+                    e,
+                    VhostUserError::Refused { .. } | VhostUserError::Invalid(_)
+                ) {
                     self.break_connection(&mut conn, table, &e);
                 }
                 Err(e)
@@ -780,6 +787,12 @@ impl VhostUserFrontend {
             .contains(VhostUserProtocolFeatures::CONFIG)
         {
             return Err(self.missing("CONFIG"));
+        }
+        // The protocol's config window is 4 KiB; check before allocating.
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > 0x1000) {
+            return Err(VhostUserError::Invalid(format!(
+                "GET_CONFIG of {len:#x} bytes at {offset:#x} is outside the 4 KiB configuration window"
+            )));
         }
         let buf = vec![0u8; len as usize];
         let (_, payload) = self.request("GET_CONFIG", |f| {
