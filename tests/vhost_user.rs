@@ -925,3 +925,45 @@ fn vhost_user_first_table_beyond_one_message_and_the_slot_limit() {
     let report = memory.teardown();
     assert!(report.is_clean(), "{report}");
 }
+
+#[test]
+fn vhost_user_silent_backend_does_not_hang_a_commit() {
+    // The back-end stops answering at the first removal: the unplug (a
+    // commit, writer lock held) returns after one timeout, the error comes
+    // from the next front-end call, and nothing is left held.
+    let memory = Memory::new();
+    let system = memory.new_container("system", 1 << 40, None).unwrap();
+    let ram = memory
+        .new_ram_with("pc.ram", 1 << 20, None, RamBacking::Memfd)
+        .unwrap();
+    memory.add_subregion(system, 0, ram).unwrap();
+    let sid = memory.new_address_space("memory", system, None).unwrap();
+    let (sock, _) = fake_backend(|req| match req {
+        REM_MEM_REG => Act::Silent,
+        _ => Act::Normal,
+    });
+    let fe = VhostUserFrontend::from_stream(&memory, sock, "mute", quick()).unwrap();
+    memory.register_listener(sid, fe.clone()).unwrap();
+    let dimm = memory.new_owner("dimm", None).unwrap();
+    let r = memory
+        .new_ram_with("dimm.ram", 1 << 20, Some(dimm), RamBacking::Memfd)
+        .unwrap();
+    memory.add_subregion(system, 1 << 30, r).unwrap();
+    fe.check().unwrap();
+    assert_eq!(fe.table().len(), 2);
+    let started = Instant::now();
+    memory.unplug(dimm).unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "unplug took {took:?}");
+    let e = fe.check().unwrap_err();
+    assert!(
+        matches!(e, VhostUserError::Timeout { ref request, .. } if request.starts_with("REM_MEM_REG dimm.ram")),
+        "{e}"
+    );
+    assert!(matches!(fe.check(), Err(VhostUserError::Broken { .. })));
+    assert!(fe.table().is_empty());
+    assert!(fe.census_key().is_none());
+    drop(fe);
+    let report = memory.teardown();
+    assert!(report.is_clean(), "{report}");
+}
