@@ -63,11 +63,13 @@ impl Daemon {
     /// Starts the daemon on a fresh zeroed image, or `None` (skip) if the
     /// binary is absent and `CI` is not set.
     fn start(tag: &str, extra: &[&str]) -> Option<Daemon> {
-        if !Path::new(QSD).exists() {
+        // `QEMU_STORAGE_DAEMON` overrides the path (e.g. to check the skip).
+        let qsd = std::env::var("QEMU_STORAGE_DAEMON").unwrap_or_else(|_| QSD.to_owned());
+        if !Path::new(&qsd).exists() {
             if std::env::var_os("CI").is_some() {
-                panic!("{QSD} is missing on CI (install the qemu-utils package)");
+                panic!("{qsd} is missing on CI (install the qemu-utils package)");
             }
-            eprintln!("skipped: {QSD} is not installed (Debian package qemu-utils)");
+            eprintln!("skipped: {qsd} is not installed (Debian package qemu-utils)");
             return None;
         }
         let dir = TempDir::new(tag);
@@ -88,7 +90,7 @@ impl Daemon {
             "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={},writable=on",
             socket.display()
         ));
-        let child = Command::new(QSD)
+        let child = Command::new(&qsd)
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
