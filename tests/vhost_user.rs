@@ -330,6 +330,9 @@ fn vhost_user_blk_roundtrip() {
         assert!(on_disk == contents[i], "block {b} on disk differs");
     }
     rig.fe.check().unwrap();
+    // Stopping the ring returns where the back-end stopped: after the
+    // 1,000 writes, 1,000 reads and the flush.
+    assert_eq!(rig.fe.stop_vring(0).unwrap(), 2001);
     finish(rig);
 }
 
