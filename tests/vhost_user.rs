@@ -813,9 +813,15 @@ fn vhost_user_table_errors_are_reported_never_silent() {
     let sid = memory.new_address_space("memory", system, None).unwrap();
     let refuse_adds = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let garbage_rem = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (ra, gr) = (refuse_adds.clone(), garbage_rem.clone());
+    let refuse_rems = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ra, gr, rr) = (
+        refuse_adds.clone(),
+        garbage_rem.clone(),
+        refuse_rems.clone(),
+    );
     let (sock, seen) = fake_backend(move |req| match req {
         ADD_MEM_REG if ra.load(Ordering::SeqCst) => Act::Ack(1),
+        REM_MEM_REG if rr.load(Ordering::SeqCst) => Act::Ack(1),
         REM_MEM_REG if gr.load(Ordering::SeqCst) => Act::Raw(vec![0xde; 5]),
         _ => Act::Normal,
     });
@@ -865,6 +871,39 @@ fn vhost_user_table_errors_are_reported_never_silent() {
     assert!(matches!(e, VhostUserError::Refused { .. }), "{e}");
     assert_eq!(fe.table().len(), 1);
     memory.unplug(d3).unwrap();
+    refuse_adds.store(false, Ordering::SeqCst);
+    // The back-end refuses a removal: it may still map the memory, so the
+    // front-end keeps holding it (and the census says so) after the unplug.
+    let d4 = memory.new_owner("d4", None).unwrap();
+    let r4 = memory
+        .new_ram_with("d4.ram", 1 << 20, Some(d4), RamBacking::Memfd)
+        .unwrap();
+    memory.add_subregion(system, 0x50_0000, r4).unwrap();
+    fe.check().unwrap();
+    let d4_key = fe
+        .table()
+        .iter()
+        .find(|t| t.region == "d4.ram")
+        .unwrap()
+        .memory;
+    refuse_rems.store(true, Ordering::SeqCst);
+    memory.unplug(d4).unwrap();
+    let e = fe.check().unwrap_err();
+    assert!(
+        matches!(e, VhostUserError::Refused { ref request, .. } if request.starts_with("REM_MEM_REG d4.ram")),
+        "{e}"
+    );
+    assert_eq!(fe.stuck().len(), 1);
+    let census = memory.census().clone();
+    assert!(census.is_live(d4_key));
+    let why = census.explain(d4_key);
+    assert!(
+        why.len() == 1
+            && why[0].starts_with("held by vhost-user back-end")
+            && why[0].contains("\"fake\""),
+        "{why:?}"
+    );
+    refuse_rems.store(false, Ordering::SeqCst);
     // A garbage acknowledgement of a removal: the connection ends, every
     // hold is released, the commit does not hang.
     garbage_rem.store(true, Ordering::SeqCst);
@@ -882,7 +921,12 @@ fn vhost_user_table_errors_are_reported_never_silent() {
         "{e}"
     );
     assert!(fe.table().is_empty());
+    assert!(fe.stuck().is_empty());
     assert!(fe.census_key().is_none());
+    assert!(
+        !census.is_live(d4_key),
+        "refused memory not released with the connection"
+    );
     memory.unregister_listener(listener).unwrap();
     drop(fe);
     let report = memory.teardown();
