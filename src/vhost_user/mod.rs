@@ -477,14 +477,13 @@ impl VhostUserFrontend {
                 "a device needs at least one queue".into(),
             ));
         }
-        let sock = stream.try_clone().map_err(|e| VhostUserError::Connect {
-            path: name.to_owned(),
-            message: e.to_string(),
-        })?;
-        let watch_sock = stream.try_clone().map_err(|e| VhostUserError::Connect {
-            path: name.to_owned(),
-            message: e.to_string(),
-        })?;
+        let clone = || {
+            stream.try_clone().map_err(|e| VhostUserError::Connect {
+                path: name.to_owned(),
+                message: format!("cannot duplicate the socket: {e}"),
+            })
+        };
+        let (sock, watch_sock) = (clone()?, clone()?);
         let watchdog = Arc::new(Watchdog {
             state: Mutex::new(WatchState::default()),
             cv: Condvar::new(),
@@ -578,10 +577,10 @@ impl VhostUserFrontend {
         }
     }
 
-    /// Runs one protocol exchange under the connection lock and the
-    /// watchdog. A failure other than a refusal ends the connection and
-    /// releases what the back-end held (the table lock must not be held by
-    /// the caller then: see [`Self::request_locked`]).
+    /// Runs one protocol exchange under the table and connection locks and
+    /// the watchdog. A failure other than a refusal or a locally refused
+    /// argument ends the connection and releases what the back-end held.
+    /// Callers already holding the table lock use [`Self::request_locked`].
     fn request<T>(
         &self,
         what: &str,
