@@ -71,6 +71,9 @@ pub enum ObjectKind {
     AddressSpace,
     /// A DMA mapping, cache or region section handed out to a caller.
     Mapping,
+    /// A vhost-user back-end (another process) holding the memory in its
+    /// memory table, until it acknowledges the removal.
+    VhostUser,
 }
 
 impl ObjectKind {
@@ -84,6 +87,7 @@ impl ObjectKind {
             ObjectKind::FlatView => "flatview",
             ObjectKind::AddressSpace => "address-space",
             ObjectKind::Mapping => "mapping",
+            ObjectKind::VhostUser => "vhost-user back-end",
         }
     }
 }
@@ -361,6 +365,7 @@ impl Census {
                 ObjectKind::FlatView => "folder",
                 ObjectKind::AddressSpace => "house",
                 ObjectKind::Mapping => "cds",
+                ObjectKind::VhostUser => "hexagon",
             };
             let _ = writeln!(
                 s,

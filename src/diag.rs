@@ -93,6 +93,7 @@ fn word(e: &CensusEntry) -> String {
         ObjectKind::FlatView => format!("flat view of {}", e.name),
         ObjectKind::AddressSpace => format!("address space {}", e.name),
         ObjectKind::Mapping => format!("mapping {}", e.key),
+        ObjectKind::VhostUser => format!("vhost-user back-end {}", e.name),
     }
 }
 
@@ -138,6 +139,7 @@ fn shape(kind: ObjectKind) -> &'static str {
         ObjectKind::FlatView => "folder",
         ObjectKind::AddressSpace => "house",
         ObjectKind::Mapping => "cds",
+        ObjectKind::VhostUser => "hexagon",
     }
 }
 

@@ -58,6 +58,8 @@ mod render;
 pub mod space;
 pub mod text;
 mod topology;
+#[cfg(all(feature = "vhost-user", target_os = "linux"))]
+pub mod vhost_user;
 
 /// The vm-memory crate memtree's [`guest_memory`] interop is built with
 /// (feature `vm-memory`): name its types through this path so that they
