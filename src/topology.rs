@@ -27,7 +27,7 @@ use crate::census::{ObjectKey, ObjectKind};
 use crate::error::TopologyError;
 use crate::flatview::FlatView;
 use crate::listener::Listeners;
-use crate::owner::{defer_drop, OwnerCore, OwnerId, OwnerLabel, OwnerNode};
+use crate::owner::{defer_drop, defer_drop_recorded, OwnerCore, OwnerId, OwnerLabel, OwnerNode};
 use crate::region::{Backing, RegionCore, RegionId, RegionInfo, RegionKind, RegionNode};
 use crate::space::{AddressSpace, MachineData, SpaceId, SpaceNode};
 
@@ -248,7 +248,8 @@ impl Topology {
         let owner_core = match self.check_new_region(size, owner, alias) {
             Ok(core) => core,
             Err(e) => {
-                defer_drop(backing);
+                let what = format!("the device state of refused region \"{name}\"");
+                defer_drop_recorded(&self.machine.census, &what, backing);
                 return Err(e);
             }
         };
