@@ -23,6 +23,63 @@
 //! can still edit. Readers (dispatch, DMA) never take it. Listener callbacks
 //! run with the lock held but the topology not borrowed; an edit from a
 //! listener is refused with [`TopologyError::ListenerReentry`].
+//!
+//! # Other people's code: where it runs
+//!
+//! memtree runs code it does not control: listener callbacks, owner
+//! finalizers, and the `Drop` of device state (an `MmioOps`, a finalizer
+//! closure, a listener) when memtree lets go of the last reference. None of
+//! it ever runs while the topology is borrowed:
+//!
+//! * listener callbacks run during a commit with the writer lock held but
+//!   the topology not borrowed (they may query the machine; an edit is
+//!   refused with [`TopologyError::ListenerReentry`]);
+//! * whatever an edit releases (region cores and with them device state,
+//!   replaced finalizers, unregistered listeners, replaced views) is
+//!   queued and dropped when the operation ends, after the writer lock is
+//!   released; finalizers of owners finalized on the way run then too, in
+//!   drop order. Both may use the machine like any other code, edits
+//!   included;
+//! * device configuration hooks (`MmioOps::impl_sizes`, `valid_sizes`,
+//!   `endianness`, `accepts_everything`) are read once, before the edit
+//!   that creates the region borrows the topology, and a listener's
+//!   `priority` before it is registered.
+//!
+//! The machine's read-only queries ([`Machine::region_count`],
+//! [`Machine::address_spaces`], ...) and [`Machine::begin`] are therefore
+//! usable from all of these.
+//!
+//! # Panics
+//!
+//! Any of that code may panic. memtree catches each call on its own, keeps
+//! going, and reports the panic once it is consistent again:
+//!
+//! * a listener that panics in a callback gets the rest of its sequence,
+//!   every other listener gets its whole sequence, every address space's
+//!   view is published, every listener gets `commit`;
+//! * a finalizer or a device's `Drop` that panics does not stop the
+//!   others: every finalizer runs exactly once and every queued drop
+//!   happens, whatever another one does;
+//! * each such panic is recorded in the census ([`Census::panics`], which
+//!   leak reports include: a machine that saw one never reports clean);
+//! * then the first panic is re-raised (`resume_unwind`, with the original
+//!   payload) from the machine method that ran the code: an edit
+//!   (`add_subregion`, `unplug`, `destroy_region`, ...), the outermost
+//!   [`Transaction::commit`] or [`Machine::transaction`],
+//!   `register_listener`, `unregister_listener`, the coalescing and
+//!   dirty-log methods. By then the operation is complete (its return value
+//!   is lost) and the machine is consistent and usable: the caller may
+//!   catch the panic and go on. If the thread is already unwinding (a
+//!   [`Transaction`] dropped by a panic commits), the panic is only
+//!   recorded. [`Memory::teardown`] never unwinds: it returns the panics in
+//!   [`LeakReport::panics`]; dropping a [`Memory`] re-raises like an edit.
+//!
+//! Panics of device callbacks during guest accesses and DMA run on the
+//! data plane, outside any of this, and unwind to the accessor.
+//!
+//! Misuse that is a programming error, not a recoverable condition: a
+//! panic payload whose own `Drop` panics (Rust aborts), and code running
+//! with `panic = "abort"` (nothing can be caught).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -202,6 +259,14 @@ pub struct Transaction<'m> {
 
 impl Transaction<'_> {
     /// Commits (publishes if this is the outermost transaction).
+    ///
+    /// # Panics
+    ///
+    /// Re-raises the first panic of a listener, finalizer or device `Drop`
+    /// that the commit ran, after the commit is complete (see the
+    /// [module docs](self), "Panics"). Dropping an uncommitted transaction
+    /// commits too; it re-raises likewise unless the thread is already
+    /// unwinding.
     pub fn commit(mut self) {
         self.done = true;
         self.machine.end_transaction();
@@ -275,7 +340,10 @@ impl Machine {
     // ---- plumbing ----------------------------------------------------------
 
     /// Runs `f` on the topology as one edit: refused during a listener
-    /// callback; committed at once if no transaction is open.
+    /// callback; committed at once if no transaction is open. What the edit
+    /// releases drops, and finalizers run, when it ends; then the first
+    /// panic of other people's code is re-raised (module docs, "Panics").
+    /// `f` itself must run no code memtree does not own.
     fn edit<T>(&self, f: impl FnOnce(&mut Topology) -> Result<T>) -> Result<T> {
         // Declared before the lock guard: deferred drops and owner
         // finalizers run after it, then a caught panic is re-raised.
@@ -313,7 +381,9 @@ impl Machine {
         f(&topo)
     }
 
-    /// Opens a (nested) transaction.
+    /// Opens a (nested) transaction. Usable from listener callbacks,
+    /// finalizers and the `Drop` of device state (see the
+    /// [module docs](self)).
     pub fn begin(&self) -> Transaction<'_> {
         let lock = self.control.lock();
         lock.borrow_mut().depth += 1;
@@ -325,6 +395,11 @@ impl Machine {
     }
 
     /// Runs `f` inside one transaction.
+    ///
+    /// # Panics
+    ///
+    /// As [`Transaction::commit`]; a panic of `f` itself commits what `f`
+    /// did and goes on unwinding.
     pub fn transaction<T>(&self, f: impl FnOnce(&Machine) -> T) -> T {
         let t = self.begin();
         let out = f(self);
@@ -594,6 +669,12 @@ impl Machine {
     }
 
     /// Unplugs an owner and its child devices. See [`UnplugReport`].
+    ///
+    /// The devices' state drops and their finalizers run before this
+    /// returns (unless DMA mappings still hold them), where they may use
+    /// the machine. Every finalizer runs once even if another panics; the
+    /// first panic is re-raised once the unplug is complete (module docs,
+    /// "Panics").
     pub fn unplug(&self, owner: OwnerId) -> Result<UnplugReport> {
         self.edit(|t| t.unplug(owner))
     }
@@ -977,6 +1058,8 @@ impl Machine {
     /// Registers a listener on an address space and replays the space's
     /// current state to it (§6.2): `begin`, per range `region_add`, coalesced
     /// adds and `log_start`, then `eventfd_add` for every ioeventfd, `commit`.
+    /// A panic of the listener is re-raised after the whole replay (the
+    /// listener stays registered: module docs, "Panics").
     pub fn register_listener(
         &self,
         space: SpaceId,

@@ -14,6 +14,14 @@
 //!   after every `RegionCore` that names it is gone: each holds an `Arc` to it.
 //! * Once [`OwnerCore::is_live`] returns false it never returns true again; no
 //!   MMIO access that starts after that reaches the owner's callbacks.
+//! * A finalizer runs exactly once, whatever another finalizer or a
+//!   device's `Drop` does: inside a machine operation it is queued (with
+//!   the drops the topology deferred) and run when the operation ends,
+//!   outside the topology borrow, each under `catch_unwind`; a panic is
+//!   recorded in the census and re-raised to the caller once every queued
+//!   finalizer and drop has run. Outside a machine operation (the last DMA
+//!   mapping of an unplugged device goes) it runs on the spot and a panic
+//!   unwinds to whoever dropped that last reference, after being recorded.
 
 use std::any::Any;
 use std::cell::RefCell;

@@ -16,6 +16,14 @@
 //!   by its container's core (see [`crate::region`]).
 //! * `dirty` names every region changed since the last commit; a cached view
 //!   none of whose reached regions is dirty is still exact.
+//! * No code memtree does not own runs while the topology is borrowed:
+//!   anything an edit releases that may hold device state (region nodes
+//!   and cores, a refused region's backing, replaced finalizers) goes to
+//!   `crate::owner::defer_drop` and drops when the machine operation ends,
+//!   and device configuration hooks are read before the borrow.
+//! * `unplug` costs O(regions of the unplugged devices + regions of the
+//!   machine) (the alias scan), not O(n x siblings): dying regions are
+//!   unlinked from each surviving container in one pass.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
