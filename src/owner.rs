@@ -170,14 +170,14 @@ pub(crate) fn panic_message(p: &Payload) -> String {
 /// unwinding (then it is dropped: the caller already gets a panic, and the
 /// census recorded this one).
 pub(crate) fn raise(p: Payload) {
-    let p = DEFERRED.with(|d| match d.borrow_mut().as_mut() {
-        Some(pending) => {
-            if pending.panic.is_none() {
-                pending.panic = Some(p);
+    // During thread-local destruction no scope can be open.
+    let mut p = Some(p);
+    let _ = DEFERRED.try_with(|d| {
+        if let Some(pending) = d.borrow_mut().as_mut() {
+            if let Some(p) = p.take() {
+                pending.panic.get_or_insert(p);
             }
-            None
         }
-        None => Some(p),
     });
     if let Some(p) = p {
         if !std::thread::panicking() {
@@ -212,16 +212,18 @@ pub(crate) fn defer_drop_recorded<T: 'static>(census: &Arc<Census>, what: &str, 
 
 /// Queues `item` in the open scope, or hands it back when none is open.
 fn defer(item: Deferred) -> Option<Deferred> {
-    DEFERRED.with(|d| match d.borrow_mut().as_mut() {
-        Some(pending) => {
-            match item {
-                Deferred::Drop(c, v) => pending.drops.push_back((c, v)),
-                Deferred::Finalizer(f) => pending.finalizers.push_back(f),
+    // During thread-local destruction no scope can be open.
+    let mut item = Some(item);
+    let _ = DEFERRED.try_with(|d| {
+        if let Some(pending) = d.borrow_mut().as_mut() {
+            match item.take() {
+                Some(Deferred::Drop(c, v)) => pending.drops.push_back((c, v)),
+                Some(Deferred::Finalizer(f)) => pending.finalizers.push_back(f),
+                None => {}
             }
-            None
         }
-        None => Some(item),
-    })
+    });
+    item
 }
 
 /// A finalizer due to run, with what its panic report needs.
