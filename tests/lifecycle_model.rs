@@ -1065,29 +1065,46 @@ fn lifecycle_model_fixed_sequence() {
     ]));
 }
 
-/// One step of the bounce-buffer panic model.
+/// One step of the bounce-buffer panic model. `fault` arms a one-shot
+/// panic of that kind for the step: an MMIO callback (the prefill read of
+/// a map, the write-back of an unmap or drop), or — when the step releases
+/// the last reference to an unplugged device — its state's `Drop` or its
+/// finalizer.
 #[derive(Clone, Debug)]
 enum BounceOp {
-    /// Maps `len` bytes at `off` of device `dev`'s MMIO (a bounce buffer);
-    /// `fault`: the prefill read (device → buffer) panics.
+    /// Maps `len` bytes at `off` of device `dev`'s MMIO (a bounce buffer).
     Map {
         dev: usize,
         off: u64,
         len: u64,
         dir: u8,
-        fault: bool,
+        fault: Option<FaultKind>,
     },
-    /// Unmaps mapping `i` with `access` bytes written; `fault`: the
-    /// write-back (buffer → device) panics.
-    Unmap { i: usize, access: u64, fault: bool },
+    /// Unmaps mapping `i` with `access` bytes written.
+    Unmap {
+        i: usize,
+        access: u64,
+        fault: Option<FaultKind>,
+    },
     /// Drops mapping `i` without unmapping (the drop writes back all of
-    /// it); `fault` as for `Unmap`.
-    Drop { i: usize, fault: bool },
+    /// it).
+    Drop { i: usize, fault: Option<FaultKind> },
+    /// Unplugs device `dev` (its mappings keep it alive until they go).
+    Unplug { dev: usize },
+}
+
+fn bounce_fault() -> impl Strategy<Value = Option<FaultKind>> {
+    prop_oneof![
+        2 => Just(None),
+        2 => Just(Some(FaultKind::Mmio)),
+        1 => Just(Some(FaultKind::DeviceDrop)),
+        1 => Just(Some(FaultKind::Finalizer)),
+    ]
 }
 
 fn bounce_op() -> impl Strategy<Value = BounceOp> {
     prop_oneof![
-        (0usize..2, 0..PAGE, 1u64..256, 0u8..3, any::<bool>()).prop_map(
+        4 => (0usize..2, 0..PAGE, 1u64..256, 0u8..3, bounce_fault()).prop_map(
             |(dev, off, len, dir, fault)| BounceOp::Map {
                 dev,
                 off,
@@ -1096,12 +1113,10 @@ fn bounce_op() -> impl Strategy<Value = BounceOp> {
                 fault
             }
         ),
-        (0usize..4, 0..256u64, any::<bool>()).prop_map(|(i, access, fault)| BounceOp::Unmap {
-            i,
-            access,
-            fault
-        }),
-        (0usize..4, any::<bool>()).prop_map(|(i, fault)| BounceOp::Drop { i, fault }),
+        2 => (0usize..4, 0..256u64, bounce_fault())
+            .prop_map(|(i, access, fault)| BounceOp::Unmap { i, access, fault }),
+        2 => (0usize..4, bounce_fault()).prop_map(|(i, fault)| BounceOp::Drop { i, fault }),
+        1 => (0usize..2).prop_map(|dev| BounceOp::Unplug { dev }),
     ]
 }
 
@@ -1122,8 +1137,13 @@ fn run_bounce(ops: &[BounceOp]) {
     quiet_injected_panics();
     let memory = Memory::new();
     let system = memory.new_container("system", 1 << 32, None).unwrap();
+    let mut owners = Vec::new();
     for dev in 0..2 {
         let owner = memory.new_owner(&format!("dev{dev}"), None).unwrap();
+        memory
+            .set_finalizer(owner, Box::new(|| maybe_panic(FaultKind::Finalizer)))
+            .unwrap();
+        owners.push(Some(owner));
         let regs = memory
             .new_mmio(
                 &format!("dev{dev}.regs"),
@@ -1145,15 +1165,11 @@ fn run_bounce(ops: &[BounceOp]) {
             BounceOp::Map { fault, .. }
             | BounceOp::Unmap { fault, .. }
             | BounceOp::Drop { fault, .. } => fault,
+            BounceOp::Unplug { .. } => None,
         };
         FIRED.with(|c| c.set(0));
         STEP_PANICKED.with(|p| p.set(false));
-        ARMED.with(|a| {
-            a.set(fault.then_some(Fault {
-                kind: FaultKind::Mmio,
-                nth: 0,
-            }))
-        });
+        ARMED.with(|a| a.set(fault.map(|kind| Fault { kind, nth: 0 })));
         match *op {
             BounceOp::Map {
                 dev, off, len, dir, ..
@@ -1178,6 +1194,11 @@ fn run_bounce(ops: &[BounceOp]) {
                 if !maps.is_empty() {
                     let m = maps.remove(i % maps.len());
                     guard(move || drop(m));
+                }
+            }
+            BounceOp::Unplug { dev } => {
+                if let Some(owner) = owners[dev].take() {
+                    memory.unplug(owner).unwrap();
                 }
             }
         }
