@@ -131,7 +131,6 @@ fn listener_panic_still_publishes_every_space_and_commits_every_listener() {
     // published: no repeated add.
     memory.del_subregion(root_a, ram_a).unwrap();
     assert!(names(&memory, a).is_empty());
-    let census = memory.census().clone();
     let report = memory.teardown();
     assert!(report.survivors.is_empty(), "{report}");
     assert_eq!(report.panics.len(), 1, "{report}");
@@ -139,7 +138,6 @@ fn listener_panic_still_publishes_every_space_and_commits_every_listener() {
         report.panics[0].contains("listener \"bad\"") && report.panics[0].contains("region_add"),
         "{report}"
     );
-    drop(census);
 }
 
 /// Device state that calls read-only (and transactional) machine methods
@@ -404,4 +402,99 @@ fn device_drop_panic_during_unplug_leaves_the_machine_consistent() {
     let report = memory.teardown();
     assert!(report.survivors.is_empty(), "{report}");
     assert_eq!(report.panics.len(), 3, "{report}");
+}
+
+/// A listener that panics in its first `region_del`.
+struct PanicsInDel {
+    log: Log,
+    armed: AtomicBool,
+}
+
+impl MemoryListener for PanicsInDel {
+    fn name(&self) -> &str {
+        "del-panics"
+    }
+    fn region_del(&self, s: &Section<'_>) {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("del {}", s.range.region().name()));
+        if self.armed.swap(false, Ordering::SeqCst) {
+            panic!("del refused");
+        }
+    }
+    fn commit(&self) {
+        self.log.lock().unwrap().push("commit".into());
+    }
+}
+
+/// Unregistering replays every deletion and `commit` even when the
+/// listener panics in the first `region_del` (a slot manager gives back
+/// every slot), and the panic reaches the caller.
+#[test]
+fn unregister_replays_every_deletion_when_the_listener_panics() {
+    let memory = Memory::new();
+    let system = memory.new_container("system", 1 << 32, None).unwrap();
+    for i in 0..3u64 {
+        let r = memory.new_ram(&format!("ram{i}"), 0x1000, None).unwrap();
+        memory.add_subregion(system, i * 0x2000, r).unwrap();
+    }
+    let sid = memory.new_address_space("memory", system, None).unwrap();
+    let log: Log = Arc::default();
+    let l = Arc::new(PanicsInDel {
+        log: log.clone(),
+        armed: AtomicBool::new(true),
+    });
+    let id = memory.register_listener(sid, l).unwrap();
+    log.lock().unwrap().clear();
+    let outcome = catch_unwind(AssertUnwindSafe(|| memory.unregister_listener(id)));
+    assert_eq!(panic_message(&*outcome.unwrap_err()), "del refused");
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec!["del ram0", "del ram1", "del ram2", "commit"]
+    );
+    // It is unregistered: later commits do not reach it.
+    memory.set_enabled(system, false).unwrap();
+    assert_eq!(log.lock().unwrap().len(), 4);
+    let report = memory.teardown();
+    assert!(report.survivors.is_empty(), "{report}");
+    assert_eq!(report.panics.len(), 1, "{report}");
+}
+
+/// Dirty logging: `log_global_start` that panics is handled like a refusal
+/// (the listeners already started are stopped again, logging stays off)
+/// and the panic reaches the caller.
+#[test]
+fn global_dirty_log_start_rolls_back_when_a_listener_panics() {
+    struct Starter(Log, u32, bool);
+    impl MemoryListener for Starter {
+        fn priority(&self) -> u32 {
+            self.1
+        }
+        fn log_global_start(&self) -> Result<(), String> {
+            self.0.lock().unwrap().push(format!("start {}", self.1));
+            if self.2 {
+                panic!("cannot log");
+            }
+            Ok(())
+        }
+        fn log_global_stop(&self) {
+            self.0.lock().unwrap().push(format!("stop {}", self.1));
+        }
+    }
+    let memory = Memory::new();
+    let system = memory.new_container("system", 1 << 32, None).unwrap();
+    let sid = memory.new_address_space("memory", system, None).unwrap();
+    let log: Log = Arc::default();
+    memory
+        .register_listener(sid, Arc::new(Starter(log.clone(), 1, false)))
+        .unwrap();
+    memory
+        .register_listener(sid, Arc::new(Starter(log.clone(), 2, true)))
+        .unwrap();
+    let outcome = catch_unwind(AssertUnwindSafe(|| memory.global_dirty_log_start()));
+    assert_eq!(panic_message(&*outcome.unwrap_err()), "cannot log");
+    assert_eq!(*log.lock().unwrap(), vec!["start 1", "start 2", "stop 1"]);
+    assert!(!memory.global_dirty_log());
+    assert_eq!(memory.teardown().panics.len(), 1);
 }
