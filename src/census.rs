@@ -16,6 +16,9 @@
 //! * `register` and `finalize` are called exactly once per object, from the
 //!   object's constructor and `Drop`; a second `finalize` of a key is recorded
 //!   as a violation (`double_finalized`), which tests assert to be empty.
+//! * Every panic of code memtree ran on someone's behalf is recorded
+//!   (`record_panic`) and never forgotten: a census that saw one never
+//!   reports clean again.
 //! * The finalization log is in the order `Drop`s ran, which is what the
 //!   teardown-order tests inspect.
 //!
@@ -116,6 +119,7 @@ struct Registry {
     live: BTreeMap<ObjectKey, CensusEntry>,
     log: Vec<Finalized>,
     double_finalized: Vec<ObjectKey>,
+    panics: Vec<String>,
     keep_log: bool,
 }
 
@@ -222,6 +226,21 @@ impl Census {
             }
             None => reg.double_finalized.push(key),
         }
+    }
+
+    /// Records that code memtree ran on someone's behalf (a listener, a
+    /// finalizer, the `Drop` of device state) panicked: `what` says which
+    /// and with what message. The panic itself is re-raised to the caller
+    /// of the machine method that ran the code (see
+    /// [`crate::memory`], "Panics"); this record is what stays, and it makes
+    /// every later leak report unclean.
+    pub fn record_panic(&self, what: String) {
+        self.inner.lock().panics.push(what);
+    }
+
+    /// Every panic recorded by [`Census::record_panic`], oldest first.
+    pub fn panics(&self) -> Vec<String> {
+        self.inner.lock().panics.clone()
     }
 
     /// Installs the lazily registered source (once; later calls are

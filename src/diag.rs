@@ -115,8 +115,9 @@ pub fn why_alive(census: &Census, key: ObjectKey) -> Vec<String> {
         .collect()
 }
 
-/// Every live object except the topology, with its holder chains. Clean
-/// when nothing but the topology is alive.
+/// Every live object except the topology, with its holder chains, and
+/// every panic the census recorded. Clean when nothing but the topology is
+/// alive and nothing panicked.
 pub fn leak_report(census: &Census) -> LeakReport {
     let survivors = census
         .live()
@@ -127,7 +128,10 @@ pub fn leak_report(census: &Census) -> LeakReport {
             (e, chains)
         })
         .collect();
-    LeakReport { survivors }
+    LeakReport {
+        survivors,
+        panics: census.panics(),
+    }
 }
 
 fn shape(kind: ObjectKind) -> &'static str {

@@ -26,7 +26,10 @@
 //! Slots are deleted in `region_del`, which a commit runs before it
 //! publishes the view without the range: unplugging a device removes its
 //! slots before its memory can go. Unregistering the listener deletes every
-//! slot (the listener API replays `region_del`).
+//! slot (the listener API replays `region_del`). Dropping the listener
+//! deletes every slot it still holds before it releases their memory, so no
+//! path (a panic of another listener, a listener driven by hand) leaves KVM
+//! a slot over freed memory.
 //!
 //! # Errors
 //!
@@ -256,6 +259,33 @@ impl MemoryListener for KvmMemorySlots {
                     .push(format!("KVM refused to delete slot {}: {e}", info.slot));
                 s.stuck.push(installed);
             }
+        }
+    }
+}
+
+impl Drop for KvmMemorySlots {
+    /// Deletes every slot still installed before the memory it maps can go
+    /// (a listener dropped without unregistration or teardown, e.g. one a
+    /// VMM drives by hand, or after a path that skipped `region_del`). A
+    /// slot KVM refuses to delete (and every slot already stuck) keeps its
+    /// memory mapped for good: the backend is leaked, never freed under the
+    /// guest.
+    fn drop(&mut self) {
+        let s = self.slots.get_mut();
+        let installed = std::mem::take(&mut s.by_range);
+        let stuck = std::mem::take(&mut s.stuck);
+        for (_, slot) in installed {
+            let info = &slot.info;
+            if self
+                .set(info.slot, info.guest_phys_addr, 0, 0, false)
+                .is_err()
+            {
+                std::mem::forget(slot);
+            }
+            // Otherwise the slot is gone from KVM: its memory may go now.
+        }
+        for slot in stuck {
+            std::mem::forget(slot);
         }
     }
 }

@@ -33,14 +33,28 @@
 //! cannot change under them) but with no borrow of the topology: a listener
 //! that tries to change the topology (or register or unregister a listener)
 //! from a callback gets [`crate::TopologyError::ListenerReentry`], never a
-//! deadlock.
+//! deadlock; it may query the machine.
+//!
+//! # Panics
+//!
+//! Every callback is called on its own under `catch_unwind`. A listener
+//! that panics is recorded in the census (which listener, which callback,
+//! the message) and the sequence goes on: every other callback of that
+//! listener and every other listener still runs, every view is published,
+//! every listener gets `commit`. Once memtree is consistent the first panic
+//! is re-raised to the caller of the machine method that made the commit
+//! (see [`crate::memory`], "Panics"). A listener that panicked has still
+//! been told every later change, so one that keeps state (a KVM slot
+//! manager) needs nothing more than its own callbacks to catch up.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::census::Census;
 use crate::flatview::{FlatRange, FlatView};
+use crate::owner::{catch, panic_message, raise};
 use crate::region::RegionId;
 use crate::space::SpaceId;
 
@@ -286,14 +300,16 @@ pub(crate) struct Listeners {
 }
 
 impl Listeners {
+    /// Registers `listener` with its `priority` (asked by the caller before
+    /// it borrowed the topology: it is the listener's code).
     pub(crate) fn insert(
         &mut self,
         space: SpaceId,
         listener: Arc<dyn MemoryListener>,
+        priority: u32,
     ) -> ListenerId {
         self.next += 1;
         let id = ListenerId(self.next);
-        let priority = listener.priority();
         let at = self.list.partition_point(|r| r.priority <= priority);
         self.list.insert(
             at,
@@ -328,13 +344,15 @@ impl Listeners {
             .collect()
     }
 
-    /// Forgets everything (machine teardown).
-    pub(crate) fn clear(&mut self) {
-        self.list.clear();
+    /// Forgets everything (machine teardown). Returns the listeners, for the
+    /// caller to drop once the topology is no longer borrowed.
+    pub(crate) fn clear(&mut self) -> Vec<Registered> {
+        let list = std::mem::take(&mut self.list);
         self.region_fds.clear();
         self.space_fds.clear();
         self.coalesced.clear();
         self.ioeventfd_pending = false;
+        list
     }
 
     /// Adds an ioeventfd to a region, keeping QEMU's sort order (after equal
@@ -363,16 +381,22 @@ impl Listeners {
     }
 
     /// Drops per-region state of regions that no longer exist and per-space
-    /// state of spaces that no longer exist.
+    /// state of spaces that no longer exist. Returns the listeners of
+    /// spaces that are gone, for the caller to drop once the topology is no
+    /// longer borrowed.
     pub(crate) fn prune(
         &mut self,
         region_alive: impl Fn(RegionId) -> bool,
         space_alive: impl Fn(SpaceId) -> bool,
-    ) {
+    ) -> Vec<Registered> {
         self.region_fds.retain(|r, _| region_alive(*r));
         self.coalesced.retain(|r, _| region_alive(*r));
         self.space_fds.retain(|s, _| space_alive(*s));
-        self.list.retain(|l| space_alive(l.space));
+        let (keep, gone) = std::mem::take(&mut self.list)
+            .into_iter()
+            .partition(|l| space_alive(l.space));
+        self.list = keep;
+        gone
     }
 
     /// Recomputes the ioeventfds `view` shows (QEMU's
@@ -491,6 +515,7 @@ fn coalesced_in(fr: &FlatRange, span: Span) -> Option<(u64, u128)> {
 /// additions forward, deletions in reverse (QEMU's
 /// `flat_range_coalesced_io_{add,del}`).
 pub(crate) fn notify_coalesced(
+    catch: &Catch<'_>,
     s: &Section<'_>,
     spans: &[Span],
     listeners: &[Arc<dyn MemoryListener>],
@@ -502,12 +527,41 @@ pub(crate) fn notify_coalesced(
         };
         if adding {
             for l in listeners {
-                l.coalesced_io_add(s, addr, len);
+                catch.call(l, "coalesced_io_add", |l| l.coalesced_io_add(s, addr, len));
             }
         } else {
             for l in listeners.iter().rev() {
-                l.coalesced_io_del(s, addr, len);
+                catch.call(l, "coalesced_io_del", |l| l.coalesced_io_del(s, addr, len));
             }
+        }
+    }
+}
+
+/// Calls listener callbacks one at a time, catching a panic of each: the
+/// panic is recorded in the census (which listener, which callback) and
+/// kept for the caller of the machine operation (`crate::owner::raise`),
+/// and the caller of `call` carries on with the next callback, so every
+/// listener still gets its whole sequence and memtree's views stay
+/// consistent.
+pub(crate) struct Catch<'a> {
+    pub(crate) census: &'a Census,
+}
+
+impl Catch<'_> {
+    pub(crate) fn call(
+        &self,
+        l: &Arc<dyn MemoryListener>,
+        what: &'static str,
+        f: impl FnOnce(&dyn MemoryListener),
+    ) {
+        if let Err(p) = catch(|| f(&**l)) {
+            let name = catch(|| l.name().to_owned())
+                .unwrap_or_else(|_| "(a listener whose name() panics)".to_owned());
+            self.census.record_panic(format!(
+                "listener \"{name}\" panicked in {what}: {}",
+                panic_message(&p)
+            ));
+            raise(p);
         }
     }
 }
@@ -520,6 +574,8 @@ pub(crate) struct SpaceCtx<'a> {
     pub(crate) listeners: &'a [Arc<dyn MemoryListener>],
     /// Coalesced ranges per region (the topology's current state).
     pub(crate) coalesced: &'a HashMap<RegionId, Vec<Span>>,
+    /// How the callbacks are called.
+    pub(crate) catch: &'a Catch<'a>,
 }
 
 impl SpaceCtx<'_> {
@@ -553,9 +609,9 @@ pub(crate) fn diff_and_notify(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, new: &Arc<
             }
             (Some(a), b) if !matches!(b, Some(b) if b.start < a.start) => {
                 let s = section(a);
-                notify_coalesced(&s, cx.spans(a), listeners, false);
+                notify_coalesced(cx.catch, &s, cx.spans(a), listeners, false);
                 for l in listeners.iter().rev() {
-                    l.region_del(&s);
+                    cx.catch.call(l, "region_del", |l| l.region_del(&s));
                 }
                 i += 1;
             }
@@ -570,17 +626,17 @@ pub(crate) fn diff_and_notify(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, new: &Arc<
             (Some(a), Some(b)) if same_range(a, b) => {
                 let s = section(b);
                 for l in listeners {
-                    l.region_nop(&s);
+                    cx.catch.call(l, "region_nop", |l| l.region_nop(&s));
                 }
                 let (om, nm) = (a.attrs.dirty_log_mask, b.attrs.dirty_log_mask);
                 if nm & !om != 0 {
                     for l in listeners {
-                        l.log_start(&s, om, nm);
+                        cx.catch.call(l, "log_start", |l| l.log_start(&s, om, nm));
                     }
                 }
                 if om & !nm != 0 {
                     for l in listeners.iter().rev() {
-                        l.log_stop(&s, om, nm);
+                        cx.catch.call(l, "log_stop", |l| l.log_stop(&s, om, nm));
                     }
                 }
                 i += 1;
@@ -590,9 +646,9 @@ pub(crate) fn diff_and_notify(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, new: &Arc<
             (_, Some(b)) => {
                 let s = section(b);
                 for l in listeners {
-                    l.region_add(&s);
+                    cx.catch.call(l, "region_add", |l| l.region_add(&s));
                 }
-                notify_coalesced(&s, cx.spans(b), listeners, true);
+                notify_coalesced(cx.catch, &s, cx.spans(b), listeners, true);
                 j += 1;
             }
             (Some(_), None) | (None, None) => break,
@@ -607,11 +663,11 @@ pub(crate) fn notify_fds(cx: &SpaceCtx<'_>, view: &Arc<FlatView>, changes: &[(bo
         let s = fd_section(cx.space, cx.name, fd, view);
         if *adding {
             for l in cx.listeners.iter().rev() {
-                l.eventfd_add(&s);
+                cx.catch.call(l, "eventfd_add", |l| l.eventfd_add(&s));
             }
         } else {
             for l in cx.listeners {
-                l.eventfd_del(&s);
+                cx.catch.call(l, "eventfd_del", |l| l.eventfd_del(&s));
             }
         }
     }
@@ -647,11 +703,14 @@ pub(crate) fn replay(
     adding: bool,
 ) {
     let one = std::slice::from_ref(listener);
-    listener.begin();
+    let catch = cx.catch;
+    catch.call(listener, "begin", |l| l.begin());
     if adding && global_dirty_log {
         // QEMU aborts when a listener refuses here; we carry on: the listener
         // was told, and its refusal has no one to go to.
-        let _ = listener.log_global_start();
+        catch.call(listener, "log_global_start", |l| {
+            let _ = l.log_global_start();
+        });
     }
     for range in view.ranges() {
         let s = Section {
@@ -662,26 +721,26 @@ pub(crate) fn replay(
         };
         let mask = range.attrs.dirty_log_mask;
         if adding {
-            listener.region_add(&s);
-            notify_coalesced(&s, cx.spans(range), one, true);
+            catch.call(listener, "region_add", |l| l.region_add(&s));
+            notify_coalesced(catch, &s, cx.spans(range), one, true);
             if mask != 0 {
-                listener.log_start(&s, 0, mask);
+                catch.call(listener, "log_start", |l| l.log_start(&s, 0, mask));
             }
         } else {
             if mask != 0 {
-                listener.log_stop(&s, mask, 0);
+                catch.call(listener, "log_stop", |l| l.log_stop(&s, mask, 0));
             }
-            notify_coalesced(&s, cx.spans(range), one, false);
-            listener.region_del(&s);
+            notify_coalesced(catch, &s, cx.spans(range), one, false);
+            catch.call(listener, "region_del", |l| l.region_del(&s));
         }
     }
     for fd in fds {
         let s = fd_section(cx.space, cx.name, fd, view);
         if adding {
-            listener.eventfd_add(&s);
+            catch.call(listener, "eventfd_add", |l| l.eventfd_add(&s));
         } else {
-            listener.eventfd_del(&s);
+            catch.call(listener, "eventfd_del", |l| l.eventfd_del(&s));
         }
     }
-    listener.commit();
+    catch.call(listener, "commit", |l| l.commit());
 }

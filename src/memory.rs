@@ -23,6 +23,63 @@
 //! can still edit. Readers (dispatch, DMA) never take it. Listener callbacks
 //! run with the lock held but the topology not borrowed; an edit from a
 //! listener is refused with [`TopologyError::ListenerReentry`].
+//!
+//! # Other people's code: where it runs
+//!
+//! memtree runs code it does not control: listener callbacks, owner
+//! finalizers, and the `Drop` of device state (an `MmioOps`, a finalizer
+//! closure, a listener) when memtree lets go of the last reference. None of
+//! it ever runs while the topology is borrowed:
+//!
+//! * listener callbacks run during a commit with the writer lock held but
+//!   the topology not borrowed (they may query the machine; an edit is
+//!   refused with [`TopologyError::ListenerReentry`]);
+//! * whatever an edit releases (region cores and with them device state,
+//!   replaced finalizers, unregistered listeners, replaced views) is
+//!   queued and dropped when the operation ends, after the writer lock is
+//!   released; finalizers of owners finalized on the way run then too, in
+//!   drop order. Both may use the machine like any other code, edits
+//!   included;
+//! * device configuration hooks (`MmioOps::impl_sizes`, `valid_sizes`,
+//!   `endianness`, `accepts_everything`) are read once, before the edit
+//!   that creates the region borrows the topology, and a listener's
+//!   `priority` before it is registered.
+//!
+//! The machine's read-only queries ([`Machine::region_count`],
+//! [`Machine::address_spaces`], ...) and [`Machine::begin`] are therefore
+//! usable from all of these.
+//!
+//! # Panics
+//!
+//! Any of that code may panic. memtree catches each call on its own, keeps
+//! going, and reports the panic once it is consistent again:
+//!
+//! * a listener that panics in a callback gets the rest of its sequence,
+//!   every other listener gets its whole sequence, every address space's
+//!   view is published, every listener gets `commit`;
+//! * a finalizer or a device's `Drop` that panics does not stop the
+//!   others: every finalizer runs exactly once and every queued drop
+//!   happens, whatever another one does;
+//! * each such panic is recorded in the census ([`Census::panics`], which
+//!   leak reports include: a machine that saw one never reports clean);
+//! * then the first panic is re-raised (`resume_unwind`, with the original
+//!   payload) from the machine method that ran the code: an edit
+//!   (`add_subregion`, `unplug`, `destroy_region`, ...), the outermost
+//!   [`Transaction::commit`] or [`Machine::transaction`],
+//!   `register_listener`, `unregister_listener`, the coalescing and
+//!   dirty-log methods. By then the operation is complete (its return value
+//!   is lost) and the machine is consistent and usable: the caller may
+//!   catch the panic and go on. If the thread is already unwinding (a
+//!   [`Transaction`] dropped by a panic commits), the panic is only
+//!   recorded. [`Memory::teardown`] never unwinds: it returns the panics in
+//!   [`LeakReport::panics`]; dropping a [`Memory`] re-raises like an edit.
+//!
+//! Panics of device callbacks during guest accesses and DMA run on the
+//! data plane, outside any of this, and unwind to the accessor.
+//!
+//! Misuse that is a programming error, not a recoverable condition: a
+//! panic payload whose own `Drop` panics (Rust aborts), and code running
+//! with `panic = "abort"` (nothing can be caught).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -39,9 +96,11 @@ use crate::census::{Census, CensusEntry};
 use crate::error::TopologyError;
 use crate::flatview::FlatView;
 use crate::listener::{self, EventNotifier, IoEventFd, ListenerId, MemoryListener, SpaceCtx};
-use crate::owner::{DeferFinalizers, Finalizer, OwnerId, OwnerLabel};
+use crate::owner::{
+    defer_drop, defer_drop_recorded, Deferral, Finalizer, OwnerId, OwnerLabel, Payload,
+};
 use crate::ram::RamBacking;
-use crate::region::{Backing, RegionId, RegionInfo, RegionKind};
+use crate::region::{Backing, RegionCore, RegionId, RegionInfo, RegionKind};
 use crate::render;
 use crate::space::{AddressSpace, MachineData, SpaceId};
 use crate::topology::{Topology, UnplugReport};
@@ -167,14 +226,26 @@ impl Memory {
 
     /// Tears the machine down and reports every object still alive
     /// afterwards, with the chain of holders that keeps it.
+    ///
+    /// Teardown never unwinds: a listener, finalizer or device `Drop` that
+    /// panics during it is recorded in the report's
+    /// [`LeakReport::panics`] (so the report is not clean).
     pub fn teardown(self) -> LeakReport {
-        self.machine.teardown()
+        self.machine.teardown().0
     }
 }
 
 impl Drop for Memory {
+    /// Tears the machine down (unless [`Memory::teardown`] did). The first
+    /// panic of other people's code during teardown is re-raised once the
+    /// teardown is complete, unless the thread is already unwinding (it is
+    /// in the census either way).
     fn drop(&mut self) {
-        self.machine.teardown();
+        if let (_, Some(p)) = self.machine.teardown() {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(p);
+            }
+        }
     }
 }
 
@@ -188,6 +259,14 @@ pub struct Transaction<'m> {
 
 impl Transaction<'_> {
     /// Commits (publishes if this is the outermost transaction).
+    ///
+    /// # Panics
+    ///
+    /// Re-raises the first panic of a listener, finalizer or device `Drop`
+    /// that the commit ran, after the commit is complete (see the
+    /// [module docs](self), "Panics"). Dropping an uncommitted transaction
+    /// commits too; it re-raises likewise unless the thread is already
+    /// unwinding.
     pub fn commit(mut self) {
         self.done = true;
         self.machine.end_transaction();
@@ -215,17 +294,24 @@ impl Deref for Transaction<'_> {
 pub struct LeakReport {
     /// Survivors and their explanations.
     pub survivors: Vec<(CensusEntry, Vec<String>)>,
+    /// Panics of other people's code memtree ran (listeners, finalizers,
+    /// the `Drop` of device state) over the machine's life, as the census
+    /// recorded them: which code, and the message.
+    pub panics: Vec<String>,
 }
 
 impl LeakReport {
-    /// True when nothing survived.
+    /// True when nothing survived and nothing panicked.
     pub fn is_clean(&self) -> bool {
-        self.survivors.is_empty()
+        self.survivors.is_empty() && self.panics.is_empty()
     }
 }
 
 impl fmt::Display for LeakReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for p in &self.panics {
+            writeln!(f, "panic: {p}")?;
+        }
         if self.survivors.is_empty() {
             return writeln!(f, "leak report: nothing survived teardown");
         }
@@ -254,10 +340,14 @@ impl Machine {
     // ---- plumbing ----------------------------------------------------------
 
     /// Runs `f` on the topology as one edit: refused during a listener
-    /// callback; committed at once if no transaction is open.
+    /// callback; committed at once if no transaction is open. What the edit
+    /// releases drops, and finalizers run, when it ends; then the first
+    /// panic of other people's code is re-raised (module docs, "Panics").
+    /// `f` itself must run no code memtree does not own.
     fn edit<T>(&self, f: impl FnOnce(&mut Topology) -> Result<T>) -> Result<T> {
-        // Declared before the lock guard: owner finalizers run after it.
-        let _defer = DeferFinalizers::enter();
+        // Declared before the lock guard: deferred drops and owner
+        // finalizers run after it, then a caught panic is re-raised.
+        let _defer = Deferral::enter();
         let guard = self.control.lock();
         let out = {
             let mut topo = guard
@@ -278,6 +368,12 @@ impl Machine {
         Ok(out)
     }
 
+    /// Drops a listener the machine let go of once the operation ends
+    /// (recording a panic of its `Drop`).
+    fn defer_listener_drop(&self, l: Arc<dyn MemoryListener>) {
+        defer_drop_recorded(&self.data.census, "a listener", l);
+    }
+
     /// Reads the topology under the writer lock.
     pub(crate) fn read<T>(&self, f: impl FnOnce(&Topology) -> T) -> T {
         let guard = self.control.lock();
@@ -285,7 +381,9 @@ impl Machine {
         f(&topo)
     }
 
-    /// Opens a (nested) transaction.
+    /// Opens a (nested) transaction. Usable from listener callbacks,
+    /// finalizers and the `Drop` of device state (see the
+    /// [module docs](self)).
     pub fn begin(&self) -> Transaction<'_> {
         let lock = self.control.lock();
         lock.borrow_mut().depth += 1;
@@ -297,6 +395,11 @@ impl Machine {
     }
 
     /// Runs `f` inside one transaction.
+    ///
+    /// # Panics
+    ///
+    /// As [`Transaction::commit`]; a panic of `f` itself commits what `f`
+    /// did and goes on unwinding.
     pub fn transaction<T>(&self, f: impl FnOnce(&Machine) -> T) -> T {
         let t = self.begin();
         let out = f(self);
@@ -305,7 +408,7 @@ impl Machine {
     }
 
     fn end_transaction(&self) {
-        let _defer = DeferFinalizers::enter();
+        let _defer = Deferral::enter();
         let guard = self.control.lock();
         let commit_now = {
             let mut topo = guard.borrow_mut();
@@ -423,9 +526,14 @@ impl Machine {
                     listeners,
                 });
             }
-            if full {
-                topo.views = fresh;
-            }
+            // The views replaced in the cache may hold the last reference
+            // to a region core: they drop after the commit, not here.
+            let old_views = if full {
+                std::mem::replace(&mut topo.views, fresh)
+            } else {
+                HashMap::new()
+            };
+            defer_drop(old_views);
             let all = if full {
                 topo.listeners.snapshot()
             } else {
@@ -433,9 +541,15 @@ impl Machine {
             };
             (steps, all, topo.listeners.coalesced.clone(), full)
         };
-        // Listeners run with the lock held but the topology not borrowed.
+        // Listeners run with the lock held but the topology not borrowed,
+        // each callback under `catch`: a panic is recorded and kept for the
+        // caller, and the commit goes on, so every space is published and
+        // every listener gets its whole sequence and `commit`.
+        let catch = listener::Catch {
+            census: &self.data.census,
+        };
         for (_, l) in &listeners {
-            l.begin();
+            catch.call(l, "begin", |l| l.begin());
         }
         for step in &steps {
             let cx = SpaceCtx {
@@ -443,6 +557,7 @@ impl Machine {
                 name: &step.name,
                 listeners: &step.listeners,
                 coalesced: &coalesced,
+                catch: &catch,
             };
             if let Some(new) = &step.new {
                 listener::diff_and_notify(&cx, &step.old, new);
@@ -454,29 +569,42 @@ impl Machine {
             }
         }
         for (_, l) in &listeners {
-            l.commit();
+            catch.call(l, "commit", |l| l.commit());
         }
         drop(scope);
+        // Old views (and the listener snapshots) drop when the operation
+        // ends, where a device's `Drop` may use the machine (or when their
+        // last reader lets go).
+        defer_drop(steps);
+        defer_drop(listeners);
         if full {
             // Forget state of regions and spaces that are gone (listeners
             // of a destroyed space saw every range deleted above).
             let mut topo = guard.borrow_mut();
             let t = &mut *topo;
             let (regions, spaces) = (&t.regions, &t.spaces);
-            t.listeners.prune(
+            let gone = t.listeners.prune(
                 |r| regions.get(r.index, r.generation).is_some(),
                 |s| spaces.get(s.index, s.generation).is_some(),
             );
+            drop(topo);
+            for reg in gone {
+                self.defer_listener_drop(reg.listener);
+            }
         }
-        // Old views drop here (or when their last reader lets go).
-        drop(steps);
     }
 
-    fn teardown(&self) -> LeakReport {
-        let defer = DeferFinalizers::enter();
+    /// Tears the machine down; returns the leak report and the first panic
+    /// of other people's code it caught (also in the report's `panics`).
+    /// A second teardown does nothing.
+    fn teardown(&self) -> (LeakReport, Option<Payload>) {
+        let defer = Deferral::enter();
         let guard = self.control.lock();
         {
             let mut topo = guard.borrow_mut();
+            if std::mem::replace(&mut topo.torn_down, true) {
+                return (LeakReport::default(), None);
+            }
             topo.clear();
             topo.depth = 0;
         }
@@ -485,20 +613,25 @@ impl Machine {
         self.commit_locked(&guard);
         {
             let mut topo = guard.borrow_mut();
-            topo.listeners.clear();
-            topo.views.clear();
+            let listeners = topo.listeners.clear();
+            let views = std::mem::take(&mut topo.views);
             self.data
                 .census
                 .remove_edge(topo.census_key, topo.census_key);
+            drop(topo);
+            for reg in listeners {
+                self.defer_listener_drop(reg.listener);
+            }
+            defer_drop(views);
         }
         drop(guard);
-        drop(defer);
+        let panic = defer.finish();
         // Ownerless memory is machine-lifetime: free it unless address-space
         // handles (which may have lent it out to DMA) are still held.
         if Arc::strong_count(&self.data) <= 2 {
             self.data.ownerless.lock().clear();
         }
-        crate::diag::leak_report(&self.data.census)
+        (crate::diag::leak_report(&self.data.census), panic)
     }
 
     // ---- owners -------------------------------------------------------------
@@ -521,14 +654,27 @@ impl Machine {
     }
 
     /// Sets the function run once when the owner is finalized.
+    /// A finalizer it replaces is dropped (not run).
     pub fn set_finalizer(&self, owner: OwnerId, f: Finalizer) -> Result<()> {
+        // `f` and a replaced finalizer may hold device state: neither drops
+        // while the topology is borrowed.
+        let mut f = Some(f);
         self.edit(|t| {
-            t.owner(owner)?.core.set_finalizer(f);
+            let core = &t.owner(owner)?.core;
+            if let Some(old) = f.take().and_then(|f| core.set_finalizer(f)) {
+                defer_drop_recorded(&t.machine.census, "a replaced finalizer", old);
+            }
             Ok(())
         })
     }
 
     /// Unplugs an owner and its child devices. See [`UnplugReport`].
+    ///
+    /// The devices' state drops and their finalizers run before this
+    /// returns (unless DMA mappings still hold them), where they may use
+    /// the machine. Every finalizer runs once even if another panics; the
+    /// first panic is re-raised once the unplug is complete (module docs,
+    /// "Panics").
     pub fn unplug(&self, owner: OwnerId) -> Result<UnplugReport> {
         self.edit(|t| t.unplug(owner))
     }
@@ -544,7 +690,8 @@ impl Machine {
         owner: Option<OwnerId>,
         alias: Option<(RegionId, u64)>,
     ) -> Result<RegionId> {
-        self.edit(|t| t.create_region(name, kind, size, backing, owner, alias))
+        let config = RegionCore::ops_config_for(kind, &backing);
+        self.edit(|t| t.create_region(name, kind, size, backing, config, owner, alias))
     }
 
     fn backend(&self, name: &str, size: u64, backing: RamBacking) -> Result<Arc<MemoryBackend>> {
@@ -617,6 +764,11 @@ impl Machine {
             });
         }
         check_backend_range(name, backend, offset, size)?;
+        let backing = Backing::Ram {
+            block: backend.clone(),
+            offset,
+        };
+        let config = RegionCore::ops_config_for(RegionKind::Ram, &backing);
         self.edit(|t| {
             if owner.is_none() {
                 t.keep_ownerless(backend);
@@ -625,10 +777,8 @@ impl Machine {
                 name,
                 RegionKind::Ram,
                 u128::from(size),
-                Backing::Ram {
-                    block: backend.clone(),
-                    offset,
-                },
+                backing,
+                config,
                 owner,
                 None,
             )
@@ -650,15 +800,19 @@ impl Machine {
         owner: Option<OwnerId>,
     ) -> Result<RegionId> {
         let block = self.backend(name, size, RamBacking::Anonymous)?;
+        let keep = block.clone();
+        let backing = Backing::RamDevice { block, offset: 0 };
+        let config = RegionCore::ops_config_for(RegionKind::RamDevice, &backing);
         self.edit(|t| {
             if owner.is_none() {
-                t.keep_ownerless(&block);
+                t.keep_ownerless(&keep);
             }
             t.create_region(
                 name,
                 RegionKind::RamDevice,
                 u128::from(size),
-                Backing::RamDevice { block, offset: 0 },
+                backing,
+                config,
                 owner,
                 None,
             )
@@ -675,15 +829,19 @@ impl Machine {
         owner: Option<OwnerId>,
     ) -> Result<RegionId> {
         let block = self.backend(name, size, RamBacking::Anonymous)?;
+        let keep = block.clone();
+        let backing = Backing::RomDevice { block, ops };
+        let config = RegionCore::ops_config_for(RegionKind::RomDevice, &backing);
         self.edit(|t| {
             if owner.is_none() {
-                t.keep_ownerless(&block);
+                t.keep_ownerless(&keep);
             }
             t.create_region(
                 name,
                 RegionKind::RomDevice,
                 u128::from(size),
-                Backing::RomDevice { block, ops },
+                backing,
+                config,
                 owner,
                 None,
             )
@@ -900,11 +1058,16 @@ impl Machine {
     /// Registers a listener on an address space and replays the space's
     /// current state to it (§6.2): `begin`, per range `region_add`, coalesced
     /// adds and `log_start`, then `eventfd_add` for every ioeventfd, `commit`.
+    /// A panic of the listener is re-raised after the whole replay (the
+    /// listener stays registered: module docs, "Panics").
     pub fn register_listener(
         &self,
         space: SpaceId,
         l: Arc<dyn MemoryListener>,
     ) -> Result<ListenerId> {
+        // The listener's own code, asked before the topology is borrowed.
+        let priority = l.priority();
+        let _defer = Deferral::enter();
         let guard = self.control.lock();
         let (id, name, view, fds, coalesced, global) = {
             let mut topo = guard
@@ -915,18 +1078,22 @@ impl Machine {
             }
             let s = topo.space(space)?;
             let (name, view) = (s.name.clone(), s.handle.view());
-            let id = topo.listeners.insert(space, l.clone());
+            let id = topo.listeners.insert(space, l.clone(), priority);
             let fds = topo.listeners.fds_of(space);
             let global = topo.listeners.global_dirty_log;
             let coalesced = topo.listeners.coalesced.clone();
             (id, name, view, fds, coalesced, global)
         };
         let _scope = CallbackScope::enter(&guard);
+        let catch = listener::Catch {
+            census: &self.data.census,
+        };
         let cx = SpaceCtx {
             space,
             name: &name,
             listeners: &[],
             coalesced: &coalesced,
+            catch: &catch,
         };
         listener::replay(&cx, &view, &fds, global, &l, true);
         Ok(id)
@@ -937,6 +1104,7 @@ impl Machine {
     /// `eventfd_del` for every ioeventfd. Unknown ids (already unregistered,
     /// or of a destroyed space) are ignored.
     pub fn unregister_listener(&self, id: ListenerId) -> Result<()> {
+        let _defer = Deferral::enter();
         let guard = self.control.lock();
         let (reg, name, view, fds, coalesced) = {
             let mut topo = guard
@@ -950,19 +1118,29 @@ impl Machine {
             };
             let (name, view) = match topo.space(reg.space) {
                 Ok(s) => (s.name.clone(), s.handle.view()),
-                Err(_) => return Ok(()),
+                Err(_) => {
+                    drop(topo);
+                    self.defer_listener_drop(reg.listener);
+                    return Ok(());
+                }
             };
             let fds = topo.listeners.fds_of(reg.space);
             (reg, name, view, fds, topo.listeners.coalesced.clone())
         };
-        let _scope = CallbackScope::enter(&guard);
+        let scope = CallbackScope::enter(&guard);
+        let catch = listener::Catch {
+            census: &self.data.census,
+        };
         let cx = SpaceCtx {
             space: reg.space,
             name: &name,
             listeners: &[],
             coalesced: &coalesced,
+            catch: &catch,
         };
         listener::replay(&cx, &view, &fds, false, &reg.listener, false);
+        drop(scope);
+        self.defer_listener_drop(reg.listener);
         Ok(())
     }
 
@@ -1073,6 +1251,7 @@ impl Machine {
         if spans.is_empty() {
             return;
         }
+        let _defer = Deferral::enter();
         let guard = self.control.lock();
         type Target = (
             SpaceId,
@@ -1092,6 +1271,9 @@ impl Machine {
                 .collect()
         };
         let _scope = CallbackScope::enter(&guard);
+        let catch = listener::Catch {
+            census: &self.data.census,
+        };
         for span in spans {
             for (id, name, view, listeners) in &spaces {
                 for range in view.ranges().iter().filter(|r| r.region().id() == region) {
@@ -1101,7 +1283,13 @@ impl Machine {
                         range,
                         view,
                     };
-                    listener::notify_coalesced(&s, std::slice::from_ref(span), listeners, adding);
+                    listener::notify_coalesced(
+                        &catch,
+                        &s,
+                        std::slice::from_ref(span),
+                        listeners,
+                        adding,
+                    );
                 }
             }
         }
@@ -1114,6 +1302,7 @@ impl Machine {
     /// `log_global_stop` (in reverse) and the start fails. Starting twice is
     /// a no-op. (The MIGRATION bit of flat-range dirty masks is not modelled.)
     pub fn global_dirty_log_start(&self) -> Result<()> {
+        let _defer = Deferral::enter();
         let guard = self.control.lock();
         let listeners = {
             let topo = guard
@@ -1128,13 +1317,22 @@ impl Machine {
             topo.listeners.snapshot()
         };
         let scope = CallbackScope::enter(&guard);
+        let catch = listener::Catch {
+            census: &self.data.census,
+        };
         for (i, (_, l)) in listeners.iter().enumerate() {
-            if let Err(message) = l.log_global_start() {
+            // A listener that panics here is treated as one that refused
+            // (and the panic is re-raised after the roll-back).
+            let mut outcome = Err(String::new());
+            catch.call(l, "log_global_start", |l| outcome = l.log_global_start());
+            if let Err(message) = outcome {
                 for (_, done) in listeners[..i].iter().rev() {
-                    done.log_global_stop();
+                    catch.call(done, "log_global_stop", |l| l.log_global_stop());
                 }
+                let mut name = String::new();
+                catch.call(l, "name", |l| name = l.name().to_owned());
                 return Err(TopologyError::ListenerRefused {
-                    listener: l.name().to_owned(),
+                    listener: name,
                     message,
                 });
             }
@@ -1147,6 +1345,7 @@ impl Machine {
     /// Stops global dirty tracking: `log_global_stop` on every listener in
     /// descending priority. Stopping when not started is a no-op.
     pub fn global_dirty_log_stop(&self) -> Result<()> {
+        let _defer = Deferral::enter();
         let guard = self.control.lock();
         let listeners = {
             let mut topo = guard
@@ -1161,8 +1360,11 @@ impl Machine {
             topo.listeners.snapshot()
         };
         let _scope = CallbackScope::enter(&guard);
+        let catch = listener::Catch {
+            census: &self.data.census,
+        };
         for (_, l) in listeners.iter().rev() {
-            l.log_global_stop();
+            catch.call(l, "log_global_stop", |l| l.log_global_stop());
         }
         Ok(())
     }
@@ -1279,8 +1481,10 @@ fn eventfd_for(
             size,
         });
     }
+    // The byte order read when the region was created: calling the device
+    // here would run its code with the topology borrowed.
     let device_endian = match node.core.backing() {
-        Backing::Mmio(ops) | Backing::RomDevice { ops, .. } => ops.endianness(),
+        Backing::Mmio(_) | Backing::RomDevice { .. } => node.core.ops_config().endianness,
         _ => target,
     };
     let data = match data {

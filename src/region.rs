@@ -24,17 +24,23 @@
 //! * Dropping the last `Arc<RegionCore>` *is* the region's finalization: its
 //!   `Drop` runs once, records the event in the census, then releases the
 //!   backing and finally the owner (so a region always finishes before its
-//!   owner).
+//!   owner). A panic of the device state's `Drop` is caught, recorded in
+//!   the census and re-raised only after the subregions and the owner were
+//!   released too.
+//! * The topology never drops a `RegionCore` (or anything else holding
+//!   device state) while it is borrowed: it hands them to
+//!   `crate::owner::defer_drop`, so a device's `Drop` runs where the machine
+//!   is usable.
 
 use std::fmt;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::access::{AccessSizes, Endianness, IoRootOps, MmioOps, OpsConfig, UnassignedOps};
+use crate::access::{IoRootOps, MmioOps, OpsConfig, UnassignedOps};
 use crate::backend::MemoryBackend;
 use crate::census::{Census, ObjectKey, ObjectKind};
-use crate::owner::{OwnerCore, OwnerId};
+use crate::owner::{catch, panic_message, raise, OwnerCore, OwnerId};
 
 /// Identity of a region: an index into the topology arena plus a generation,
 /// so a stale id (of a destroyed region) is detected instead of aliasing a new
@@ -152,6 +158,7 @@ impl RegionCore {
         backing: Backing,
         owner: Option<Arc<OwnerCore>>,
         census: &Arc<Census>,
+        ops_config: OpsConfig,
     ) -> RegionCore {
         let backend_key = match &backing {
             Backing::Ram { block, .. }
@@ -168,7 +175,7 @@ impl RegionCore {
                 .into_iter()
                 .chain(backend_key),
         );
-        let mut core = RegionCore {
+        RegionCore {
             id,
             name: name.into(),
             kind,
@@ -177,10 +184,16 @@ impl RegionCore {
             owner,
             census: census.clone(),
             census_key,
-            ops_config: OpsConfig::new(AccessSizes::UNSET, AccessSizes::UNSET, Endianness::Little),
-        };
-        core.ops_config = OpsConfig::of(core.ops());
-        core
+            ops_config,
+        }
+    }
+
+    /// The configuration [`RegionCore::ops`] will have for a region of
+    /// `kind` with `backing`. This calls the device's configuration hooks
+    /// (other people's code), so the machine calls it before it borrows the
+    /// topology.
+    pub(crate) fn ops_config_for(kind: RegionKind, backing: &Backing) -> OpsConfig {
+        OpsConfig::of(Self::ops_of(kind, backing))
     }
 
     /// The configuration of [`RegionCore::ops`], as read when the region was
@@ -230,11 +243,15 @@ impl RegionCore {
 
     /// The ops to call for an access that does not go to RAM directly.
     pub fn ops(&self) -> &dyn MmioOps {
+        Self::ops_of(self.kind, &self.backing)
+    }
+
+    fn ops_of(kind: RegionKind, backing: &Backing) -> &dyn MmioOps {
         static UNASSIGNED: UnassignedOps = UnassignedOps;
         static IO_ROOT: IoRootOps = IoRootOps;
-        match &self.backing {
+        match backing {
             Backing::Mmio(ops) | Backing::RomDevice { ops, .. } => ops.as_ref(),
-            _ if self.kind == RegionKind::IoRoot => &IO_ROOT,
+            _ if kind == RegionKind::IoRoot => &IO_ROOT,
             _ => &UNASSIGNED,
         }
     }
@@ -250,6 +267,29 @@ impl RegionCore {
             subs.swap_remove(i);
         }
         self.census.remove_edge(self.census_key, sub.census_key);
+    }
+
+    /// Releases several subregions in one pass over the held list.
+    pub(crate) fn release_subregions(&self, subs: &[Arc<RegionCore>]) {
+        let gone: std::collections::HashSet<usize> =
+            subs.iter().map(|s| Arc::as_ptr(s) as usize).collect();
+        let mut released = Vec::with_capacity(subs.len());
+        {
+            let mut held = self.subregions.lock();
+            let mut i = 0;
+            while i < held.len() {
+                if gone.contains(&(Arc::as_ptr(&held[i]) as usize)) {
+                    released.push(held.swap_remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        for sub in &released {
+            self.census.remove_edge(self.census_key, sub.census_key);
+        }
+        // The topology still holds each of them: none is the last reference.
+        drop(released);
     }
 
     /// The census key of this region (for diagnostics).
@@ -271,10 +311,38 @@ impl fmt::Debug for RegionCore {
 
 impl Drop for RegionCore {
     fn drop(&mut self) {
-        // Finalization: record it first, then the fields drop in declaration
-        // order: backing, then the subregions still held (so a container
-        // finishes before them), then the owner (so it finishes after us).
+        // Finalization: record it first, then release in a fixed order:
+        // backing, then the subregions still held (so a container finishes
+        // before them), then the owner (so it finishes after us). The
+        // backing may hold device state whose `Drop` panics: that is
+        // recorded and raised after everything else was released, so one
+        // device's panic never skips another's drop or finalizer (and never
+        // becomes a panic during unwinding, which would abort).
         self.census.finalize(self.census_key);
+        let backing = std::mem::replace(&mut self.backing, Backing::None);
+        let name = &self.name;
+        let mut first = None;
+        if let Err(p) = catch(move || drop(backing)) {
+            self.census.record_panic(format!(
+                "drop of the device state of region \"{name}\" panicked: {}",
+                panic_message(&p)
+            ));
+            first = Some(p);
+        }
+        // Subregions and the owner record their own panics.
+        for sub in std::mem::take(self.subregions.get_mut()) {
+            if let Err(p) = catch(move || drop(sub)) {
+                first.get_or_insert(p);
+            }
+        }
+        if let Some(owner) = self.owner.take() {
+            if let Err(p) = catch(move || drop(owner)) {
+                first.get_or_insert(p);
+            }
+        }
+        if let Some(p) = first {
+            raise(p);
+        }
     }
 }
 

@@ -16,17 +16,26 @@
 //!   by its container's core (see [`crate::region`]).
 //! * `dirty` names every region changed since the last commit; a cached view
 //!   none of whose reached regions is dirty is still exact.
+//! * No code memtree does not own runs while the topology is borrowed:
+//!   anything an edit releases that may hold device state (region nodes
+//!   and cores, a refused region's backing, replaced finalizers) goes to
+//!   `crate::owner::defer_drop` and drops when the machine operation ends,
+//!   and device configuration hooks are read before the borrow.
+//! * `unplug` costs O(regions of the unplugged devices + regions of the
+//!   machine) (the alias scan), not O(n x siblings): dying regions are
+//!   unlinked from each surviving container in one pass.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::access::OpsConfig;
 use crate::arena::Arena;
 use crate::backend::MemoryBackend;
 use crate::census::{ObjectKey, ObjectKind};
 use crate::error::TopologyError;
 use crate::flatview::FlatView;
 use crate::listener::Listeners;
-use crate::owner::{OwnerCore, OwnerId, OwnerLabel, OwnerNode};
+use crate::owner::{defer_drop, defer_drop_recorded, OwnerCore, OwnerId, OwnerLabel, OwnerNode};
 use crate::region::{Backing, RegionCore, RegionId, RegionInfo, RegionKind, RegionNode};
 use crate::space::{AddressSpace, MachineData, SpaceId, SpaceNode};
 
@@ -69,11 +78,22 @@ pub(crate) struct Topology {
     pub(crate) listeners: Listeners,
     pub(crate) depth: u32,
     pub(crate) in_commit: bool,
+    /// The machine has been torn down (teardown runs once).
+    pub(crate) torn_down: bool,
     pub(crate) machine: Arc<MachineData>,
     pub(crate) census_key: ObjectKey,
     /// Spaces destroyed since the last commit: their handles get the empty
     /// view at commit, after their listeners saw every range deleted.
     pub(crate) destroyed_spaces: Vec<(SpaceId, Box<str>, AddressSpace)>,
+}
+
+impl Drop for Topology {
+    /// The machine is gone: so is its topology's census entry. (Teardown
+    /// emptied the topology already; what is left here holds no device
+    /// state.)
+    fn drop(&mut self) {
+        self.machine.census.finalize(self.census_key);
+    }
 }
 
 impl Topology {
@@ -92,6 +112,7 @@ impl Topology {
             listeners: Listeners::default(),
             depth: 0,
             in_commit: false,
+            torn_down: false,
             machine,
             census_key,
             destroyed_spaces: Vec::new(),
@@ -217,25 +238,29 @@ impl Topology {
 
     // ---- regions -------------------------------------------------------
 
+    /// Creates a region. `ops_config` is `RegionCore::ops_config_for` of
+    /// `kind` and `backing`, computed by the caller before it borrowed the
+    /// topology (it runs device code). On a refusal `backing` (which may
+    /// hold device state) is dropped after the edit, not inside it.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn create_region(
         &mut self,
         name: &str,
         kind: RegionKind,
         size: u128,
         backing: Backing,
+        ops_config: OpsConfig,
         owner: Option<OwnerId>,
         alias: Option<(RegionId, u64)>,
     ) -> Result<RegionId> {
-        if size > crate::region::MAX_REGION_SIZE {
-            return Err(TopologyError::SizeTooLarge(size));
-        }
-        let owner_core = match owner {
-            Some(o) => Some(self.owner_core(o)?),
-            None => None,
+        let owner_core = match self.check_new_region(size, owner, alias) {
+            Ok(core) => core,
+            Err(e) => {
+                let what = format!("the device state of refused region \"{name}\"");
+                defer_drop_recorded(&self.machine.census, &what, backing);
+                return Err(e);
+            }
         };
-        if let Some((target, _)) = alias {
-            self.get(target)?;
-        }
         let (index, generation) = self.regions.next_id();
         let id = RegionId { index, generation };
         let core = Arc::new(RegionCore::new(
@@ -245,6 +270,7 @@ impl Topology {
             backing,
             owner_core,
             &self.machine.census,
+            ops_config,
         ));
         self.machine
             .census
@@ -277,6 +303,26 @@ impl Topology {
             }
         }
         Ok(id)
+    }
+
+    /// Validates a new region; returns its owner's core.
+    fn check_new_region(
+        &self,
+        size: u128,
+        owner: Option<OwnerId>,
+        alias: Option<(RegionId, u64)>,
+    ) -> Result<Option<Arc<OwnerCore>>> {
+        if size > crate::region::MAX_REGION_SIZE {
+            return Err(TopologyError::SizeTooLarge(size));
+        }
+        let owner_core = match owner {
+            Some(o) => Some(self.owner_core(o)?),
+            None => None,
+        };
+        if let Some((target, _)) = alias {
+            self.get(target)?;
+        }
+        Ok(owner_core)
     }
 
     /// Whether linking `child` under `parent` (as a subregion) would let the
@@ -377,6 +423,32 @@ impl Topology {
         Ok(())
     }
 
+    /// Unmaps several subregions of one container in one pass (they are
+    /// all its subregions; checked by the caller).
+    fn del_subregions(&mut self, container: RegionId, subs: &[RegionId]) -> Result<()> {
+        let gone: HashSet<RegionId> = subs.iter().copied().collect();
+        let c_core = self.get(container)?.core.clone();
+        self.node_mut(container)?
+            .subregions
+            .retain(|x| !gone.contains(x));
+        let mut cores = Vec::with_capacity(subs.len());
+        for &sub in subs {
+            let s = self.node_mut(sub)?;
+            s.container = None;
+            let alias_target = s.alias_target;
+            cores.push(s.core.clone());
+            if let Some(t) = alias_target {
+                if let Ok(t) = self.node_mut(t) {
+                    t.mapped_via_alias = t.mapped_via_alias.saturating_sub(1);
+                }
+            }
+            self.mark(sub);
+        }
+        c_core.release_subregions(&cores);
+        self.mark(container);
+        Ok(())
+    }
+
     pub(crate) fn set_address(&mut self, sub: RegionId, addr: u64) -> Result<()> {
         let s = self.get(sub)?;
         match s.container {
@@ -465,19 +537,28 @@ impl Topology {
     }
 
     fn remove_node(&mut self, id: RegionId) {
-        if let Some(node) = self.regions.remove(id.index, id.generation) {
-            self.dirty.insert(id);
-            self.pending = true;
-            if let Some(o) = node.owner {
-                if let Some(on) = self.owners.get_mut(o.index, o.generation) {
-                    on.regions.retain(|&r| r != id);
-                }
+        if let Some(Some(o)) = self.remove_node_keeping_owner_list(id) {
+            if let Some(on) = self.owners.get_mut(o.index, o.generation) {
+                on.regions.retain(|&r| r != id);
             }
-            self.machine
-                .census
-                .remove_edge(self.census_key, node.core.census_key());
-            // `node` (and the arena's Arc<RegionCore>) drops here.
         }
+    }
+
+    /// Removes a region's node but leaves its id in its owner's list (for
+    /// unplug, which removes the owner too). The core (and with it possibly
+    /// the device's state) is dropped after the edit, where the machine is
+    /// usable, not here.
+    /// Returns the region's owner, if the region existed.
+    fn remove_node_keeping_owner_list(&mut self, id: RegionId) -> Option<Option<OwnerId>> {
+        let node = self.regions.remove(id.index, id.generation)?;
+        self.dirty.insert(id);
+        self.pending = true;
+        self.machine
+            .census
+            .remove_edge(self.census_key, node.core.census_key());
+        let owner = node.owner;
+        defer_drop(node);
+        Some(owner)
     }
 
     /// Registers an ownerless backend as machine-lifetime memory.
@@ -602,17 +683,22 @@ impl Topology {
             report.dangling_aliases.push(self.name_of(a));
             self.update(a, |n| n.alias_target = None)?;
         }
+        // Unlink dying regions from surviving containers and surviving
+        // subregions from dying containers: one pass per container, so an
+        // unplug costs O(regions), not O(regions x siblings).
+        let mut leaving: HashMap<RegionId, Vec<RegionId>> = HashMap::new();
         for &r in &regions {
             let n = self.get(r)?;
-            let container = n.container;
-            let subs = n.subregions.clone();
-            if let Some(c) = container.filter(|c| !region_set.contains(c)) {
-                self.del_subregion(c, r)?;
+            if let Some(c) = n.container.filter(|c| !region_set.contains(c)) {
+                leaving.entry(c).or_default().push(r);
             }
-            for s in subs.into_iter().filter(|s| !region_set.contains(s)) {
-                report.detached.push(self.name_of(s));
-                self.del_subregion(r, s)?;
+            for &sub in n.subregions.iter().filter(|s| !region_set.contains(s)) {
+                report.detached.push(self.name_of(sub));
+                leaving.entry(r).or_default().push(sub);
             }
+        }
+        for (container, subs) in leaving {
+            self.del_subregions(container, &subs)?;
         }
         // Report what DMA mappings, caches and sections still hold of them.
         let mut pinned = HashMap::new();
@@ -629,7 +715,8 @@ impl Topology {
         // container's core keeps its subregions' cores until it finishes.
         for &r in &regions {
             report.regions.push(self.name_of(r));
-            self.remove_node(r);
+            // The owners go below, with their region lists.
+            self.remove_node_keeping_owner_list(r);
         }
         for &o in &owners {
             if let Some(n) = self.owners.remove(o.index, o.generation) {

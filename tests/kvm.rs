@@ -230,3 +230,122 @@ fn kvm_slots_cover_only_whole_pages() {
     );
     assert!(slots.errors().is_empty(), "{:?}", slots.errors());
 }
+
+/// A listener that panics in its first `region_add` (after KVM's, which runs
+/// first at a lower priority).
+struct PanicsOnce(std::sync::atomic::AtomicBool);
+
+impl memtree::MemoryListener for PanicsOnce {
+    fn priority(&self) -> u32 {
+        20
+    }
+    fn region_add(&self, _section: &memtree::Section<'_>) {
+        if self.0.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            panic!("listener refuses the range");
+        }
+    }
+}
+
+/// Installing a slot of our own over `gpa..gpa + 0x1000` succeeds only if no
+/// other slot covers it any more; the probe slot is deleted again.
+fn gpa_is_free_in_kvm(vm: &VmFd, gpa: u64) -> bool {
+    let probe = memtree::RamBlock::new("probe", 0x1000, memtree::RamBacking::Anonymous).unwrap();
+    let region = kvm_bindings::kvm_userspace_memory_region {
+        slot: 200,
+        guest_phys_addr: gpa,
+        memory_size: 0x1000,
+        userspace_addr: probe.host_addr() as u64,
+        flags: 0,
+    };
+    // SAFETY: `probe` stays allocated until the slot is deleted below.
+    let free = unsafe { vm.set_user_memory_region(region) }.is_ok();
+    if free {
+        let delete = kvm_bindings::kvm_userspace_memory_region {
+            memory_size: 0,
+            userspace_addr: 0,
+            ..region
+        };
+        // SAFETY: deleting the slot installed above.
+        unsafe { vm.set_user_memory_region(delete) }.unwrap();
+    }
+    free
+}
+
+/// Issue 14, item 1: a second listener that panics in the commit that adds
+/// a device's RAM does not leave KVM with a slot nobody deletes: the commit
+/// still publishes the view, so the unplug's `region_del` deletes the slot
+/// before the memory goes, and the panic reaches the caller.
+#[test]
+fn kvm_slot_is_deleted_with_its_memory_when_another_listener_panics() {
+    let Some((kvm, vm)) =
+        kvm_or_skip("kvm_slot_is_deleted_with_its_memory_when_another_listener_panics")
+    else {
+        return;
+    };
+    let memory = Memory::new();
+    let system = memory.new_container("system", 1 << 32, None).unwrap();
+    let sid = memory.new_address_space("memory", system, None).unwrap();
+    let slots = Arc::new(KvmMemorySlots::new(&kvm, vm.clone()));
+    let lid = memory.register_listener(sid, slots.clone()).unwrap();
+    memory
+        .register_listener(
+            sid,
+            Arc::new(PanicsOnce(std::sync::atomic::AtomicBool::new(true))),
+        )
+        .unwrap();
+    let dev = memory.new_owner("nic", None).unwrap();
+    let ram = memory.new_ram("nic.ram", 0x1000, Some(dev)).unwrap();
+    let added = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        memory.add_subregion(system, 0x10_0000, ram)
+    }));
+    assert!(added.is_err(), "the listener's panic reaches the caller");
+    assert_eq!(slots.slots().len(), 1, "KVM got its slot");
+    let view = memory.address_space(sid).unwrap().view();
+    assert_eq!(view.ranges().len(), 1, "and the view was published");
+    drop(view);
+    memory.unplug(dev).unwrap();
+    assert!(
+        slots.slots().is_empty(),
+        "the unplug deleted the slot: {:?}",
+        slots.slots()
+    );
+    memory.unregister_listener(lid).unwrap();
+    drop(slots);
+    assert!(gpa_is_free_in_kvm(&vm, 0x10_0000), "no slot is left in KVM");
+    let report = memory.teardown();
+    assert!(report.survivors.is_empty(), "{report}");
+}
+
+/// Issue 14, item 1: dropping `KvmMemorySlots` deletes the KVM slots it
+/// still holds before their memory can go.
+#[test]
+fn kvm_dropping_the_slot_listener_deletes_its_slots() {
+    let Some((kvm, vm)) = kvm_or_skip("kvm_dropping_the_slot_listener_deletes_its_slots") else {
+        return;
+    };
+    let memory = Memory::new();
+    let system = memory.new_container("system", 1 << 32, None).unwrap();
+    let ram = memory.new_ram("ram", 0x2000, None).unwrap();
+    memory.add_subregion(system, 0x20_0000, ram).unwrap();
+    let sid = memory.new_address_space("memory", system, None).unwrap();
+    let space = memory.address_space(sid).unwrap();
+    let slots = KvmMemorySlots::new(&kvm, vm.clone());
+    // Drive the listener by hand, as a VMM that manages it itself would.
+    let view = space.view();
+    let section = memtree::Section {
+        space: sid,
+        space_name: "memory",
+        range: &view.ranges()[0],
+        view: &view,
+    };
+    memtree::MemoryListener::region_add(&slots, &section);
+    assert_eq!(slots.slots().len(), 1);
+    assert!(!gpa_is_free_in_kvm(&vm, 0x20_0000), "the slot is installed");
+    drop(slots);
+    assert!(
+        gpa_is_free_in_kvm(&vm, 0x20_0000),
+        "dropping the listener deleted its slot"
+    );
+    drop((view, space));
+    assert!(memory.teardown().is_clean());
+}
