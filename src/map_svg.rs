@@ -431,8 +431,8 @@ struct Scale {
 
 impl Scale {
     /// The band `[min_h, min_h * LINEAR_RATIO]` pixels placed over the sizes
-    /// so that it holds as many of them as possible (the larger band on a
-    /// tie: enlarging small pieces distorts less than compressing big ones).
+    /// so that it holds as many of them as possible, the larger band on a
+    /// tie (enlarging small pieces distorts less than compressing big ones).
     fn choose(sizes: &[u128], min_h: f64) -> Scale {
         let logs: Vec<f64> = sizes.iter().map(|&s| (s.max(1) as f64).log2()).collect();
         let width = LINEAR_RATIO.log2();
@@ -527,7 +527,22 @@ impl Axis {
         }
         let bounds: Vec<u128> = set.into_iter().collect();
         let sizes: Vec<u128> = bounds.windows(2).map(|w| w[1] - w[0]).collect();
-        let scale = Scale::choose(&sizes, min_h);
+        // The band is placed over the ranges: holes are what gets
+        // compressed (unless the view has no range at all).
+        let range_sizes: Vec<u128> = columns
+            .iter()
+            .flat_map(|c| c.iter())
+            .filter(|p| p.range.is_some())
+            .map(|p| p.hi - p.lo)
+            .collect();
+        let scale = Scale::choose(
+            if range_sizes.is_empty() {
+                &sizes
+            } else {
+                &range_sizes
+            },
+            min_h,
+        );
         let mut ys = vec![top];
         let mut kinds = Vec::new();
         for &s in &sizes {
