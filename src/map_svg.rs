@@ -43,6 +43,9 @@ const BOUNDARY_BUDGET: usize = 50_000;
 /// Most addresses explained per range (its start and the boundaries of the
 /// regions inside it); beyond that the obscured list is marked incomplete.
 const MAX_PROBES_PER_RANGE: usize = 48;
+/// Most such extra addresses explained for a whole view (each `explain`
+/// walks the tree): bounds the cost on machines with many ranges.
+const MAX_EXTRA_PROBES: usize = 4096;
 /// Most lines of a list shown in a tooltip.
 const MAX_TOOLTIP_ITEMS: usize = 16;
 
@@ -173,6 +176,7 @@ pub fn collect(machine: &Machine, space: SpaceId) -> Result<SpaceMap, TopologyEr
         Ok::<_, TopologyError>((s.name.to_string(), view, extent, bounds, complete))
     })?;
     let mut ranges = Vec::with_capacity(view.ranges().len());
+    let mut extra_probes = 0usize;
     for r in view.ranges() {
         let a = r.attrs();
         let mut m = MapRange {
@@ -198,12 +202,13 @@ pub fn collect(machine: &Machine, space: SpaceId) -> Result<SpaceMap, TopologyEr
             .into_iter()
             .flatten();
         for &b in inside {
-            if probes.len() == MAX_PROBES_PER_RANGE {
+            if probes.len() == MAX_PROBES_PER_RANGE || extra_probes == MAX_EXTRA_PROBES {
                 m.incomplete = true;
                 break;
             }
             // In range: b <= last <= u64::MAX.
             probes.push(b as u64);
+            extra_probes += 1;
         }
         let mut seen: BTreeSet<(RegionId, String)> = BTreeSet::new();
         for (i, &addr) in probes.iter().enumerate() {
