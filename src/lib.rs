@@ -48,6 +48,7 @@ pub mod kvm;
 pub mod listener;
 pub mod lookup;
 pub mod machine_file;
+pub mod map_svg;
 pub mod mapping_table;
 pub mod memory;
 pub mod owner;

@@ -102,6 +102,28 @@ enum Command {
         #[command(flatten)]
         machine: MachineArgs,
     },
+    /// Draw an address space as an SVG memory map, or with --diff A B what
+    /// changed between two machines (hover a range for who serves it and
+    /// what it obscures).
+    Map {
+        #[command(flatten)]
+        machine: MachineArgs,
+        /// Draw the built-in demo machine (instead of FILE).
+        #[arg(long = "demo")]
+        demo: bool,
+        /// Compare two machines (.toml or QEMU `info mtree -D` dumps).
+        #[arg(long = "diff", num_args = 2, value_names = ["A", "B"])]
+        diff: Option<Vec<PathBuf>>,
+        /// QEMU `info mtree -f` dumps of the two --diff machines.
+        #[arg(long = "diff-flat", num_args = 2, value_names = ["FA", "FB"])]
+        diff_flat: Option<Vec<PathBuf>>,
+        /// The address space (default: "memory", else the first one).
+        #[arg(long = "as", value_name = "NAME")]
+        space: Option<String>,
+        /// Write the SVG to FILE instead of stdout.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -467,7 +489,69 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             emit(&out);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Map {
+            machine,
+            demo,
+            diff,
+            diff_flat,
+            space,
+            output,
+        } => run_map(machine, demo, diff, diff_flat, space, output),
     }
+}
+
+/// `memtree map`: one address space as SVG, or two side by side (`--diff`).
+fn run_map(
+    machine: MachineArgs,
+    demo: bool,
+    diff: Option<Vec<PathBuf>>,
+    diff_flat: Option<Vec<PathBuf>>,
+    space: Option<String>,
+    output: Option<PathBuf>,
+) -> Result<ExitCode, CliError> {
+    use memtree::map_svg;
+    let has_machine = machine.file.is_some() || machine.qemu_tree.is_some();
+    let collect = |mem: &Memory| {
+        let id = pick_space(mem, space.as_deref())?;
+        map_svg::collect(mem, id).map_err(|e| CliError::arg("map", e.to_string()))
+    };
+    let svg = match (diff, demo) {
+        (Some(_), true) => return Err(CliError::arg("usage", "give either --demo or --diff")),
+        (Some(_), false) if has_machine || machine.qemu_flat.is_some() => {
+            return Err(CliError::arg(
+                "usage",
+                "--diff takes both machines; use --diff-flat for their -f dumps",
+            ))
+        }
+        (Some(pair), false) => {
+            let flats = diff_flat.as_ref();
+            let side = |i: usize| match flats {
+                Some(f) => load(None, Some(&pair[i]), Some(&f[i]), None),
+                None => load_any(&pair[i]),
+            };
+            let (ma, mb) = (side(0)?, side(1)?);
+            let (a, b) = (collect(&ma)?, collect(&mb)?);
+            let label = |p: &PathBuf| p.display().to_string();
+            map_svg::render_diff(&a, &label(&pair[0]), &b, &label(&pair[1]))
+        }
+        (None, _) if diff_flat.is_some() => {
+            return Err(CliError::arg("usage", "--diff-flat needs --diff A B"))
+        }
+        (None, true) if has_machine => {
+            return Err(CliError::arg("usage", "give either --demo or a machine"))
+        }
+        (None, true) => {
+            let d = memtree::demo::build().map_err(|e| CliError::arg("demo", e.to_string()))?;
+            map_svg::render(&collect(&d.memory)?)
+        }
+        (None, false) => map_svg::render(&collect(&load_machine(&machine)?)?),
+    };
+    match output {
+        Some(path) => std::fs::write(&path, svg)
+            .map_err(|e| CliError::at(&path, None, format!("cannot write: {e}")))?,
+        None => emit(&svg),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
