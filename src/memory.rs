@@ -147,7 +147,6 @@ impl Memory {
         let data = Arc::new(MachineData {
             census: census.clone(),
             target_endian,
-            ownerless: parking_lot::Mutex::new(Vec::new()),
             empty_view: Arc::new(FlatView::empty()),
             dma,
         });
@@ -493,11 +492,6 @@ impl Machine {
         }
         drop(guard);
         drop(defer);
-        // Ownerless memory is machine-lifetime: free it unless address-space
-        // handles (which may have lent it out to DMA) are still held.
-        if Arc::strong_count(&self.data) <= 2 {
-            self.data.ownerless.lock().clear();
-        }
         crate::diag::leak_report(&self.data.census)
     }
 
@@ -618,9 +612,6 @@ impl Machine {
         }
         check_backend_range(name, backend, offset, size)?;
         self.edit(|t| {
-            if owner.is_none() {
-                t.keep_ownerless(backend);
-            }
             t.create_region(
                 name,
                 RegionKind::Ram,
@@ -651,9 +642,6 @@ impl Machine {
     ) -> Result<RegionId> {
         let block = self.backend(name, size, RamBacking::Anonymous)?;
         self.edit(|t| {
-            if owner.is_none() {
-                t.keep_ownerless(&block);
-            }
             t.create_region(
                 name,
                 RegionKind::RamDevice,
@@ -676,9 +664,6 @@ impl Machine {
     ) -> Result<RegionId> {
         let block = self.backend(name, size, RamBacking::Anonymous)?;
         self.edit(|t| {
-            if owner.is_none() {
-                t.keep_ownerless(&block);
-            }
             t.create_region(
                 name,
                 RegionKind::RomDevice,

@@ -21,7 +21,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::arena::Arena;
-use crate::backend::MemoryBackend;
 use crate::census::{ObjectKey, ObjectKind};
 use crate::error::TopologyError;
 use crate::flatview::FlatView;
@@ -477,14 +476,6 @@ impl Topology {
                 .census
                 .remove_edge(self.census_key, node.core.census_key());
             // `node` (and the arena's Arc<RegionCore>) drops here.
-        }
-    }
-
-    /// Registers an ownerless backend as machine-lifetime memory.
-    pub(crate) fn keep_ownerless(&mut self, block: &Arc<MemoryBackend>) {
-        let mut keep = self.machine.ownerless.lock();
-        if !keep.iter().any(|b| Arc::ptr_eq(b, block)) {
-            keep.push(block.clone());
         }
     }
 
