@@ -796,7 +796,6 @@ impl AddressSpace {
 
     /// Every outstanding recorded mapping, cache and section of the machine
     /// (not only of this address space), registered in the census.
-    /// Ownerless-RAM mappings are not recorded (they hold nothing).
     pub fn outstanding_mappings(&self) -> Vec<MappingInfo> {
         let m = &self.shared.machine;
         m.dma.list(&m.census)
@@ -900,7 +899,7 @@ impl<'a> DmaMapping<'a> {
     }
 
     /// The mapping's census key, registering it now if the census has not
-    /// yet (`None` for ownerless RAM).
+    /// yet (always `Some` while the mapping is out).
     pub fn census_key(&self) -> Option<ObjectKey> {
         let t = self.ticket()?;
         let m = &self.space.shared.machine;
@@ -909,8 +908,8 @@ impl<'a> DmaMapping<'a> {
 
     /// Host address of the first byte: direct memory, or the bounce buffer.
     /// Valid for [`len`](Self::len) bytes while the guard lives; never create
-    /// Rust references from it into guest memory (raw copies or atomics only,
-    /// see [`crate::ram`]).
+    /// Rust references from it into guest memory (the guest-memory
+    /// functions of [`crate::ram`] or atomics only).
     pub fn as_ptr(&self) -> *const u8 {
         match &self.hold {
             Hold::Bounce(b) => b.buf.as_ptr(),
