@@ -40,15 +40,18 @@
 //!
 //! How the semantics are implemented:
 //!
-//! * **x86-64 (production):** an inline-assembly `rep movsb` for buffer
-//!   copies and a single `mov` of 1, 2, 4 or 8 bytes for typed accesses. The
+//! * **x86-64 (production):** inline assembly: for buffer copies, two
+//!   overlapping `mov`s below 16 bytes, 16-byte `movdqu`s below 2 KiB and
+//!   `rep movsb` from 2 KiB on; a single `mov` of 1, 2, 4 or 8 bytes for
+//!   typed accesses. The
 //!   compiler treats an `asm!` block as an opaque operation whose effect
 //!   must be expressible in the abstract machine; on x86 every byte of a
-//!   `mov`/`movs` is single-copy atomic, so the block's effect *is* a
-//!   sequence of relaxed byte atomics, and no Rust-level data race exists.
-//!   It is also fast: with ERMSB/FSRM (every x86-64 of the last decade) a
-//!   4 KiB `rep movsb` runs at `memcpy` speed (`benches/dispatch.rs`,
-//!   `ram_4k`), and a typed load is one `mov` as before.
+//!   `mov`/`movdqu`/`movs` is single-copy atomic, so the block's effect
+//!   *is* a sequence of relaxed byte atomics, and no Rust-level data race
+//!   exists. It is also fast: with ERMSB/FSRM a 4 KiB `rep movsb` runs at
+//!   `memcpy` speed (glibc's `memcpy` itself uses it at that size;
+//!   `benches/dispatch.rs`, `ram_4k`), short copies take a few moves, and a
+//!   typed load is one `mov` as before.
 //! * **Miri and other architectures:** literally one relaxed `AtomicU8`
 //!   load or store per byte, so Miri checks the whole data plane's race
 //!   freedom (`concurrency_dma_mappings_race_device_unplug` runs clean under
@@ -135,6 +138,100 @@ fn check_range(offset: u64, len: u64, size: u64) -> Result<(), RamError> {
 // accessed" in the module docs).
 // ---------------------------------------------------------------------------
 
+/// Copies of at least this many bytes use `rep movsb`, which has a start-up
+/// cost of tens of cycles but then moves whole cache lines (ERMSB/FSRM);
+/// shorter ones use 16-byte SSE moves. glibc's `memcpy` switches to
+/// `rep movsb` at about the same size on FSRM machines.
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+const REP_MOVSB_MIN: usize = 2048;
+
+/// `N`-byte (1, 2, 4, 8 or 16) move from `src` to `dst` in one load and
+/// one store instruction.
+///
+/// # Safety
+///
+/// `src` is readable and `dst` writable for `N` bytes.
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+#[inline(always)]
+unsafe fn asm_move<const N: usize>(src: *const u8, dst: *mut u8) {
+    use std::arch::asm;
+    // SAFETY: each arm reads exactly `N` bytes at `src` and writes them at
+    // `dst` (per the contract), any alignment, touching no stack and no
+    // flags.
+    unsafe {
+        match N {
+            1 => asm!("movzx {t:e}, byte ptr [{s}]", "mov byte ptr [{d}], {t:l}",
+                s = in(reg) src, d = in(reg) dst, t = out(reg) _,
+                options(nostack, preserves_flags)),
+            2 => asm!("movzx {t:e}, word ptr [{s}]", "mov word ptr [{d}], {t:x}",
+                s = in(reg) src, d = in(reg) dst, t = out(reg) _,
+                options(nostack, preserves_flags)),
+            4 => asm!("mov {t:e}, dword ptr [{s}]", "mov dword ptr [{d}], {t:e}",
+                s = in(reg) src, d = in(reg) dst, t = out(reg) _,
+                options(nostack, preserves_flags)),
+            8 => asm!("mov {t}, qword ptr [{s}]", "mov qword ptr [{d}], {t}",
+                s = in(reg) src, d = in(reg) dst, t = out(reg) _,
+                options(nostack, preserves_flags)),
+            _ => asm!("movdqu {x}, xmmword ptr [{s}]", "movdqu xmmword ptr [{d}], {x}",
+                s = in(reg) src, d = in(reg) dst, x = out(xmm_reg) _,
+                options(nostack, preserves_flags)),
+        }
+    }
+}
+
+/// The x86-64 copy behind [`copy_from_guest`] and [`copy_to_guest`]: every
+/// byte of `src` is loaded by a `mov`/`movdqu`/`movs` and stored at the same
+/// offset of `dst` (single-copy atomic per byte). Short copies use two
+/// overlapping moves (the bytes in the overlap are copied twice, which
+/// per-byte relaxed semantics allow: the same value is stored again), longer
+/// ones 16-byte moves, long ones `rep movsb`.
+///
+/// # Safety
+///
+/// `src` is readable and `dst` writable for `len` bytes; they do not
+/// overlap.
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+#[inline(always)]
+unsafe fn asm_copy(src: *const u8, dst: *mut u8, len: usize) {
+    // SAFETY: every move below stays inside `[0, len)` of both ranges (per
+    // the contract readable at `src`, writable at `dst`): the offsets used
+    // are `0`, `len - N` with `N <= len`, and `i` with `i + 16 <= len`.
+    unsafe {
+        if len >= REP_MOVSB_MIN {
+            // `rep movsb` copies exactly `rcx` bytes from `rsi` to `rdi`,
+            // forwards (the direction flag is clear on entry to an `asm!`
+            // block, as Rust guarantees).
+            std::arch::asm!(
+                "rep movsb",
+                inout("rcx") len => _,
+                inout("rsi") src => _,
+                inout("rdi") dst => _,
+                options(nostack, preserves_flags)
+            );
+        } else if len >= 16 {
+            let mut i = 0;
+            while i + 16 <= len {
+                asm_move::<16>(src.add(i), dst.add(i));
+                i += 16;
+            }
+            if i < len {
+                asm_move::<16>(src.add(len - 16), dst.add(len - 16));
+            }
+        } else if len >= 8 {
+            asm_move::<8>(src, dst);
+            asm_move::<8>(src.add(len - 8), dst.add(len - 8));
+        } else if len >= 4 {
+            asm_move::<4>(src, dst);
+            asm_move::<4>(src.add(len - 4), dst.add(len - 4));
+        } else if len >= 2 {
+            asm_move::<2>(src, dst);
+            asm_move::<2>(src.add(len - 2), dst.add(len - 2));
+        } else if len == 1 {
+            asm_move::<1>(src, dst);
+        }
+    }
+}
+
 /// Copies `len` bytes of guest memory at `src` into `dst`, with the
 /// semantics of per-byte relaxed atomic loads (see the
 /// [module docs](self#how-guest-memory-is-accessed-per-byte-relaxed-atomics)).
@@ -149,18 +246,9 @@ fn check_range(offset: u64, len: u64, size: u64) -> Result<(), RamError> {
 #[inline(always)]
 pub unsafe fn copy_from_guest(src: *const u8, dst: *mut u8, len: usize) {
     #[cfg(all(target_arch = "x86_64", not(miri)))]
-    // SAFETY: per the contract both ranges are valid and disjoint; `rep
-    // movsb` copies exactly `rcx` bytes from `rsi` to `rdi`, forwards (the
-    // direction flag is clear on entry to an `asm!` block, as Rust
-    // guarantees), touching no stack and no flags.
+    // SAFETY: the contract of `asm_copy` is this function's.
     unsafe {
-        std::arch::asm!(
-            "rep movsb",
-            inout("rcx") len => _,
-            inout("rsi") src => _,
-            inout("rdi") dst => _,
-            options(nostack, preserves_flags)
-        );
+        asm_copy(src, dst, len)
     }
     #[cfg(not(all(target_arch = "x86_64", not(miri))))]
     for i in 0..len {
@@ -188,15 +276,9 @@ pub unsafe fn copy_from_guest(src: *const u8, dst: *mut u8, len: usize) {
 #[inline(always)]
 pub unsafe fn copy_to_guest(src: *const u8, dst: *mut u8, len: usize) {
     #[cfg(all(target_arch = "x86_64", not(miri)))]
-    // SAFETY: as in `copy_from_guest`.
+    // SAFETY: the contract of `asm_copy` is this function's.
     unsafe {
-        std::arch::asm!(
-            "rep movsb",
-            inout("rcx") len => _,
-            inout("rsi") src => _,
-            inout("rdi") dst => _,
-            options(nostack, preserves_flags)
-        );
+        asm_copy(src, dst, len)
     }
     #[cfg(not(all(target_arch = "x86_64", not(miri))))]
     for i in 0..len {
@@ -866,6 +948,54 @@ mod tests {
                 assert_eq!(v, t << 32 | i);
             }
         }
+    }
+
+    #[test]
+    fn guest_copies_of_every_length_copy_exactly_those_bytes() {
+        let ram = RamBlock::new("copies", 8192, RamBacking::Anonymous).unwrap();
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+        let lens: Vec<usize> = if cfg!(miri) {
+            (0..40).chain([255, 256, 257]).collect()
+        } else {
+            (0..=300)
+                .chain([1023, 2047, 2048, 2049, 4095, 4096, 4097])
+                .collect()
+        };
+        for &len in &lens {
+            for off in [0usize, 1, 13] {
+                // Into guest memory: exactly `len` bytes at `off + 100` change.
+                ram.write(0, &vec![0xee; 8192]).unwrap();
+                ram.write(off as u64 + 100, &pattern[..len]).unwrap();
+                let mut all = vec![0u8; 8192];
+                ram.read(0, &mut all).unwrap();
+                let at = off + 100;
+                assert!(all[..at].iter().all(|&b| b == 0xee), "len {len}");
+                assert_eq!(&all[at..at + len], &pattern[..len], "len {len}");
+                assert!(all[at + len..].iter().all(|&b| b == 0xee), "len {len}");
+                // Out of guest memory: exactly `len` bytes of the buffer.
+                let mut buf = vec![0x55u8; len + 32];
+                ram.read(at as u64, &mut buf[off..off + len]).unwrap();
+                assert!(buf[..off].iter().all(|&b| b == 0x55));
+                assert_eq!(&buf[off..off + len], &pattern[..len], "len {len}");
+                assert!(buf[off + len..].iter().all(|&b| b == 0x55));
+            }
+        }
+        // Typed accesses of every width at odd offsets.
+        ram.store(4001, 0x1122_3344_5566_7788_u64.to_le_bytes())
+            .unwrap();
+        assert_eq!(
+            ram.load::<8>(4001).unwrap(),
+            0x1122_3344_5566_7788_u64.to_le_bytes()
+        );
+        assert_eq!(ram.load::<4>(4003).unwrap(), [0x66, 0x55, 0x44, 0x33]);
+        assert_eq!(ram.load::<2>(4007).unwrap(), [0x22, 0x11]);
+        ram.store(4002, [0xab, 0xcd]).unwrap();
+        ram.store(4004, [0xef]).unwrap();
+        ram.store(4005, [1, 2, 3]).unwrap();
+        assert_eq!(
+            ram.load::<8>(4001).unwrap(),
+            [0x88, 0xab, 0xcd, 0xef, 1, 2, 3, 0x11]
+        );
     }
 
     /// Under Miri this is the check that guest-memory accesses are not Rust
