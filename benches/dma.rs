@@ -2,8 +2,9 @@
 //!
 //! * `dma/map_unmap_owned_ram`: RAM of a device — the mapping records itself
 //!   in the mapping table, whose entry pins the memory (target < 50 ns).
-//! * `dma/map_unmap_ownerless_ram`: machine-lifetime RAM — no reference
-//!   counting and no bookkeeping at all.
+//! * `dma/map_unmap_ownerless_ram`: RAM without an owner — pinned by a
+//!   table entry exactly like a device's RAM (ownerless memory is freed when
+//!   its last user goes, so a mapping must keep it), no reference counting.
 //! * `dma/map_unmap_{owned,ownerless}_ram_cursor`: the same through a
 //!   `SpaceCursor` (no arc-swap load of the published view).
 //! * `dma/map_unmap_bounce_mmio`: an 8-byte bounce buffer over MMIO, with

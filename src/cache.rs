@@ -12,11 +12,10 @@
 //!
 //! What the cache holds — deliberately *not* QEMU's FlatView reference:
 //!
-//! * RAM of a region with an owner: the memory ([`MemoryBackend`]) only, like
-//!   a direct DMA mapping. Unplugging the device finalizes it and its regions;
-//!   the memory stays valid until the cache is dropped.
-//! * Ownerless RAM: nothing beyond the address-space handle (machine-lifetime
-//!   memory lives as long as any handle).
+//! * RAM (of a region with an owner or without): the memory
+//!   ([`MemoryBackend`]) only, like a direct DMA mapping. Unplugging the
+//!   device (or destroying the ownerless region) finalizes it and its
+//!   regions; the memory stays valid until the cache is dropped.
 //! * Anything else: the address-space handle only. A cache never pins a
 //!   device.
 //!
@@ -39,14 +38,14 @@
 //! for diagnostics like DMA mappings ([`crate::dma`]).
 
 use std::fmt;
-use std::ptr::{self, NonNull};
+use std::ptr::NonNull;
 use std::sync::Arc;
 
 use crate::access::{MemTxAttrs, MemTxResult};
 use crate::backend::MemoryBackend;
 use crate::census::ObjectKey;
 use crate::dma::{
-    avail_in, check_bounds, check_range, direct_extent, is_direct, owned_ram_backend, DmaDirection,
+    avail_in, check_bounds, check_range, direct_extent, is_direct, ram_backend, DmaDirection,
     DmaError, MappingId, MappingKind,
 };
 use crate::mapping_table::{Entry, Ticket};
@@ -55,9 +54,8 @@ use crate::space::{AddressSpace, MachineData};
 
 struct Direct {
     host: NonNull<u8>,
-    /// The memory, for RAM of an owned region (`None`: ownerless,
-    /// machine-lifetime memory kept by the address-space handle).
-    held: Option<(Arc<MemoryBackend>, Ticket)>,
+    /// The memory, which keeps `host` valid, and the cache's table entry.
+    held: (Arc<MemoryBackend>, Ticket),
 }
 
 /// A resolved guest range for repeated access. See the
@@ -71,10 +69,9 @@ pub struct MemoryRegionCache {
     direct: Option<Direct>,
 }
 
-// SAFETY: `host` points into memory kept mapped by the held backend or by
-// the machine data the held address-space handle keeps alive; the cache only
-// performs raw copies through it, like `RamBlock`'s own `&self` methods,
-// which are `Send + Sync`.
+// SAFETY: `host` points into memory kept mapped by the held backend; the
+// cache only performs guest-memory copies through it (`crate::ram`), like
+// `RamBlock`'s own `&self` methods, which are `Send + Sync`.
 unsafe impl Send for MemoryRegionCache {}
 // SAFETY: as above: shared access performs only raw copies into and out of
 // guest memory, whose concurrent use is documented in `crate::ram`.
@@ -128,19 +125,20 @@ impl MemoryRegionCache {
         };
         let r = &view.ranges()[i];
         if is_direct(r, self.dir) {
-            if let Some(host) = NonNull::new(r.host_at(self.addr)) {
+            // A direct range always has host memory; be total anyway.
+            if let (Some(host), Some(b)) =
+                (NonNull::new(r.host_at(self.addr)), ram_backend(r.region()))
+            {
                 let len = direct_extent(&view, i, self.addr, self.requested, self.dir);
-                let held = owned_ram_backend(r.region()).map(|b| {
-                    let ticket = self.space.shared.machine.dma.insert(&Entry {
-                        kind: MappingKind::Cache,
-                        dir: self.dir,
-                        space: self.space.census_key(),
-                        addr: self.addr,
-                        len,
-                        holds: b.census_key(),
-                    });
-                    (b.clone(), ticket)
+                let ticket = self.space.shared.machine.dma.insert(&Entry {
+                    kind: MappingKind::Cache,
+                    dir: self.dir,
+                    space: self.space.census_key(),
+                    addr: self.addr,
+                    len,
+                    holds: b.census_key(),
                 });
+                let held = (b.clone(), ticket);
                 self.len = len;
                 self.direct = Some(Direct { host, held });
                 return Ok(());
@@ -153,7 +151,7 @@ impl MemoryRegionCache {
 
     fn unresolve(&mut self) {
         if let Some(Direct {
-            held: Some((backend, ticket)),
+            held: (backend, ticket),
             ..
         }) = self.direct.take()
         {
@@ -190,20 +188,16 @@ impl MemoryRegionCache {
         self.direct.is_some()
     }
 
-    /// The memory a direct cache of owned RAM holds.
+    /// The memory a direct cache holds.
     pub fn backend(&self) -> Option<&Arc<MemoryBackend>> {
-        self.direct
-            .as_ref()
-            .and_then(|d| d.held.as_ref())
-            .map(|(b, _)| b)
+        self.direct.as_ref().map(|d| &d.held.0)
     }
 
-    /// Diagnostic id (recorded only for direct caches of owned RAM).
+    /// Diagnostic id (recorded only for direct caches, which hold memory).
     pub fn id(&self) -> Option<MappingId> {
         self.direct
             .as_ref()
-            .and_then(|d| d.held.as_ref())
-            .map(|(_, t)| self.space.shared.machine.dma.id(*t))
+            .map(|d| self.space.shared.machine.dma.id(d.held.1))
     }
 
     /// Copies `buf.len()` bytes at `offset` (relative to the cache) into
@@ -219,11 +213,11 @@ impl MemoryRegionCache {
         match &self.direct {
             Some(d) => {
                 // SAFETY: `offset + buf.len() <= len`, and `len` bytes at
-                // `host` are host memory kept mapped by the held backend or
-                // the held address-space handle; `buf` is a Rust buffer, not
+                // `host` are host memory kept mapped by the held backend;
+                // `buf` is a Rust buffer, not
                 // guest memory.
                 unsafe {
-                    ptr::copy_nonoverlapping(
+                    crate::ram::copy_from_guest(
                         d.host.as_ptr().add(offset as usize),
                         buf.as_mut_ptr(),
                         buf.len(),
@@ -256,7 +250,7 @@ impl MemoryRegionCache {
                 // SAFETY: as in `read`, copy reversed; a direct cache for
                 // writing only resolves to writable RAM.
                 unsafe {
-                    ptr::copy_nonoverlapping(
+                    crate::ram::copy_to_guest(
                         buf.as_ptr(),
                         d.host.as_ptr().add(offset as usize),
                         buf.len(),
@@ -273,6 +267,14 @@ impl MemoryRegionCache {
     /// Loads `N` bytes at `offset`, in memory order.
     #[inline]
     pub fn load<const N: usize>(&self, offset: u64) -> Result<[u8; N], DmaError> {
+        if let Some(d) = &self.direct {
+            check_bounds(offset, N, self.len)?;
+            // SAFETY: as in `read`: `offset + N <= len` bytes of kept host
+            // memory.
+            return Ok(unsafe {
+                crate::ram::load_guest::<N>(d.host.as_ptr().add(offset as usize))
+            });
+        }
         let mut b = [0u8; N];
         self.read(offset, &mut b)?;
         Ok(b)
@@ -281,6 +283,13 @@ impl MemoryRegionCache {
     /// Stores `N` bytes at `offset`, in memory order.
     #[inline]
     pub fn store<const N: usize>(&self, offset: u64, bytes: [u8; N]) -> Result<(), DmaError> {
+        if let (Some(d), true) = (&self.direct, self.dir.writes()) {
+            check_bounds(offset, N, self.len)?;
+            // SAFETY: as in `write`: `offset + N <= len` bytes of kept,
+            // writable host memory.
+            unsafe { crate::ram::store_guest(d.host.as_ptr().add(offset as usize), bytes) };
+            return Ok(());
+        }
         self.write(offset, &bytes)
     }
 }

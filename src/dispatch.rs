@@ -81,7 +81,6 @@
 //! read-modify-write either (TCG builds atomics on host pointers itself).
 
 use std::ops::Deref;
-use std::ptr;
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Cache};
@@ -90,6 +89,7 @@ use crate::access::{
     self, AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps, OpsConfig, UnassignedOps,
 };
 use crate::flatview::{FlatRange, FlatView};
+use crate::ram;
 use crate::region::{Backing, RegionKind};
 use crate::space::{AddressSpace, SpaceShared};
 
@@ -129,12 +129,14 @@ pub trait Primitive: sealed::Sealed + Copy + Send + Sync + 'static {
     /// Reads `Self::SIZE` bytes at `p` as a value stored in byte order `e`.
     ///
     /// # Safety
-    /// `p` must be valid for a read of `Self::SIZE` bytes (any alignment).
+    /// `p` must be valid for a read of `Self::SIZE` bytes (any alignment) of
+    /// guest memory, as for [`ram::load_guest`].
     unsafe fn load_from(p: *const u8, e: Endianness) -> Self;
     /// Writes the value at `p` in byte order `e`.
     ///
     /// # Safety
-    /// `p` must be valid for a write of `Self::SIZE` bytes (any alignment).
+    /// `p` must be valid for a write of `Self::SIZE` bytes (any alignment) of
+    /// guest memory, as for [`ram::store_guest`].
     unsafe fn store_to(self, p: *mut u8, e: Endianness);
 }
 
@@ -153,25 +155,23 @@ macro_rules! primitive {
             }
             #[inline]
             unsafe fn load_from(p: *const u8, e: Endianness) -> Self {
-                // SAFETY: the caller guarantees `p` is readable for
-                // `size_of::<Self>()` bytes; `read_unaligned` has no
-                // alignment requirement.
-                let raw = unsafe { ptr::read_unaligned(p.cast::<$t>()) };
+                // SAFETY: the caller guarantees `p` is readable guest
+                // memory for `size_of::<Self>()` bytes; any alignment.
+                let raw = unsafe { ram::load_guest::<{ std::mem::size_of::<$t>() }>(p) };
                 match e {
-                    Endianness::Little => <$t>::from_le(raw),
-                    Endianness::Big => <$t>::from_be(raw),
+                    Endianness::Little => <$t>::from_le_bytes(raw),
+                    Endianness::Big => <$t>::from_be_bytes(raw),
                 }
             }
             #[inline]
             unsafe fn store_to(self, p: *mut u8, e: Endianness) {
                 let raw = match e {
-                    Endianness::Little => self.to_le(),
-                    Endianness::Big => self.to_be(),
+                    Endianness::Little => self.to_le_bytes(),
+                    Endianness::Big => self.to_be_bytes(),
                 };
-                // SAFETY: the caller guarantees `p` is writable for
-                // `size_of::<Self>()` bytes; `write_unaligned` has no
-                // alignment requirement.
-                unsafe { ptr::write_unaligned(p.cast::<$t>(), raw) }
+                // SAFETY: the caller guarantees `p` is writable guest
+                // memory for `size_of::<Self>()` bytes; any alignment.
+                unsafe { ram::store_guest(p, raw) }
             }
         }
     )*};
@@ -404,7 +404,7 @@ impl FlatView {
                     // SAFETY: `addr..addr+l` lies inside the range, whose host
                     // memory (kept mapped by the range's region core) covers
                     // the whole range; `rest` is a distinct Rust buffer.
-                    unsafe { ptr::copy_nonoverlapping(r.host_at(addr), rest.as_mut_ptr(), l) };
+                    unsafe { ram::copy_from_guest(r.host_at(addr), rest.as_mut_ptr(), l) };
                     l
                 }
                 _ => {
@@ -446,7 +446,7 @@ impl FlatView {
                     // SAFETY: `addr..addr+l` lies inside the range, whose host
                     // memory (kept mapped by the range's region core) covers
                     // the whole range; `rest` is a distinct Rust buffer.
-                    unsafe { ptr::copy_nonoverlapping(rest.as_ptr(), r.host_at(addr), l) };
+                    unsafe { ram::copy_to_guest(rest.as_ptr(), r.host_at(addr), l) };
                     l
                 }
                 _ => {

@@ -24,29 +24,50 @@
 //!   [`DmaError::NoBounceSpace`]; [`AddressSpace::register_map_client`]
 //!   registers a one-shot callback run when bounce space frees (§5.3).
 //!
+//! # Map clients
+//!
+//! A client runs once, on the thread that frees bounce space (an unmap, a
+//! raised limit, or a registration while space is free), with no memtree
+//! lock held. QEMU defers clients to a bottom half; memtree has no main
+//! loop, so it defers only what would recurse: while a thread runs map
+//! clients, anything that would run clients on that thread (a client that
+//! registers a client, or maps and unmaps a bounce buffer) only leaves them
+//! registered, and they run at the next such event outside a client. A
+//! client that re-registers itself therefore runs once per event, never
+//! recursively. A client that panics is gone (it was `FnOnce`); the panic
+//! reaches the caller that freed the space, and the clients that had not
+//! run yet stay registered for the next event.
+//!
+//! # Panics in device callbacks
+//!
+//! Prefilling a bounce buffer and writing it back call the device. If the
+//! device panics, the panic reaches the caller of `map` / `unmap` (or the
+//! drop of the mapping), and whatever the mapping had reserved is released
+//! on the way out (drop guards): its bounce space, its mapping-table entry,
+//! its region. While unwinding, map clients are not run (a second panic
+//! would abort); they run at the next event.
+//!
 //! # What a mapping keeps alive
 //!
 //! Exactly what it needs, and nothing else:
 //!
-//! * Direct RAM of a region with an owner: the memory
+//! * Direct RAM (of a region with an owner or without): the memory
 //!   ([`MemoryBackend`]) — not the region, not the device. The device can be
-//!   unplugged while the mapping is out; its regions and the device itself
-//!   are finalized at unplug (once no view holds them) and the memory stays
-//!   valid until the mapping is dropped. The mapping pins the memory with its
-//!   entry in the machine's mapping table rather than with an `Arc`, so map
-//!   and unmap cost no locked instruction at all (see
-//!   [`crate::mapping_table`], "Entries that pin memory").
-//! * Direct RAM of an ownerless region: nothing. Ownerless memory is
-//!   machine-lifetime memory, freed only when the last handle to the machine's
-//!   data goes; the mapping borrows the [`AddressSpace`] handle (lifetime
-//!   `'a`), which is such a handle. Mapping and unmapping it costs no
-//!   reference-count traffic and no bookkeeping at all.
+//!   unplugged (or the ownerless region destroyed) while the mapping is out;
+//!   its regions and the device itself are finalized at once (once no view
+//!   holds them) and the memory stays valid until the mapping is dropped.
+//!   The mapping pins the memory with its entry in the machine's mapping
+//!   table rather than with an `Arc`, so map and unmap cost no locked
+//!   instruction at all (see [`crate::mapping_table`], "Entries that pin
+//!   memory"). Ownerless memory is not machine-lifetime memory: like a
+//!   device's, it is freed when its last user (view, mapping, cache,
+//!   snapshot, KVM slot) goes.
 //! * Bounce buffer: the region's core ([`RegionCore`]), and with it the
 //!   device's state (its ops) and owner, until the mapping is dropped.
 //!
 //! # Diagnostics
 //!
-//! Mappings that hold something (owned RAM, bounce buffers), caches
+//! Mappings (of RAM and bounce buffers), caches
 //! ([`crate::cache::MemoryRegionCache`]) and sections
 //! ([`crate::cache::SectionRef`]) are recorded in the machine's mapping table
 //! ([`crate::mapping_table`]) with plain stores into the recording thread's
@@ -83,7 +104,7 @@
 //! dirty (QEMU's `invalidate_and_set_dirty`).
 
 use std::fmt;
-use std::ptr::{self, NonNull};
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -279,18 +300,81 @@ impl BounceState {
         self.in_use() < self.limit.load(Ordering::Acquire)
     }
 
-    /// Releases `n` bytes and tells every waiting client.
+    /// Releases `n` bytes and tells every waiting client (unless the
+    /// thread is unwinding from a panic: see the module docs).
     fn release(&self, n: u64) {
         self.in_use.fetch_sub(n, Ordering::AcqRel);
-        self.notify();
+        if !std::thread::panicking() {
+            self.notify();
+        }
     }
 
-    /// Runs (and removes) every registered client, outside the lock.
+    /// Runs (and removes) every registered client, outside the lock; does
+    /// nothing on a thread already running map clients (the clients stay
+    /// registered for the next event: see "Map clients" in the module
+    /// docs).
     fn notify(&self) {
+        if RUNNING_MAP_CLIENTS.get() > 0 {
+            return;
+        }
         let fired = std::mem::take(&mut *self.clients.lock());
-        for (_, f) in fired {
+        if fired.is_empty() {
+            return;
+        }
+        let mut run = ClientRun {
+            state: self,
+            pending: fired.into_iter(),
+        };
+        RUNNING_MAP_CLIENTS.set(RUNNING_MAP_CLIENTS.get() + 1);
+        for (_, f) in run.pending.by_ref() {
             f();
         }
+    }
+}
+
+thread_local! {
+    /// How many `notify` calls are running map clients on this thread (0 or
+    /// 1: a nested `notify` returns at once).
+    static RUNNING_MAP_CLIENTS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// The clients one `notify` took and has not run yet. Dropped when the run
+/// ends, normally or by a client's panic: clients left over go back to the
+/// front of the list, in order, and the thread is no longer running clients.
+struct ClientRun<'a> {
+    state: &'a BounceState,
+    pending: std::vec::IntoIter<(MapClientId, MapClient)>,
+}
+
+impl Drop for ClientRun<'_> {
+    fn drop(&mut self) {
+        RUNNING_MAP_CLIENTS.set(RUNNING_MAP_CLIENTS.get() - 1);
+        if !self.pending.as_slice().is_empty() {
+            let mut clients = self.state.clients.lock();
+            let later = std::mem::take(&mut *clients);
+            clients.extend(self.pending.by_ref());
+            clients.extend(later);
+        }
+    }
+}
+
+/// Bounce space reserved by a mapping under construction: released on drop
+/// unless [`kept`](Self::keep) (a prefill that panics releases it).
+struct Reservation<'a> {
+    state: &'a BounceState,
+    len: u64,
+}
+
+impl Reservation<'_> {
+    /// The mapping now owns the space.
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.state.release(self.len);
     }
 }
 
@@ -348,7 +432,8 @@ pub struct MappingInfo {
 // Helpers shared with the cache
 // ---------------------------------------------------------------------------
 
-/// The memory behind a directly accessible range.
+/// The memory behind a directly accessible range, which a mapping or cache
+/// of it keeps (whether the region has an owner or not).
 #[inline]
 pub(crate) fn ram_backend(core: &RegionCore) -> Option<&Arc<MemoryBackend>> {
     match core.backing() {
@@ -357,14 +442,6 @@ pub(crate) fn ram_backend(core: &RegionCore) -> Option<&Arc<MemoryBackend>> {
         | Backing::RomDevice { block, .. } => Some(block),
         _ => None,
     }
-}
-
-/// The memory of a region with an owner, which a mapping or cache of it
-/// must keep (`None` for ownerless RAM, machine-lifetime memory, and for
-/// regions without memory).
-#[inline]
-pub(crate) fn owned_ram_backend(core: &RegionCore) -> Option<&Arc<MemoryBackend>> {
-    core.owner().and(ram_backend(core))
 }
 
 /// Whether the range can be accessed directly in direction `dir`.
@@ -442,11 +519,10 @@ pub(crate) fn check_bounds(offset: u64, len: usize, size: u64) -> Result<(), Dma
 
 /// What a mapping holds, besides its borrow of the address-space handle.
 enum Hold<'a> {
-    /// Nothing: ownerless RAM (machine-lifetime memory, valid while the
-    /// borrowed handle, and so the machine's data, lives), or a mapping
-    /// already released.
+    /// Nothing: a mapping already released (only inside `unmap`/`drop`).
     Nothing,
-    /// RAM of an owned region: the mapping's entry in `table` (the
+    /// RAM (of a region with or without an owner): the mapping's entry in
+    /// `table` (the
     /// machine's, borrowed from the handle), which pins the memory (see
     /// [`crate::mapping_table`]). `table` is derivable from `space`; it is
     /// kept so that unmap does not chase three pointers to reach it.
@@ -483,11 +559,10 @@ pub struct DmaMapping<'a> {
     hold: Hold<'a>,
 }
 
-// SAFETY: the raw host pointer points into memory kept mapped either by the
-// mapping's entry in the machine's mapping table, which pins it (owned RAM:
-// the memory is freed only after the entry is removed, see
-// `crate::mapping_table`), or by the machine data the borrowed address space
-// holds (ownerless RAM); the guard only performs raw copies through it, like
+// SAFETY: the raw host pointer points into memory kept mapped by the
+// mapping's entry in the machine's mapping table, which pins it (the memory
+// is freed only after the entry is removed, see `crate::mapping_table`); the
+// guard only performs guest-memory copies through it (`crate::ram`), like
 // `RamBlock`'s own methods, which are `Send + Sync`.
 unsafe impl Send for DmaMapping<'_> {}
 // SAFETY: as above; `&DmaMapping` only allows reads (raw copies out of
@@ -575,7 +650,7 @@ impl AddressSpace {
             return Err(self.unassigned(addr));
         };
         let got = direct_extent(view, i, addr, len, dir);
-        let hold = match owned_ram_backend(r.region()) {
+        let hold = match ram_backend(r.region()) {
             Some(backend) => {
                 // The view (borrowed for this call) holds the backend, so
                 // it cannot be retired before the entry below pins it.
@@ -591,13 +666,8 @@ impl AddressSpace {
                 });
                 Hold::Memory { table, ticket }
             }
-            None => {
-                debug_assert!(
-                    self.is_machine_lifetime(r.region()),
-                    "ownerless RAM must be machine-lifetime memory"
-                );
-                Hold::Nothing
-            }
+            // A direct range is always served by memory; be total anyway.
+            None => return Err(self.unassigned(addr)),
         };
         Ok(DmaMapping {
             space: self,
@@ -639,6 +709,11 @@ impl AddressSpace {
                 limit: bounce.limit.load(Ordering::Acquire),
             });
         }
+        // Released if the prefill (a device callback) panics.
+        let reservation = Reservation {
+            state: bounce,
+            len: got,
+        };
         let mut buf = vec![0u8; got as usize].into_boxed_slice();
         let region = r.region().clone();
         let prefill = if dir.reads() {
@@ -646,6 +721,7 @@ impl AddressSpace {
         } else {
             MemTxResult::OK
         };
+        reservation.keep();
         let ticket = self.shared.machine.dma.insert(&Entry {
             kind: MappingKind::Bounce,
             dir,
@@ -667,19 +743,6 @@ impl AddressSpace {
                 prefill,
             })),
         })
-    }
-
-    fn is_machine_lifetime(&self, core: &RegionCore) -> bool {
-        match ram_backend(core) {
-            Some(b) => self
-                .shared
-                .machine
-                .ownerless
-                .lock()
-                .iter()
-                .any(|o| Arc::ptr_eq(o, b)),
-            None => false,
-        }
     }
 
     /// The bounce-buffer limit of this address space, in bytes.
@@ -704,7 +767,9 @@ impl AddressSpace {
 
     /// Registers a one-shot callback run when bounce space frees (QEMU
     /// `address_space_register_map_client`). If space is free right now it
-    /// runs at once, before this returns. The callback runs on the thread
+    /// runs at once, before this returns, unless this is called from a map
+    /// client (then it waits for the next time space frees: see "Map
+    /// clients" in the [module docs](self)). The callback runs on the thread
     /// that frees the space, with no memtree lock held; it may map again.
     pub fn register_map_client(&self, f: impl FnOnce() + Send + 'static) -> MapClientId {
         let bounce = &self.shared.bounce;
@@ -731,7 +796,6 @@ impl AddressSpace {
 
     /// Every outstanding recorded mapping, cache and section of the machine
     /// (not only of this address space), registered in the census.
-    /// Ownerless-RAM mappings are not recorded (they hold nothing).
     pub fn outstanding_mappings(&self) -> Vec<MappingInfo> {
         let m = &self.shared.machine;
         m.dma.list(&m.census)
@@ -787,8 +851,9 @@ impl<'a> DmaMapping<'a> {
         matches!(self.hold, Hold::Bounce(_))
     }
 
-    /// Whether the mapping holds a reference (owned RAM or bounce): false for
-    /// ownerless RAM, which costs no reference counting.
+    /// Whether the mapping holds something: the memory (direct RAM, with or
+    /// without an owner) or the region (bounce). True for every mapping that
+    /// is out; no mapping is machine-lifetime any more.
     pub fn holds_reference(&self) -> bool {
         !matches!(self.hold, Hold::Nothing)
     }
@@ -811,8 +876,8 @@ impl<'a> DmaMapping<'a> {
         }
     }
 
-    /// The census key of the memory ([`MemoryBackend`]) an owned direct
-    /// mapping pins (`None` for ownerless RAM and bounce buffers).
+    /// The census key of the memory ([`MemoryBackend`]) a direct mapping
+    /// pins (`None` for bounce buffers).
     pub fn memory_key(&self) -> Option<ObjectKey> {
         match &self.hold {
             Hold::Memory { table, ticket } => Some(table.holds(*ticket)),
@@ -828,13 +893,13 @@ impl<'a> DmaMapping<'a> {
         }
     }
 
-    /// Diagnostic id (`None` for ownerless RAM, which is not recorded).
+    /// Diagnostic id (always `Some` while the mapping is out).
     pub fn id(&self) -> Option<MappingId> {
         Some(self.space.shared.machine.dma.id(self.ticket()?))
     }
 
     /// The mapping's census key, registering it now if the census has not
-    /// yet (`None` for ownerless RAM).
+    /// yet (always `Some` while the mapping is out).
     pub fn census_key(&self) -> Option<ObjectKey> {
         let t = self.ticket()?;
         let m = &self.space.shared.machine;
@@ -843,8 +908,8 @@ impl<'a> DmaMapping<'a> {
 
     /// Host address of the first byte: direct memory, or the bounce buffer.
     /// Valid for [`len`](Self::len) bytes while the guard lives; never create
-    /// Rust references from it into guest memory (raw copies or atomics only,
-    /// see [`crate::ram`]).
+    /// Rust references from it into guest memory (the guest-memory
+    /// functions of [`crate::ram`] or atomics only).
     pub fn as_ptr(&self) -> *const u8 {
         match &self.hold {
             Hold::Bounce(b) => b.buf.as_ptr(),
@@ -864,11 +929,10 @@ impl<'a> DmaMapping<'a> {
             Hold::Nothing | Hold::Memory { .. } => {
                 // SAFETY: `offset + buf.len() <= len`, and `len` bytes at
                 // `host` lie in host memory that stays mapped while the guard
-                // lives (pinned by its table entry, or machine-lifetime memory kept by the
-                // borrowed handle); `buf` is a Rust buffer, never guest
-                // memory, so the ranges do not overlap.
+                // lives (pinned by its table entry); `buf` is a Rust buffer,
+                // never guest memory, so the ranges do not overlap.
                 unsafe {
-                    ptr::copy_nonoverlapping(
+                    crate::ram::copy_from_guest(
                         self.host.as_ptr().add(offset as usize),
                         buf.as_mut_ptr(),
                         buf.len(),
@@ -899,7 +963,7 @@ impl<'a> DmaMapping<'a> {
                 // SAFETY: as in `read`, with the copy reversed; direct
                 // mappings for writing are only made of writable RAM.
                 unsafe {
-                    ptr::copy_nonoverlapping(
+                    crate::ram::copy_to_guest(
                         buf.as_ptr(),
                         self.host.as_ptr().add(offset as usize),
                         buf.len(),
@@ -923,8 +987,7 @@ impl<'a> DmaMapping<'a> {
     #[inline(always)]
     fn release(&mut self, access_len: u64) -> MemTxResult {
         match std::mem::replace(&mut self.hold, Hold::Nothing) {
-            // Ownerless RAM holds nothing (and a released mapping nothing
-            // more).
+            // A released mapping holds nothing more.
             Hold::Nothing => MemTxResult::OK,
             Hold::Memory { table, ticket } => {
                 table.remove_pin(ticket, || &self.space.shared.machine.census);
@@ -942,18 +1005,37 @@ impl<'a> DmaMapping<'a> {
             ticket,
             ..
         } = hold;
+        // Runs after the write-back, also if it panics (a device callback).
+        let _release = BounceRelease {
+            space: self.space,
+            ticket,
+            region: Some(region),
+            len: self.len,
+        };
         let n = access_len.min(self.len) as usize;
-        let r = if self.dir.writes() {
+        if self.dir.writes() {
             self.space
                 .write(self.addr, &buf[..n], MemTxAttrs::UNSPECIFIED)
         } else {
             MemTxResult::OK
-        };
-        self.space.shared.machine.dma.remove(ticket);
-        drop(buf);
-        drop(region);
+        }
+    }
+}
+
+/// What an unmapped bounce buffer gives back, in this order: its table
+/// entry, its region, its bounce space (then map clients run).
+struct BounceRelease<'a> {
+    space: &'a AddressSpace,
+    ticket: Ticket,
+    region: Option<Arc<RegionCore>>,
+    len: u64,
+}
+
+impl Drop for BounceRelease<'_> {
+    fn drop(&mut self) {
+        self.space.shared.machine.dma.remove(self.ticket);
+        drop(self.region.take());
         self.space.shared.bounce.release(self.len);
-        r
     }
 }
 
@@ -989,7 +1071,10 @@ mod tests {
         let a = MemTxAttrs::UNSPECIFIED;
         {
             let mut m = cursor.map(0x10, 4, DmaDirection::FromDevice, a).unwrap();
-            assert!(!m.holds_reference() && m.id().is_none());
+            assert!(
+                m.holds_reference() && m.id().is_some(),
+                "ownerless RAM is pinned too"
+            );
             m.write(0, b"dma!").unwrap();
             assert!(m.unmap(4).is_ok());
         }

@@ -206,7 +206,6 @@ impl Memory {
         let data = Arc::new(MachineData {
             census: census.clone(),
             target_endian,
-            ownerless: parking_lot::Mutex::new(Vec::new()),
             empty_view: Arc::new(FlatView::empty()),
             dma,
         });
@@ -626,11 +625,6 @@ impl Machine {
         }
         drop(guard);
         let panic = defer.finish();
-        // Ownerless memory is machine-lifetime: free it unless address-space
-        // handles (which may have lent it out to DMA) are still held.
-        if Arc::strong_count(&self.data) <= 2 {
-            self.data.ownerless.lock().clear();
-        }
         (crate::diag::leak_report(&self.data.census), panic)
     }
 
@@ -770,9 +764,6 @@ impl Machine {
         };
         let config = RegionCore::ops_config_for(RegionKind::Ram, &backing);
         self.edit(|t| {
-            if owner.is_none() {
-                t.keep_ownerless(backend);
-            }
             t.create_region(
                 name,
                 RegionKind::Ram,
@@ -800,13 +791,9 @@ impl Machine {
         owner: Option<OwnerId>,
     ) -> Result<RegionId> {
         let block = self.backend(name, size, RamBacking::Anonymous)?;
-        let keep = block.clone();
         let backing = Backing::RamDevice { block, offset: 0 };
         let config = RegionCore::ops_config_for(RegionKind::RamDevice, &backing);
         self.edit(|t| {
-            if owner.is_none() {
-                t.keep_ownerless(&keep);
-            }
             t.create_region(
                 name,
                 RegionKind::RamDevice,
@@ -829,13 +816,9 @@ impl Machine {
         owner: Option<OwnerId>,
     ) -> Result<RegionId> {
         let block = self.backend(name, size, RamBacking::Anonymous)?;
-        let keep = block.clone();
         let backing = Backing::RomDevice { block, ops };
         let config = RegionCore::ops_config_for(RegionKind::RomDevice, &backing);
         self.edit(|t| {
-            if owner.is_none() {
-                t.keep_ownerless(&keep);
-            }
             t.create_region(
                 name,
                 RegionKind::RomDevice,

@@ -13,8 +13,12 @@
 //!
 //! What is modelled vs what runs: `ViewCell` is a faithful but simplified
 //! model of arc-swap's fast path (fixed debt slots shared by all threads
-//! instead of per-thread nodes; no fallback "helping" path — a reader that
-//! finds every slot busy yields and retries). Production dispatch runs
+//! instead of per-thread nodes) with a simpler fallback than arc-swap's
+//! lock-free "helping": a reader that finds every slot busy takes a counted
+//! reference under a small lock that the writer also takes around its swap
+//! of `current` (see "Fallback" below). A reader never waits for another
+//! reader to let go of a slot: a thread that holds every slot (nested
+//! guards) and loads again still gets a value. Production dispatch runs
 //! arc-swap itself, whose own test suite covers its implementation.
 //!
 //! # Protocol
@@ -29,7 +33,14 @@
 //!   so the reader owns a reference and uses that node.
 //! * **Guard drop**: CAS the slot from the node back to null; if that fails
 //!   the writer paid the debt, so drop the reference that was paid.
-//! * **Publish**: swap `current`; for every slot holding the old node,
+//! * **Fallback read** (every slot claimed): lock `fallback`, load
+//!   `current`, increment its count, unlock; the guard owns that reference.
+//!   Sound because the writer swaps `current` only under the same lock and
+//!   drops the cell's reference to the old node only after the swap: while
+//!   the lock is held, the node `current` names is kept alive by the cell's
+//!   own reference. The lock is held for a load and an increment, never
+//!   across user code, so neither side can wait long.
+//! * **Publish**: swap `current` (under `fallback`); for every slot holding the old node,
 //!   increment its count and CAS the slot to null (paying the debt; undo the
 //!   increment if the reader had already left); then drop the cell's
 //!   reference. The node is freed by whoever drops the last reference.
@@ -50,8 +61,12 @@
 
 #[cfg(loom)]
 use loom::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+#[cfg(loom)]
+use loom::sync::Mutex;
 #[cfg(not(loom))]
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+#[cfg(not(loom))]
+use std::sync::Mutex;
 
 use std::fmt;
 use std::ops::Deref;
@@ -67,6 +82,9 @@ pub struct ViewCell<T> {
     current: AtomicPtr<Node<T>>,
     slots: Box<[AtomicPtr<Node<T>>]>,
     claimed: Box<[AtomicBool]>,
+    /// Serialises fallback readers (every slot claimed) with the writer's
+    /// swap of `current`.
+    fallback: Mutex<()>,
 }
 
 // SAFETY: the cell hands out `&T` to several threads (needs `T: Sync`) and
@@ -138,7 +156,8 @@ unsafe fn free<T>(node: *mut Node<T>) {
 impl<T> ViewCell<T> {
     /// A cell publishing `value`, with `slots` debt slots (at least 1): up to
     /// that many guards can be held at once without touching reference
-    /// counts; further readers wait for a free slot.
+    /// counts; further readers take a counted reference under a short lock
+    /// (never waiting for a slot to free).
     pub fn new(value: T, slots: usize) -> ViewCell<T> {
         let slots = slots.max(1);
         ViewCell {
@@ -147,28 +166,31 @@ impl<T> ViewCell<T> {
                 .map(|_| AtomicPtr::new(ptr::null_mut()))
                 .collect(),
             claimed: (0..slots).map(|_| AtomicBool::new(false)).collect(),
+            fallback: Mutex::new(()),
         }
     }
 
-    fn claim(&self) -> usize {
-        loop {
-            for (i, c) in self.claimed.iter().enumerate() {
-                if c.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    return i;
-                }
-            }
-            #[cfg(loom)]
-            loom::thread::yield_now();
-            #[cfg(not(loom))]
-            std::thread::yield_now();
-        }
+    /// Claims a free debt slot, if there is one.
+    fn claim(&self) -> Option<usize> {
+        self.claimed.iter().position(|c| {
+            c.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        })
+    }
+
+    fn lock_fallback(&self) -> impl Drop + '_ {
+        // Nothing panics while the lock is held, so it cannot be poisoned;
+        // be total anyway.
+        self.fallback
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Loads the current value for the guard's lifetime.
     pub fn load(&self) -> ViewGuard<'_, T> {
-        let slot = self.claim();
+        let Some(slot) = self.claim() else {
+            return self.load_counted();
+        };
         let debt = &self.slots[slot];
         loop {
             let p = self.current.load(Ordering::Acquire);
@@ -181,7 +203,7 @@ impl<T> ViewCell<T> {
             {
                 return ViewGuard {
                     cell: self,
-                    slot,
+                    slot: Some(slot),
                     node: p,
                     owned: false,
                 };
@@ -193,7 +215,7 @@ impl<T> ViewCell<T> {
                 // The writer paid our debt: we own a reference to `p`.
                 return ViewGuard {
                     cell: self,
-                    slot,
+                    slot: Some(slot),
                     node: p,
                     owned: true,
                 };
@@ -201,10 +223,32 @@ impl<T> ViewCell<T> {
         }
     }
 
+    /// The fallback read: a counted reference taken under `fallback`.
+    #[cold]
+    fn load_counted(&self) -> ViewGuard<'_, T> {
+        let lock = self.lock_fallback();
+        let p = self.current.load(Ordering::Acquire);
+        // SAFETY: `current` changes only under `fallback`, which we hold, and
+        // the writer drops the cell's reference to a node only after
+        // swapping it out of `current`; so the cell's reference keeps `p`
+        // alive until the lock is released, after our increment.
+        unsafe { (*live(p)).refs.fetch_add(1, Ordering::AcqRel) };
+        drop(lock);
+        ViewGuard {
+            cell: self,
+            slot: None,
+            node: p,
+            owned: true,
+        }
+    }
+
     /// Publishes `value`; the previous value is freed once its last reader
     /// lets go (possibly now).
     pub fn store(&self, value: T) {
-        let old = self.current.swap(new_node(value), Ordering::AcqRel);
+        let new = new_node(value);
+        let lock = self.lock_fallback();
+        let old = self.current.swap(new, Ordering::AcqRel);
+        drop(lock);
         for debt in self.slots.iter() {
             if debt.load(Ordering::Acquire) == old {
                 // SAFETY: the cell's reference to `old` is still held.
@@ -237,7 +281,9 @@ impl<T> Drop for ViewCell<T> {
 /// A loaded value; derefs to `T`.
 pub struct ViewGuard<'a, T> {
     cell: &'a ViewCell<T>,
-    slot: usize,
+    /// The debt slot this guard claimed (`None`: a fallback guard, which
+    /// owns a counted reference).
+    slot: Option<usize>,
     node: *mut Node<T>,
     /// Whether this guard owns a reference (the writer paid its debt).
     owned: bool,
@@ -261,21 +307,25 @@ impl<T: fmt::Debug> fmt::Debug for ViewGuard<'_, T> {
 
 impl<T> Drop for ViewGuard<'_, T> {
     fn drop(&mut self) {
-        let debt = &self.cell.slots[self.slot];
         let paid = self.owned
-            || debt
-                .compare_exchange(
-                    self.node,
-                    ptr::null_mut(),
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                )
-                .is_err();
+            || self.slot.is_some_and(|slot| {
+                self.cell.slots[slot]
+                    .compare_exchange(
+                        self.node,
+                        ptr::null_mut(),
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
+                    .is_err()
+            });
         if paid {
-            // SAFETY: this guard owns the reference the writer paid.
+            // SAFETY: this guard owns a reference: the one the writer paid,
+            // or the fallback's own.
             unsafe { release(self.node) };
         }
-        self.cell.claimed[self.slot].store(false, Ordering::Release);
+        if let Some(slot) = self.slot {
+            self.cell.claimed[slot].store(false, Ordering::Release);
+        }
     }
 }
 
@@ -318,5 +368,32 @@ mod tests {
         assert_eq!(drops.load(Ordering::SeqCst), N as usize);
         drop(cell);
         assert_eq!(drops.load(Ordering::SeqCst), N as usize + 1);
+    }
+
+    #[test]
+    fn view_cell_of_one_slot_serves_two_loads_on_one_thread() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        // On a thread, so that a hang fails the test instead of blocking it.
+        std::thread::spawn(move || {
+            let drops = Arc::new(StdUsize::new(0));
+            let cell = ViewCell::new(Counted(1, drops.clone()), 1);
+            let outer = cell.load();
+            let inner = cell.load();
+            let nested = cell.load();
+            assert_eq!((outer.0, inner.0, nested.0), (1, 1, 1));
+            cell.store(Counted(2, drops.clone()));
+            assert_eq!(drops.load(Ordering::SeqCst), 0, "held by the guards");
+            drop((outer, nested));
+            assert_eq!(drops.load(Ordering::SeqCst), 0, "held by one guard");
+            assert_eq!(cell.load().0, 2);
+            drop(inner);
+            assert_eq!(drops.load(Ordering::SeqCst), 1, "freed by its last guard");
+            drop(cell);
+            tx.send(drops.load(Ordering::SeqCst)).unwrap();
+        });
+        let dropped = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a second load on the thread holding the only slot returns");
+        assert_eq!(dropped, 2);
     }
 }

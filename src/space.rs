@@ -21,10 +21,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use parking_lot::Mutex;
 
 use crate::access::Endianness;
-use crate::backend::MemoryBackend;
 use crate::census::{Census, ObjectKey, ObjectKind};
 use crate::flatview::FlatView;
 use crate::owner::OwnerId;
@@ -49,9 +47,6 @@ pub(crate) struct MachineData {
     /// The guest's byte order: what "native endian" means for devices and
     /// typed accesses.
     pub(crate) target_endian: Endianness,
-    /// Backends of ownerless RAM: machine-lifetime memory, freed when the last
-    /// handle to the machine data goes. DMA into them takes no reference.
-    pub(crate) ownerless: Mutex<Vec<Arc<MemoryBackend>>>,
     /// The shared empty view.
     pub(crate) empty_view: Arc<FlatView>,
     /// Outstanding DMA mappings, caches and sections (diagnostics; also the

@@ -30,7 +30,6 @@ use std::sync::Arc;
 
 use crate::access::OpsConfig;
 use crate::arena::Arena;
-use crate::backend::MemoryBackend;
 use crate::census::{ObjectKey, ObjectKind};
 use crate::error::TopologyError;
 use crate::flatview::FlatView;
@@ -559,14 +558,6 @@ impl Topology {
         let owner = node.owner;
         defer_drop(node);
         Some(owner)
-    }
-
-    /// Registers an ownerless backend as machine-lifetime memory.
-    pub(crate) fn keep_ownerless(&mut self, block: &Arc<MemoryBackend>) {
-        let mut keep = self.machine.ownerless.lock();
-        if !keep.iter().any(|b| Arc::ptr_eq(b, block)) {
-            keep.push(block.clone());
-        }
     }
 
     // ---- address spaces ------------------------------------------------

@@ -16,6 +16,10 @@
 //!   memory a mapping pins stays valid until it is unmapped (a use after
 //!   free would read unmapped memory and crash), then is freed exactly once.
 //!   Default: 2,000 plug/unplug cycles (`MEMTREE_STRESS_PLUGS` overrides).
+//!   Under Miri it is also the data-race check of guest-memory copies (two
+//!   workers copy into and out of the same bytes): `MEMTREE_STRESS_PLUGS=3
+//!   cargo +nightly miri test --test concurrency
+//!   concurrency_dma_mappings_race_device_unplug`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError};

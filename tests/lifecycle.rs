@@ -806,9 +806,9 @@ fn lifecycle_misuse_returns_errors() {
 // DMA details: extension, bounce limits, map clients, reference counting
 // ---------------------------------------------------------------------------
 
-/// Mapping RAM never touches the backend's reference count. Ownerless RAM
-/// records nothing at all; owned RAM records one table entry, which pins the
-/// memory (it is explained by the census and listed as outstanding).
+/// Mapping RAM never touches the backend's reference count. RAM with or
+/// without an owner records one table entry, which pins the memory (it is
+/// explained by the census and listed as outstanding).
 #[test]
 fn dma_ram_mappings_cost_no_reference_count() {
     let (memory, system, sid) = machine();
@@ -825,9 +825,11 @@ fn dma_ram_mappings_cost_no_reference_count() {
         .map(0x100, 0x100, DmaDirection::Bidirectional, A)
         .unwrap();
     assert_eq!(Arc::strong_count(&b), before);
-    assert!(!m.holds_reference() && m.id().is_none());
-    assert!(space.outstanding_mappings().is_empty());
+    assert!(m.holds_reference() && m.id().is_some());
+    assert_eq!(m.memory_key(), Some(b.census_key()));
+    assert_eq!(space.outstanding_mappings().len(), 1);
     drop(m);
+    assert!(space.outstanding_mappings().is_empty());
     assert_eq!(Arc::strong_count(&b), before);
 
     let (dev, _p) = device(&memory, "dev", None);

@@ -166,3 +166,31 @@ fn loom_nested_guards_across_a_publish() {
         tracker.assert_all_dropped_once(2);
     });
 }
+
+/// A cell with one debt slot, and one reader thread holding two guards at
+/// once across a publish: the second load finds the only slot taken by the
+/// first and must not wait for it (its own thread holds it).
+#[test]
+fn loom_two_guards_on_one_thread_from_a_cell_of_one_slot() {
+    model(|| {
+        let tracker = Tracker::new();
+        let cell = Arc::new(ViewCell::new(View::new(0, &tracker), 1));
+        let r = {
+            let (cell, tracker) = (cell.clone(), tracker.clone());
+            thread::spawn(move || {
+                let outer = cell.load();
+                let inner = cell.load();
+                assert!(inner.id >= outer.id);
+                assert_eq!(tracker.read(outer.id), 100 + outer.id);
+                drop(outer);
+                assert_eq!(tracker.read(inner.id), 100 + inner.id);
+                drop(inner);
+                reader(&cell, &tracker, 0)
+            })
+        };
+        cell.store(View::new(1, &tracker));
+        r.join().unwrap();
+        drop(cell);
+        tracker.assert_all_dropped_once(2);
+    });
+}
