@@ -542,7 +542,8 @@ fn build(
 
     // Create regions: everything but aliases first, then aliases as their
     // targets appear.
-    let mut regions: BTreeMap<String, RegionId> = BTreeMap::new();
+    // By name; hashed while building (a file has one lookup per reference).
+    let mut regions: HashMap<String, RegionId> = HashMap::new();
     let mut sizes: HashMap<String, u128> = HashMap::new();
     for (r, &(kind, rom)) in doc.region.iter().zip(&kinds) {
         if kind == RegionKind::Alias {
@@ -614,7 +615,7 @@ fn build(
     // is linear in the file however its chains are ordered.
     let create_alias = |r: &RegionEntry,
                         target: RegionId,
-                        regions: &mut BTreeMap<String, RegionId>,
+                        regions: &mut HashMap<String, RegionId>,
                         sizes: &mut HashMap<String, u128>|
      -> Result<(), LoadError> {
         let Some(t) = &r.target else { return Ok(()) };
@@ -826,7 +827,7 @@ fn build(
             .or_else(|e| topo_err(l, s.name.span(), e))?;
         spaces.push(id);
     }
-    Ok((spaces, regions, owners))
+    Ok((spaces, regions.into_iter().collect(), owners))
 }
 
 fn make_ops(l: &Lines<'_>, r: &RegionEntry, target: Endianness) -> Result<ConstOps, LoadError> {

@@ -244,3 +244,122 @@ fn lookup_output_on_an_alias_chain_is_summarised_and_grows_linearly() {
         "--all listing: {all_1k} bytes for 1,000 levels, {all_4k} for 4,000"
     );
 }
+
+/// `add_subregions` (what the loader and the importer map siblings with, in
+/// one pass) leaves exactly the subregion order that one `add_subregion`
+/// after the other leaves: priorities descending, newest first among
+/// equals, newcomers before the equal-priority subregions already there.
+#[test]
+fn add_subregions_in_one_batch_orders_like_one_by_one() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for round in 0..50 {
+        let (one, batch) = (Memory::new(), Memory::new());
+        let mut lists = Vec::new();
+        for m in [&one, &batch] {
+            let c = m.new_container("c", 1 << 64, None).unwrap();
+            let mut regions = Vec::new();
+            for i in 0..40 {
+                regions.push(
+                    m.new_model_region(&format!("r{i}"), RegionKind::Mmio, 0x10, None)
+                        .unwrap(),
+                );
+            }
+            lists.push((m, c, regions));
+        }
+        let picks: Vec<(u64, usize, i32)> = (0..40)
+            .map(|i| (next() % 0x1000, i, (next() % 4) as i32 - 1))
+            .collect();
+        // A few already mapped, then the rest in one batch.
+        let split = round % 10;
+        for (m, c, regions) in &lists {
+            for &(off, i, p) in &picks[..split] {
+                m.add_subregion_overlap(*c, off, regions[i], p).unwrap();
+            }
+        }
+        let (m1, c1, r1) = &lists[0];
+        for &(off, i, p) in &picks[split..] {
+            m1.add_subregion_overlap(*c1, off, r1[i], p).unwrap();
+        }
+        let (m2, c2, r2) = &lists[1];
+        let batch_subs: Vec<(u64, memtree::RegionId, i32)> = picks[split..]
+            .iter()
+            .map(|&(off, i, p)| (off, r2[i], p))
+            .collect();
+        m2.add_subregions(*c2, &batch_subs).unwrap();
+        let names = |m: &Memory, c| -> Vec<(String, u64, i32)> {
+            m.region_info(c)
+                .unwrap()
+                .subregions
+                .iter()
+                .map(|&s| {
+                    let i = m.region_info(s).unwrap();
+                    (i.name, i.addr, i.priority)
+                })
+                .collect()
+        };
+        assert_eq!(names(m1, *c1), names(m2, *c2), "round {round}");
+    }
+}
+
+/// A refused batch changes nothing and names the first entry refused.
+#[test]
+fn add_subregions_refuses_a_whole_batch_at_its_first_bad_entry() {
+    let m = Memory::new();
+    let c = m.new_container("c", 0x1000, None).unwrap();
+    let inner = m.new_container("inner", 0x100, None).unwrap();
+    let a = m
+        .new_model_region("a", RegionKind::Mmio, 0x10, None)
+        .unwrap();
+    m.add_subregion(c, 0, inner).unwrap();
+    // `c` under `inner` would loop; `a` twice is refused too, but later.
+    let err = m
+        .add_subregions(inner, &[(0, a, 0), (0x10, c, 0), (0x20, a, 0)])
+        .unwrap_err();
+    assert_eq!(err.0, 1, "{:?}", err.1);
+    assert!(
+        matches!(err.1, memtree::TopologyError::Loop { .. }),
+        "{err:?}"
+    );
+    assert!(m.region_info(inner).unwrap().subregions.is_empty());
+    assert_eq!(m.region_info(a).unwrap().container, None);
+    let err = m
+        .add_subregions(inner, &[(0, a, 0), (0x20, a, 0)])
+        .unwrap_err();
+    assert_eq!(err.0, 1);
+}
+
+/// A machine file may list a chain of aliases in any order (here each alias
+/// before its target): the loader creates each one once, and a loop is
+/// still named from the first alias leading into it.
+#[test]
+fn machine_file_alias_chain_in_reverse_order_loads_and_loops_are_named() {
+    let n = 2_000;
+    let mut s = String::from("[[region]]\nname = \"r0\"\nkind = \"ram\"\nsize = \"0x1000\"\n");
+    for i in (1..=n).rev() {
+        let target = if i == 1 {
+            "r0".to_owned()
+        } else {
+            format!("a{}", i - 1)
+        };
+        s.push_str(&format!(
+            "[[region]]\nname = \"a{i}\"\nkind = \"alias\"\ntarget = \"{target}\"\n"
+        ));
+    }
+    let m = load_str(&s, LoadOptions::default()).unwrap();
+    assert_eq!(m.regions.len(), n + 1);
+    let info = m.memory.region_info(m.regions[&format!("a{n}")]).unwrap();
+    assert_eq!(info.size, 0x1000);
+
+    let looped = "[[region]]\nname = \"x\"\nkind = \"alias\"\ntarget = \"a\"\n\
+                  [[region]]\nname = \"a\"\nkind = \"alias\"\ntarget = \"b\"\n\
+                  [[region]]\nname = \"b\"\nkind = \"alias\"\ntarget = \"a\"\n";
+    let e = load_str(looped, LoadOptions::default()).unwrap_err();
+    assert_eq!(e.line, 4, "{e}");
+    assert_eq!(e.message, "alias loop: x -> a -> b -> a");
+}

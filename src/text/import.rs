@@ -505,16 +505,18 @@ impl Classes {
             let is_section = info.spaces.is_none();
             let candidates = by_sig
                 .get(&occs.list[root].sig)
-                .cloned()
-                .unwrap_or_default();
-            for c in candidates {
+                .map_or(&[][..], Vec::as_slice);
+            for &c in candidates {
                 let co = &occs.list[c];
-                if co.block == b || !occs.same(root, c) {
+                if co.block == b {
                     continue;
                 }
                 let c_is_root = co.parent.is_none();
                 if c_is_root && occs.blocks[co.block].spaces.is_some() != is_section {
                     // group↔group or section↔section roots are distinct.
+                    continue;
+                }
+                if !occs.same(root, c) {
                     continue;
                 }
                 let cr = uf.find(c);
