@@ -1128,6 +1128,7 @@ mod tests {
             .iter()
             .find(|c| c.name == "pc.ram" && c.via_alias.as_deref() == Some("ram-below-4g"))
             .expect("pc.ram through ram-below-4g is a candidate");
+        assert_eq!(why.path(ram), ["system", "ram-below-4g"]);
         assert_eq!(
             ram.fate,
             Fate::Obscured {

@@ -281,7 +281,14 @@ impl Topology {
 
     /// Whether linking `child` under `parent` (as a subregion) would let the
     /// tree reach `parent` again from `child`.
+    /// Iterative (no depth of nesting or alias chain can overflow the
+    /// stack) and O(size of `child`'s subtree): a leaf costs no allocation.
     fn would_loop(&self, parent: RegionId, child: RegionId) -> bool {
+        if let Some(n) = self.node(child) {
+            if n.subregions.is_empty() && n.alias_target.is_none() {
+                return child == parent;
+            }
+        }
         let mut stack = vec![child];
         let mut seen = HashSet::new();
         while let Some(id) = stack.pop() {
