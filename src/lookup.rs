@@ -719,6 +719,9 @@ impl Walker<'_> {
         let Some((winner, _)) = self.winner else {
             return;
         };
+        if self.obscured.is_empty() {
+            return;
+        }
         let wpath = self.path(winner);
         let on_winner_path: HashMap<usize, usize> =
             wpath.iter().enumerate().map(|(k, &v)| (v, k)).collect();
