@@ -363,3 +363,32 @@ fn machine_file_alias_chain_in_reverse_order_loads_and_loops_are_named() {
     assert_eq!(e.line, 4, "{e}");
     assert_eq!(e.message, "alias loop: x -> a -> b -> a");
 }
+
+/// Many alias targets with one name and identical sections (each a distinct
+/// region: QEMU prints a target once per region) import one region per
+/// section and print back exactly as read; the importer's candidate indexes
+/// keep this linear.
+#[test]
+fn dump_with_many_identical_alias_target_sections_round_trips() {
+    let n = 3_000;
+    let mut dump = String::from(
+        "address-space: memory\n  0000000000000000-ffffffffffffffff (prio 0, i/o): system\n",
+    );
+    for i in 0..n as u64 {
+        dump.push_str(&format!(
+            "    {:016x}-{:016x} (prio 0, ram): alias a{i} @r 0000000000000000-0000000000000fff\n",
+            i * 0x1000,
+            i * 0x1000 + 0xfff
+        ));
+    }
+    dump.push('\n');
+    for _ in 0..n {
+        dump.push_str("memory-region: r\n  0000000000000000-0000000000000fff (prio 0, ram): r\n\n");
+    }
+    let tree = memtree::text::parse::parse_tree(&dump).unwrap();
+    let imported = memtree::text::import::import(&tree, None, None).unwrap();
+    assert_eq!(imported.memory.region_count(), 2 * n + 1);
+    let mut printed = String::new();
+    print_tree(&imported.memory, &mut printed, TreeOptions::default()).unwrap();
+    assert!(printed == dump, "the dump does not print back as read");
+}

@@ -485,10 +485,26 @@ impl Classes {
                 uf.section[info.root] = Some(b);
             }
         }
-        let mut by_sig: HashMap<u64, Vec<usize>> = HashMap::new();
+        // Candidates by signature, in file order, for each kind of block
+        // root: a section root is never matched with another section root,
+        // nor a group root with another group root (rule 1), so those are
+        // left out of the lists instead of skipped one by one (identical
+        // sections would cost O(n²) otherwise).
+        let mut for_sections: HashMap<u64, Vec<usize>> = HashMap::new();
+        let mut for_groups: HashMap<u64, Vec<usize>> = HashMap::new();
         for (i, o) in occs.list.iter().enumerate() {
-            by_sig.entry(o.sig).or_default().push(i);
+            let group_root = o.parent.is_none() && occs.blocks[o.block].spaces.is_some();
+            let section_root = o.parent.is_none() && !group_root;
+            if !section_root {
+                for_sections.entry(o.sig).or_default().push(i);
+            }
+            if !group_root {
+                for_groups.entry(o.sig).or_default().push(i);
+            }
         }
+        // Per list, how many leading candidates are already taken by a
+        // block of that kind: taken stays taken, so they are skipped once.
+        let mut taken_before: HashMap<(u64, bool), usize> = HashMap::new();
         // Sections first, then address-space roots (rule 2).
         let sections = occs
             .blocks
@@ -503,29 +519,27 @@ impl Classes {
         for (b, info) in sections.chain(groups) {
             let root = info.root;
             let is_section = info.spaces.is_none();
-            let candidates = by_sig
-                .get(&occs.list[root].sig)
-                .map_or(&[][..], Vec::as_slice);
-            for &c in candidates {
-                let co = &occs.list[c];
-                if co.block == b {
-                    continue;
-                }
-                let c_is_root = co.parent.is_none();
-                if c_is_root && occs.blocks[co.block].spaces.is_some() != is_section {
-                    // group↔group or section↔section roots are distinct.
-                    continue;
-                }
-                if !occs.same(root, c) {
-                    continue;
-                }
+            let sig = occs.list[root].sig;
+            let list = if is_section {
+                &for_sections
+            } else {
+                &for_groups
+            };
+            let candidates = list.get(&sig).map_or(&[][..], Vec::as_slice);
+            let taken = |uf: &mut UnionFind, c: usize| {
                 let cr = uf.find(c);
-                let taken = if is_section {
+                if is_section {
                     uf.section[cr].is_some()
                 } else {
                     uf.group[cr].is_some()
-                };
-                if taken {
+                }
+            };
+            let skip = taken_before.entry((sig, is_section)).or_insert(0);
+            while candidates.get(*skip).is_some_and(|&c| taken(&mut uf, c)) {
+                *skip += 1;
+            }
+            for &c in &candidates[(*skip).min(candidates.len())..] {
+                if occs.list[c].block == b || taken(&mut uf, c) || !occs.same(root, c) {
                     continue;
                 }
                 if uf.attempt(|trial| unify_subtrees(occs, trial, root, c)) {
@@ -632,6 +646,7 @@ fn assign_alias_targets_with(
     let mut alias_names: HashMap<usize, HashSet<&str>> = HashMap::new();
     // Indices into `sections` queued so far, by name, in queue order.
     let mut queued: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut not_fresh_before: HashMap<(&str, &str), usize> = HashMap::new();
     let mut next = 0;
     let mut in_order = true;
     // File order = QEMU's print order: groups, then sections in queue order.
@@ -656,20 +671,31 @@ fn assign_alias_targets_with(
         let fresh = |s: usize, names: &HashMap<usize, HashSet<&str>>| {
             !names.get(&sections[s].0).is_some_and(|n| n.contains(aname))
         };
-        let reuse: Vec<usize> = queued
-            .get(tname)
-            .map(|q| q.iter().copied().filter(|&s| usable(s)).collect())
-            .unwrap_or_default();
         let new_ok = in_order && next < sections.len() && usable(next);
-        let reuse_fresh = reuse
-            .iter()
-            .copied()
-            .find(|&s| fresh(s, &alias_names))
-            .filter(|_| prefer_queued || !new_ok);
+        let queued_here: &[usize] = queued.get(tname).map_or(&[], Vec::as_slice);
+        // Queued sections that already have an alias named `aname` stay
+        // so: skip them once per (target, alias) name pair, not once per
+        // alias (many same-named targets would cost O(n²) otherwise).
+        let reuse_fresh = if prefer_queued || !new_ok {
+            let cursor = not_fresh_before.entry((tname, aname)).or_insert(0);
+            while queued_here
+                .get(*cursor)
+                .is_some_and(|&s| !fresh(s, &alias_names))
+            {
+                *cursor += 1;
+            }
+            queued_here[(*cursor).min(queued_here.len())..]
+                .iter()
+                .copied()
+                .find(|&s| usable(s) && fresh(s, &alias_names))
+        } else {
+            None
+        };
+        let reuse_first = || queued_here.iter().copied().find(|&s| usable(s));
         let chosen = if in_order {
-            match (new_ok, reuse_fresh, reuse.first()) {
-                (_, Some(s), _) => Some(s),
-                (true, None, _) => {
+            match (new_ok, reuse_fresh) {
+                (_, Some(s)) => Some(s),
+                (true, None) => {
                     next += 1;
                     queued
                         .entry(sections[next - 1].1)
@@ -677,8 +703,7 @@ fn assign_alias_targets_with(
                         .push(next - 1);
                     Some(next - 1)
                 }
-                (false, None, Some(&s)) => Some(s),
-                (false, None, None) => None,
+                (false, None) => reuse_first(),
             }
         } else {
             None
