@@ -912,21 +912,38 @@ impl Plan {
         let mut used = vec![false; occs.blocks.len()];
         let visible: Vec<Vec<(usize, String, usize)>> =
             (0..occs.blocks.len()).map(|b| occs.visible(b)).collect();
+        // Tree blocks by header, in file order: an owner block is only
+        // compared with blocks of its own header (and the used ones at the
+        // front of that list are skipped once), so many blocks cost linear
+        // time.
+        let mut by_header: HashMap<(bool, String), (usize, Vec<usize>)> = HashMap::new();
+        for (b, info) in occs.blocks.iter().enumerate() {
+            let key = match info.spaces {
+                Some(names) => (true, names.join("\n")),
+                None => (false, info.name.to_owned()),
+            };
+            by_header.entry(key).or_default().1.push(b);
+        }
         for ob in &owner_occs.blocks {
-            let found = (0..occs.blocks.len()).find(|&b| {
-                let info = &occs.blocks[b];
-                let header_ok = match (&ob.spaces, info.spaces) {
-                    (Some(x), Some(y)) => x.as_slice() == y,
-                    (None, None) => ob.name == info.name,
-                    _ => false,
-                };
-                !used[b]
-                    && header_ok
-                    && visible[b].len() == ob.lines.len()
-                    && visible[b]
-                        .iter()
-                        .zip(&ob.lines)
-                        .all(|(v, l)| v.0 == l.0 && v.1 == l.1)
+            let key = match &ob.spaces {
+                Some(names) => (true, names.join("\n")),
+                None => (false, ob.name.clone()),
+            };
+            let found = by_header.get_mut(&key).and_then(|(skip, blocks)| {
+                while blocks.get(*skip).is_some_and(|&b| used[b]) {
+                    *skip += 1;
+                }
+                blocks[(*skip).min(blocks.len())..]
+                    .iter()
+                    .copied()
+                    .find(|&b| {
+                        !used[b]
+                            && visible[b].len() == ob.lines.len()
+                            && visible[b]
+                                .iter()
+                                .zip(&ob.lines)
+                                .all(|(v, l)| v.0 == l.0 && v.1 == l.1)
+                    })
             });
             let Some(b) = found else {
                 return Err(ImportError::OwnerMismatch {
@@ -990,15 +1007,24 @@ impl Plan {
         let n = self.spaces.len();
         let mut after: Vec<Vec<usize>> = vec![Vec::new(); n];
         let mut indeg = vec![0usize; n];
+        // Spaces by (name, root name), in heuristic order: the k-th `AS`
+        // line of a block with a given key is the k-th space of that key.
+        let mut by_key: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
+        for &i in &h {
+            let (name, root) = &self.spaces[i];
+            by_key
+                .entry((name.as_str(), self.nodes[*root].name.as_str()))
+                .or_default()
+                .push(i);
+        }
         for b in &flat.views {
-            let mut taken: HashSet<usize> = HashSet::new();
+            let mut taken: HashMap<(&str, &str), usize> = HashMap::new();
             let mut seq = Vec::new();
             for a in &b.spaces {
-                let found = h.iter().copied().find(|&i| {
-                    !taken.contains(&i)
-                        && self.spaces[i].0 == a.name
-                        && self.nodes[self.spaces[i].1].name == a.root
-                });
+                let key = (a.name.as_str(), a.root.as_str());
+                let k = taken.entry(key).or_insert(0);
+                let found = by_key.get(&key).and_then(|v| v.get(*k)).copied();
+                *k += 1;
                 let Some(i) = found else {
                     return Err(ImportError::UnknownSpace {
                         line: b.line,
@@ -1006,7 +1032,6 @@ impl Plan {
                         root: a.root.clone(),
                     });
                 };
-                taken.insert(i);
                 seq.push(i);
             }
             for w in seq.windows(2) {
