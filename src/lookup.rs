@@ -20,6 +20,7 @@
 //!
 //! Pure: it reads the topology under the writer lock and changes nothing.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use crate::error::TopologyError;
@@ -132,9 +133,10 @@ pub struct Candidate {
     /// The alias through which the walk reached this region, if it is an
     /// alias target.
     pub via_alias: Option<String>,
-    /// The regions the walk went through to reach it, from the physical
-    /// root down (aliases included).
-    pub path: Vec<String>,
+    /// This visit of the region in [`Explanation::visits`]; the regions the
+    /// walk went through to reach it are [`Explanation::path`]. (Not a list
+    /// per candidate: on a chain of n levels that would be n² names.)
+    visit: usize,
     /// The region's range, `[start, end)`, in address-space coordinates.
     pub range: (i128, i128),
     /// Offset of the address inside the region.
@@ -213,7 +215,77 @@ pub struct Explanation {
     /// Whether the shadow walk ran out of budget (some clipped or disabled
     /// candidates may be missing; the verdict is still exact).
     pub truncated: bool,
+    /// Every region visit of the walk, each naming the visit it came from:
+    /// the paths of all candidates in space linear in the walk.
+    visits: Vec<Visit>,
 }
+
+impl Explanation {
+    /// The regions the walk went through to reach `candidate`, from the
+    /// physical root down (aliases included; empty for the physical root).
+    pub fn path(&self, candidate: &Candidate) -> Vec<&str> {
+        let mut path = Vec::with_capacity(candidate.depth);
+        let mut cur = self.visits.get(candidate.visit).and_then(|v| v.parent);
+        while let Some(v) = cur.and_then(|i| self.visits.get(i)) {
+            path.push(v.name.as_str());
+            cur = v.parent;
+        }
+        path.reverse();
+        path
+    }
+
+    /// [`Explanation::path`] condensed for display: at most
+    /// `PATH_HEAD + PATH_TAIL` names, the middle replaced by a count.
+    fn short_path(&self, candidate: &Candidate) -> String {
+        let Some(parent) = self.visits.get(candidate.visit).and_then(|v| v.parent) else {
+            return String::new();
+        };
+        let len = self.visits[parent].depth + 1;
+        if len <= PATH_HEAD + PATH_TAIL + 1 {
+            let mut names = Vec::with_capacity(len);
+            let mut cur = Some(parent);
+            while let Some(v) = cur.and_then(|i| self.visits.get(i)) {
+                names.push(v.name.as_str());
+                cur = v.parent;
+            }
+            names.reverse();
+            return names.join(" > ");
+        }
+        let head: Vec<&str> = self.visits[parent]
+            .head
+            .iter()
+            .flatten()
+            .map(|&i| self.visits[i].name.as_str())
+            .collect();
+        let mut tail = Vec::with_capacity(PATH_TAIL);
+        let mut cur = Some(parent);
+        while tail.len() < PATH_TAIL {
+            let Some(v) = cur.and_then(|i| self.visits.get(i)) else {
+                break;
+            };
+            tail.push(v.name.as_str());
+            cur = v.parent;
+        }
+        tail.reverse();
+        format!(
+            "{} > ... {} more ... > {}",
+            head.join(" > "),
+            len - head.len() - tail.len(),
+            tail.join(" > ")
+        )
+    }
+}
+
+/// Names shown at the start and at the end of a condensed path.
+const PATH_HEAD: usize = 3;
+const PATH_TAIL: usize = 4;
+
+/// Deepest indentation of the listing; deeper candidates say their depth.
+const MAX_INDENT: usize = 24;
+
+/// Pass-through levels (containers and aliases one inside the next) the
+/// short listing shows at each end of a longer run; the rest is counted.
+const RUN_SHOWN: usize = 2;
 
 /// Explains which region of address space `space` serves `addr` and why the
 /// other regions covering it do not.
@@ -235,9 +307,10 @@ pub fn explain(machine: &Machine, space: SpaceId, addr: u64) -> Result<Explanati
             obscured: Vec::new(),
             shadow_visits: 0,
             truncated: false,
+            tasks: Vec::new(),
         };
         if let Some(p) = phys {
-            w.region(p, 0, Ctx::default());
+            w.run(p);
         }
         let verdict = w.winner.map(|(visit, readonly)| w.verdict(visit, readonly));
         w.explain_obscured();
@@ -250,6 +323,7 @@ pub fn explain(machine: &Machine, space: SpaceId, addr: u64) -> Result<Explanati
             candidates: w.candidates,
             verdict,
             truncated: w.truncated,
+            visits: w.visits,
         })
     })
 }
@@ -258,7 +332,10 @@ pub fn explain(machine: &Machine, space: SpaceId, addr: u64) -> Result<Explanati
 fn root_walk(topo: &Topology, root: RegionId) -> Vec<String> {
     let mut steps = Vec::new();
     let mut id = root;
-    for _ in 0..1024 {
+    // Exactly the steps of `render::physical_root`, which ends because
+    // alias and subregion links never loop (checked at edit time); the bound
+    // only guards against a corrupted topology.
+    for _ in 0..=topo.regions.len() {
         let Some(node) = topo.node(id) else {
             steps.push("the region was removed: the view is empty".to_owned());
             break;
@@ -348,10 +425,30 @@ enum Shadow {
     },
 }
 
+/// One region visit of the walk.
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Visit {
     region: RegionId,
     parent: Option<usize>,
     name: String,
+    depth: usize,
+    /// The visits at depths 0..PATH_HEAD on the path to this one (itself
+    /// included), for condensed paths.
+    head: [Option<usize>; PATH_HEAD],
+}
+
+/// One pending step of the walk (which runs on an explicit stack, so that
+/// no nesting depth or alias chain can overflow the thread's stack).
+enum Task {
+    /// Visit a region whose parent sits at `base`.
+    Enter { id: RegionId, base: i128, ctx: Ctx },
+    /// After the subregions of a terminating visit: fill the address if no
+    /// earlier region did.
+    Fill {
+        visit: usize,
+        candidate: Option<usize>,
+        readonly: bool,
+    },
 }
 
 struct Walker<'t> {
@@ -365,10 +462,32 @@ struct Walker<'t> {
     obscured: Vec<(usize, usize)>,
     shadow_visits: usize,
     truncated: bool,
+    tasks: Vec<Task>,
 }
 
 impl Walker<'_> {
-    fn region(&mut self, id: RegionId, base: i128, ctx: Ctx) {
+    /// The walk of `render`, in the same order: subregions in priority
+    /// order, each subtree completely before the next, a region's own fill
+    /// after all of its subregions.
+    fn run(&mut self, root: RegionId) {
+        self.tasks.push(Task::Enter {
+            id: root,
+            base: 0,
+            ctx: Ctx::default(),
+        });
+        while let Some(task) = self.tasks.pop() {
+            match task {
+                Task::Enter { id, base, ctx } => self.enter(id, base, ctx),
+                Task::Fill {
+                    visit,
+                    candidate,
+                    readonly,
+                } => self.fill(visit, candidate, readonly),
+            }
+        }
+    }
+
+    fn enter(&mut self, id: RegionId, base: i128, ctx: Ctx) {
         let Some(node) = self.topo.node(id) else {
             return;
         };
@@ -380,10 +499,18 @@ impl Walker<'_> {
             self.shadow_visits += 1;
         }
         let visit = self.visits.len();
+        let mut head = ctx
+            .parent
+            .map_or([None; PATH_HEAD], |p| self.visits[p].head);
+        if let Some(h) = head.get_mut(ctx.depth) {
+            *h = Some(visit);
+        }
         self.visits.push(Visit {
             region: id,
             parent: ctx.parent,
             name: node.name().to_owned(),
+            depth: ctx.depth,
+            head,
         });
         // Same arithmetic as render: position, flags, own range.
         let base = base + i128::from(node.addr);
@@ -429,15 +556,7 @@ impl Walker<'_> {
                 priority: node.priority,
                 depth: ctx.depth,
                 via_alias: ctx.via_alias.clone(),
-                path: ctx
-                    .parent
-                    .map(|p| {
-                        self.path(p)
-                            .into_iter()
-                            .map(|v| self.visits[v].name.clone())
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                visit,
                 range,
                 offset: self.addr - base,
                 fate,
@@ -473,18 +592,35 @@ impl Walker<'_> {
                 .alias_target
                 .and_then(|t| self.topo.node(t).map(|n| (t, n)))
             {
-                let base = base - i128::from(tnode.addr) - i128::from(node.alias_offset);
-                self.region(tid, base, child_ctx(Some(node.name().to_owned())));
+                self.tasks.push(Task::Enter {
+                    id: tid,
+                    base: base - i128::from(tnode.addr) - i128::from(node.alias_offset),
+                    ctx: child_ctx(Some(node.name().to_owned())),
+                });
             }
             return;
         }
-        for &sub in &node.subregions {
-            self.region(sub, base, child_ctx(None));
+        // The fill runs after every subregion: pushed first, it pops last.
+        if node.terminates() && shadow.is_none() && covers {
+            self.tasks.push(Task::Fill {
+                visit,
+                candidate,
+                readonly,
+            });
         }
-        if !node.terminates() || shadow.is_some() || !covers {
-            return;
+        // Subregions in reverse, so that the first pops first.
+        for &sub in node.subregions.iter().rev() {
+            self.tasks.push(Task::Enter {
+                id: sub,
+                base,
+                ctx: child_ctx(None),
+            });
         }
-        // Fill: the address is ours unless something rendered earlier has it.
+    }
+
+    /// Fill: the address is the visit's unless something rendered earlier
+    /// has it.
+    fn fill(&mut self, visit: usize, candidate: Option<usize>, readonly: bool) {
         if self.winner.is_none() {
             self.winner = Some((visit, readonly));
         } else if let Some(c) = candidate {
@@ -546,27 +682,65 @@ impl Walker<'_> {
         }
     }
 
+    /// Where the path to `v` leaves the winner's path: (position in the
+    /// winner's path of the last common visit, the visit just below it on
+    /// `v`'s side). Every visit walked is remembered, so all losers together
+    /// cost time linear in the walk, however deep they are.
+    fn divergence(
+        &self,
+        v: usize,
+        on_winner_path: &HashMap<usize, usize>,
+        memo: &mut HashMap<usize, (usize, usize)>,
+    ) -> Option<(usize, usize)> {
+        let mut walked = Vec::new();
+        let mut cur = v;
+        let found = loop {
+            if let Some(&k) = on_winner_path.get(&cur) {
+                break walked.last().map(|&below| (k, below));
+            }
+            if let Some(&known) = memo.get(&cur) {
+                break Some(known);
+            }
+            walked.push(cur);
+            match self.visits[cur].parent {
+                Some(p) => cur = p,
+                None => break None,
+            }
+        };
+        if let Some(known) = found {
+            for w in walked {
+                memo.insert(w, known);
+            }
+        }
+        found
+    }
+
     fn explain_obscured(&mut self) {
         let Some((winner, _)) = self.winner else {
             return;
         };
+        if self.obscured.is_empty() {
+            return;
+        }
         let wpath = self.path(winner);
+        let on_winner_path: HashMap<usize, usize> =
+            wpath.iter().enumerate().map(|(k, &v)| (v, k)).collect();
+        let mut memo = HashMap::new();
         let wname = self.visits[winner].name.clone();
         for (c, lv) in std::mem::take(&mut self.obscured) {
-            let lpath = self.path(lv);
-            let k = lpath.iter().zip(&wpath).take_while(|(a, b)| a == b).count();
-            let why = if k == lpath.len() {
+            let why = if let Some(&k) = on_winner_path.get(&lv) {
                 // The loser is an ancestor of the winner.
                 Obscured::OwnSubregion {
                     subregion: wpath
-                        .get(k)
+                        .get(k + 1)
                         .map_or_else(String::new, |&v| self.visits[v].name.clone()),
                 }
             } else {
-                let container = k
-                    .checked_sub(1)
-                    .map_or_else(String::new, |i| self.visits[lpath[i]].name.clone());
-                let (cw, cl) = (wpath.get(k).copied(), lpath[k]);
+                let Some((k, cl)) = self.divergence(lv, &on_winner_path, &mut memo) else {
+                    continue;
+                };
+                let container = self.visits[wpath[k]].name.clone();
+                let cw = wpath.get(k + 1).copied();
                 let sibling = cw.map_or_else(String::new, |v| self.visits[v].name.clone());
                 let sp = cw.map_or(0, |v| self.priority_of(v));
                 let lp = self.priority_of(cl);
@@ -669,9 +843,72 @@ impl fmt::Display for Fate {
     }
 }
 
+/// `path` condensed: the first `PATH_HEAD` and last `PATH_TAIL` names.
+fn short_names(path: &[String]) -> String {
+    if path.len() <= PATH_HEAD + PATH_TAIL + 1 {
+        return path.join(" > ");
+    }
+    format!(
+        "{} > ... {} more ... > {}",
+        path[..PATH_HEAD].join(" > "),
+        path.len() - PATH_HEAD - PATH_TAIL,
+        path[path.len() - PATH_TAIL..].join(" > ")
+    )
+}
+
+impl Explanation {
+    /// Whether candidate `i` only passes the walk on (a container or an
+    /// alias) to the next candidate, which is directly inside it: a link of
+    /// a chain the short listing condenses.
+    fn links_to_next(&self, i: usize) -> bool {
+        let (Some(c), Some(next)) = (self.candidates.get(i), self.candidates.get(i + 1)) else {
+            return false;
+        };
+        matches!(c.fate, Fate::PassesThrough | Fate::Redirects { .. })
+            && self.visits.get(next.visit).and_then(|v| v.parent) == Some(c.visit)
+    }
+
+    fn write_candidate(&self, f: &mut fmt::Formatter<'_>, c: &Candidate, all: bool) -> fmt::Result {
+        let (indent, deep) = if c.depth > MAX_INDENT {
+            ("  ".repeat(MAX_INDENT + 1), format!("[depth {}] ", c.depth))
+        } else {
+            ("  ".repeat(c.depth + 1), String::new())
+        };
+        let via = if !c.is_live() && !all {
+            format!(" (via {})", self.short_path(c))
+        } else {
+            c.via_alias
+                .as_ref()
+                .map(|a| format!(" (target of alias \"{a}\")"))
+                .unwrap_or_default()
+        };
+        writeln!(
+            f,
+            "{indent}{deep}{} [{} prio {}] {}-{} @{}{via}",
+            c.name,
+            kind_word(c.kind, c.readonly),
+            c.priority,
+            hex(c.range.0),
+            hex(c.range.1 - 1),
+            hex(c.offset),
+        )?;
+        let same = match &c.fate {
+            Fate::Obscured { winner, .. } if *winner == c.name => {
+                " (the same region, reached earlier through another path)"
+            }
+            _ => "",
+        };
+        writeln!(f, "{indent}  -> {}{same}", c.fate)
+    }
+}
+
 impl fmt::Display for Explanation {
     /// `{}` shows the live candidates and the topmost disabled or clipped
-    /// ones; `{:#}` shows every candidate.
+    /// ones, and condenses long chains (of root steps, of containers and
+    /// aliases one inside the next, of path names) to their ends and a
+    /// count, so that its size does not grow with the depth of the machine;
+    /// `{:#}` shows every candidate and every step, one line each
+    /// (indentation stops growing at depth 24).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let all = f.alternate();
         writeln!(
@@ -681,7 +918,18 @@ impl fmt::Display for Explanation {
             self.space,
             self.root.as_deref().unwrap_or("(none)")
         )?;
-        for s in &self.root_steps {
+        let steps = self.root_steps.len();
+        for (i, s) in self.root_steps.iter().enumerate() {
+            if !all && steps > 2 * RUN_SHOWN + 1 && i >= RUN_SHOWN && i < steps - RUN_SHOWN {
+                if i == RUN_SHOWN {
+                    writeln!(
+                        f,
+                        "  ... {} more steps of the same kind (--all lists them)",
+                        steps - 2 * RUN_SHOWN
+                    )?;
+                }
+                continue;
+            }
             writeln!(f, "  {s}")?;
         }
         match &self.verdict {
@@ -696,7 +944,11 @@ impl fmt::Display for Explanation {
                     ""
                 },
                 v.offset,
-                v.path.join(" > ")
+                if all {
+                    v.path.join(" > ")
+                } else {
+                    short_names(&v.path)
+                }
             )?,
             None => writeln!(f, "unassigned: no region serves this address")?,
         }
@@ -705,37 +957,42 @@ impl fmt::Display for Explanation {
         }
         writeln!(f, "candidates covering the address, in rendering order:")?;
         let mut hidden = 0usize;
-        for c in &self.candidates {
+        let mut i = 0;
+        while i < self.candidates.len() {
+            let c = &self.candidates[i];
             if !all && !c.is_notable() {
                 hidden += 1;
+                i += 1;
                 continue;
             }
-            let indent = "  ".repeat(c.depth + 1);
-            let via = if !c.is_live() && !all {
-                format!(" (via {})", c.path.join(" > "))
-            } else {
-                c.via_alias
-                    .as_ref()
-                    .map(|a| format!(" (target of alias \"{a}\")"))
-                    .unwrap_or_default()
-            };
-            writeln!(
-                f,
-                "{indent}{} [{} prio {}] {}-{} @{}{via}",
-                c.name,
-                kind_word(c.kind, c.readonly),
-                c.priority,
-                hex(c.range.0),
-                hex(c.range.1 - 1),
-                hex(c.offset),
-            )?;
-            let same = match &c.fate {
-                Fate::Obscured { winner, .. } if *winner == c.name => {
-                    " (the same region, reached earlier through another path)"
+            if !all && self.links_to_next(i) {
+                // A chain: candidates i..=end, each directly inside the one
+                // before; show its ends and count the middle.
+                let mut end = i;
+                while self.links_to_next(end) {
+                    end += 1;
                 }
-                _ => "",
-            };
-            writeln!(f, "{indent}  -> {}{same}", c.fate)?;
+                let len = end - i + 1;
+                if len > 2 * RUN_SHOWN + 1 {
+                    for c in &self.candidates[i..i + RUN_SHOWN] {
+                        self.write_candidate(f, c, all)?;
+                    }
+                    let depth = self.candidates[i + RUN_SHOWN].depth.min(MAX_INDENT);
+                    writeln!(
+                        f,
+                        "{}... {} more levels, each a container or an alias directly inside the one above (--all lists them)",
+                        "  ".repeat(depth + 1),
+                        len - 2 * RUN_SHOWN
+                    )?;
+                    for c in &self.candidates[end + 1 - RUN_SHOWN..=end] {
+                        self.write_candidate(f, c, all)?;
+                    }
+                    i = end + 1;
+                    continue;
+                }
+            }
+            self.write_candidate(f, c, all)?;
+            i += 1;
         }
         if hidden > 0 {
             writeln!(
@@ -874,6 +1131,7 @@ mod tests {
             .iter()
             .find(|c| c.name == "pc.ram" && c.via_alias.as_deref() == Some("ram-below-4g"))
             .expect("pc.ram through ram-below-4g is a candidate");
+        assert_eq!(why.path(ram), ["system", "ram-below-4g"]);
         assert_eq!(
             ram.fate,
             Fate::Obscured {

@@ -542,7 +542,8 @@ fn build(
 
     // Create regions: everything but aliases first, then aliases as their
     // targets appear.
-    let mut regions: BTreeMap<String, RegionId> = BTreeMap::new();
+    // By name; hashed while building (a file has one lookup per reference).
+    let mut regions: HashMap<String, RegionId> = HashMap::new();
     let mut sizes: HashMap<String, u128> = HashMap::new();
     for (r, &(kind, rom)) in doc.region.iter().zip(&kinds) {
         if kind == RegionKind::Alias {
@@ -608,73 +609,98 @@ fn build(
         regions.insert(name.clone(), id);
         sizes.insert(name.clone(), size);
     }
-    let mut pending: Vec<&RegionEntry> = doc
+    // Aliases in file order, each after its target: an alias whose target
+    // is an alias not created yet first creates that one (and so on down
+    // the chain, on an explicit stack). Each alias is created once, so this
+    // is linear in the file however its chains are ordered.
+    let create_alias = |r: &RegionEntry,
+                        target: RegionId,
+                        regions: &mut HashMap<String, RegionId>,
+                        sizes: &mut HashMap<String, u128>|
+     -> Result<(), LoadError> {
+        let Some(t) = &r.target else { return Ok(()) };
+        let name = r.name.get_ref();
+        let tsize = sizes.get(t.get_ref()).copied().unwrap_or(0);
+        let off = match &r.alias_offset {
+            Some(o) => l.num(o, "alias-offset", u128::from(u64::MAX))?,
+            None => 0,
+        };
+        let size = match &r.size {
+            Some(s) => l.num(s, "size", MAX_REGION_SIZE)?,
+            None => match tsize.checked_sub(off) {
+                Some(s) => s,
+                None => {
+                    return l.err(
+                        r.alias_offset.as_ref().map_or(r.name.span(), |o| o.span()),
+                        format!(
+                            "alias-offset {off:#x} is past the end of {:?} ({tsize:#x} bytes)",
+                            t.get_ref()
+                        ),
+                    )
+                }
+            },
+        };
+        let owner = owner_of(&r.owner)?;
+        let id = m
+            .new_alias(name, target, off as u64, size, owner)
+            .or_else(|e| topo_err(l, r.name.span(), e))?;
+        regions.insert(name.clone(), id);
+        sizes.insert(name.clone(), size);
+        Ok(())
+    };
+    let aliases = doc
         .region
         .iter()
         .zip(&kinds)
         .filter(|(_, k)| k.0 == RegionKind::Alias)
-        .map(|(r, _)| r)
-        .collect();
-    while !pending.is_empty() {
-        let before = pending.len();
-        let mut rest = Vec::new();
-        for r in pending {
-            let Some(t) = &r.target else { continue };
-            let Some(&target) = regions.get(t.get_ref()) else {
-                if !index.contains_key(t.get_ref().as_str()) {
-                    return l.err(t.span(), format!("unknown alias target {:?}", t.get_ref()));
-                }
-                rest.push(r);
+        .map(|(r, _)| r);
+    for first in aliases {
+        if regions.contains_key(first.name.get_ref()) {
+            continue;
+        }
+        // The chain from `first` down to the first target that exists.
+        let mut chain: Vec<&RegionEntry> = vec![first];
+        let mut on_chain: HashMap<&str, ()> = HashMap::new();
+        on_chain.insert(first.name.get_ref().as_str(), ());
+        while let Some(&r) = chain.last() {
+            let Some(t) = &r.target else {
+                chain.pop();
                 continue;
             };
-            let name = r.name.get_ref();
-            let tsize = sizes.get(t.get_ref()).copied().unwrap_or(0);
-            let off = match &r.alias_offset {
-                Some(o) => l.num(o, "alias-offset", u128::from(u64::MAX))?,
-                None => 0,
-            };
-            let size = match &r.size {
-                Some(s) => l.num(s, "size", MAX_REGION_SIZE)?,
-                None => match tsize.checked_sub(off) {
-                    Some(s) => s,
-                    None => {
-                        return l.err(
-                            r.alias_offset.as_ref().map_or(r.name.span(), |o| o.span()),
-                            format!(
-                                "alias-offset {off:#x} is past the end of {:?} ({tsize:#x} bytes)",
-                                t.get_ref()
-                            ),
-                        )
-                    }
-                },
-            };
-            let owner = owner_of(&r.owner)?;
-            let id = m
-                .new_alias(name, target, off as u64, size, owner)
-                .or_else(|e| topo_err(l, r.name.span(), e))?;
-            regions.insert(name.clone(), id);
-            sizes.insert(name.clone(), size);
-        }
-        if rest.len() == before {
-            let r = rest[0];
-            let mut chain = vec![r.name.get_ref().clone()];
-            let mut cur = r;
-            while let Some(t) = &cur.target {
-                let t = t.get_ref();
-                let looped = chain.contains(t);
-                chain.push(t.clone());
-                if looped {
-                    break;
-                }
-                match index.get(t.as_str()).map(|&i| &doc.region[i]) {
-                    Some(next) => cur = next,
-                    None => break,
-                }
+            if let Some(&target) = regions.get(t.get_ref()) {
+                create_alias(r, target, &mut regions, &mut sizes)?;
+                chain.pop();
+                continue;
             }
-            let span = r.target.as_ref().map_or(r.name.span(), |t| t.span());
-            return l.err(span, format!("alias loop: {}", chain.join(" -> ")));
+            let Some(&next) = index.get(t.get_ref().as_str()) else {
+                return l.err(t.span(), format!("unknown alias target {:?}", t.get_ref()));
+            };
+            let next = &doc.region[next];
+            if on_chain.insert(next.name.get_ref().as_str(), ()).is_some() {
+                // `first` leads into a loop: name it from `first` on.
+                let mut names = vec![first.name.get_ref().clone()];
+                let mut seen: HashMap<&str, ()> = HashMap::new();
+                seen.insert(first.name.get_ref().as_str(), ());
+                let mut cur = first;
+                while let Some(t) = &cur.target {
+                    let t = t.get_ref();
+                    names.push(t.clone());
+                    if seen.insert(t.as_str(), ()).is_some() {
+                        break;
+                    }
+                    match index.get(t.as_str()).map(|&i| &doc.region[i]) {
+                        Some(next) => cur = next,
+                        None => break,
+                    }
+                }
+                let span = first
+                    .target
+                    .as_ref()
+                    .map_or(first.name.span(), |t| t.span());
+                return l.err(span, format!("alias loop: {}", names.join(" -> ")));
+            }
+            chain.push(next);
         }
-        pending = rest;
     }
 
     // Flags.
@@ -701,10 +727,33 @@ fn build(
         }
     }
 
-    // Subregions, in file order.
-    for r in &doc.region {
+    // Subregions, in file order. Consecutive entries with the same parent
+    // are mapped in one batch (one by one, n equal-priority siblings cost
+    // O(n²): each newcomer goes to the front of the list).
+    let mut batch: Vec<(u64, RegionId, i32)> = Vec::new();
+    let mut batch_entries: Vec<&RegionEntry> = Vec::new();
+    let mut batch_parent: Option<RegionId> = None;
+    let flush = |parent: Option<RegionId>,
+                 batch: &mut Vec<(u64, RegionId, i32)>,
+                 entries: &mut Vec<&RegionEntry>|
+     -> Result<(), LoadError> {
+        if let Some(container) = parent {
+            if let Err((i, e)) = m.add_subregions(container, batch) {
+                let span = entries
+                    .get(i)
+                    .and_then(|r| r.parent.as_ref())
+                    .map_or(0..0, |p| p.span());
+                return topo_err(l, span, e);
+            }
+        }
+        batch.clear();
+        entries.clear();
+        Ok(())
+    };
+    // What one entry asks for: `None` if it maps nothing.
+    let link = |r: &RegionEntry| -> Result<Option<(RegionId, RegionId, u64, i32)>, LoadError> {
         let Some(&id) = regions.get(r.name.get_ref()) else {
-            continue;
+            return Ok(None);
         };
         let Some(p) = &r.parent else {
             if let Some(o) = &r.offset {
@@ -713,7 +762,7 @@ fn build(
             if let Some(o) = &r.priority {
                 return l.err(o.span(), "`priority` needs a `parent` container");
             }
-            continue;
+            return Ok(None);
         };
         let Some(&container) = regions.get(p.get_ref()) else {
             return l.err(p.span(), format!("unknown parent region {:?}", p.get_ref()));
@@ -734,9 +783,26 @@ fn build(
             },
             None => 0,
         };
-        m.add_subregion_overlap(container, offset, id, priority)
-            .or_else(|e| topo_err(l, p.span(), e))?;
+        Ok(Some((container, id, offset, priority)))
+    };
+    for r in &doc.region {
+        let (container, id, offset, priority) = match link(r) {
+            Ok(Some(x)) => x,
+            Ok(None) => continue,
+            Err(e) => {
+                // The entries before this one come first, as one by one.
+                flush(batch_parent, &mut batch, &mut batch_entries)?;
+                return Err(e);
+            }
+        };
+        if batch_parent != Some(container) {
+            flush(batch_parent, &mut batch, &mut batch_entries)?;
+            batch_parent = Some(container);
+        }
+        batch.push((offset, id, priority));
+        batch_entries.push(r);
     }
+    flush(batch_parent, &mut batch, &mut batch_entries)?;
 
     // Address spaces.
     let mut spaces = Vec::new();
@@ -761,7 +827,7 @@ fn build(
             .or_else(|e| topo_err(l, s.name.span(), e))?;
         spaces.push(id);
     }
-    Ok((spaces, regions, owners))
+    Ok((spaces, regions.into_iter().collect(), owners))
 }
 
 fn make_ops(l: &Lines<'_>, r: &RegionEntry, target: Endianness) -> Result<ConstOps, LoadError> {

@@ -925,6 +925,21 @@ impl Machine {
         self.edit(|t| t.add_subregion(container, offset, sub, priority))
     }
 
+    /// Maps each `(offset, sub, priority)` of `subs` into `container`,
+    /// with exactly the result of [`Machine::add_subregion_overlap`] for
+    /// each in order, but in time linear in the container's subregions (one
+    /// by one, every equal-priority newcomer is inserted at the front). All
+    /// entries are checked first: on error nothing is mapped, and the error
+    /// comes with the index in `subs` of the first entry refused.
+    pub fn add_subregions(
+        &self,
+        container: RegionId,
+        subs: &[(u64, RegionId, i32)],
+    ) -> std::result::Result<(), (usize, TopologyError)> {
+        self.edit(|t| Ok(t.add_subregions(container, subs)))
+            .unwrap_or_else(|e| Err((0, e)))
+    }
+
     /// Unmaps `sub` from `container`.
     pub fn del_subregion(&self, container: RegionId, sub: RegionId) -> Result<()> {
         self.edit(|t| t.del_subregion(container, sub))

@@ -7,7 +7,9 @@
 //!
 //! Algorithm: the same depth-first walk as QEMU (`render_memory_region`):
 //! higher-priority subregions render first and win; a terminating region then
-//! fills the gaps its subregions left inside its clip. Unlike QEMU, which keeps
+//! fills the gaps its subregions left inside its clip. The walk runs on an
+//! explicit stack, not on the thread's: nesting depth and alias chains of any
+//! length (the topology bounds neither) cost heap, never a stack overflow. Unlike QEMU, which keeps
 //! the view in a sorted array and shifts its tail on every insertion
 //! (quadratic in the worst case) and walks every range already inside a clip
 //! to find its gaps, the covered addresses live in an ordered map of
@@ -59,11 +61,31 @@ struct Renderer<'t> {
     covered: BTreeMap<u64, u128>,
     /// Scratch space for `fill`.
     swallowed: Vec<u64>,
-    /// Stack of the subregions being visited, per level of the walk.
-    children: Vec<&'t RegionNode>,
+    /// The walk's explicit stack (the walk is iterative, so that no depth of
+    /// nesting or of alias chains can overflow the thread's stack).
+    tasks: Vec<Task<'t>>,
     /// What the view holds, in the order it was filled.
     pieces: Vec<Piece<'t>>,
     reached: Vec<RegionId>,
+}
+
+/// One pending step of the walk.
+#[derive(Clone, Copy)]
+enum Task<'t> {
+    /// `render_memory_region` of `node` in a parent at `base`, within `clip`.
+    Visit {
+        node: &'t RegionNode,
+        base: i128,
+        clip: (i128, i128),
+        flags: PathFlags,
+    },
+    /// Fill the gaps `node`'s subregions left (runs after all of them).
+    Fill {
+        node: &'t RegionNode,
+        base: i128,
+        clip: (i128, i128),
+        flags: PathFlags,
+    },
 }
 
 /// Renders the tree under `root` (a physical root, §2.5) into flat ranges.
@@ -72,11 +94,11 @@ pub(crate) fn render(topo: &Topology, root: RegionId) -> Rendered {
         topo,
         covered: BTreeMap::new(),
         swallowed: Vec::new(),
-        children: Vec::new(),
+        tasks: Vec::new(),
         pieces: Vec::new(),
         reached: Vec::new(),
     };
-    r.region(root, 0, (0, MAX_REGION_SIZE as i128), PathFlags::default());
+    r.run(root);
     let Renderer {
         mut pieces,
         reached,
@@ -91,15 +113,41 @@ pub(crate) fn render(topo: &Topology, root: RegionId) -> Rendered {
 }
 
 impl<'t> Renderer<'t> {
-    fn region(&mut self, id: RegionId, base: i128, clip: (i128, i128), flags: PathFlags) {
-        let Some(node) = self.topo.node(id) else {
+    /// QEMU's recursive `render_memory_region`, as a loop over an explicit
+    /// stack: a region's subregions are visited in priority order, each
+    /// subtree completely before the next, and the region's own fill runs
+    /// after all of them, exactly as the recursion orders them.
+    fn run(&mut self, root: RegionId) {
+        let Some(node) = self.topo.node(root) else {
             return;
         };
-        self.reached.push(id);
-        self.visit(node, base, clip, flags);
+        self.reached.push(root);
+        self.tasks.push(Task::Visit {
+            node,
+            base: 0,
+            clip: (0, MAX_REGION_SIZE as i128),
+            flags: PathFlags::default(),
+        });
+        while let Some(task) = self.tasks.pop() {
+            match task {
+                Task::Visit {
+                    node,
+                    base,
+                    clip,
+                    flags,
+                } => self.visit(node, base, clip, flags),
+                Task::Fill {
+                    node,
+                    base,
+                    clip,
+                    flags,
+                } => self.fill(node, base, clip, flags),
+            }
+        }
     }
 
-    /// `render_memory_region` for a region whose id is already in `reached`.
+    /// One region: what `render_memory_region` does before recursing; the
+    /// recursion and the fill are pushed as tasks.
     fn visit(&mut self, node: &'t RegionNode, base: i128, clip: (i128, i128), flags: PathFlags) {
         // 1. Disabled regions vanish with their subtree.
         if !node.enabled {
@@ -117,38 +165,49 @@ impl<'t> Renderer<'t> {
         let Some(clip) = intersect((base, base + node.size as i128), clip) else {
             return;
         };
-        // 5. Aliases recurse into their target, shifted.
+        // 5. Aliases continue in their target, shifted.
         if node.kind() == RegionKind::Alias {
             if let Some((tid, tnode)) = node
                 .alias_target
                 .and_then(|t| self.topo.node(t).map(|n| (t, n)))
             {
-                let base = base - i128::from(tnode.addr) - i128::from(node.alias_offset);
-                self.region(tid, base, clip, flags);
+                self.reached.push(tid);
+                self.tasks.push(Task::Visit {
+                    node: tnode,
+                    base: base - i128::from(tnode.addr) - i128::from(node.alias_offset),
+                    clip,
+                    flags,
+                });
             }
             return;
         }
-        // 6. Subregions, in priority order. Their nodes are looked up in
-        // one pass first: the loads are independent, so the CPU overlaps
-        // their cache misses instead of taking them one recursion at a time.
-        let mark = self.children.len();
+        // 8. (after 6 and 7) Fill the gaps inside the clip, once every
+        // subregion has rendered: pushed first, so it pops last.
+        // 7. Pure containers leave holes.
+        if node.terminates() {
+            self.tasks.push(Task::Fill {
+                node,
+                base,
+                clip,
+                flags,
+            });
+        }
+        // 6. Subregions, in priority order: pushed in reverse so that the
+        // first pops first. Their nodes are looked up in one pass: the loads
+        // are independent, so the CPU overlaps their cache misses.
+        let mark = self.tasks.len();
         for &sub in &node.subregions {
             if let Some(n) = self.topo.node(sub) {
                 self.reached.push(sub);
-                self.children.push(n);
+                self.tasks.push(Task::Visit {
+                    node: n,
+                    base,
+                    clip,
+                    flags,
+                });
             }
         }
-        for i in mark..self.children.len() {
-            let child = self.children[i];
-            self.visit(child, base, clip, flags);
-        }
-        self.children.truncate(mark);
-        // 7. Pure containers leave holes.
-        if !node.terminates() {
-            return;
-        }
-        // 8. Fill the gaps inside the clip.
-        self.fill(node, base, clip, flags);
+        self.tasks[mark..].reverse();
     }
 
     /// Fills the uncovered parts of `clip` with `node`, then marks the whole

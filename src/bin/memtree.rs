@@ -14,7 +14,7 @@
 //! positional file not ending in `.toml`). Malformed input of any kind is
 //! reported as `memtree: FILE:LINE: what is wrong` with exit status 2.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -463,10 +463,13 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
                         continue;
                     }
                 };
-                for l in la.iter().filter(|l| !lb.contains(l)) {
+                // Hashed: two views of n ranges compare in O(n), not O(n²).
+                let (sa, sb): (HashSet<&String>, HashSet<&String>) =
+                    (la.iter().collect(), lb.iter().collect());
+                for l in la.iter().filter(|l| !sb.contains(l)) {
                     out.push_str(&format!("- {l}\n"));
                 }
-                for l in lb.iter().filter(|l| !la.contains(l)) {
+                for l in lb.iter().filter(|l| !sa.contains(l)) {
                     out.push_str(&format!("+ {l}\n"));
                 }
             }

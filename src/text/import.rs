@@ -387,20 +387,37 @@ fn line_key(l: &TreeLine) -> String {
 
 // ---- identity ------------------------------------------------------------------
 
-#[derive(Clone)]
 struct UnionFind {
     parent: Vec<usize>,
     /// Per class root: the address-space group and `memory-region:` section
     /// whose root is in the class.
     group: Vec<Option<usize>>,
     section: Vec<Option<usize>>,
+    /// While a trial runs: the old value of every entry it wrote, so that a
+    /// failed trial is undone in time proportional to its own work (a copy
+    /// of the whole structure per trial would be quadratic).
+    journal: Option<Vec<Undo>>,
+}
+
+enum Undo {
+    Parent(usize, usize),
+    Group(usize, Option<usize>),
+    Section(usize, Option<usize>),
 }
 
 impl UnionFind {
+    fn set_parent(&mut self, x: usize, v: usize) {
+        if let Some(j) = &mut self.journal {
+            j.push(Undo::Parent(x, self.parent[x]));
+        }
+        self.parent[x] = v;
+    }
+
     fn find(&mut self, mut x: usize) -> usize {
         while self.parent[x] != x {
-            self.parent[x] = self.parent[self.parent[x]];
-            x = self.parent[x];
+            let grand = self.parent[self.parent[x]];
+            self.set_parent(x, grand);
+            x = grand;
         }
         x
     }
@@ -416,10 +433,32 @@ impl UnionFind {
         if clash(self.group[a], self.group[b]) || clash(self.section[a], self.section[b]) {
             return false;
         }
-        self.parent[b] = a;
+        self.set_parent(b, a);
+        if let Some(j) = &mut self.journal {
+            j.push(Undo::Group(a, self.group[a]));
+            j.push(Undo::Section(a, self.section[a]));
+        }
         self.group[a] = self.group[a].or(self.group[b]);
         self.section[a] = self.section[a].or(self.section[b]);
         true
+    }
+
+    /// Runs `trial`; keeps what it did if it returns true, undoes it
+    /// otherwise.
+    fn attempt(&mut self, trial: impl FnOnce(&mut UnionFind) -> bool) -> bool {
+        self.journal = Some(Vec::new());
+        let ok = trial(self);
+        let journal = self.journal.take().unwrap_or_default();
+        if !ok {
+            for undo in journal.into_iter().rev() {
+                match undo {
+                    Undo::Parent(x, v) => self.parent[x] = v,
+                    Undo::Group(x, v) => self.group[x] = v,
+                    Undo::Section(x, v) => self.section[x] = v,
+                }
+            }
+        }
+        ok
     }
 }
 
@@ -437,6 +476,7 @@ impl Classes {
             parent: (0..n).collect(),
             group: vec![None; n],
             section: vec![None; n],
+            journal: None,
         };
         for (b, info) in occs.blocks.iter().enumerate() {
             if info.spaces.is_some() {
@@ -445,10 +485,26 @@ impl Classes {
                 uf.section[info.root] = Some(b);
             }
         }
-        let mut by_sig: HashMap<u64, Vec<usize>> = HashMap::new();
+        // Candidates by signature, in file order, for each kind of block
+        // root: a section root is never matched with another section root,
+        // nor a group root with another group root (rule 1), so those are
+        // left out of the lists instead of skipped one by one (identical
+        // sections would cost O(n²) otherwise).
+        let mut for_sections: HashMap<u64, Vec<usize>> = HashMap::new();
+        let mut for_groups: HashMap<u64, Vec<usize>> = HashMap::new();
         for (i, o) in occs.list.iter().enumerate() {
-            by_sig.entry(o.sig).or_default().push(i);
+            let group_root = o.parent.is_none() && occs.blocks[o.block].spaces.is_some();
+            let section_root = o.parent.is_none() && !group_root;
+            if !section_root {
+                for_sections.entry(o.sig).or_default().push(i);
+            }
+            if !group_root {
+                for_groups.entry(o.sig).or_default().push(i);
+            }
         }
+        // Per list, how many leading candidates are already taken by a
+        // block of that kind: taken stays taken, so they are skipped once.
+        let mut taken_before: HashMap<(u64, bool), usize> = HashMap::new();
         // Sections first, then address-space roots (rule 2).
         let sections = occs
             .blocks
@@ -463,32 +519,30 @@ impl Classes {
         for (b, info) in sections.chain(groups) {
             let root = info.root;
             let is_section = info.spaces.is_none();
-            let candidates = by_sig
-                .get(&occs.list[root].sig)
-                .cloned()
-                .unwrap_or_default();
-            for c in candidates {
-                let co = &occs.list[c];
-                if co.block == b || !occs.same(root, c) {
-                    continue;
-                }
-                let c_is_root = co.parent.is_none();
-                if c_is_root && occs.blocks[co.block].spaces.is_some() != is_section {
-                    // group↔group or section↔section roots are distinct.
-                    continue;
-                }
+            let sig = occs.list[root].sig;
+            let list = if is_section {
+                &for_sections
+            } else {
+                &for_groups
+            };
+            let candidates = list.get(&sig).map_or(&[][..], Vec::as_slice);
+            let taken = |uf: &mut UnionFind, c: usize| {
                 let cr = uf.find(c);
-                let taken = if is_section {
+                if is_section {
                     uf.section[cr].is_some()
                 } else {
                     uf.group[cr].is_some()
-                };
-                if taken {
+                }
+            };
+            let skip = taken_before.entry((sig, is_section)).or_insert(0);
+            while candidates.get(*skip).is_some_and(|&c| taken(&mut uf, c)) {
+                *skip += 1;
+            }
+            for &c in &candidates[(*skip).min(candidates.len())..] {
+                if occs.list[c].block == b || taken(&mut uf, c) || !occs.same(root, c) {
                     continue;
                 }
-                let mut trial = uf.clone();
-                if unify_subtrees(occs, &mut trial, root, c) {
-                    uf = trial;
+                if uf.attempt(|trial| unify_subtrees(occs, trial, root, c)) {
                     break;
                 }
             }
@@ -535,10 +589,12 @@ fn assign_alias_targets(
     classes: &Classes,
 ) -> Result<HashMap<usize, usize>, ImportError> {
     let targets = assign_alias_targets_with(occs, classes, true)?;
-    let sections = occs.blocks.iter().filter(|b| b.spaces.is_none());
-    let all_used = sections
-        .map(|b| classes.of[b.root])
-        .all(|c| targets.values().any(|&t| t == c));
+    let targeted: HashSet<usize> = targets.values().copied().collect();
+    let all_used = occs
+        .blocks
+        .iter()
+        .filter(|b| b.spaces.is_none())
+        .all(|b| targeted.contains(&classes.of[b.root]));
     if all_used {
         Ok(targets)
     } else {
@@ -579,9 +635,18 @@ fn assign_alias_targets_with(
             }
         }
     };
+    // Sections by name: an alias only ever considers sections named like
+    // its target (so many aliases cost time linear in the dump).
+    let mut by_name: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, &(_, name)) in sections.iter().enumerate() {
+        by_name.entry(name).or_default().push(i);
+    }
     let mut targets: HashMap<usize, usize> = HashMap::new();
+    let mut targeted: HashSet<usize> = HashSet::new();
     let mut alias_names: HashMap<usize, HashSet<&str>> = HashMap::new();
-    let mut queued: Vec<usize> = Vec::new(); // indices into `sections`
+    // Indices into `sections` queued so far, by name, in queue order.
+    let mut queued: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut not_fresh_before: HashMap<(&str, &str), usize> = HashMap::new();
     let mut next = 0;
     let mut in_order = true;
     // File order = QEMU's print order: groups, then sections in queue order.
@@ -606,23 +671,39 @@ fn assign_alias_targets_with(
         let fresh = |s: usize, names: &HashMap<usize, HashSet<&str>>| {
             !names.get(&sections[s].0).is_some_and(|n| n.contains(aname))
         };
-        let reuse: Vec<usize> = queued.iter().copied().filter(|&s| usable(s)).collect();
         let new_ok = in_order && next < sections.len() && usable(next);
-        let reuse_fresh = reuse
-            .iter()
-            .copied()
-            .find(|&s| fresh(s, &alias_names))
-            .filter(|_| prefer_queued || !new_ok);
+        let queued_here: &[usize] = queued.get(tname).map_or(&[], Vec::as_slice);
+        // Queued sections that already have an alias named `aname` stay
+        // so: skip them once per (target, alias) name pair, not once per
+        // alias (many same-named targets would cost O(n²) otherwise).
+        let reuse_fresh = if prefer_queued || !new_ok {
+            let cursor = not_fresh_before.entry((tname, aname)).or_insert(0);
+            while queued_here
+                .get(*cursor)
+                .is_some_and(|&s| !fresh(s, &alias_names))
+            {
+                *cursor += 1;
+            }
+            queued_here[(*cursor).min(queued_here.len())..]
+                .iter()
+                .copied()
+                .find(|&s| usable(s) && fresh(s, &alias_names))
+        } else {
+            None
+        };
+        let reuse_first = || queued_here.iter().copied().find(|&s| usable(s));
         let chosen = if in_order {
-            match (new_ok, reuse_fresh, reuse.first()) {
-                (_, Some(s), _) => Some(s),
-                (true, None, _) => {
+            match (new_ok, reuse_fresh) {
+                (_, Some(s)) => Some(s),
+                (true, None) => {
                     next += 1;
-                    queued.push(next - 1);
+                    queued
+                        .entry(sections[next - 1].1)
+                        .or_default()
+                        .push(next - 1);
                     Some(next - 1)
                 }
-                (false, None, Some(&s)) => Some(s),
-                (false, None, None) => None,
+                (false, None) => reuse_first(),
             }
         } else {
             None
@@ -632,11 +713,14 @@ fn assign_alias_targets_with(
             None => {
                 // Not in queue order: fall back to names.
                 in_order = false;
-                let any: Vec<usize> = (0..sections.len()).filter(|&s| usable(s)).collect();
+                let any: Vec<usize> = by_name
+                    .get(tname)
+                    .map(|v| v.iter().copied().filter(|&s| usable(s)).collect())
+                    .unwrap_or_default();
                 match any
                     .iter()
                     .copied()
-                    .find(|&s| !targets.values().any(|&t| t == sections[s].0))
+                    .find(|&s| !targeted.contains(&sections[s].0))
                     .or_else(|| any.iter().copied().find(|&s| fresh(s, &alias_names)))
                     .or_else(|| any.first().copied())
                 {
@@ -658,6 +742,7 @@ fn assign_alias_targets_with(
             }
         };
         targets.insert(ac, sections[chosen].0);
+        targeted.insert(sections[chosen].0);
         alias_names
             .entry(sections[chosen].0)
             .or_default()
@@ -721,6 +806,15 @@ fn owner_label(r: &OwnerRef) -> OwnerLabel {
         OwnerRef::DevPath(s) => OwnerLabel::DevPath(s.clone()),
         OwnerRef::ObjPath(s) => OwnerLabel::ObjPath(s.clone()),
         OwnerRef::ObjType(s) => OwnerLabel::ObjType(s.clone()),
+    }
+}
+
+fn label_kind(l: &OwnerLabel) -> u8 {
+    match l {
+        OwnerLabel::DevId(_) => 0,
+        OwnerLabel::DevPath(_) => 1,
+        OwnerLabel::ObjPath(_) => 2,
+        OwnerLabel::ObjType(_) => 3,
     }
 }
 
@@ -818,21 +912,38 @@ impl Plan {
         let mut used = vec![false; occs.blocks.len()];
         let visible: Vec<Vec<(usize, String, usize)>> =
             (0..occs.blocks.len()).map(|b| occs.visible(b)).collect();
+        // Tree blocks by header, in file order: an owner block is only
+        // compared with blocks of its own header (and the used ones at the
+        // front of that list are skipped once), so many blocks cost linear
+        // time.
+        let mut by_header: HashMap<(bool, String), (usize, Vec<usize>)> = HashMap::new();
+        for (b, info) in occs.blocks.iter().enumerate() {
+            let key = match info.spaces {
+                Some(names) => (true, names.join("\n")),
+                None => (false, info.name.to_owned()),
+            };
+            by_header.entry(key).or_default().1.push(b);
+        }
         for ob in &owner_occs.blocks {
-            let found = (0..occs.blocks.len()).find(|&b| {
-                let info = &occs.blocks[b];
-                let header_ok = match (&ob.spaces, info.spaces) {
-                    (Some(x), Some(y)) => x.as_slice() == y,
-                    (None, None) => ob.name == info.name,
-                    _ => false,
-                };
-                !used[b]
-                    && header_ok
-                    && visible[b].len() == ob.lines.len()
-                    && visible[b]
-                        .iter()
-                        .zip(&ob.lines)
-                        .all(|(v, l)| v.0 == l.0 && v.1 == l.1)
+            let key = match &ob.spaces {
+                Some(names) => (true, names.join("\n")),
+                None => (false, ob.name.clone()),
+            };
+            let found = by_header.get_mut(&key).and_then(|(skip, blocks)| {
+                while blocks.get(*skip).is_some_and(|&b| used[b]) {
+                    *skip += 1;
+                }
+                blocks[(*skip).min(blocks.len())..]
+                    .iter()
+                    .copied()
+                    .find(|&b| {
+                        !used[b]
+                            && visible[b].len() == ob.lines.len()
+                            && visible[b]
+                                .iter()
+                                .zip(&ob.lines)
+                                .all(|(v, l)| v.0 == l.0 && v.1 == l.1)
+                    })
             });
             let Some(b) = found else {
                 return Err(ImportError::OwnerMismatch {
@@ -896,15 +1007,24 @@ impl Plan {
         let n = self.spaces.len();
         let mut after: Vec<Vec<usize>> = vec![Vec::new(); n];
         let mut indeg = vec![0usize; n];
+        // Spaces by (name, root name), in heuristic order: the k-th `AS`
+        // line of a block with a given key is the k-th space of that key.
+        let mut by_key: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
+        for &i in &h {
+            let (name, root) = &self.spaces[i];
+            by_key
+                .entry((name.as_str(), self.nodes[*root].name.as_str()))
+                .or_default()
+                .push(i);
+        }
         for b in &flat.views {
-            let mut taken: HashSet<usize> = HashSet::new();
+            let mut taken: HashMap<(&str, &str), usize> = HashMap::new();
             let mut seq = Vec::new();
             for a in &b.spaces {
-                let found = h.iter().copied().find(|&i| {
-                    !taken.contains(&i)
-                        && self.spaces[i].0 == a.name
-                        && self.nodes[self.spaces[i].1].name == a.root
-                });
+                let key = (a.name.as_str(), a.root.as_str());
+                let k = taken.entry(key).or_insert(0);
+                let found = by_key.get(&key).and_then(|v| v.get(*k)).copied();
+                *k += 1;
                 let Some(i) = found else {
                     return Err(ImportError::UnknownSpace {
                         line: b.line,
@@ -912,7 +1032,6 @@ impl Plan {
                         root: a.root.clone(),
                     });
                 };
-                taken.insert(i);
                 seq.push(i);
             }
             for w in seq.windows(2) {
@@ -982,16 +1101,17 @@ impl Plan {
                 source,
             }
         };
-        let mut owners: Vec<(OwnerLabel, OwnerId)> = Vec::new();
+        let mut owners: HashMap<(u8, String), OwnerId> = HashMap::new();
         let mut owner_of = |n: &Node| -> Result<Option<OwnerId>, ImportError> {
             let Some(l) = &n.owner else { return Ok(None) };
-            if let Some((_, o)) = owners.iter().rev().find(|(x, _)| x == l) {
-                return Ok(Some(*o));
+            let key = (label_kind(l), label_text(l).to_owned());
+            if let Some(&o) = owners.get(&key) {
+                return Ok(Some(o));
             }
             let o = m
                 .new_owner_labeled(label_text(l), l.clone(), None)
                 .map_err(model(n))?;
-            owners.push((l.clone(), o));
+            owners.insert(key, o);
             Ok(Some(o))
         };
         let mut ids: Vec<Option<RegionId>> = vec![None; self.nodes.len()];
@@ -1015,17 +1135,21 @@ impl Plan {
             .map_err(model(n))?;
             ids[c] = Some(id);
         }
-        // Aliases once their targets exist (targets may be aliases).
-        loop {
-            let mut progress = false;
-            let mut pending = None;
-            for (c, n) in self.nodes.iter().enumerate() {
+        // Aliases once their targets exist (targets may be aliases): each
+        // alias not created yet first creates the chain of aliases below
+        // it, on an explicit stack, so any order of chains costs linear time.
+        for first in 0..self.nodes.len() {
+            if ids[first].is_some() || self.nodes[first].alias.is_none() {
+                continue;
+            }
+            let mut chain = vec![first];
+            let mut on_chain: HashSet<usize> = HashSet::from([first]);
+            while let Some(&c) = chain.last() {
+                let n = &self.nodes[c];
                 let Some((target, offset)) = n.alias else {
+                    chain.pop();
                     continue;
                 };
-                if ids[c].is_some() {
-                    continue;
-                }
                 match ids[target] {
                     Some(t) => {
                         let owner = owner_of(n)?;
@@ -1033,30 +1157,34 @@ impl Plan {
                             .new_alias(&n.name, t, offset, n.size, owner)
                             .map_err(model(n))?;
                         ids[c] = Some(id);
-                        progress = true;
+                        chain.pop();
                     }
-                    None => pending = pending.or(Some(c)),
-                }
-            }
-            match (pending, progress) {
-                (None, _) => break,
-                (Some(_), true) => continue,
-                (Some(c), false) => {
-                    return Err(ImportError::AliasLoop {
-                        line: self.nodes[c].line,
-                        alias: self.nodes[c].name.clone(),
-                    })
+                    None if on_chain.insert(target) => chain.push(target),
+                    None => {
+                        return Err(ImportError::AliasLoop {
+                            line: self.nodes[first].line,
+                            alias: self.nodes[first].name.clone(),
+                        })
+                    }
                 }
             }
         }
         let ids: Vec<RegionId> = ids.into_iter().flatten().collect();
         for (c, n) in self.nodes.iter().enumerate() {
             // Added in reverse print order: equal priorities end up in
-            // print order (newest first).
-            for &ch in n.children.iter().rev() {
-                let cn = &self.nodes[ch];
-                m.add_subregion_overlap(ids[c], cn.addr, ids[ch], cn.priority)
-                    .map_err(model(cn))?;
+            // print order (newest first). In one batch: one by one costs
+            // O(n²) for n equal-priority siblings.
+            let batch: Vec<(u64, RegionId, i32)> = n
+                .children
+                .iter()
+                .rev()
+                .map(|&ch| (self.nodes[ch].addr, ids[ch], self.nodes[ch].priority))
+                .collect();
+            if !batch.is_empty() {
+                m.add_subregions(ids[c], &batch).map_err(|(i, e)| {
+                    let ch = n.children[n.children.len() - 1 - i];
+                    model(&self.nodes[ch])(e)
+                })?;
             }
             if !n.mapped && n.addr != 0 {
                 m.set_address(ids[c], n.addr).map_err(model(n))?;
@@ -1148,6 +1276,49 @@ impl Plan {
                 .iter()
                 .filter_map(|id| class_of.get(id).copied())
                 .collect();
+            // The `i/o` containers reached, by (name, priority): what a
+            // range QEMU shows and memtree does not can be explained by.
+            let mut guessed_containers: HashMap<(&str, i32), Vec<usize>> = HashMap::new();
+            for &c in &reached {
+                let n = &self.nodes[c];
+                if n.io && !n.locked && n.kind == Kind::Container {
+                    guessed_containers
+                        .entry((n.name.as_str(), n.priority))
+                        .or_default()
+                        .push(c);
+                }
+            }
+            // The dump's ranges by name, sorted by start, with the running
+            // maximum of their ends: "does the dump show a range of this
+            // name overlapping [s, l]" in O(log n).
+            let mut shown_by_name: HashMap<&str, (Vec<u64>, Vec<u64>)> = HashMap::new();
+            {
+                let mut by_name: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+                for l in &b.ranges {
+                    by_name
+                        .entry(l.name.as_str())
+                        .or_default()
+                        .push((l.start, l.last));
+                }
+                for (name, mut v) in by_name {
+                    v.sort_unstable();
+                    let starts = v.iter().map(|x| x.0).collect();
+                    let max_last = v
+                        .iter()
+                        .scan(0u64, |m, x| {
+                            *m = (*m).max(x.1);
+                            Some(*m)
+                        })
+                        .collect();
+                    shown_by_name.insert(name, (starts, max_last));
+                }
+            }
+            let shown_overlapping = |name: &str, start: u64, last: u64| {
+                shown_by_name.get(name).is_some_and(|(starts, max_last)| {
+                    let upto = starts.partition_point(|&s| s <= last);
+                    upto > 0 && max_last[upto - 1] >= start
+                })
+            };
             // Ranges QEMU shows that memtree does not: a container guessed
             // wrong terminates.
             for l in b.ranges.iter() {
@@ -1163,25 +1334,25 @@ impl Plan {
                 if ours.contains(&key) {
                     continue;
                 }
-                for &c in &reached {
-                    let n = &self.nodes[c];
-                    if n.io
-                        && !n.locked
-                        && n.kind == Kind::Container
-                        && n.name == l.name
-                        && n.priority == l.priority
-                    {
-                        terminate.insert(c, format!("flat dump line {}", l.line));
-                    }
+                for &c in guessed_containers
+                    .get(&(l.name.as_str(), l.priority))
+                    .into_iter()
+                    .flatten()
+                {
+                    terminate.insert(c, format!("flat dump line {}", l.line));
                 }
                 // A readonly range over a region memtree renders writable.
                 if l.ty == TypeTag::Rom {
-                    let writable = view.ranges().iter().filter(|r| {
-                        r.start() <= l.last
-                            && l.start <= r.last()
-                            && r.region().name() == l.name
-                            && r.printed_type() != RegionType::Rom
-                    });
+                    // The view's ranges are sorted and disjoint: the ones
+                    // overlapping the line are a run found by bisection.
+                    let ranges = view.ranges();
+                    let from = ranges.partition_point(|r| r.last() < l.start);
+                    let writable = ranges[from..]
+                        .iter()
+                        .take_while(|r| r.start() <= l.last)
+                        .filter(|r| {
+                            r.region().name() == l.name && r.printed_type() != RegionType::Rom
+                        });
                     for r in writable {
                         {
                             let at = r.start().max(l.start);
@@ -1220,10 +1391,7 @@ impl Plan {
                     continue;
                 };
                 let n = &self.nodes[c];
-                let shown = b
-                    .ranges
-                    .iter()
-                    .any(|l| l.name == n.name && l.start <= r.last() && r.start() <= l.last);
+                let shown = shown_overlapping(&n.name, r.start(), r.last());
                 if n.io && !n.locked && matches!(n.kind, Kind::Mmio | Kind::IoRoot) && !shown {
                     contain.insert(c, format!("flat dump block at line {}", b.line));
                 }
@@ -1275,48 +1443,52 @@ fn region_type(t: TypeTag) -> RegionType {
 
 /// The regions rendering visits to reach the one serving `addr`, outermost
 /// first (a point query of the render walk: first terminating hit wins).
+/// Iterative, like render: no depth of nesting or alias chain can overflow
+/// the stack.
 fn point_path(topo: &Topology, root: Option<RegionId>, addr: u64) -> Vec<RegionId> {
-    fn walk(
-        topo: &Topology,
-        id: RegionId,
-        base: i128,
-        addr: i128,
-        path: &mut Vec<RegionId>,
-        depth: usize,
-    ) -> bool {
-        let Some(n) = topo.node(id) else { return false };
-        if !n.enabled || depth > topo.regions.len() {
-            return false;
-        }
-        let base = base + i128::from(n.addr);
-        if addr < base || addr >= base + n.size as i128 {
-            return false;
-        }
-        path.push(id);
-        if n.kind() == RegionKind::Alias {
-            if let Some(t) = n.alias_target.and_then(|t| topo.node(t).map(|tn| (t, tn))) {
-                let b = base - i128::from(t.1.addr) - i128::from(n.alias_offset);
-                if walk(topo, t.0, b, addr, path, depth + 1) {
-                    return true;
+    enum Step {
+        Enter(RegionId, i128),
+        /// Every subregion of the region on top of the path missed:
+        /// it serves the address if it terminates, otherwise it is left.
+        Leave {
+            terminates: bool,
+        },
+    }
+    let addr = i128::from(addr);
+    let mut path = Vec::new();
+    let mut steps: Vec<Step> = root.map(|r| Step::Enter(r, 0)).into_iter().collect();
+    while let Some(step) = steps.pop() {
+        match step {
+            Step::Enter(id, base) => {
+                let Some(n) = topo.node(id) else { continue };
+                if !n.enabled {
+                    continue;
+                }
+                let base = base + i128::from(n.addr);
+                if addr < base || addr >= base + n.size as i128 {
+                    continue;
+                }
+                path.push(id);
+                if n.kind() == RegionKind::Alias {
+                    steps.push(Step::Leave { terminates: false });
+                    if let Some(t) = n.alias_target.and_then(|t| topo.node(t).map(|tn| (t, tn))) {
+                        let b = base - i128::from(t.1.addr) - i128::from(n.alias_offset);
+                        steps.push(Step::Enter(t.0, b));
+                    }
+                    continue;
+                }
+                steps.push(Step::Leave {
+                    terminates: n.terminates(),
+                });
+                for &s in n.subregions.iter().rev() {
+                    steps.push(Step::Enter(s, base));
                 }
             }
-            path.pop();
-            return false;
-        }
-        for &s in &n.subregions {
-            if walk(topo, s, base, addr, path, depth + 1) {
-                return true;
+            Step::Leave { terminates: true } => return path,
+            Step::Leave { terminates: false } => {
+                path.pop();
             }
         }
-        if n.terminates() {
-            return true;
-        }
-        path.pop();
-        false
-    }
-    let mut path = Vec::new();
-    if let Some(r) = root {
-        walk(topo, r, 0, i128::from(addr), &mut path, 0);
     }
     path
 }

@@ -98,21 +98,47 @@ fn mr_size(size: u128) -> u64 {
     }
 }
 
-/// The printed type of a region (for an alias: of its target, recursively).
-fn type_of(topo: &Topology, id: RegionId) -> RegionType {
-    let mut id = id;
-    // Alias chains are loop-free (checked at edit time); the bound only
-    // guards against a corrupted topology.
-    for _ in 0..=topo.regions.len() {
-        let Some(n) = topo.node(id) else {
-            return RegionType::Io;
-        };
-        match (n.kind(), n.alias_target) {
-            (RegionKind::Alias, Some(t)) => id = t,
-            _ => return RegionType::of(n.kind(), n.readonly, n.romd_mode),
+/// The printed types of regions (for an alias: of its target, through the
+/// whole alias chain), each chain followed once: printing a chain of n
+/// aliases (one line and one `memory-region:` section each) costs O(n), not
+/// O(n²).
+#[derive(Default)]
+struct Types {
+    known: HashMap<RegionId, RegionType>,
+    chain: Vec<RegionId>,
+}
+
+impl Types {
+    fn of(&mut self, topo: &Topology, id: RegionId) -> RegionType {
+        if let Some(&t) = self.known.get(&id) {
+            return t;
         }
+        let mut cur = id;
+        // Alias chains are loop-free (checked at edit time); the bound only
+        // guards against a corrupted topology.
+        let mut ty = RegionType::Io;
+        for _ in 0..=topo.regions.len() {
+            if let Some(&t) = self.known.get(&cur) {
+                ty = t;
+                break;
+            }
+            let Some(n) = topo.node(cur) else {
+                break;
+            };
+            self.chain.push(cur);
+            match (n.kind(), n.alias_target) {
+                (RegionKind::Alias, Some(t)) => cur = t,
+                _ => {
+                    ty = RegionType::of(n.kind(), n.readonly, n.romd_mode);
+                    break;
+                }
+            }
+        }
+        for r in self.chain.drain(..) {
+            self.known.insert(r, ty);
+        }
+        ty
     }
-    RegionType::Io
 }
 
 fn label(l: &OwnerLabel) -> String {
@@ -184,11 +210,13 @@ fn tree(topo: &Topology, out: &mut String, opts: TreeOptions) -> fmt::Result {
     Ok(())
 }
 
-/// Alias targets to print as `memory-region:` sections, each once.
+/// Alias targets to print as `memory-region:` sections, each once (and the
+/// printed types of the regions met so far).
 #[derive(Default)]
 struct AliasQueue {
     order: Vec<RegionId>,
     seen: HashSet<RegionId>,
+    types: Types,
 }
 
 /// One region line and, recursively, its subregions (QEMU's
@@ -228,7 +256,7 @@ fn region_lines(
                 out,
                 "{start:016x}-{end:016x} (prio {}, {nv}{}): ",
                 node.priority,
-                type_of(topo, id).as_str()
+                queue.types.of(topo, id).as_str()
             )?;
             match alias {
                 Some(target) => {
