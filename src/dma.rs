@@ -1033,9 +1033,18 @@ struct BounceRelease<'a> {
 
 impl Drop for BounceRelease<'_> {
     fn drop(&mut self) {
+        /// Gives the bounce space back even if dropping the region panics
+        /// (the last reference to an unplugged device runs its state's
+        /// `Drop`, which is other people's code).
+        struct ReleaseSpace<'a>(&'a AddressSpace, u64);
+        impl Drop for ReleaseSpace<'_> {
+            fn drop(&mut self) {
+                self.0.shared.bounce.release(self.1);
+            }
+        }
         self.space.shared.machine.dma.remove(self.ticket);
+        let _space = ReleaseSpace(self.space, self.len);
         drop(self.region.take());
-        self.space.shared.bounce.release(self.len);
     }
 }
 

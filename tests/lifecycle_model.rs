@@ -1224,7 +1224,6 @@ fn run_bounce(ops: &[BounceOp]) {
 /// bounce buffer's prefill (map) and write-back (unmap, drop); bounce
 /// accounting returns to zero and no mapping-table entry stays live.
 #[test]
-#[ignore = "needs the bounce-panic fix (issue 14 item 5) from branch h2"]
 fn lifecycle_model_bounce_panics_return_accounting_to_zero() {
     let mut runner = proptest::test_runner::TestRunner::new(config(300, 20_000));
     runner
