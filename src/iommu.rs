@@ -612,24 +612,26 @@ impl IommuHub {
         }
     }
 
-    /// Translates through the cache (QEMU: the IOMMU's own IOTLB).
+    /// Runs `f` on the translation of `addr`, from the cache when it holds
+    /// one (QEMU: the IOMMU's own IOTLB). A hit borrows the cached entry:
+    /// no reference count is touched.
     #[inline]
-    pub(crate) fn translate_cached(
+    pub(crate) fn with_translation<R>(
         &self,
         device: &dyn Iommu,
         addr: u64,
         access: IommuPerm,
         idx: u32,
-    ) -> IotlbEntry {
-        {
-            let cache = self.cache.load();
-            if let Some((i, e)) = &cache.slots[slot_of(addr)] {
-                if *i == idx && e.covers(addr) && e.perm.allows(access) {
-                    return e.clone();
-                }
+        f: impl FnOnce(&IotlbEntry) -> R,
+    ) -> R {
+        let cache = self.cache.load();
+        if let Some((i, e)) = &cache.slots[slot_of(addr)] {
+            if *i == idx && e.covers(addr) && e.perm.allows(access) {
+                return f(e);
             }
         }
-        self.translate_miss(device, addr, access, idx)
+        drop(cache);
+        f(&self.translate_miss(device, addr, access, idx))
     }
 
     #[inline(never)]
@@ -774,32 +776,30 @@ fn deeper<R>(f: impl FnOnce() -> R) -> Option<R> {
     Some(f())
 }
 
-/// The translation of the access at `addr` (in the view) served by the
-/// IOMMU range `r`: the entry and the offset in the IOMMU region, or `None`
-/// if the range's region is not an IOMMU.
+/// Runs `f` on the translation of the access at `addr` (in the view)
+/// served by the IOMMU range `r` and the offset in the IOMMU region, or
+/// returns `None` if the range's region is not an IOMMU.
 #[inline]
-fn translate_at(
+fn with_translation_at<R>(
     r: &FlatRange,
     addr: u64,
     access: IommuPerm,
     attrs: MemTxAttrs,
-) -> Option<(IotlbEntry, u64)> {
+    f: impl FnOnce(&IotlbEntry, u64) -> R,
+) -> Option<R> {
     let core = r.region();
     let Backing::Iommu { device, hub } = core.backing() else {
         return None;
     };
     let mr_addr = (addr - r.start()).wrapping_add(r.offset_in_region());
     if !core.is_live() {
-        return Some((IotlbEntry::denied(mr_addr, 0xfff), mr_addr));
+        return Some(f(&IotlbEntry::denied(mr_addr, 0xfff), mr_addr));
     }
     let idx = match catch_dev(|| device.attrs_to_index(attrs)) {
         Ok(i) => i,
-        Err(_) => return Some((IotlbEntry::denied(mr_addr, 0xfff), mr_addr)),
+        Err(_) => return Some(f(&IotlbEntry::denied(mr_addr, 0xfff), mr_addr)),
     };
-    Some((
-        hub.translate_cached(device.as_ref(), mr_addr, access, idx),
-        mr_addr,
-    ))
+    Some(hub.with_translation(device.as_ref(), mr_addr, access, idx, |e| f(e, mr_addr)))
 }
 
 /// One piece of a buffer read at `addr` through the IOMMU range `r`:
@@ -810,7 +810,19 @@ pub(crate) fn read_piece(
     rest: &mut [u8],
     attrs: MemTxAttrs,
 ) -> Option<(usize, MemTxResult)> {
-    let (e, mr_addr) = translate_at(r, addr, IommuPerm::Read, attrs)?;
+    with_translation_at(r, addr, IommuPerm::Read, attrs, |e, mr_addr| {
+        read_translated(r, addr, rest, attrs, e, mr_addr)
+    })
+}
+
+fn read_translated(
+    r: &FlatRange,
+    addr: u64,
+    rest: &mut [u8],
+    attrs: MemTxAttrs,
+    e: &IotlbEntry,
+    mr_addr: u64,
+) -> (usize, MemTxResult) {
     let avail = (r.last() - addr).saturating_add(1);
     let len = (rest.len() as u64).min(avail).min(e.remaining(mr_addr)) as usize;
     let piece = &mut rest[..len];
@@ -822,7 +834,7 @@ pub(crate) fn read_piece(
     if !res.is_ok() && !e.perm.allows(IommuPerm::Read) {
         piece.fill(0);
     }
-    Some((len, res))
+    (len, res)
 }
 
 /// One piece of a buffer write through the IOMMU range `r` (see
@@ -833,18 +845,19 @@ pub(crate) fn write_piece(
     rest: &[u8],
     attrs: MemTxAttrs,
 ) -> Option<(usize, MemTxResult)> {
-    let (e, mr_addr) = translate_at(r, addr, IommuPerm::Write, attrs)?;
-    let avail = (r.last() - addr).saturating_add(1);
-    let len = (rest.len() as u64).min(avail).min(e.remaining(mr_addr)) as usize;
-    let res = match (&e.target, e.perm.allows(IommuPerm::Write)) {
-        (Some(t), true) => deeper(|| {
-            t.view_guard()
-                .write(e.translate(mr_addr), &rest[..len], attrs)
-        })
-        .unwrap_or(MemTxResult::DECODE_ERROR),
-        _ => MemTxResult::DECODE_ERROR,
-    };
-    Some((len, res))
+    with_translation_at(r, addr, IommuPerm::Write, attrs, |e, mr_addr| {
+        let avail = (r.last() - addr).saturating_add(1);
+        let len = (rest.len() as u64).min(avail).min(e.remaining(mr_addr)) as usize;
+        let res = match (&e.target, e.perm.allows(IommuPerm::Write)) {
+            (Some(t), true) => deeper(|| {
+                t.view_guard()
+                    .write(e.translate(mr_addr), &rest[..len], attrs)
+            })
+            .unwrap_or(MemTxResult::DECODE_ERROR),
+            _ => MemTxResult::DECODE_ERROR,
+        };
+        (len, res)
+    })
 }
 
 /// A typed load through the IOMMU range `r`, or `None` if `r` is not an
@@ -856,17 +869,21 @@ pub(crate) fn load<T: Primitive>(
     order: Endianness,
     attrs: MemTxAttrs,
 ) -> Option<(T, MemTxResult)> {
-    let (e, mr_addr) = translate_at(r, addr, IommuPerm::Read, attrs)?;
     let size = u64::from(T::SIZE);
-    let fits = e.remaining(mr_addr) >= size && (r.last() - addr) >= size - 1;
-    if fits {
-        return Some(match (&e.target, e.perm.allows(IommuPerm::Read)) {
+    let whole = with_translation_at(r, addr, IommuPerm::Read, attrs, |e, mr_addr| {
+        if e.remaining(mr_addr) < size || (r.last() - addr) < size - 1 {
+            return None;
+        }
+        Some(match (&e.target, e.perm.allows(IommuPerm::Read)) {
             (Some(t), true) => {
                 deeper(|| t.view_guard().load::<T>(e.translate(mr_addr), order, attrs))
                     .unwrap_or((T::from_u64(0), MemTxResult::DECODE_ERROR))
             }
             _ => (T::from_u64(0), MemTxResult::DECODE_ERROR),
-        });
+        })
+    })?;
+    if whole.is_some() {
+        return whole;
     }
     let mut buf = [0u8; 8];
     let buf = &mut buf[..T::SIZE as usize];
@@ -901,18 +918,22 @@ pub(crate) fn store<T: Primitive>(
     order: Endianness,
     attrs: MemTxAttrs,
 ) -> Option<MemTxResult> {
-    let (e, mr_addr) = translate_at(r, addr, IommuPerm::Write, attrs)?;
     let size = u64::from(T::SIZE);
-    let fits = e.remaining(mr_addr) >= size && (r.last() - addr) >= size - 1;
-    if fits {
-        return Some(match (&e.target, e.perm.allows(IommuPerm::Write)) {
+    let whole = with_translation_at(r, addr, IommuPerm::Write, attrs, |e, mr_addr| {
+        if e.remaining(mr_addr) < size || (r.last() - addr) < size - 1 {
+            return None;
+        }
+        Some(match (&e.target, e.perm.allows(IommuPerm::Write)) {
             (Some(t), true) => deeper(|| {
                 t.view_guard()
                     .store(e.translate(mr_addr), value, order, attrs)
             })
             .unwrap_or(MemTxResult::DECODE_ERROR),
             _ => MemTxResult::DECODE_ERROR,
-        });
+        })
+    })?;
+    if whole.is_some() {
+        return whole;
     }
     let bytes = disassemble(value.to_u64(), T::SIZE as usize, order);
     let inside = ((r.last() - addr).saturating_add(1)).min(size) as usize;
