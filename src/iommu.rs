@@ -987,3 +987,190 @@ pub fn is_translated(view: &FlatView, addr: u64) -> bool {
     view.lookup(addr)
         .is_some_and(|r| matches!(r.region().backing(), Backing::Iommu { .. }))
 }
+
+/// An adapter from a memtree IOMMU region to vm-memory 0.18's
+/// [`vm_memory::Iommu`] (feature `vm-memory`), so that a consumer built on
+/// vm-memory's `IommuMemory` (a vhost-user back-end) translates through
+/// memtree's device.
+///
+/// The adapter keeps its own vm-memory [`vm_memory::Iotlb`]: a miss or an
+/// access failure asks the memtree device, page by page, and fills the
+/// IOTLB; an UNMAP (or device-IOTLB UNMAP) notification of the hub
+/// invalidates the page in it (the adapter registers a notifier for that,
+/// unregistered when the adapter is dropped). Only translations into
+/// `backend_space` (the address space whose RAM `IommuMemory`'s backend
+/// holds, e.g. made by `crate::guest_memory`) are accepted.
+#[cfg(all(feature = "vm-memory", unix))]
+pub mod vm_memory_adapter {
+    use super::*;
+    use vm_memory::iommu::{Error as VmError, IotlbIterator, IovaRange};
+    use vm_memory::{GuestAddress, Iotlb, Permissions};
+
+    /// See the [module docs](self).
+    pub struct VmMemoryIommu {
+        device: Arc<dyn Iommu>,
+        hub: Arc<IommuHub>,
+        iommu_idx: u32,
+        backend_space: WeakAddressSpace,
+        iotlb: Arc<parking_lot::RwLock<Iotlb>>,
+        notifier: NotifierId,
+    }
+
+    impl fmt::Debug for VmMemoryIommu {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("VmMemoryIommu")
+                .field("iommu_idx", &self.iommu_idx)
+                .finish()
+        }
+    }
+
+    impl VmMemoryIommu {
+        /// An adapter for the IOMMU region `region` (context `iommu_idx`)
+        /// whose translations land in `backend_space`.
+        ///
+        /// # Errors
+        ///
+        /// [`IommuError::BadNotifier`] if `region` is not an IOMMU region;
+        /// the errors of [`IommuHub::register_notifier`].
+        pub fn new(
+            region: &RegionCore,
+            iommu_idx: u32,
+            backend_space: &AddressSpace,
+        ) -> Result<VmMemoryIommu, IommuError> {
+            let (Some(device), Some(hub)) = (region.iommu_device(), region.iommu_hub()) else {
+                return Err(IommuError::BadNotifier(format!(
+                    "\"{}\" is not an IOMMU region",
+                    region.name()
+                )));
+            };
+            let iotlb = Arc::new(parking_lot::RwLock::new(Iotlb::new()));
+            let tlb = Arc::downgrade(&iotlb);
+            let notifier = hub.register_notifier(IommuNotifier {
+                flags: NotifierFlags::UNMAP.union(NotifierFlags::DEVIOTLB_UNMAP),
+                start: 0,
+                last: u64::MAX,
+                iommu_idx,
+                notify: Arc::new(move |ev: &IotlbEvent| {
+                    if let Some(tlb) = tlb.upgrade() {
+                        let len = ev.entry.addr_mask.saturating_add(1);
+                        let iova = ev.entry.iova & !ev.entry.addr_mask;
+                        match usize::try_from(len) {
+                            Ok(len) => tlb.write().invalidate_mapping(GuestAddress(iova), len),
+                            Err(_) => tlb.write().invalidate_all(),
+                        }
+                    }
+                }),
+            })?;
+            Ok(VmMemoryIommu {
+                device: device.clone(),
+                hub: hub.clone(),
+                iommu_idx,
+                backend_space: backend_space.downgrade(),
+                iotlb,
+                notifier,
+            })
+        }
+
+        /// Asks the device for every page of `[base, base + length)` and
+        /// fills the IOTLB; `false` if a page is denied or lands elsewhere.
+        fn fill(&self, base: u64, length: usize, access: IommuPerm) -> bool {
+            let Some(end) = base.checked_add(length as u64) else {
+                return false;
+            };
+            let expected = self.backend_space.0.as_ptr();
+            let mut addr = base;
+            while addr < end {
+                let e = match catch_dev(|| self.device.translate(addr, access, self.iommu_idx)) {
+                    Ok(e) if e.is_well_formed() && e.covers(addr) => e,
+                    _ => return false,
+                };
+                let lands_in_backend = e
+                    .target
+                    .as_ref()
+                    .is_some_and(|t| std::ptr::eq(Arc::as_ptr(&t.shared), expected));
+                if !e.perm.allows(access) || !lands_in_backend {
+                    return false;
+                }
+                let page = e.iova & !e.addr_mask;
+                let Ok(len) = usize::try_from(e.addr_mask.saturating_add(1)) else {
+                    return false;
+                };
+                let perm = match e.perm {
+                    IommuPerm::None => Permissions::No,
+                    IommuPerm::Read => Permissions::Read,
+                    IommuPerm::Write => Permissions::Write,
+                    IommuPerm::ReadWrite => Permissions::ReadWrite,
+                };
+                if self
+                    .iotlb
+                    .write()
+                    .set_mapping(
+                        GuestAddress(page),
+                        GuestAddress(e.translated_addr & !e.addr_mask),
+                        len,
+                        perm,
+                    )
+                    .is_err()
+                {
+                    return false;
+                }
+                match (page | e.addr_mask).checked_add(1) {
+                    Some(n) => addr = n,
+                    None => break,
+                }
+            }
+            true
+        }
+    }
+
+    impl Drop for VmMemoryIommu {
+        fn drop(&mut self) {
+            self.hub.unregister_notifier(self.notifier);
+        }
+    }
+
+    impl vm_memory::Iommu for VmMemoryIommu {
+        type IotlbGuard<'a> = parking_lot::RwLockReadGuard<'a, Iotlb>;
+
+        fn translate(
+            &self,
+            iova: GuestAddress,
+            length: usize,
+            access: Permissions,
+        ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, VmError> {
+            let want = match access {
+                Permissions::No => IommuPerm::None,
+                Permissions::Read => IommuPerm::Read,
+                Permissions::Write => IommuPerm::Write,
+                Permissions::ReadWrite => IommuPerm::ReadWrite,
+            };
+            // Two rounds: a lookup, then (after filling) a second lookup. A
+            // notification racing in between makes the second one fail, and
+            // the caller sees the error instead of a withdrawn mapping.
+            for round in 0..2 {
+                let fails = match Iotlb::lookup(self.iotlb.read(), iova, length, access) {
+                    Ok(it) => return Ok(it),
+                    Err(f) => f,
+                };
+                if round == 1 {
+                    break;
+                }
+                for r in fails.misses.iter().chain(fails.access_fails.iter()) {
+                    if !self.fill(r.base.0, r.length, want) {
+                        return Err(VmError::CannotResolve {
+                            iova_range: IovaRange {
+                                base: r.base,
+                                length: r.length,
+                            },
+                            reason: "the memtree IOMMU denies this access".into(),
+                        });
+                    }
+                }
+            }
+            Err(VmError::CannotResolve {
+                iova_range: IovaRange { base: iova, length },
+                reason: "the mapping changed during translation".into(),
+            })
+        }
+    }
+}

@@ -718,3 +718,36 @@ mod prop {
         }
     }
 }
+
+/// Rule (interop): a consumer on vm-memory 0.18's `IommuMemory` translates
+/// through memtree's IOMMU; the IOMMU's UNMAP notifications invalidate the
+/// consumer's IOTLB; denied pages are errors.
+#[cfg(all(feature = "vm-memory", unix))]
+#[test]
+fn vm_memory_iommu_memory_translates_through_memtree() {
+    use memtree::iommu::vm_memory_adapter::VmMemoryIommu;
+    use memtree::vm_memory::{Bytes, GuestAddress, IommuMemory};
+    let s = setup(12, 16);
+    s.map(2, 0x30_0000, IommuPerm::ReadWrite);
+    s.map(3, 0x32_0000, IommuPerm::Read);
+    s.system.store::<u32>(0x30_0040, 0xabcd, Endian::Little, A);
+    s.system.store::<u32>(0x31_0040, 0x1234, Endian::Little, A);
+    let core = s.dma.view().lookup(0).unwrap().region().clone();
+    let adapter = VmMemoryIommu::new(&core, 0, &s.system).unwrap();
+    let ram = (*s.system.guest_memory()).clone();
+    let mem = IommuMemory::new(ram, adapter, true, ());
+    assert_eq!(mem.read_obj::<u32>(GuestAddress(0x2040)).unwrap(), 0xabcd);
+    mem.write_obj(0x55u32, GuestAddress(0x2044)).unwrap();
+    assert_eq!(s.system.load::<u32>(0x30_0044, Endian::Little, A).0, 0x55);
+    // Read-only and unmapped pages.
+    assert!(mem.write_obj(1u32, GuestAddress(0x3000)).is_err());
+    assert!(mem.read_obj::<u32>(GuestAddress(0x5000)).is_err());
+    // The guest remaps page 2: the UNMAP notification reaches vm-memory's
+    // IOTLB, so the next read translates anew.
+    s.map(2, 0x31_0000, IommuPerm::Read);
+    assert_eq!(mem.read_obj::<u32>(GuestAddress(0x2040)).unwrap(), 0x1234);
+    // The adapter's notifier goes away with it.
+    assert_eq!(s.device.hub().notifiers().len(), 1);
+    drop(mem);
+    assert!(s.device.hub().notifiers().is_empty());
+}
