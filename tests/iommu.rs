@@ -627,6 +627,20 @@ fn unplug_and_unmap_while_mapped() {
     );
     m.unmap(0);
 
+    // A device-bound (FromDevice) mapping whose page is unmapped while it is
+    // out: the write-back at unmap is translated anew, denied, reported, and
+    // the old target is untouched.
+    s.map(1, 0x30_0000, IommuPerm::ReadWrite);
+    let mut w = s
+        .dma
+        .map(0x1010, 4, memtree::DmaDirection::FromDevice, A)
+        .unwrap();
+    w.write(0, &0xbad0u32.to_le_bytes()).unwrap();
+    s.system.store::<u64>(TABLE_BASE + 8, 0, Endian::Little, A);
+    s.system.store::<u64>(0xfee0_0000, 1, Endian::Little, A);
+    assert_eq!(w.unmap(4), MemTxResult::DECODE_ERROR);
+    assert_eq!(s.system.load::<u32>(0x30_0010, Endian::Little, A).0, 0xc0de);
+
     s.map(1, 0x30_0000, IommuPerm::ReadWrite);
     assert!(s.dma.load::<u32>(0x1010, Endian::Little, A).1.is_ok());
     let report = s.memory.unplug(s.owner).unwrap();
