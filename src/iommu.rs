@@ -1,7 +1,7 @@
 //! IOMMU memory regions: translation, IOTLB notifiers and the IOTLB cache
 //! (qemu-memory-semantics.md §4.8 and §8).
 //!
-//! An IOMMU region ([`RegionKind::Iommu`]) is a terminating region whose
+//! An IOMMU region ([`RegionKind::Iommu`](crate::RegionKind::Iommu)) is a terminating region whose
 //! accesses are not served by the region itself: every access is first
 //! translated by the device implementing [`Iommu`] into an [`IotlbEntry`]
 //! (target address space, translated address, page mask, permissions), then
@@ -248,7 +248,19 @@ pub enum IommuError {
     DeviceGone,
     /// A notifier or device callback panicked; the message says which.
     Panicked(String),
+    /// The default replay walk would take more than [`MAX_REPLAY_STEPS`]
+    /// translations (the range is too large for the device's minimum page
+    /// size): implement [`Iommu::replay`], or replay a smaller range.
+    ReplayTooLong {
+        /// Translations the walk would need.
+        steps: u128,
+    },
 }
+
+/// The most translations the default replay walk makes (2^24): beyond, it
+/// refuses instead of running for hours (QEMU's walk of a 2^64 region at
+/// 4 KiB never ends).
+pub const MAX_REPLAY_STEPS: u128 = 1 << 24;
 
 impl fmt::Display for IommuError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -260,6 +272,10 @@ impl fmt::Display for IommuError {
             }
             IommuError::DeviceGone => f.write_str("the IOMMU device is gone"),
             IommuError::Panicked(m) => write!(f, "IOMMU callback panicked: {m}"),
+            IommuError::ReplayTooLong { steps } => write!(
+                f,
+                "the default replay walk would take {steps} translations (limit {MAX_REPLAY_STEPS})"
+            ),
         }
     }
 }
@@ -568,7 +584,8 @@ impl IommuHub {
     ///
     /// # Errors
     ///
-    /// [`IommuError::DeviceGone`], [`IommuError::Panicked`].
+    /// [`IommuError::DeviceGone`], [`IommuError::Panicked`],
+    /// [`IommuError::ReplayTooLong`].
     pub fn replay(&self, notifier: &IommuNotifier) -> Result<usize, IommuError> {
         let device = self.device()?;
         let mut count = 0usize;
@@ -585,11 +602,18 @@ impl IommuHub {
                 });
             }
         };
+        let step = catch_dev(|| device.min_page_size())?
+            .max(1)
+            .checked_next_power_of_two()
+            .unwrap_or(1 << 63);
+        let steps = (u128::from(last) - u128::from(start & !(step - 1))) / u128::from(step) + 1;
         let walked = crate::owner::catch(std::panic::AssertUnwindSafe(|| {
             if device.replay(idx, start, last, &mut sink) {
-                return;
+                return Ok(());
             }
-            let step = device.min_page_size().max(1).next_power_of_two();
+            if steps > MAX_REPLAY_STEPS {
+                return Err(IommuError::ReplayTooLong { steps });
+            }
             let mut addr = start & !(step - 1);
             loop {
                 let e = device.translate(addr, IommuPerm::None, idx);
@@ -605,9 +629,11 @@ impl IommuHub {
                     _ => break,
                 }
             }
+            Ok(())
         }));
         match walked {
-            Ok(()) => Ok(count),
+            Ok(Ok(())) => Ok(count),
+            Ok(Err(e)) => Err(e),
             Err(p) => Err(IommuError::Panicked(crate::owner::panic_message(&p))),
         }
     }
