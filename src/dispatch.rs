@@ -356,6 +356,9 @@ fn read_piece(
     rest: &mut [u8],
     attrs: MemTxAttrs,
 ) -> (usize, MemTxResult) {
+    if let Some(done) = range.and_then(|r| crate::iommu::read_piece(r, addr, rest, attrs)) {
+        return done;
+    }
     let (t, mr_addr, cap) = target(range, addr);
     let (ops, cfg) = t.ops();
     let len = (rest.len() as u64).min(cap);
@@ -373,6 +376,9 @@ fn write_piece(
     rest: &[u8],
     attrs: MemTxAttrs,
 ) -> (usize, MemTxResult) {
+    if let Some(done) = range.and_then(|r| crate::iommu::write_piece(r, addr, rest, attrs)) {
+        return done;
+    }
     let (t, mr_addr, cap) = target(range, addr);
     let (ops, cfg) = t.ops();
     let len = (rest.len() as u64).min(cap);
@@ -553,6 +559,9 @@ fn load_slow<T: Primitive>(
             );
         }
     }
+    if let Some(done) = range.and_then(|r| crate::iommu::load::<T>(r, addr, order, attrs)) {
+        return done;
+    }
     let (t, mr_addr, _) = target(range, addr);
     let (ops, cfg) = t.ops();
     let (v, res) = access::dispatch_read_with(ops, cfg, mr_addr, T::SIZE, order, attrs);
@@ -577,6 +586,9 @@ fn store_slow<T: Primitive>(
             unsafe { value.store_to(r.host_at(addr), order) };
             return MemTxResult::OK;
         }
+    }
+    if let Some(done) = range.and_then(|r| crate::iommu::store::<T>(r, addr, value, order, attrs)) {
+        return done;
     }
     let (t, mr_addr, _) = target(range, addr);
     let (ops, cfg) = t.ops();

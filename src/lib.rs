@@ -43,6 +43,7 @@ pub mod error;
 pub mod flatview;
 #[cfg(all(feature = "vm-memory", unix))]
 pub mod guest_memory;
+pub mod iommu;
 #[cfg(all(feature = "kvm", target_os = "linux"))]
 pub mod kvm;
 pub mod listener;

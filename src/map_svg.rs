@@ -321,6 +321,7 @@ fn kind_word(k: RegionKind, readonly: bool) -> &'static str {
         RegionKind::Reservation => "reservation",
         RegionKind::IoRoot => "io-root",
         RegionKind::Alias => "alias",
+        RegionKind::Iommu => "iommu",
     }
 }
 

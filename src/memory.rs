@@ -849,6 +849,44 @@ impl Machine {
         )
     }
 
+    /// An IOMMU region of `size` bytes translated by `device`, whose
+    /// notifiers live in `hub` (see `crate::iommu`). Renders and prints like
+    /// MMIO (QEMU `memory_region_init_iommu`).
+    ///
+    /// # Errors
+    ///
+    /// The errors of region creation; [`TopologyError::InUse`] if `hub`
+    /// already serves another IOMMU region.
+    pub fn new_iommu(
+        &self,
+        name: &str,
+        size: u128,
+        device: Arc<dyn crate::iommu::Iommu>,
+        hub: Arc<crate::iommu::IommuHub>,
+        owner: Option<OwnerId>,
+    ) -> Result<RegionId> {
+        if hub.is_attached() {
+            return Err(TopologyError::InUse {
+                region: name.to_owned(),
+                why: "its IOMMU hub already serves another region".to_owned(),
+            });
+        }
+        let weak = Arc::downgrade(&device);
+        let id = self.create(
+            name,
+            RegionKind::Iommu,
+            size,
+            Backing::Iommu {
+                device,
+                hub: hub.clone(),
+            },
+            owner,
+            None,
+        )?;
+        hub.attach(weak);
+        Ok(id)
+    }
+
     /// A reservation: claims its range, rejects every access.
     pub fn new_reservation(
         &self,

@@ -84,6 +84,9 @@ pub enum RegionKind {
     IoRoot,
     /// An alias of (part of) another region.
     Alias,
+    /// An IOMMU region: a terminating region whose accesses are translated
+    /// by a device into another address space (see `crate::iommu`).
+    Iommu,
 }
 
 impl RegionKind {
@@ -115,6 +118,11 @@ pub enum Backing {
     },
     /// Device callbacks.
     Mmio(Arc<dyn MmioOps>),
+    /// An IOMMU: the translating device and its notifier hub.
+    Iommu {
+        device: Arc<dyn crate::iommu::Iommu>,
+        hub: Arc<crate::iommu::IommuHub>,
+    },
 }
 
 impl fmt::Debug for Backing {
@@ -127,6 +135,7 @@ impl fmt::Debug for Backing {
             }
             Backing::RomDevice { block, .. } => write!(f, "RomDevice({})", block.name()),
             Backing::Mmio(_) => f.write_str("Mmio"),
+            Backing::Iommu { .. } => f.write_str("Iommu"),
         }
     }
 }

@@ -1,0 +1,1202 @@
+//! IOMMU memory regions: translation, IOTLB notifiers and the IOTLB cache
+//! (qemu-memory-semantics.md §4.8 and §8).
+//!
+//! An IOMMU region ([`RegionKind::Iommu`](crate::RegionKind::Iommu)) is a terminating region whose
+//! accesses are not served by the region itself: every access is first
+//! translated by the device implementing [`Iommu`] into an [`IotlbEntry`]
+//! (target address space, translated address, page mask, permissions), then
+//! carried out in the target address space — which may contain another
+//! IOMMU region (a chain). A buffer access is split at translation
+//! boundaries; a denied or failed translation makes that piece a decode
+//! error (QEMU's unassigned section: reads return zeros), never a panic.
+//!
+//! Rendering, `info mtree` and flat views treat an IOMMU region like MMIO
+//! (QEMU prints its type as `i/o`).
+//!
+//! # The notifier hub
+//!
+//! Each IOMMU region has an [`IommuHub`], created by the device's author
+//! before the region and shared between the region and the device: the
+//! device sends its IOTLB events through [`IommuHub::notify`]; consumers
+//! (VFIO- or vhost-style shadow mappings) register [`IommuNotifier`]s for a
+//! range, an index and a set of [`NotifierFlags`]. The hub holds the device
+//! only weakly, so a device holding its hub makes no reference cycle.
+//!
+//! # Invariants
+//!
+//! * An event reaches a notifier only if the notifier's index matches, its
+//!   flags include the event's kind and the event's range overlaps the
+//!   notifier's range; the entry it sees is cropped to that range.
+//! * Every event invalidates the hub's IOTLB cache before any notifier runs,
+//!   and a translation that raced with an event is not cached (the cache
+//!   carries a generation), so the cache never serves a translation the
+//!   device has since withdrawn — provided the device notifies (or calls
+//!   [`IommuHub::invalidate_cache`]) after changing or removing a mapping.
+//! * Chains are followed at most [`MAX_CHAIN_DEPTH`] IOMMUs deep; deeper (a
+//!   loop of IOMMUs translating into each other) is a decode error.
+//! * Device and notifier code (other people's code) runs with no lock of
+//!   memtree held: a notifier may register or unregister notifiers and a
+//!   device may notify from `translate`'s caller's thread.
+
+use std::cell::Cell;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+
+use crate::access::{Endianness, MemTxAttrs, MemTxResult};
+use crate::dispatch::Primitive;
+use crate::flatview::{FlatRange, FlatView};
+use crate::region::{Backing, RegionCore};
+use crate::space::{AddressSpace, SpaceShared};
+
+/// Permissions of a translation, or the access asked for (QEMU
+/// `IOMMUAccessFlags`: NONE 0, RO 1, WO 2, RW 3).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum IommuPerm {
+    /// No access (an unmapped page; or, asked for, "report the full
+    /// permissions").
+    None,
+    /// Read only.
+    Read,
+    /// Write only.
+    Write,
+    /// Read and write.
+    ReadWrite,
+}
+
+impl IommuPerm {
+    /// The QEMU bit encoding.
+    pub fn bits(self) -> u8 {
+        match self {
+            IommuPerm::None => 0,
+            IommuPerm::Read => 1,
+            IommuPerm::Write => 2,
+            IommuPerm::ReadWrite => 3,
+        }
+    }
+
+    /// From the QEMU bit encoding (higher bits ignored).
+    pub fn from_bits(bits: u8) -> IommuPerm {
+        match bits & 3 {
+            0 => IommuPerm::None,
+            1 => IommuPerm::Read,
+            2 => IommuPerm::Write,
+            _ => IommuPerm::ReadWrite,
+        }
+    }
+
+    /// Whether these permissions allow every access in `access`.
+    pub fn allows(self, access: IommuPerm) -> bool {
+        self.bits() & access.bits() == access.bits()
+    }
+}
+
+/// One translation (QEMU `IOMMUTLBEntry`): the page of `addr_mask + 1`
+/// bytes at `iova` maps to `translated_addr` in `target`.
+#[derive(Clone)]
+pub struct IotlbEntry {
+    /// Where translated accesses go; `None` for an entry without
+    /// permissions (nothing mapped).
+    pub target: Option<AddressSpace>,
+    /// First input address of the page (aligned to `addr_mask + 1`).
+    pub iova: u64,
+    /// Output address of the page's first byte.
+    pub translated_addr: u64,
+    /// Page size minus one (`0xfff` for 4 KiB): a power of two minus one.
+    pub addr_mask: u64,
+    /// What the page allows.
+    pub perm: IommuPerm,
+}
+
+impl IotlbEntry {
+    /// An entry denying everything for the page of `addr_mask + 1` bytes
+    /// around `addr` (use `0xfff` when unsure).
+    pub fn denied(addr: u64, addr_mask: u64) -> IotlbEntry {
+        IotlbEntry {
+            target: None,
+            iova: addr & !addr_mask,
+            translated_addr: 0,
+            addr_mask,
+            perm: IommuPerm::None,
+        }
+    }
+
+    /// Whether `addr` lies in this entry's page.
+    pub fn covers(&self, addr: u64) -> bool {
+        addr & !self.addr_mask == self.iova & !self.addr_mask
+    }
+
+    /// The output address of `addr` (which must lie in the page).
+    pub fn translate(&self, addr: u64) -> u64 {
+        (self.translated_addr & !self.addr_mask) | (addr & self.addr_mask)
+    }
+
+    /// Bytes from `addr` to the end of the page (saturating at 2^64 - 1).
+    pub fn remaining(&self, addr: u64) -> u64 {
+        (self.addr_mask - (addr & self.addr_mask)).saturating_add(1)
+    }
+
+    /// Whether the entry is well formed: the mask is a power of two minus
+    /// one. Malformed entries from a device are treated as denied.
+    pub fn is_well_formed(&self) -> bool {
+        self.addr_mask.wrapping_add(1) & self.addr_mask == 0
+    }
+}
+
+impl fmt::Debug for IotlbEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IotlbEntry")
+            .field("target", &self.target.as_ref().map(|t| t.name().to_owned()))
+            .field("iova", &format_args!("{:#x}", self.iova))
+            .field("translated", &format_args!("{:#x}", self.translated_addr))
+            .field("mask", &format_args!("{:#x}", self.addr_mask))
+            .field("perm", &self.perm)
+            .finish()
+    }
+}
+
+impl PartialEq for IotlbEntry {
+    fn eq(&self, o: &IotlbEntry) -> bool {
+        let same_target = match (&self.target, &o.target) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(&a.shared, &b.shared),
+            _ => false,
+        };
+        same_target
+            && self.iova == o.iova
+            && self.translated_addr == o.translated_addr
+            && self.addr_mask == o.addr_mask
+            && self.perm == o.perm
+    }
+}
+
+/// Which events a notifier wants (QEMU `IOMMUNotifierFlag`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NotifierFlags(pub u8);
+
+impl NotifierFlags {
+    /// No events.
+    pub const NONE: NotifierFlags = NotifierFlags(0);
+    /// Unmap events (`IOMMU_NOTIFIER_UNMAP`).
+    pub const UNMAP: NotifierFlags = NotifierFlags(1);
+    /// Map events (`IOMMU_NOTIFIER_MAP`).
+    pub const MAP: NotifierFlags = NotifierFlags(2);
+    /// Device-IOTLB unmap events (`IOMMU_NOTIFIER_DEVIOTLB_UNMAP`).
+    pub const DEVIOTLB_UNMAP: NotifierFlags = NotifierFlags(4);
+    /// Map and unmap (`IOMMU_NOTIFIER_IOTLB_EVENTS`).
+    pub const IOTLB_EVENTS: NotifierFlags = NotifierFlags(3);
+
+    /// Whether every flag of `o` is set here.
+    pub fn contains(self, o: NotifierFlags) -> bool {
+        self.0 & o.0 == o.0
+    }
+    /// Whether any flag of `o` is set here.
+    pub fn intersects(self, o: NotifierFlags) -> bool {
+        self.0 & o.0 != 0
+    }
+    /// The union.
+    pub fn union(self, o: NotifierFlags) -> NotifierFlags {
+        NotifierFlags(self.0 | o.0)
+    }
+}
+
+/// The kind of an IOTLB event (QEMU `IOMMUNotifierFlag` of the event).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum IotlbEventKind {
+    /// A page was mapped.
+    Map,
+    /// A page was unmapped (the entry's permissions must be `None`).
+    Unmap,
+    /// A device-IOTLB page was invalidated.
+    DevIotlbUnmap,
+}
+
+impl IotlbEventKind {
+    /// The notifier flag this event needs.
+    pub fn flag(self) -> NotifierFlags {
+        match self {
+            IotlbEventKind::Map => NotifierFlags::MAP,
+            IotlbEventKind::Unmap => NotifierFlags::UNMAP,
+            IotlbEventKind::DevIotlbUnmap => NotifierFlags::DEVIOTLB_UNMAP,
+        }
+    }
+}
+
+/// An IOTLB event (QEMU `IOMMUTLBEvent`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct IotlbEvent {
+    /// What happened.
+    pub kind: IotlbEventKind,
+    /// The page(s) it happened to.
+    pub entry: IotlbEntry,
+}
+
+/// Why an event was not delivered or a notifier not registered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IommuError {
+    /// The IOMMU refused the notifier (`notify_flag_changed` failed).
+    Refused(String),
+    /// A notifier with no flags, an empty or inverted range, or an index the
+    /// IOMMU does not have.
+    BadNotifier(String),
+    /// An UNMAP or device-IOTLB UNMAP event whose entry has permissions.
+    UnmapWithPermissions,
+    /// The IOMMU device is gone (its region was finalized).
+    DeviceGone,
+    /// A notifier or device callback panicked; the message says which.
+    Panicked(String),
+    /// The default replay walk would take more than [`MAX_REPLAY_STEPS`]
+    /// translations (the range is too large for the device's minimum page
+    /// size): implement [`Iommu::replay`], or replay a smaller range.
+    ReplayTooLong {
+        /// Translations the walk would need.
+        steps: u128,
+    },
+}
+
+/// The most translations the default replay walk makes (2^24): beyond, it
+/// refuses instead of running for hours (QEMU's walk of a 2^64 region at
+/// 4 KiB never ends).
+pub const MAX_REPLAY_STEPS: u128 = 1 << 24;
+
+impl fmt::Display for IommuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IommuError::Refused(m) => write!(f, "the IOMMU refused the notifier: {m}"),
+            IommuError::BadNotifier(m) => write!(f, "invalid IOMMU notifier: {m}"),
+            IommuError::UnmapWithPermissions => {
+                f.write_str("an UNMAP event must carry no permissions")
+            }
+            IommuError::DeviceGone => f.write_str("the IOMMU device is gone"),
+            IommuError::Panicked(m) => write!(f, "IOMMU callback panicked: {m}"),
+            IommuError::ReplayTooLong { steps } => write!(
+                f,
+                "the default replay walk would take {steps} translations (limit {MAX_REPLAY_STEPS})"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for IommuError {}
+
+/// A device that translates (QEMU `IOMMUMemoryRegionClass`).
+///
+/// `translate` must be total: return [`IotlbEntry::denied`] for an address
+/// it cannot translate. Asked with `IommuPerm::None` it must report the
+/// page's full permissions (used by replay). A device changing or removing
+/// a mapping must then notify its hub (or call
+/// [`IommuHub::invalidate_cache`]), or cached translations stay in use.
+pub trait Iommu: Send + Sync + 'static {
+    /// Translates `addr` (an offset in the IOMMU region) for `access` in
+    /// translation context `iommu_idx`.
+    fn translate(&self, addr: u64, access: IommuPerm, iommu_idx: u32) -> IotlbEntry;
+
+    /// The translation context of an access (QEMU `attrs_to_index`);
+    /// default 0.
+    fn attrs_to_index(&self, _attrs: MemTxAttrs) -> u32 {
+        0
+    }
+
+    /// How many contexts there are (QEMU `num_indexes`); default 1.
+    fn num_indexes(&self) -> u32 {
+        1
+    }
+
+    /// The smallest page the IOMMU maps (QEMU `get_min_page_size`); default
+    /// 4 KiB. The default replay walks at this step.
+    fn min_page_size(&self) -> u64 {
+        0x1000
+    }
+
+    /// The union of the flags of the notifiers of context `iommu_idx`
+    /// changes from `old` to `new` (QEMU `notify_flag_changed`). An error
+    /// refuses the notifier being registered.
+    fn notify_flag_changed(
+        &self,
+        _old: NotifierFlags,
+        _new: NotifierFlags,
+        _iommu_idx: u32,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Walks every current mapping of context `iommu_idx` inside
+    /// `[start, last]` into `sink` (QEMU's class `replay`). Return `false`
+    /// (the default) to let memtree walk by translating every
+    /// [`Iommu::min_page_size`] step.
+    fn replay(
+        &self,
+        _iommu_idx: u32,
+        _start: u64,
+        _last: u64,
+        _sink: &mut dyn FnMut(IotlbEntry),
+    ) -> bool {
+        false
+    }
+}
+
+/// A notifier callback (QEMU `IOMMUNotify`).
+pub type NotifyFn = dyn Fn(&IotlbEvent) + Send + Sync;
+
+/// Identity of a registered notifier.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NotifierId(u64);
+
+/// A notifier registration (QEMU `IOMMUNotifier`): `[start, last]`
+/// inclusive, like QEMU's `end`.
+#[derive(Clone)]
+pub struct IommuNotifier {
+    /// Events wanted.
+    pub flags: NotifierFlags,
+    /// First address of interest.
+    pub start: u64,
+    /// Last address of interest (inclusive).
+    pub last: u64,
+    /// Translation context.
+    pub iommu_idx: u32,
+    /// The callback.
+    pub notify: Arc<NotifyFn>,
+}
+
+impl fmt::Debug for IommuNotifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IommuNotifier")
+            .field("flags", &self.flags)
+            .field("start", &format_args!("{:#x}", self.start))
+            .field("last", &format_args!("{:#x}", self.last))
+            .field("iommu_idx", &self.iommu_idx)
+            .finish()
+    }
+}
+
+/// Number of slots of the direct-mapped IOTLB cache.
+const CACHE_SLOTS: usize = 64;
+
+/// An immutable IOTLB cache snapshot: slot `(addr >> 12) % CACHE_SLOTS`
+/// holds the last translation made there.
+struct IotlbCache {
+    generation: u64,
+    slots: [Option<(u32, IotlbEntry)>; CACHE_SLOTS],
+}
+
+impl IotlbCache {
+    fn empty(generation: u64) -> IotlbCache {
+        IotlbCache {
+            generation,
+            slots: std::array::from_fn(|_| None),
+        }
+    }
+}
+
+#[inline]
+fn slot_of(addr: u64) -> usize {
+    ((addr >> 12) as usize) % CACHE_SLOTS
+}
+
+/// The notifier list and IOTLB cache of one IOMMU region; see the
+/// [module docs](self).
+pub struct IommuHub {
+    device: OnceLock<Weak<dyn Iommu>>,
+    notifiers: Mutex<Vec<(NotifierId, IommuNotifier)>>,
+    next_id: AtomicU64,
+    cache: ArcSwap<IotlbCache>,
+    /// Serializes cache invalidation against cache insertion's check.
+    generation: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl fmt::Debug for IommuHub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IommuHub")
+            .field("notifiers", &self.notifiers.lock().len())
+            .field("generation", &self.generation.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl IommuHub {
+    /// A hub for one IOMMU region, to be passed to
+    /// [`crate::Machine::new_iommu`] and kept by the device to notify.
+    pub fn new() -> Arc<IommuHub> {
+        Arc::new(IommuHub {
+            device: OnceLock::new(),
+            notifiers: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+            cache: ArcSwap::from_pointee(IotlbCache::empty(0)),
+            generation: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn is_attached(&self) -> bool {
+        self.device.get().is_some()
+    }
+
+    pub(crate) fn attach(&self, device: Weak<dyn Iommu>) {
+        // A second attach can only come from a racing `new_iommu` with the
+        // same hub; the first region keeps the hub.
+        let _ = self.device.set(device);
+    }
+
+    fn device(&self) -> Result<Arc<dyn Iommu>, IommuError> {
+        self.device
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or(IommuError::DeviceGone)
+    }
+
+    fn flags_of(list: &[(NotifierId, IommuNotifier)], idx: u32) -> NotifierFlags {
+        list.iter()
+            .filter(|(_, n)| n.iommu_idx == idx)
+            .fold(NotifierFlags::NONE, |a, (_, n)| a.union(n.flags))
+    }
+
+    /// Registers `notifier` (QEMU `memory_region_register_iommu_notifier`).
+    /// The device is told the new flag union first and may refuse.
+    ///
+    /// # Errors
+    ///
+    /// [`IommuError::BadNotifier`], [`IommuError::Refused`],
+    /// [`IommuError::DeviceGone`], [`IommuError::Panicked`].
+    pub fn register_notifier(&self, notifier: IommuNotifier) -> Result<NotifierId, IommuError> {
+        if notifier.flags.0 & 7 == 0 || notifier.flags.0 & !7 != 0 {
+            return Err(IommuError::BadNotifier(format!(
+                "flags {:#x}",
+                notifier.flags.0
+            )));
+        }
+        if notifier.start > notifier.last {
+            return Err(IommuError::BadNotifier(format!(
+                "range {:#x}..={:#x} is inverted",
+                notifier.start, notifier.last
+            )));
+        }
+        let device = self.device()?;
+        let idx = notifier.iommu_idx;
+        let n = catch_dev(|| device.num_indexes())?;
+        if idx >= n {
+            return Err(IommuError::BadNotifier(format!(
+                "index {idx} (the IOMMU has {n})"
+            )));
+        }
+        let old = Self::flags_of(&self.notifiers.lock(), idx);
+        let new = old.union(notifier.flags);
+        if new != old {
+            catch_dev(|| device.notify_flag_changed(old, new, idx))?
+                .map_err(IommuError::Refused)?;
+        }
+        let id = NotifierId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        self.notifiers.lock().push((id, notifier));
+        Ok(id)
+    }
+
+    /// Unregisters a notifier; tells the device when the flag union shrinks.
+    /// Returns whether it was registered.
+    pub fn unregister_notifier(&self, id: NotifierId) -> bool {
+        let (idx, old, new) = {
+            let mut list = self.notifiers.lock();
+            let Some(i) = list.iter().position(|(i, _)| *i == id) else {
+                return false;
+            };
+            let idx = list[i].1.iommu_idx;
+            let old = Self::flags_of(&list, idx);
+            list.remove(i);
+            (idx, old, Self::flags_of(&list, idx))
+        };
+        if old != new {
+            if let Ok(device) = self.device() {
+                // Shrinking cannot be refused; a panic is the device's bug and
+                // must not undo the unregistration.
+                let _ = catch_dev(|| device.notify_flag_changed(old, new, idx));
+            }
+        }
+        true
+    }
+
+    /// The registered notifiers (for diagnostics).
+    pub fn notifiers(&self) -> Vec<(NotifierId, IommuNotifier)> {
+        self.notifiers.lock().clone()
+    }
+
+    /// Drops every cached translation.
+    pub fn invalidate_cache(&self) {
+        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.cache.store(Arc::new(IotlbCache::empty(g)));
+    }
+
+    /// How many translations missed the cache so far (diagnostics, tests).
+    pub fn cache_misses(&self) -> u64 {
+        self.misses.load(Ordering::Relaxed)
+    }
+
+    /// Sends `event` for context `iommu_idx` to every matching notifier
+    /// (QEMU `memory_region_notify_iommu`), cropped to each notifier's
+    /// range, after invalidating the IOTLB cache. Returns how many
+    /// notifiers were called.
+    ///
+    /// # Errors
+    ///
+    /// [`IommuError::UnmapWithPermissions`] (nothing delivered, the cache is
+    /// still invalidated); [`IommuError::Panicked`] if a notifier panicked
+    /// (the others were still called).
+    pub fn notify(&self, iommu_idx: u32, event: &IotlbEvent) -> Result<usize, IommuError> {
+        self.invalidate_cache();
+        if event.kind != IotlbEventKind::Map && event.entry.perm != IommuPerm::None {
+            return Err(IommuError::UnmapWithPermissions);
+        }
+        let matching: Vec<IommuNotifier> = self
+            .notifiers
+            .lock()
+            .iter()
+            .filter(|(_, n)| n.iommu_idx == iommu_idx && n.flags.contains(event.kind.flag()))
+            .map(|(_, n)| n.clone())
+            .collect();
+        let mut called = 0;
+        let mut panic = None;
+        for n in &matching {
+            let Some(cropped) = crop(&event.entry, n.start, n.last) else {
+                continue;
+            };
+            let ev = IotlbEvent {
+                kind: event.kind,
+                entry: cropped,
+            };
+            called += 1;
+            if let Err(p) = crate::owner::catch(|| (n.notify)(&ev)) {
+                panic.get_or_insert(crate::owner::panic_message(&p));
+            }
+        }
+        match panic {
+            Some(m) => Err(IommuError::Panicked(m)),
+            None => Ok(called),
+        }
+    }
+
+    /// Walks the current mappings of `notifier`'s context and range into it
+    /// as MAP events (QEMU `memory_region_iommu_replay`): through the
+    /// device's own walker if it has one, else by translating every
+    /// [`Iommu::min_page_size`] step (skipping whole pages when an entry is
+    /// larger). The default walk costs one translation per step: devices
+    /// with large sparse spaces should implement [`Iommu::replay`].
+    ///
+    /// # Errors
+    ///
+    /// [`IommuError::DeviceGone`], [`IommuError::Panicked`],
+    /// [`IommuError::ReplayTooLong`].
+    pub fn replay(&self, notifier: &IommuNotifier) -> Result<usize, IommuError> {
+        let device = self.device()?;
+        let mut count = 0usize;
+        let (start, last, idx) = (notifier.start, notifier.last, notifier.iommu_idx);
+        let mut sink = |e: IotlbEntry| {
+            if e.perm == IommuPerm::None || !e.is_well_formed() {
+                return;
+            }
+            if let Some(c) = crop(&e, start, last) {
+                count += 1;
+                (notifier.notify)(&IotlbEvent {
+                    kind: IotlbEventKind::Map,
+                    entry: c,
+                });
+            }
+        };
+        let step = catch_dev(|| device.min_page_size())?
+            .max(1)
+            .checked_next_power_of_two()
+            .unwrap_or(1 << 63);
+        let steps = (u128::from(last) - u128::from(start & !(step - 1))) / u128::from(step) + 1;
+        let walked = crate::owner::catch(std::panic::AssertUnwindSafe(|| {
+            if device.replay(idx, start, last, &mut sink) {
+                return Ok(());
+            }
+            if steps > MAX_REPLAY_STEPS {
+                return Err(IommuError::ReplayTooLong { steps });
+            }
+            let mut addr = start & !(step - 1);
+            loop {
+                let e = device.translate(addr, IommuPerm::None, idx);
+                let page = if e.is_well_formed() && e.covers(addr) {
+                    (e.addr_mask | (step - 1)).saturating_add(1)
+                } else {
+                    step
+                };
+                let next = (addr & !(page - 1)).checked_add(page);
+                sink(e);
+                match next {
+                    Some(n) if n <= last && n > addr => addr = n,
+                    _ => break,
+                }
+            }
+            Ok(())
+        }));
+        match walked {
+            Ok(Ok(())) => Ok(count),
+            Ok(Err(e)) => Err(e),
+            Err(p) => Err(IommuError::Panicked(crate::owner::panic_message(&p))),
+        }
+    }
+
+    /// Runs `f` on the translation of `addr`, from the cache when it holds
+    /// one (QEMU: the IOMMU's own IOTLB). A hit borrows the cached entry:
+    /// no reference count is touched.
+    #[inline]
+    pub(crate) fn with_translation<R>(
+        &self,
+        device: &dyn Iommu,
+        addr: u64,
+        access: IommuPerm,
+        idx: u32,
+        f: impl FnOnce(&IotlbEntry) -> R,
+    ) -> R {
+        let cache = self.cache.load();
+        if let Some((i, e)) = &cache.slots[slot_of(addr)] {
+            if *i == idx && e.covers(addr) && e.perm.allows(access) {
+                return f(e);
+            }
+        }
+        drop(cache);
+        f(&self.translate_miss(device, addr, access, idx))
+    }
+
+    #[inline(never)]
+    fn translate_miss(
+        &self,
+        device: &dyn Iommu,
+        addr: u64,
+        access: IommuPerm,
+        idx: u32,
+    ) -> IotlbEntry {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let generation = self.generation.load(Ordering::Acquire);
+        let e = match crate::owner::catch(std::panic::AssertUnwindSafe(|| {
+            device.translate(addr, access, idx)
+        })) {
+            Ok(e) if e.is_well_formed() && e.covers(addr) => e,
+            // A panicking or malformed translation denies this page.
+            _ => return IotlbEntry::denied(addr, 0xfff),
+        };
+        if e.perm != IommuPerm::None && e.target.is_some() {
+            let slot = slot_of(addr);
+            self.cache.rcu(|cur| {
+                if cur.generation != generation {
+                    return Arc::clone(cur);
+                }
+                let mut next = IotlbCache {
+                    generation,
+                    slots: cur.slots.clone(),
+                };
+                next.slots[slot] = Some((idx, e.clone()));
+                Arc::new(next)
+            });
+        }
+        e
+    }
+}
+
+fn catch_dev<R>(f: impl FnOnce() -> R) -> Result<R, IommuError> {
+    crate::owner::catch(std::panic::AssertUnwindSafe(f))
+        .map_err(|p| IommuError::Panicked(crate::owner::panic_message(&p)))
+}
+
+/// `entry` restricted to `[start, last]`, or `None` if they do not overlap.
+/// A cropped entry keeps its mask (QEMU passes the entry unchanged when it
+/// overlaps; memtree narrows `iova`/`translated_addr` to the first byte in
+/// range and keeps the page so consumers see the same page geometry).
+fn crop(entry: &IotlbEntry, start: u64, last: u64) -> Option<IotlbEntry> {
+    let e_start = entry.iova & !entry.addr_mask;
+    let e_last = e_start | entry.addr_mask;
+    if e_last < start || e_start > last {
+        return None;
+    }
+    if e_start >= start && e_last <= last {
+        return Some(entry.clone());
+    }
+    // Partial overlap: report the largest aligned power-of-two block inside
+    // both that contains the overlap's first byte.
+    let lo = e_start.max(start);
+    let hi = e_last.min(last);
+    let mut mask = entry.addr_mask;
+    while mask > 0 {
+        let b = lo & !mask;
+        if b >= lo && (b | mask) <= hi {
+            break;
+        }
+        mask >>= 1;
+    }
+    let iova = lo & !mask;
+    Some(IotlbEntry {
+        target: entry.target.clone(),
+        iova,
+        translated_addr: entry.translate(iova),
+        addr_mask: mask,
+        perm: entry.perm,
+    })
+}
+
+/// A weak handle to an address space, for IOMMU devices that name their
+/// target address space without keeping it (and its view) alive.
+#[derive(Clone, Debug)]
+pub struct WeakAddressSpace(Weak<SpaceShared>);
+
+impl WeakAddressSpace {
+    /// The address space, if it still exists.
+    pub fn upgrade(&self) -> Option<AddressSpace> {
+        self.0.upgrade().map(|shared| AddressSpace { shared })
+    }
+}
+
+impl fmt::Debug for SpaceShared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl AddressSpace {
+    /// A weak handle (see [`WeakAddressSpace`]).
+    pub fn downgrade(&self) -> WeakAddressSpace {
+        WeakAddressSpace(Arc::downgrade(&self.shared))
+    }
+}
+
+impl RegionCore {
+    /// The notifier hub of an IOMMU region, `None` for other kinds.
+    pub fn iommu_hub(&self) -> Option<&Arc<IommuHub>> {
+        match self.backing() {
+            Backing::Iommu { hub, .. } => Some(hub),
+            _ => None,
+        }
+    }
+
+    /// The device of an IOMMU region, `None` for other kinds.
+    pub fn iommu_device(&self) -> Option<&Arc<dyn Iommu>> {
+        match self.backing() {
+            Backing::Iommu { device, .. } => Some(device),
+            _ => None,
+        }
+    }
+}
+
+/// Maximum number of IOMMUs one access goes through.
+pub const MAX_CHAIN_DEPTH: u32 = 8;
+
+thread_local! {
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Runs `f` one IOMMU deeper, or returns `None` past [`MAX_CHAIN_DEPTH`].
+fn deeper<R>(f: impl FnOnce() -> R) -> Option<R> {
+    let d = DEPTH.with(Cell::get);
+    if d >= MAX_CHAIN_DEPTH {
+        return None;
+    }
+    struct Reset(u32);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            DEPTH.with(|c| c.set(self.0));
+        }
+    }
+    DEPTH.with(|c| c.set(d + 1));
+    let _reset = Reset(d);
+    Some(f())
+}
+
+/// Runs `f` on the translation of the access at `addr` (in the view)
+/// served by the IOMMU range `r` and the offset in the IOMMU region, or
+/// returns `None` if the range's region is not an IOMMU.
+#[inline]
+fn with_translation_at<R>(
+    r: &FlatRange,
+    addr: u64,
+    access: IommuPerm,
+    attrs: MemTxAttrs,
+    f: impl FnOnce(&IotlbEntry, u64) -> R,
+) -> Option<R> {
+    let core = r.region();
+    let Backing::Iommu { device, hub } = core.backing() else {
+        return None;
+    };
+    let mr_addr = (addr - r.start()).wrapping_add(r.offset_in_region());
+    if !core.is_live() {
+        return Some(f(&IotlbEntry::denied(mr_addr, 0xfff), mr_addr));
+    }
+    let idx = match catch_dev(|| device.attrs_to_index(attrs)) {
+        Ok(i) => i,
+        Err(_) => return Some(f(&IotlbEntry::denied(mr_addr, 0xfff), mr_addr)),
+    };
+    Some(hub.with_translation(device.as_ref(), mr_addr, access, idx, |e| f(e, mr_addr)))
+}
+
+/// One piece of a buffer read at `addr` through the IOMMU range `r`:
+/// returns its length and result, or `None` if `r` is not an IOMMU range.
+pub(crate) fn read_piece(
+    r: &FlatRange,
+    addr: u64,
+    rest: &mut [u8],
+    attrs: MemTxAttrs,
+) -> Option<(usize, MemTxResult)> {
+    with_translation_at(r, addr, IommuPerm::Read, attrs, |e, mr_addr| {
+        read_translated(r, addr, rest, attrs, e, mr_addr)
+    })
+}
+
+fn read_translated(
+    r: &FlatRange,
+    addr: u64,
+    rest: &mut [u8],
+    attrs: MemTxAttrs,
+    e: &IotlbEntry,
+    mr_addr: u64,
+) -> (usize, MemTxResult) {
+    let avail = (r.last() - addr).saturating_add(1);
+    let len = (rest.len() as u64).min(avail).min(e.remaining(mr_addr)) as usize;
+    let piece = &mut rest[..len];
+    let res = match (&e.target, e.perm.allows(IommuPerm::Read)) {
+        (Some(t), true) => deeper(|| t.view_guard().read(e.translate(mr_addr), piece, attrs))
+            .unwrap_or(MemTxResult::DECODE_ERROR),
+        _ => MemTxResult::DECODE_ERROR,
+    };
+    if !res.is_ok() && !e.perm.allows(IommuPerm::Read) {
+        piece.fill(0);
+    }
+    (len, res)
+}
+
+/// One piece of a buffer write through the IOMMU range `r` (see
+/// [`read_piece`]).
+pub(crate) fn write_piece(
+    r: &FlatRange,
+    addr: u64,
+    rest: &[u8],
+    attrs: MemTxAttrs,
+) -> Option<(usize, MemTxResult)> {
+    with_translation_at(r, addr, IommuPerm::Write, attrs, |e, mr_addr| {
+        let avail = (r.last() - addr).saturating_add(1);
+        let len = (rest.len() as u64).min(avail).min(e.remaining(mr_addr)) as usize;
+        let res = match (&e.target, e.perm.allows(IommuPerm::Write)) {
+            (Some(t), true) => deeper(|| {
+                t.view_guard()
+                    .write(e.translate(mr_addr), &rest[..len], attrs)
+            })
+            .unwrap_or(MemTxResult::DECODE_ERROR),
+            _ => MemTxResult::DECODE_ERROR,
+        };
+        (len, res)
+    })
+}
+
+/// A typed load through the IOMMU range `r`, or `None` if `r` is not an
+/// IOMMU range. An access crossing a translation boundary is split into
+/// its pieces and reassembled in `order`.
+pub(crate) fn load<T: Primitive>(
+    r: &FlatRange,
+    addr: u64,
+    order: Endianness,
+    attrs: MemTxAttrs,
+) -> Option<(T, MemTxResult)> {
+    let size = u64::from(T::SIZE);
+    let whole = with_translation_at(r, addr, IommuPerm::Read, attrs, |e, mr_addr| {
+        if e.remaining(mr_addr) < size || (r.last() - addr) < size - 1 {
+            return None;
+        }
+        Some(match (&e.target, e.perm.allows(IommuPerm::Read)) {
+            (Some(t), true) => {
+                deeper(|| t.view_guard().load::<T>(e.translate(mr_addr), order, attrs))
+                    .unwrap_or((T::from_u64(0), MemTxResult::DECODE_ERROR))
+            }
+            _ => (T::from_u64(0), MemTxResult::DECODE_ERROR),
+        })
+    })?;
+    if whole.is_some() {
+        return whole;
+    }
+    let mut buf = [0u8; 8];
+    let buf = &mut buf[..T::SIZE as usize];
+    // Bytes past the end of the IOMMU range are not served by it: they are
+    // a decode error (QEMU would hand the whole access to the first
+    // piece's target).
+    let inside = ((r.last() - addr).saturating_add(1)).min(size) as usize;
+    let mut res = if inside < buf.len() {
+        MemTxResult::DECODE_ERROR
+    } else {
+        MemTxResult::OK
+    };
+    let mut done = 0usize;
+    while done < inside {
+        let (l, x) = read_piece(
+            r,
+            addr.wrapping_add(done as u64),
+            &mut buf[done..inside],
+            attrs,
+        )?;
+        res |= x;
+        done += l;
+    }
+    Some((T::from_u64(assemble(buf, order)), res))
+}
+
+/// A typed store through the IOMMU range `r` (see [`load`]).
+pub(crate) fn store<T: Primitive>(
+    r: &FlatRange,
+    addr: u64,
+    value: T,
+    order: Endianness,
+    attrs: MemTxAttrs,
+) -> Option<MemTxResult> {
+    let size = u64::from(T::SIZE);
+    let whole = with_translation_at(r, addr, IommuPerm::Write, attrs, |e, mr_addr| {
+        if e.remaining(mr_addr) < size || (r.last() - addr) < size - 1 {
+            return None;
+        }
+        Some(match (&e.target, e.perm.allows(IommuPerm::Write)) {
+            (Some(t), true) => deeper(|| {
+                t.view_guard()
+                    .store(e.translate(mr_addr), value, order, attrs)
+            })
+            .unwrap_or(MemTxResult::DECODE_ERROR),
+            _ => MemTxResult::DECODE_ERROR,
+        })
+    })?;
+    if whole.is_some() {
+        return whole;
+    }
+    let bytes = disassemble(value.to_u64(), T::SIZE as usize, order);
+    let inside = ((r.last() - addr).saturating_add(1)).min(size) as usize;
+    let mut res = if inside < bytes.len() {
+        MemTxResult::DECODE_ERROR
+    } else {
+        MemTxResult::OK
+    };
+    let mut done = 0usize;
+    while done < inside {
+        let (l, x) = write_piece(
+            r,
+            addr.wrapping_add(done as u64),
+            &bytes[done..inside],
+            attrs,
+        )?;
+        res |= x;
+        done += l;
+    }
+    Some(res)
+}
+
+fn assemble(buf: &[u8], order: Endianness) -> u64 {
+    let mut v = 0u64;
+    match order {
+        Endianness::Big => {
+            for b in buf {
+                v = (v << 8) | u64::from(*b);
+            }
+        }
+        _ => {
+            for b in buf.iter().rev() {
+                v = (v << 8) | u64::from(*b);
+            }
+        }
+    }
+    v
+}
+
+fn disassemble(v: u64, n: usize, order: Endianness) -> Vec<u8> {
+    let le = v.to_le_bytes();
+    let mut out = le[..n].to_vec();
+    if order == Endianness::Big {
+        out.reverse();
+    }
+    out
+}
+
+/// Whether `view` serves `addr` through an IOMMU region (diagnostics).
+pub fn is_translated(view: &FlatView, addr: u64) -> bool {
+    view.lookup(addr)
+        .is_some_and(|r| matches!(r.region().backing(), Backing::Iommu { .. }))
+}
+
+/// An adapter from a memtree IOMMU region to vm-memory 0.18's
+/// [`vm_memory::Iommu`] (feature `vm-memory`), so that a consumer built on
+/// vm-memory's `IommuMemory` (a vhost-user back-end) translates through
+/// memtree's device.
+///
+/// The adapter keeps its own vm-memory [`vm_memory::Iotlb`]: a miss or an
+/// access failure asks the memtree device, page by page, and fills the
+/// IOTLB; an UNMAP (or device-IOTLB UNMAP) notification of the hub
+/// invalidates the page in it (the adapter registers a notifier for that,
+/// unregistered when the adapter is dropped). Only translations into
+/// `backend_space` (the address space whose RAM `IommuMemory`'s backend
+/// holds, e.g. made by `crate::guest_memory`) are accepted.
+#[cfg(all(feature = "vm-memory", unix))]
+pub mod vm_memory_adapter {
+    use super::*;
+    use vm_memory::iommu::{Error as VmError, IotlbIterator, IovaRange};
+    use vm_memory::{GuestAddress, Iotlb, Permissions};
+
+    /// See the [module docs](self).
+    pub struct VmMemoryIommu {
+        device: Arc<dyn Iommu>,
+        hub: Arc<IommuHub>,
+        iommu_idx: u32,
+        backend_space: WeakAddressSpace,
+        iotlb: Arc<parking_lot::RwLock<Iotlb>>,
+        notifier: NotifierId,
+    }
+
+    impl fmt::Debug for VmMemoryIommu {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("VmMemoryIommu")
+                .field("iommu_idx", &self.iommu_idx)
+                .finish()
+        }
+    }
+
+    impl VmMemoryIommu {
+        /// An adapter for the IOMMU region `region` (context `iommu_idx`)
+        /// whose translations land in `backend_space`.
+        ///
+        /// # Errors
+        ///
+        /// [`IommuError::BadNotifier`] if `region` is not an IOMMU region;
+        /// the errors of [`IommuHub::register_notifier`].
+        pub fn new(
+            region: &RegionCore,
+            iommu_idx: u32,
+            backend_space: &AddressSpace,
+        ) -> Result<VmMemoryIommu, IommuError> {
+            let (Some(device), Some(hub)) = (region.iommu_device(), region.iommu_hub()) else {
+                return Err(IommuError::BadNotifier(format!(
+                    "\"{}\" is not an IOMMU region",
+                    region.name()
+                )));
+            };
+            let iotlb = Arc::new(parking_lot::RwLock::new(Iotlb::new()));
+            let tlb = Arc::downgrade(&iotlb);
+            let notifier = hub.register_notifier(IommuNotifier {
+                flags: NotifierFlags::UNMAP.union(NotifierFlags::DEVIOTLB_UNMAP),
+                start: 0,
+                last: u64::MAX,
+                iommu_idx,
+                notify: Arc::new(move |ev: &IotlbEvent| {
+                    if let Some(tlb) = tlb.upgrade() {
+                        let len = ev.entry.addr_mask.saturating_add(1);
+                        let iova = ev.entry.iova & !ev.entry.addr_mask;
+                        match usize::try_from(len) {
+                            Ok(len) => tlb.write().invalidate_mapping(GuestAddress(iova), len),
+                            Err(_) => tlb.write().invalidate_all(),
+                        }
+                    }
+                }),
+            })?;
+            Ok(VmMemoryIommu {
+                device: device.clone(),
+                hub: hub.clone(),
+                iommu_idx,
+                backend_space: backend_space.downgrade(),
+                iotlb,
+                notifier,
+            })
+        }
+
+        /// Asks the device for every page of `[base, base + length)` and
+        /// fills the IOTLB; `false` if a page is denied or lands elsewhere.
+        fn fill(&self, base: u64, length: usize, access: IommuPerm) -> bool {
+            let Some(end) = base.checked_add(length as u64) else {
+                return false;
+            };
+            let expected = self.backend_space.0.as_ptr();
+            let mut addr = base;
+            while addr < end {
+                let e = match catch_dev(|| self.device.translate(addr, access, self.iommu_idx)) {
+                    Ok(e) if e.is_well_formed() && e.covers(addr) => e,
+                    _ => return false,
+                };
+                let lands_in_backend = e
+                    .target
+                    .as_ref()
+                    .is_some_and(|t| std::ptr::eq(Arc::as_ptr(&t.shared), expected));
+                if !e.perm.allows(access) || !lands_in_backend {
+                    return false;
+                }
+                let page = e.iova & !e.addr_mask;
+                let Ok(len) = usize::try_from(e.addr_mask.saturating_add(1)) else {
+                    return false;
+                };
+                let perm = match e.perm {
+                    IommuPerm::None => Permissions::No,
+                    IommuPerm::Read => Permissions::Read,
+                    IommuPerm::Write => Permissions::Write,
+                    IommuPerm::ReadWrite => Permissions::ReadWrite,
+                };
+                if self
+                    .iotlb
+                    .write()
+                    .set_mapping(
+                        GuestAddress(page),
+                        GuestAddress(e.translated_addr & !e.addr_mask),
+                        len,
+                        perm,
+                    )
+                    .is_err()
+                {
+                    return false;
+                }
+                match (page | e.addr_mask).checked_add(1) {
+                    Some(n) => addr = n,
+                    None => break,
+                }
+            }
+            true
+        }
+    }
+
+    impl Drop for VmMemoryIommu {
+        fn drop(&mut self) {
+            self.hub.unregister_notifier(self.notifier);
+        }
+    }
+
+    impl vm_memory::Iommu for VmMemoryIommu {
+        type IotlbGuard<'a> = parking_lot::RwLockReadGuard<'a, Iotlb>;
+
+        fn translate(
+            &self,
+            iova: GuestAddress,
+            length: usize,
+            access: Permissions,
+        ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, VmError> {
+            let want = match access {
+                Permissions::No => IommuPerm::None,
+                Permissions::Read => IommuPerm::Read,
+                Permissions::Write => IommuPerm::Write,
+                Permissions::ReadWrite => IommuPerm::ReadWrite,
+            };
+            // Two rounds: a lookup, then (after filling) a second lookup. A
+            // notification racing in between makes the second one fail, and
+            // the caller sees the error instead of a withdrawn mapping.
+            for round in 0..2 {
+                let fails = match Iotlb::lookup(self.iotlb.read(), iova, length, access) {
+                    Ok(it) => return Ok(it),
+                    Err(f) => f,
+                };
+                if round == 1 {
+                    break;
+                }
+                for r in fails.misses.iter().chain(fails.access_fails.iter()) {
+                    if !self.fill(r.base.0, r.length, want) {
+                        return Err(VmError::CannotResolve {
+                            iova_range: IovaRange {
+                                base: r.base,
+                                length: r.length,
+                            },
+                            reason: "the memtree IOMMU denies this access".into(),
+                        });
+                    }
+                }
+            }
+            Err(VmError::CannotResolve {
+                iova_range: IovaRange { base: iova, length },
+                reason: "the mapping changed during translation".into(),
+            })
+        }
+    }
+}
