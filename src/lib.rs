@@ -37,6 +37,7 @@ pub mod cache;
 pub mod census;
 pub mod demo;
 pub mod diag;
+pub mod dirty;
 pub mod dispatch;
 pub mod dma;
 pub mod error;
@@ -73,6 +74,7 @@ pub use access::{
 };
 pub use backend::MemoryBackend;
 pub use census::{Census, ObjectKey, ObjectKind};
+pub use dirty::{DirtyClient, DirtySnapshot, TARGET_PAGE_SIZE};
 pub use dispatch::{Endian, Primitive};
 pub use dma::{DmaDirection, DmaError, DmaMapping};
 pub use error::TopologyError;

@@ -201,6 +201,16 @@ pub trait MemoryListener: Send + Sync {
     }
     /// Global dirty tracking stopped.
     fn log_global_stop(&self) {}
+    /// Merge this range's external dirty log (KVM's) into memtree's bitmaps
+    /// ([`FlatRange::mark_dirty_bitmap`]): called on every listener for
+    /// every range with a nonzero mask by [`crate::Machine::dirty_log_sync`]
+    /// and, for the ranges of one region, before
+    /// [`crate::Machine::snapshot_and_clear_dirty`] reads.
+    fn log_sync(&self, section: &Section<'_>) {}
+    /// `[offset, offset + len)` of the range (range offsets) was cleared in
+    /// memtree's bitmaps for some client: a listener keeping a remote
+    /// bitmap may clear it too (QEMU's `log_clear`).
+    fn log_clear(&self, section: &Section<'_>, offset: u64, len: u64) {}
     /// An ioeventfd became visible in the address space.
     fn eventfd_add(&self, section: &EventfdSection<'_>) {}
     /// An ioeventfd stopped being visible in the address space.
