@@ -290,25 +290,29 @@ impl FlatRange {
         }
     }
 
-    /// Marks the pages set in `bitmap` (bit `i` = the page at
-    /// `self.start() + i * TARGET_PAGE_SIZE`; little-endian words, KVM's
-    /// layout) dirty for every client tracking the range. What a listener's
-    /// `log_sync` uses to merge an external log (KVM's).
-    pub fn mark_dirty_bitmap(&self, bitmap: &[u64]) {
+    /// Marks the pages set in `bitmap` dirty for every client tracking the
+    /// range: bit `i` (little-endian words, KVM's layout) is the page at
+    /// `first + i * TARGET_PAGE_SIZE` (address-space coordinates), clipped
+    /// to the range. What a listener's `log_sync` uses to merge an external
+    /// log (KVM's).
+    pub fn mark_dirty_bitmap(&self, first: u64, bitmap: &[u64]) {
         let Some(d) = &self.dirty else { return };
-        let pages = self.len().div_ceil(u128::from(TARGET_PAGE_SIZE)) as u64;
         for (wi, &w) in bitmap.iter().enumerate() {
             let mut w = w;
             while w != 0 {
                 let b = u64::from(w.trailing_zeros());
                 w &= w - 1;
-                let page = wi as u64 * 64 + b;
-                if page < pages {
-                    d.log.mark(
-                        d.mask,
-                        d.block_offset + page * TARGET_PAGE_SIZE,
-                        TARGET_PAGE_SIZE,
-                    );
+                let Some(a) = (wi as u64 * 64 + b)
+                    .checked_mul(TARGET_PAGE_SIZE)
+                    .and_then(|o| first.checked_add(o))
+                else {
+                    break;
+                };
+                let from = a.max(self.start);
+                let to = a.saturating_add(TARGET_PAGE_SIZE - 1).min(self.last);
+                if from <= to && a <= self.last {
+                    d.log
+                        .mark(d.mask, d.block_offset + (from - self.start), to - from + 1);
                 }
             }
         }
