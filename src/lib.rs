@@ -52,6 +52,7 @@ pub mod machine_file;
 pub mod map_svg;
 pub mod mapping_table;
 pub mod memory;
+pub mod migration;
 pub mod owner;
 pub mod publish;
 pub mod ram;
