@@ -85,7 +85,7 @@ fn main() {
         let l = std::os::unix::net::UnixListener::bind(&p).expect("bind");
         (Listener::Unix(l), p.display().to_string())
     };
-    let child = std::process::Command::new(exe)
+    let mut child = std::process::Command::new(exe)
         .args(["receive", &addr, &mib.to_string()])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -135,7 +135,7 @@ fn main() {
     for w in writers {
         w.join().unwrap();
     }
-    let mut out = child.stdout.expect("receiver output");
+    let mut out = child.stdout.take().expect("receiver output");
     let mut theirs = Vec::new();
     for line in BufReader::new(&mut out).lines().map_while(Result::ok) {
         if let Some(rest) = line.strip_prefix("CHECKSUM ") {
@@ -144,7 +144,12 @@ fn main() {
             }
         }
     }
+    let status = child.wait().expect("receiver exit status");
     let _ = std::fs::remove_dir_all(&dir);
+    if !status.success() {
+        eprintln!("the receiver failed: {status}");
+        std::process::exit(1);
+    }
     println!(
         "{} MiB over {}: rounds {} {:?}, pages sent {} (+{} zero), {} MiB on the wire, \
          {} writes meanwhile, downtime {:?} (checksums {:?}), total {:?}",

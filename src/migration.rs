@@ -561,7 +561,8 @@ pub struct ReceiveStats {
     pub rounds: u32,
     /// Page records received (contents and zero).
     pub records: u64,
-    /// Per-region content checksums after the import (name, checksum).
+    /// Per-region content checksums of the import (name, checksum), as
+    /// verified against the sender's before the commit.
     pub checksums: Vec<(String, u64)>,
 }
 
@@ -630,8 +631,10 @@ pub fn receive<R: Read>(machine: &Machine, space: SpaceId, input: R) -> Result<R
         let tag = i.u8("a record tag")?;
         match tag {
             TAG_PAGE | TAG_ZERO => {
-                let ri = i.u32("a page record")? as usize;
-                let p = i.u64("a page record")?;
+                let mut head = [0u8; 12];
+                i.get(&mut head, "a page record")?;
+                let ri = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+                let p = u64::from_le_bytes(head[4..].try_into().unwrap_or_default());
                 let Some(r) = layout.get(ri) else {
                     return Err(MigrationError::Corrupt(format!("region index {ri}")));
                 };
@@ -713,7 +716,8 @@ pub fn receive<R: Read>(machine: &Machine, space: SpaceId, input: R) -> Result<R
             r.write(at, &buf[..n]);
             at += n as u64;
         }
-        stats.checksums.push((r.name.clone(), region_checksum(r)));
+        // Verified above: the staged contents, now the machine's.
+        stats.checksums.push((r.name.clone(), sums[ri]));
     }
     Ok(stats)
 }
