@@ -31,6 +31,17 @@
 //! accessible through vm-memory (memtree's own accesses reach it), and a
 //! one-byte run there is left out.
 //!
+//! # Dirty tracking
+//!
+//! A region's vm-memory bitmap (`GuestMemoryRegion::B`) is
+//! [`crate::dirty::RamDirtyBitmap`]: every write vm-memory makes through a
+//! `VolatileSlice` or a `Bytes` method marks the pages it touched for the
+//! clients tracking that memory at the moment of the write (tracking
+//! started or stopped after the collection was handed out included). A
+//! consumer that writes through a raw host pointer (`get_host_address`)
+//! bypasses vm-memory's bitmap, as with any vm-memory backend, and must
+//! mark with `bitmap().mark_dirty` itself.
+//!
 //! # Lifetime: nothing handed out can dangle
 //!
 //! A [`GuestRamRegion`] holds the memory it maps (`Arc<MemoryBackend>`), so

@@ -26,6 +26,10 @@
 //!   every current ioeventfd; `commit`. Unregistering replays the reverse:
 //!   per range `log_stop(mask → 0)`, coalesced dels, `region_del`;
 //!   `eventfd_del` for every ioeventfd.
+//! * `log_sync` / `log_clear` are not part of a commit: they run from
+//!   [`crate::Machine::dirty_log_sync`], `snapshot_and_clear_dirty` and
+//!   `take_dirty_ram`, per space (creation order), per logging range
+//!   (address order), forward ([`crate::dirty`]).
 //! * Sections are in address-space coordinates, and carry the view published
 //!   when the callback runs (during a commit's diff that is still the old view).
 //!

@@ -1002,7 +1002,8 @@ impl Machine {
         Ok(())
     }
 
-    /// Sets the dirty-log client mask (bit 0 = VGA).
+    /// Sets the region's own dirty-log client mask (bit `i` = client `i`,
+    /// [`crate::DirtyClient`]); see also [`Machine::set_log`].
     pub fn set_dirty_log_mask(&self, id: RegionId, mask: u8) -> Result<()> {
         self.edit(|t| t.update(id, |n| n.dirty_log_mask = mask))
     }
@@ -1302,7 +1303,8 @@ impl Machine {
     /// Starts global dirty tracking: `log_global_start` on every listener in
     /// ascending priority; if one refuses, the ones already started get
     /// `log_global_stop` (in reverse) and the start fails. Starting twice is
-    /// a no-op. (The MIGRATION bit of flat-range dirty masks is not modelled.)
+    /// a no-op. Then every view is re-rendered so that RAM ranges carry the
+    /// MIGRATION bit (`log_start` on listeners, [`crate::dirty`]).
     pub fn global_dirty_log_start(&self) -> Result<()> {
         let _defer = Deferral::enter();
         let guard = self.control.lock();
@@ -1346,8 +1348,9 @@ impl Machine {
         Ok(())
     }
 
-    /// Stops global dirty tracking: `log_global_stop` on every listener in
-    /// descending priority. Stopping when not started is a no-op.
+    /// Stops global dirty tracking: every view is re-rendered without the
+    /// MIGRATION bit (`log_stop`), then `log_global_stop` on every listener
+    /// in descending priority. Stopping when not started is a no-op.
     pub fn global_dirty_log_stop(&self) -> Result<()> {
         let _defer = Deferral::enter();
         let guard = self.control.lock();
