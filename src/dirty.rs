@@ -242,6 +242,11 @@ pub(crate) struct RangeDirty {
     pub(crate) log: Arc<BlockDirty>,
     pub(crate) mask: u8,
     pub(crate) block_offset: u64,
+    /// When `mask` names a single client: the first word of its bitmap
+    /// (a fast path for the common one-page write). The bitmap is owned by
+    /// `log`'s `OnceLock`, which never replaces or frees it while `log`
+    /// lives, and `log` lives as long as this.
+    single: Option<std::ptr::NonNull<AtomicU64>>,
 }
 
 /// Sets each range's effective dirty-log mask (QEMU's
@@ -270,10 +275,15 @@ pub(crate) fn attach(ranges: &mut [FlatRange], global: bool) {
         if mask == 0 {
             continue;
         }
+        let single = (mask.count_ones() == 1)
+            .then(|| log.bitmap(mask.trailing_zeros() as u8))
+            .flatten()
+            .and_then(|b| std::ptr::NonNull::new(b.as_ptr().cast_mut()));
         r.dirty = Some(RangeDirty {
             log: log.clone(),
             mask,
             block_offset: offset + r.offset_in_region,
+            single,
         });
     }
 }
@@ -285,8 +295,24 @@ impl FlatRange {
     #[inline]
     pub fn mark_dirty(&self, addr: u64, len: u64) {
         if let Some(d) = &self.dirty {
-            d.log
-                .mark(d.mask, d.block_offset + (addr - self.start), len);
+            if len == 0 {
+                return;
+            }
+            let off = d.block_offset + (addr - self.start);
+            let (first, last) = (off >> TARGET_PAGE_BITS, (off + len - 1) >> TARGET_PAGE_BITS);
+            if let (Some(words), true) = (d.single, first == last && first < d.log.pages) {
+                // SAFETY: `words` is the first word of a bitmap of
+                // `d.log.pages.div_ceil(64)` words kept alive and in place
+                // by `d.log` (see `RangeDirty::single`), and
+                // `first < pages`, so word `first / 64` is in it.
+                let word = unsafe { &*words.as_ptr().add((first / 64) as usize) };
+                let bit = 1u64 << (first % 64);
+                if word.load(Ordering::Relaxed) & bit == 0 {
+                    word.fetch_or(bit, Ordering::Relaxed);
+                }
+                return;
+            }
+            d.log.mark(d.mask, off, len);
         }
     }
 
