@@ -54,6 +54,8 @@ use crate::space::{AddressSpace, MachineData};
 
 struct Direct {
     host: NonNull<u8>,
+    /// Offset of `host` in its memory, for dirty marking.
+    block_offset: u64,
     /// The memory, which keeps `host` valid, and the cache's table entry.
     held: (Arc<MemoryBackend>, Ticket),
 }
@@ -140,7 +142,12 @@ impl MemoryRegionCache {
                 });
                 let held = (b.clone(), ticket);
                 self.len = len;
-                self.direct = Some(Direct { host, held });
+                let block_offset = host.as_ptr() as u64 - b.host_addr() as u64;
+                self.direct = Some(Direct {
+                    host,
+                    block_offset,
+                    held,
+                });
                 return Ok(());
             }
         }
@@ -256,6 +263,7 @@ impl MemoryRegionCache {
                         buf.len(),
                     )
                 };
+                d.mark_dirty(offset, buf.len() as u64);
                 Ok(())
             }
             None => tx(self
@@ -288,9 +296,23 @@ impl MemoryRegionCache {
             // SAFETY: as in `write`: `offset + N <= len` bytes of kept,
             // writable host memory.
             unsafe { crate::ram::store_guest(d.host.as_ptr().add(offset as usize), bytes) };
+            d.mark_dirty(offset, N as u64);
             return Ok(());
         }
         self.write(offset, &bytes)
+    }
+}
+
+impl Direct {
+    /// Marks what a write through the cache touched, for the clients
+    /// tracking the memory now (`crate::dirty`).
+    #[inline]
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        self.held
+            .0
+            .block()
+            .dirty_log()
+            .mark_live(self.block_offset + offset, len);
     }
 }
 

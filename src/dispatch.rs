@@ -453,6 +453,7 @@ impl FlatView {
                     // memory (kept mapped by the range's region core) covers
                     // the whole range; `rest` is a distinct Rust buffer.
                     unsafe { ram::copy_to_guest(rest.as_ptr(), r.host_at(addr), l) };
+                    r.mark_dirty(addr, l as u64);
                     l
                 }
                 _ => {
@@ -514,6 +515,7 @@ impl FlatView {
                 // SAFETY: the range covers `T::SIZE` bytes from `addr`, and
                 // its host memory stays mapped while the range is alive.
                 unsafe { value.store_to(r.host_at(addr), order) };
+                r.mark_dirty(addr, u64::from(T::SIZE));
                 return MemTxResult::OK;
             }
         }
@@ -584,6 +586,7 @@ fn store_slow<T: Primitive>(
             // SAFETY: the range covers `T::SIZE` bytes from `addr`, and its
             // host memory stays mapped while the range is alive.
             unsafe { value.store_to(r.host_at(addr), order) };
+            r.mark_dirty(addr, u64::from(T::SIZE));
             return MemTxResult::OK;
         }
     }

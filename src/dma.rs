@@ -100,8 +100,10 @@
 //! written back in full. Mapping ids ([`MappingId`]) are for diagnostics
 //! only; there is no unmap-by-id.
 //!
-//! Dirty-memory tracking is not modelled, so unmapping RAM marks nothing
-//! dirty (QEMU's `invalidate_and_set_dirty`).
+//! Unmapping a direct mapping made for writing marks its first
+//! `access_len` bytes dirty for the clients tracking the memory at that
+//! moment (QEMU's `invalidate_and_set_dirty`, [`crate::dirty`]); a bounce
+//! buffer's write-back marks through dispatch.
 
 use std::fmt;
 use std::ptr::NonNull;
@@ -529,6 +531,10 @@ enum Hold<'a> {
     Memory {
         table: &'a MappingTable,
         ticket: Ticket,
+        /// For a mapping that writes: the memory's dirty bitmaps and the
+        /// mapping's offset in the memory, marked at unmap for the length
+        /// written (`crate::dirty`). Valid while the entry pins the memory.
+        dirty: Option<(NonNull<crate::dirty::BlockDirty>, u64)>,
     },
     /// A bounce buffer: the region (and so the device).
     Bounce(Box<BounceHold>),
@@ -664,7 +670,16 @@ impl AddressSpace {
                     len: got,
                     holds: backend.census_key(),
                 });
-                Hold::Memory { table, ticket }
+                let dirty = dir.writes().then(|| {
+                    let log = backend.block().dirty_log();
+                    let at = host.as_ptr() as u64 - backend.host_addr() as u64;
+                    (NonNull::from(&**log), at)
+                });
+                Hold::Memory {
+                    table,
+                    ticket,
+                    dirty,
+                }
             }
             // A direct range is always served by memory; be total anyway.
             None => return Err(self.unassigned(addr)),
@@ -880,7 +895,7 @@ impl<'a> DmaMapping<'a> {
     /// pins (`None` for bounce buffers).
     pub fn memory_key(&self) -> Option<ObjectKey> {
         match &self.hold {
-            Hold::Memory { table, ticket } => Some(table.holds(*ticket)),
+            Hold::Memory { table, ticket, .. } => Some(table.holds(*ticket)),
             _ => None,
         }
     }
@@ -989,7 +1004,16 @@ impl<'a> DmaMapping<'a> {
         match std::mem::replace(&mut self.hold, Hold::Nothing) {
             // A released mapping holds nothing more.
             Hold::Nothing => MemTxResult::OK,
-            Hold::Memory { table, ticket } => {
+            Hold::Memory {
+                table,
+                ticket,
+                dirty,
+            } => {
+                if let Some((log, at)) = dirty {
+                    // SAFETY: the bitmaps belong to the memory's block,
+                    // which the entry (removed just below) still pins.
+                    unsafe { log.as_ref() }.mark_live(at, access_len.min(self.len));
+                }
                 table.remove_pin(ticket, || &self.space.shared.machine.census);
                 MemTxResult::OK
             }

@@ -92,6 +92,9 @@ pub struct FlatRange {
     /// Host address of `start` when reads of this range go straight to host
     /// memory (RAM, or a ROM device in romd mode); null otherwise.
     pub(crate) host: *mut u8,
+    /// How writes mark dirty pages: `None` while no client tracks the range
+    /// (set at render by `crate::dirty::attach`).
+    pub(crate) dirty: Option<crate::dirty::RangeDirty>,
 }
 
 // SAFETY: `host` points into the memory backend held (through `region`) by
@@ -183,6 +186,7 @@ impl FlatRange {
             region,
             attrs,
             host,
+            dirty: None,
         }
     }
 }

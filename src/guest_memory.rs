@@ -31,6 +31,17 @@
 //! accessible through vm-memory (memtree's own accesses reach it), and a
 //! one-byte run there is left out.
 //!
+//! # Dirty tracking
+//!
+//! A region's vm-memory bitmap (`GuestMemoryRegion::B`) is
+//! [`crate::dirty::RamDirtyBitmap`]: every write vm-memory makes through a
+//! `VolatileSlice` or a `Bytes` method marks the pages it touched for the
+//! clients tracking that memory at the moment of the write (tracking
+//! started or stopped after the collection was handed out included). A
+//! consumer that writes through a raw host pointer (`get_host_address`)
+//! bypasses vm-memory's bitmap, as with any vm-memory backend, and must
+//! mark with `bitmap().mark_dirty` itself.
+//!
 //! # Lifetime: nothing handed out can dangle
 //!
 //! A [`GuestRamRegion`] holds the memory it maps (`Arc<MemoryBackend>`), so
@@ -129,6 +140,8 @@ pub struct GuestRamRegion {
     table: Arc<MappingTable>,
     /// This region's entry in `table`, removed by `Drop`.
     ticket: Ticket,
+    /// Marks what vm-memory writes (`crate::dirty`).
+    dirty: crate::dirty::RamDirtyBitmap,
 }
 
 impl GuestRamRegion {
@@ -180,7 +193,7 @@ impl std::fmt::Debug for GuestRamRegion {
 }
 
 impl GuestMemoryRegion for GuestRamRegion {
-    type B = ();
+    type B = crate::dirty::RamDirtyBitmap;
 
     fn len(&self) -> GuestUsize {
         self.run.len
@@ -190,7 +203,9 @@ impl GuestMemoryRegion for GuestRamRegion {
         self.run.start
     }
 
-    fn bitmap(&self) {}
+    fn bitmap(&self) -> BS<'_, Self::B> {
+        self.dirty.slice()
+    }
 
     fn get_host_address(&self, addr: MemoryRegionAddress) -> GuestMemoryResult<*mut u8> {
         if addr.raw_value() >= self.run.len {
@@ -207,7 +222,7 @@ impl GuestMemoryRegion for GuestRamRegion {
         &self,
         offset: MemoryRegionAddress,
         count: usize,
-    ) -> GuestMemoryResult<VolatileSlice<'_, BS<'_, ()>>> {
+    ) -> GuestMemoryResult<VolatileSlice<'_, BS<'_, Self::B>>> {
         self.check(offset, count)?;
         // SAFETY: `offset..offset + count` lies in the region (checked
         // above), so in the backend's host mapping (module invariants).
@@ -217,7 +232,15 @@ impl GuestMemoryRegion for GuestRamRegion {
         // through. memtree never creates Rust references into guest memory:
         // its own accesses, like the slice's, are raw-pointer copies (the
         // concurrency rules of those copies are `crate::ram`'s).
-        Ok(unsafe { VolatileSlice::new(self.host(offset), count) })
+        // The bitmap slice marks the pages vm-memory writes through it.
+        Ok(unsafe {
+            VolatileSlice::with_bitmap(
+                self.host(offset),
+                count,
+                vm_memory::bitmap::Bitmap::slice_at(&self.dirty, offset.raw_value() as usize),
+                None,
+            )
+        })
     }
 }
 
@@ -262,6 +285,10 @@ impl AddressSpace {
                         holds: run.backend.census_key(),
                     }),
                     table: table.clone(),
+                    dirty: crate::dirty::RamDirtyBitmap::new(
+                        run.backend.block().dirty_log().clone(),
+                        run.offset,
+                    ),
                     run: run.clone(),
                 })
             })

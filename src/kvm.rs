@@ -41,7 +41,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VmFd};
 use parking_lot::Mutex;
 
@@ -72,6 +72,10 @@ pub struct SlotInfo {
 
 struct Installed {
     info: SlotInfo,
+    /// Host address KVM maps (for re-setting the slot's flags).
+    host: u64,
+    /// `KVM_MEM_LOG_DIRTY_PAGES` is set: some client tracks the range.
+    logging: bool,
     /// Keeps the host memory KVM uses mapped until the slot is deleted.
     _memory: Arc<MemoryBackend>,
 }
@@ -164,13 +168,18 @@ impl KvmMemorySlots {
         size: u64,
         host: u64,
         readonly: bool,
+        logging: bool,
     ) -> Result<(), String> {
+        let mut flags = if readonly { KVM_MEM_READONLY } else { 0 };
+        if logging {
+            flags |= KVM_MEM_LOG_DIRTY_PAGES;
+        }
         let region = kvm_userspace_memory_region {
             slot,
             guest_phys_addr: guest,
             memory_size: size,
             userspace_addr: host,
-            flags: if readonly { KVM_MEM_READONLY } else { 0 },
+            flags,
         };
         // SAFETY: for a non-zero size, `host..host + size` is host memory of
         // a backend the installed slot keeps (`Installed::_memory`) until
@@ -178,6 +187,45 @@ impl KvmMemorySlots {
         // as guest memory, which memtree already treats as shared with
         // other writers (raw copies only, see `crate::ram`).
         unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| e.to_string())
+    }
+}
+
+impl KvmMemorySlots {
+    /// Re-sets the range's slot with `KVM_MEM_LOG_DIRTY_PAGES` on or off
+    /// (QEMU's `kvm_slot_update_flags`).
+    fn set_logging(&self, section: &Section<'_>, on: bool) {
+        let mut s = self.slots.lock();
+        let Some(i) = s.by_range.get(&section.range.start()) else {
+            return;
+        };
+        if i.info.readonly || i.logging == on {
+            return;
+        }
+        let (slot, gpa, size, host) = (i.info.slot, i.info.guest_phys_addr, i.info.size, i.host);
+        match self.set(slot, gpa, size, host, false, on) {
+            Ok(()) => {
+                if let Some(i) = s.by_range.get_mut(&section.range.start()) {
+                    i.logging = on;
+                }
+            }
+            Err(e) => s.errors.push(format!(
+                "KVM refused dirty logging {on} on slot {slot}: {e}"
+            )),
+        }
+    }
+
+    /// Slot numbers with `KVM_MEM_LOG_DIRTY_PAGES` set.
+    pub fn logging_slots(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .slots
+            .lock()
+            .by_range
+            .values()
+            .filter(|i| i.logging)
+            .map(|i| i.info.slot)
+            .collect();
+        v.sort_unstable();
+        v
     }
 }
 
@@ -214,7 +262,9 @@ impl MemoryListener for KvmMemorySlots {
                 return;
             }
         };
-        match self.set(slot, guest, size, host, readonly) {
+        // Only guest writes dirty pages: a readonly slot needs no log.
+        let logging = !readonly && r.attrs().dirty_log_mask != 0;
+        match self.set(slot, guest, size, host, readonly, logging) {
             Ok(()) => {
                 let info = SlotInfo {
                     slot,
@@ -227,6 +277,8 @@ impl MemoryListener for KvmMemorySlots {
                     r.start(),
                     Installed {
                         info,
+                        host,
+                        logging,
                         _memory: memory,
                     },
                 );
@@ -241,13 +293,44 @@ impl MemoryListener for KvmMemorySlots {
         }
     }
 
+    fn log_start(&self, section: &Section<'_>, old_mask: u8, new_mask: u8) {
+        if old_mask == 0 && new_mask != 0 {
+            self.set_logging(section, true);
+        }
+    }
+
+    fn log_stop(&self, section: &Section<'_>, old_mask: u8, new_mask: u8) {
+        if old_mask != 0 && new_mask == 0 {
+            self.set_logging(section, false);
+        }
+    }
+
+    /// `KVM_GET_DIRTY_LOG` of the range's slot (which also clears KVM's
+    /// log), merged into memtree's bitmaps for the range's clients.
+    fn log_sync(&self, section: &Section<'_>) {
+        let mut s = self.slots.lock();
+        let Some(i) = s.by_range.get(&section.range.start()) else {
+            return;
+        };
+        if !i.logging {
+            return;
+        }
+        let (slot, gpa, size) = (i.info.slot, i.info.guest_phys_addr, i.info.size);
+        match self.vm.get_dirty_log(slot, size as usize) {
+            Ok(bitmap) => section.range.mark_dirty_bitmap(gpa, &bitmap),
+            Err(e) => s
+                .errors
+                .push(format!("KVM_GET_DIRTY_LOG of slot {slot} failed: {e}")),
+        }
+    }
+
     fn region_del(&self, section: &Section<'_>) {
         let mut s = self.slots.lock();
         let Some(installed) = s.by_range.remove(&section.range.start()) else {
             return;
         };
         let info = &installed.info;
-        match self.set(info.slot, info.guest_phys_addr, 0, 0, false) {
+        match self.set(info.slot, info.guest_phys_addr, 0, 0, false, false) {
             Ok(()) => {
                 s.free.push(info.slot);
                 // `installed` (and with it the memory) drops after this.
@@ -277,7 +360,7 @@ impl Drop for KvmMemorySlots {
         for (_, slot) in installed {
             let info = &slot.info;
             if self
-                .set(info.slot, info.guest_phys_addr, 0, 0, false)
+                .set(info.slot, info.guest_phys_addr, 0, 0, false, false)
                 .is_err()
             {
                 std::mem::forget(slot);

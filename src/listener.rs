@@ -26,6 +26,10 @@
 //!   every current ioeventfd; `commit`. Unregistering replays the reverse:
 //!   per range `log_stop(mask → 0)`, coalesced dels, `region_del`;
 //!   `eventfd_del` for every ioeventfd.
+//! * `log_sync` / `log_clear` are not part of a commit: they run from
+//!   [`crate::Machine::dirty_log_sync`], `snapshot_and_clear_dirty` and
+//!   `take_dirty_ram`, per space (creation order), per logging range
+//!   (address order), forward ([`crate::dirty`]).
 //! * Sections are in address-space coordinates, and carry the view published
 //!   when the callback runs (during a commit's diff that is still the old view).
 //!
@@ -201,6 +205,16 @@ pub trait MemoryListener: Send + Sync {
     }
     /// Global dirty tracking stopped.
     fn log_global_stop(&self) {}
+    /// Merge this range's external dirty log (KVM's) into memtree's bitmaps
+    /// ([`FlatRange::mark_dirty_bitmap`]): called on every listener for
+    /// every range with a nonzero mask by [`crate::Machine::dirty_log_sync`]
+    /// and, for the ranges of one region, before
+    /// [`crate::Machine::snapshot_and_clear_dirty`] reads.
+    fn log_sync(&self, section: &Section<'_>) {}
+    /// `[offset, offset + len)` of the range (range offsets) was cleared in
+    /// memtree's bitmaps for some client: a listener keeping a remote
+    /// bitmap may clear it too (QEMU's `log_clear`).
+    fn log_clear(&self, section: &Section<'_>, offset: u64, len: u64) {}
     /// An ioeventfd became visible in the address space.
     fn eventfd_add(&self, section: &EventfdSection<'_>) {}
     /// An ioeventfd stopped being visible in the address space.

@@ -109,7 +109,7 @@ type Result<T> = std::result::Result<T, TopologyError>;
 
 /// The memory system shared by [`Memory`], [`MemoryRef`] and transactions.
 pub struct Machine {
-    control: ReentrantMutex<RefCell<Topology>>,
+    pub(crate) control: ReentrantMutex<RefCell<Topology>>,
     data: Arc<MachineData>,
 }
 
@@ -473,7 +473,9 @@ impl Machine {
                                         v.clone()
                                     }
                                     _ => {
-                                        let r = render::render(&topo, p);
+                                        let mut r = render::render(&topo, p);
+                                        let global = topo.listeners.global_dirty_log;
+                                        crate::dirty::attach(&mut r.ranges, global);
                                         let root_name = topo.node(p).map(|n| n.name().to_owned());
                                         Arc::new(FlatView::new(
                                             Some(p),
@@ -1033,10 +1035,13 @@ impl Machine {
 
     /// Resizes a region. RAM cannot grow past its backend.
     pub fn set_size(&self, id: RegionId, size: u128) -> Result<()> {
-        self.edit(|t| t.set_size(id, size))
+        self.edit(|t| t.set_size(id, size))?;
+        crate::dirty::after_resize(self, id, size);
+        Ok(())
     }
 
-    /// Sets the dirty-log client mask (bit 0 = VGA).
+    /// Sets the region's own dirty-log client mask (bit `i` = client `i`,
+    /// [`crate::DirtyClient`]); see also [`Machine::set_log`].
     pub fn set_dirty_log_mask(&self, id: RegionId, mask: u8) -> Result<()> {
         self.edit(|t| t.update(id, |n| n.dirty_log_mask = mask))
     }
@@ -1336,7 +1341,8 @@ impl Machine {
     /// Starts global dirty tracking: `log_global_start` on every listener in
     /// ascending priority; if one refuses, the ones already started get
     /// `log_global_stop` (in reverse) and the start fails. Starting twice is
-    /// a no-op. (The MIGRATION bit of flat-range dirty masks is not modelled.)
+    /// a no-op. Then every view is re-rendered so that RAM ranges carry the
+    /// MIGRATION bit (`log_start` on listeners, [`crate::dirty`]).
     pub fn global_dirty_log_start(&self) -> Result<()> {
         let _defer = Deferral::enter();
         let guard = self.control.lock();
@@ -1375,11 +1381,14 @@ impl Machine {
         }
         drop(scope);
         guard.borrow_mut().listeners.global_dirty_log = true;
+        // QEMU: the MIGRATION bit enters the masks by a re-render.
+        self.rerender_all(&guard);
         Ok(())
     }
 
-    /// Stops global dirty tracking: `log_global_stop` on every listener in
-    /// descending priority. Stopping when not started is a no-op.
+    /// Stops global dirty tracking: every view is re-rendered without the
+    /// MIGRATION bit (`log_stop`), then `log_global_stop` on every listener
+    /// in descending priority. Stopping when not started is a no-op.
     pub fn global_dirty_log_stop(&self) -> Result<()> {
         let _defer = Deferral::enter();
         let guard = self.control.lock();
@@ -1395,12 +1404,82 @@ impl Machine {
             }
             topo.listeners.snapshot()
         };
+        // QEMU: re-render (log_stop of MIGRATION) before log_global_stop.
+        self.rerender_all(&guard);
         let _scope = CallbackScope::enter(&guard);
         let catch = listener::Catch {
             census: &self.data.census,
         };
         for (_, l) in listeners.iter().rev() {
             catch.call(l, "log_global_stop", |l| l.log_global_stop());
+        }
+        Ok(())
+    }
+
+    /// Re-renders every view (the dirty-log masks depend on global
+    /// tracking), then commits unless a transaction is open.
+    fn rerender_all(&self, guard: &ReentrantMutexGuard<'_, RefCell<Topology>>) {
+        let commit_now = {
+            let mut topo = guard.borrow_mut();
+            let views = std::mem::take(&mut topo.views);
+            defer_drop(views);
+            topo.pending = true;
+            topo.depth == 0
+        };
+        if commit_now {
+            self.commit_locked(guard);
+        }
+    }
+
+    /// Calls `f` on every listener, for every range of every address space
+    /// whose dirty-log mask is nonzero (and which `region` serves, if
+    /// given), with callbacks guarded as during a commit. For
+    /// `crate::dirty`'s sync and clear.
+    pub(crate) fn each_logging_section(
+        &self,
+        region: Option<RegionId>,
+        what: &'static str,
+        f: impl Fn(&dyn MemoryListener, &listener::Section<'_>),
+    ) -> Result<()> {
+        let _defer = Deferral::enter();
+        let guard = self.control.lock();
+        let spaces = {
+            let topo = guard
+                .try_borrow()
+                .map_err(|_| TopologyError::ListenerReentry)?;
+            if topo.in_commit {
+                return Err(TopologyError::ListenerReentry);
+            }
+            let mut v = Vec::new();
+            for (id, n) in topo.spaces_in_order() {
+                let ls = topo.listeners.of_space(id);
+                if !ls.is_empty() {
+                    v.push((id, n.name.clone(), n.handle.view(), ls));
+                }
+            }
+            v
+        };
+        let _scope = CallbackScope::enter(&guard);
+        let catch = listener::Catch {
+            census: &self.data.census,
+        };
+        for (id, name, view, ls) in &spaces {
+            for range in view.ranges() {
+                if range.attrs().dirty_log_mask == 0
+                    || region.is_some_and(|r| range.region().id() != r)
+                {
+                    continue;
+                }
+                let s = listener::Section {
+                    space: *id,
+                    space_name: name,
+                    range,
+                    view,
+                };
+                for l in ls {
+                    catch.call(l, what, |l| f(l, &s));
+                }
+            }
         }
         Ok(())
     }

@@ -386,6 +386,8 @@ pub struct RamBlock {
     ptr: NonNull<u8>,
     #[cfg(not(miri))]
     fd: Option<OwnedFd>,
+    /// Dirty bitmaps of this memory (`crate::dirty`).
+    dirty: std::sync::Arc<crate::dirty::BlockDirty>,
 }
 
 // SAFETY: `RamBlock` owns its mapping exclusively (no other `RamBlock` refers
@@ -439,6 +441,7 @@ impl RamBlock {
                 backing,
                 ptr,
                 fd,
+                dirty: std::sync::Arc::new(crate::dirty::BlockDirty::new(size)),
             })
         }
         #[cfg(miri)]
@@ -454,6 +457,7 @@ impl RamBlock {
                 size,
                 backing,
                 ptr,
+                dirty: std::sync::Arc::new(crate::dirty::BlockDirty::new(size)),
             })
         }
     }
@@ -514,6 +518,11 @@ impl RamBlock {
                 Ok((ptr, Some(fd)))
             }
         }
+    }
+
+    /// The dirty bitmaps of this memory.
+    pub(crate) fn dirty_log(&self) -> &std::sync::Arc<crate::dirty::BlockDirty> {
+        &self.dirty
     }
 
     /// Name given at creation.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use memtree::access::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
 use memtree::kvm::{dispatch_exit, ExitAction, KvmMemorySlots};
-use memtree::{Memory, RamBacking};
+use memtree::{DirtyClient, Memory, RamBacking};
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;
 
@@ -347,5 +347,72 @@ fn kvm_dropping_the_slot_listener_deletes_its_slots() {
         "dropping the listener deleted its slot"
     );
     drop((view, space));
+    assert!(memory.teardown().is_clean());
+}
+
+/// The guest of the dirty-log test (real mode, at 0x1000): writes one byte
+/// at 0x2000, one at 0x5123 and a word across the 0x8000/0x9000 boundary.
+const DIRTY_GUEST: &[u8] = &[
+    0xc6, 0x06, 0x00, 0x20, 0x11, // mov byte [0x2000], 0x11
+    0xc6, 0x06, 0x23, 0x51, 0x22, // mov byte [0x5123], 0x22
+    0xc7, 0x06, 0xff, 0x8f, 0x44, 0x33, // mov word [0x8fff], 0x3344
+    0xf4, // hlt
+];
+
+/// Global tracking sets `KVM_MEM_LOG_DIRTY_PAGES` on the RAM slot, and
+/// `log_sync` (through `take_dirty_ram`) reports exactly the pages the guest
+/// wrote, with no exit: KVM's log merged into memtree's MIGRATION bitmap.
+#[test]
+fn kvm_log_sync_reports_exactly_the_pages_the_guest_wrote() {
+    let Some((kvm, vm)) = kvm_or_skip("kvm_log_sync_reports_exactly_the_pages_the_guest_wrote")
+    else {
+        return;
+    };
+    let memory = Memory::new();
+    let system = memory.new_container("system", 1 << 32, None).unwrap();
+    let ram = memory.new_ram("pc.ram", 0xc000, None).unwrap();
+    memory.add_subregion(system, 0, ram).unwrap();
+    let sid = memory.new_address_space("memory", system, None).unwrap();
+    let space = memory.address_space(sid).unwrap();
+    space.write(0x1000, DIRTY_GUEST, A);
+    let slots = Arc::new(KvmMemorySlots::new(&kvm, vm.clone()));
+    let lid = memory.register_listener(sid, slots.clone()).unwrap();
+    assert!(slots.logging_slots().is_empty(), "no client tracks yet");
+    memory.global_dirty_log_start().unwrap();
+    assert_eq!(slots.logging_slots().len(), 1, "{:?}", slots.errors());
+    memory.set_log(ram, DirtyClient::VGA, true).unwrap();
+
+    let mut vcpu = real_mode_vcpu(&vm, 0x1000);
+    let mut mem = space.cursor();
+    let mut exits = Vec::new();
+    for _ in 0..16 {
+        let action = dispatch_exit(vcpu.run().expect("KVM_RUN"), &mut mem, None);
+        exits.push(action.clone());
+        if action != ExitAction::Resume {
+            break;
+        }
+    }
+    assert_eq!(exits, vec![ExitAction::Halt], "RAM writes need no exit");
+    let taken = memory.take_dirty_ram(sid, DirtyClient::MIGRATION).unwrap();
+    let pages: Vec<u64> = taken[0].dirty.pages().collect();
+    assert_eq!(pages, vec![0x2000, 0x5000, 0x8000, 0x9000]);
+    // The same sync fed VGA; KVM's log was cleared by the fetch.
+    let vga: Vec<u64> = memory
+        .snapshot_and_clear_dirty(ram, 0, 0xc000, DirtyClient::VGA)
+        .unwrap()
+        .pages()
+        .collect();
+    assert_eq!(vga, vec![0x2000, 0x5000, 0x8000, 0x9000]);
+    let again = memory.take_dirty_ram(sid, DirtyClient::MIGRATION).unwrap();
+    assert_eq!(again[0].dirty.count(), 0);
+    let mut b = [0u8; 2];
+    assert!(space.read(0x8fff, &mut b, A).is_ok());
+    assert_eq!(b, [0x44, 0x33]);
+
+    memory.set_log(ram, DirtyClient::VGA, false).unwrap();
+    memory.global_dirty_log_stop().unwrap();
+    assert!(slots.logging_slots().is_empty(), "tracking stopped");
+    memory.unregister_listener(lid).unwrap();
+    drop((space, mem));
     assert!(memory.teardown().is_clean());
 }

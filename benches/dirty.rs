@@ -1,0 +1,151 @@
+//! Dirty tracking costs and migration throughput (`memtree::dirty`,
+//! `memtree::migration`).
+//!
+//! ```text
+//! cargo bench --bench dirty -- --warm-up-time 1 --measurement-time 2
+//! ```
+//!
+//! * `dirty_write/{u32,4k}/{none,tracking,stopped}`: a u32 store and a 4 KiB
+//!   write through a cursor to RAM no client ever tracked, RAM tracked by
+//!   VGA, and RAM whose tracking was started and stopped again.
+//! * `dirty_bitmap_4g/{sync,snapshot_and_clear,take_dirty_ram}`: the bitmap
+//!   of 4 GiB of anonymous RAM that is never touched (16 dirty pages set
+//!   per iteration).
+//! * `migration_1g` (printed, not a criterion group: one run takes
+//!   seconds): 1 GiB of RAM with contents in every page, no writers, over a
+//!   Unix socket pair to a receiver thread, against `memcpy` of the same
+//!   1 GiB in the same run. Set `MEMTREE_BENCH_MIGRATION=0` to skip.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use memtree::migration::{self, SendConfig};
+use memtree::{AddressSpace, DirtyClient, Endian, MemTxAttrs, Memory, RegionId, SpaceId};
+
+const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;
+
+fn one_ram(size: u64) -> (Memory, RegionId, SpaceId, AddressSpace) {
+    let memory = Memory::new();
+    let root = memory.new_container("system", 1 << 40, None).unwrap();
+    let ram = memory.new_ram("ram", size, None).unwrap();
+    memory.add_subregion(root, 0, ram).unwrap();
+    let space = memory.new_address_space("memory", root, None).unwrap();
+    let h = memory.address_space(space).unwrap();
+    (memory, ram, space, h)
+}
+
+fn dirty_write(c: &mut Criterion) {
+    let mut g = c.benchmark_group("dirty_write");
+    for mode in ["none", "tracking", "stopped"] {
+        let (memory, ram, _, h) = one_ram(16 << 20);
+        match mode {
+            "tracking" => memory.set_log(ram, DirtyClient::VGA, true).unwrap(),
+            "stopped" => {
+                memory.set_log(ram, DirtyClient::VGA, true).unwrap();
+                memory.set_log(ram, DirtyClient::VGA, false).unwrap();
+            }
+            _ => {}
+        }
+        let mut cur = h.cursor();
+        let mut addr = 0u64;
+        g.bench_function(format!("u32/{mode}"), |b| {
+            b.iter(|| {
+                // Walk the pages so a tracked store sets fresh bits too.
+                addr = (addr + 4096 + 4) & ((16 << 20) - 1);
+                black_box(cur.store::<u32>(black_box(addr), 7, Endian::Little, A))
+            })
+        });
+        let buf = vec![0x5au8; 4096];
+        let mut addr = 0u64;
+        g.bench_function(format!("4k/{mode}"), |b| {
+            b.iter(|| {
+                addr = (addr + 4096) & ((16 << 20) - 1);
+                black_box(cur.write(black_box(addr), &buf, A))
+            })
+        });
+        drop(cur);
+        drop(h);
+        drop(memory);
+    }
+    g.finish();
+}
+
+fn dirty_bitmap_4g(c: &mut Criterion) {
+    let mut g = c.benchmark_group("dirty_bitmap_4g");
+    let (memory, ram, space, h) = one_ram(4 << 30);
+    memory.set_log(ram, DirtyClient::VGA, true).unwrap();
+    memory.global_dirty_log_start().unwrap();
+    let dirty16 = |h: &AddressSpace| {
+        for i in 0..16u64 {
+            let _ = h.store::<u8>(i * (256 << 20), 1, Endian::Little, A);
+        }
+    };
+    g.bench_function("sync", |b| b.iter(|| memory.dirty_log_sync().unwrap()));
+    g.bench_function("snapshot_and_clear", |b| {
+        b.iter(|| {
+            dirty16(&h);
+            black_box(
+                memory
+                    .snapshot_and_clear_dirty(ram, 0, 4 << 30, DirtyClient::VGA)
+                    .unwrap(),
+            )
+        })
+    });
+    g.bench_function("take_dirty_ram", |b| {
+        b.iter(|| {
+            dirty16(&h);
+            black_box(
+                memory
+                    .take_dirty_ram(space, DirtyClient::MIGRATION)
+                    .unwrap(),
+            )
+        })
+    });
+    g.finish();
+}
+
+fn migration_1g(_: &mut Criterion) {
+    if std::env::var("MEMTREE_BENCH_MIGRATION").as_deref() == Ok("0") {
+        return;
+    }
+    const SIZE: u64 = 1 << 30;
+    let (memory, _, space, h) = one_ram(SIZE);
+    for p in (0..SIZE).step_by(4096) {
+        let _ = h.store::<u64>(p, p | 1, Endian::Little, A);
+    }
+    let (rx_memory, _, rx_space, _) = one_ram(SIZE);
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let t = Instant::now();
+    let receiver = std::thread::spawn(move || {
+        migration::receive(&rx_memory, rx_space, b).unwrap();
+    });
+    let stats = migration::send(&memory, space, &a, &SendConfig::default(), |_| {}).unwrap();
+    drop(a);
+    receiver.join().unwrap();
+    let mig = t.elapsed();
+    drop(memory);
+    // memcpy of the same 1 GiB (both buffers touched first, as RAM is).
+    let src = vec![1u8; SIZE as usize];
+    let mut dst = vec![2u8; SIZE as usize];
+    let t = Instant::now();
+    dst.copy_from_slice(&src);
+    black_box(&dst);
+    let copy = t.elapsed();
+    let gbs = |d: std::time::Duration| SIZE as f64 / d.as_secs_f64() / 1e9;
+    println!(
+        "migration_1g: send+receive+verify+commit {:?} ({:.2} GB/s, {} rounds, {} MiB on the \
+         wire, sender total {:?}); memcpy {:?} ({:.2} GB/s); ratio {:.1}x",
+        mig,
+        gbs(mig),
+        stats.rounds,
+        stats.bytes >> 20,
+        stats.total,
+        copy,
+        gbs(copy),
+        mig.as_secs_f64() / copy.as_secs_f64()
+    );
+}
+
+criterion_group!(benches, dirty_write, dirty_bitmap_4g, migration_1g);
+criterion_main!(benches);

@@ -1,0 +1,745 @@
+//! Dirty memory tracking: QEMU's dirty-log clients and bitmaps
+//! (qemu-memory-semantics.md §7).
+//!
+//! # Clients
+//!
+//! A [`DirtyClient`] is one consumer of "which pages were written": VGA (a
+//! display device watching its own frame buffer, [`crate::Machine::set_log`]),
+//! CODE (a translator's code cache), MIGRATION (global tracking, started and
+//! stopped with [`crate::Machine::global_dirty_log_start`] / `_stop`), and up
+//! to five clients a program defines ([`DirtyClient::custom`]). A flat
+//! range's dirty-log mask is QEMU's `memory_region_get_dirty_log_mask`: the
+//! region's own clients, plus MIGRATION while global tracking runs when the
+//! region is RAM (all of memtree's RAM is migratable; RAM devices and ROM
+//! devices are not). The mask is frozen into the flat range at render; a
+//! change of either part re-renders, so listeners see it as
+//! `region_nop` + `log_start` / `log_stop` in QEMU's order.
+//!
+//! # Bitmaps
+//!
+//! Bits are kept per [`RamBlock`](crate::RamBlock) (QEMU's `ram_addr_t`
+//! space), one bit per target page ([`TARGET_PAGE_SIZE`], 4 KiB), one
+//! bitmap per client, allocated the first time a range of the block is
+//! rendered with that client in its mask and freed with the block. So:
+//!
+//! * tracking costs nothing while no client tracks a range: the flat range
+//!   carries `None` and a write pays one predictable branch;
+//! * bitmap memory grows and shrinks with the RAM it covers (one bit per
+//!   4 KiB page per client in use: 32 KiB per GiB; the zeroed allocation is
+//!   lazily backed by the OS, so untouched bits cost no memory either);
+//! * bits belong to memory, never to addresses. A region **moved** while
+//!   tracked keeps its bits (the pages written are still the pages
+//!   written); a region **unplugged** while tracked takes its bits with it
+//!   (a new region at the same addresses has its own block and starts
+//!   clean: never stale bits for memory that now belongs to another
+//!   region); a region **resized** keeps the bits of the pages it still
+//!   covers, and every page beyond its new end is cleared, so growing back
+//!   does not resurrect old bits.
+//!
+//! # Who marks
+//!
+//! Every write that reaches RAM through memtree marks the pages it touched
+//! for every client in the range's mask: dispatch (buffer, typed, rmw,
+//! cursor, shared handle), DMA mappings (on unmap, the length written),
+//! [`crate::cache`] writes, the vm-memory view (see
+//! [`crate::guest_memory`]) and, through `log_sync`, KVM's own log.
+//! Marking is a relaxed `fetch_or`, skipped when the bit is already set, so
+//! a page written over and over costs one load after the first write.
+//!
+//! # Reading and clearing
+//!
+//! [`crate::Machine::get_dirty`] tests, [`crate::Machine::snapshot_and_clear_dirty`]
+//! syncs, copies and clears (QEMU's `memory_region_snapshot_and_clear_dirty`:
+//! the range is rounded outwards to 64 pages), and
+//! [`crate::Machine::take_dirty_ram`] returns and clears the dirty pages of
+//! every RAM region of an address space for one client (what a migration
+//! round sends).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use crate::flatview::FlatRange;
+use crate::region::{Backing, RegionId, RegionKind};
+
+/// Target page size: the granularity of dirty tracking.
+pub const TARGET_PAGE_SIZE: u64 = 1 << TARGET_PAGE_BITS;
+/// Log2 of [`TARGET_PAGE_SIZE`].
+pub const TARGET_PAGE_BITS: u32 = 12;
+/// Number of clients a mask can name (a mask is a `u8`).
+pub const MAX_CLIENTS: u8 = 8;
+
+/// One consumer of dirty bits (a bit of the dirty-log mask).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DirtyClient(u8);
+
+impl DirtyClient {
+    /// QEMU's `DIRTY_MEMORY_VGA`: a display device's own region.
+    pub const VGA: DirtyClient = DirtyClient(0);
+    /// QEMU's `DIRTY_MEMORY_CODE`: a translator's code cache.
+    pub const CODE: DirtyClient = DirtyClient(1);
+    /// QEMU's `DIRTY_MEMORY_MIGRATION`: global tracking.
+    pub const MIGRATION: DirtyClient = DirtyClient(2);
+
+    /// A program-defined client, `n` in `3..8`.
+    pub fn custom(n: u8) -> Option<DirtyClient> {
+        (3..MAX_CLIENTS).contains(&n).then_some(DirtyClient(n))
+    }
+    /// The client's index (its bit number in a mask).
+    pub fn index(self) -> u8 {
+        self.0
+    }
+    /// The client's bit in a dirty-log mask.
+    pub fn mask(self) -> u8 {
+        1 << self.0
+    }
+}
+
+/// The dirty bitmaps of one RAM block, one per client, each allocated on
+/// first use and freed with the block.
+pub(crate) struct BlockDirty {
+    pages: u64,
+    /// The mask of the ranges last rendered over this block: what writes
+    /// that do not go through a flat range (DMA mappings, caches, the
+    /// vm-memory view) mark, so they follow tracking started after they
+    /// were made (QEMU computes the mask from the region at write time).
+    live: std::sync::atomic::AtomicU8,
+    clients: [OnceLock<Box<[AtomicU64]>>; MAX_CLIENTS as usize],
+}
+
+impl std::fmt::Debug for BlockDirty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let used: Vec<usize> = (0..self.clients.len())
+            .filter(|&i| self.clients[i].get().is_some())
+            .collect();
+        write!(f, "BlockDirty({} pages, clients {used:?})", self.pages)
+    }
+}
+
+impl BlockDirty {
+    pub(crate) fn new(size: u64) -> BlockDirty {
+        BlockDirty {
+            pages: size.div_ceil(TARGET_PAGE_SIZE),
+            live: std::sync::atomic::AtomicU8::new(0),
+            clients: Default::default(),
+        }
+    }
+
+    fn words(&self) -> usize {
+        self.pages.div_ceil(64) as usize
+    }
+
+    /// The client's bitmap, allocated if needed.
+    fn ensure(&self, client: u8) -> &[AtomicU64] {
+        self.clients[client as usize]
+            .get_or_init(|| (0..self.words()).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn bitmap(&self, client: u8) -> Option<&[AtomicU64]> {
+        self.clients[client as usize].get().map(|b| &**b)
+    }
+
+    /// Marks `[offset, offset + len)` of the block for every client of
+    /// `mask` (whose bitmaps exist: `attach` allocated them).
+    #[inline]
+    pub(crate) fn mark(&self, mask: u8, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset >> TARGET_PAGE_BITS;
+        let last = (offset + len - 1) >> TARGET_PAGE_BITS;
+        let mut m = mask;
+        while m != 0 {
+            let c = m.trailing_zeros() as u8;
+            m &= m - 1;
+            if let Some(bits) = self.bitmap(c) {
+                set_bits(bits, first, last.min(self.pages.saturating_sub(1)));
+            }
+        }
+    }
+
+    /// Marks `[offset, offset + len)` for the clients currently tracking
+    /// this memory (see `live`); one load and a branch when none does.
+    #[inline]
+    pub(crate) fn mark_live(&self, offset: u64, len: u64) {
+        let mask = self.live.load(Ordering::Relaxed);
+        if mask != 0 {
+            self.mark(mask, offset, len);
+        }
+    }
+
+    /// Whether any page of `[first, last]` is dirty for `client`.
+    fn any(&self, client: u8, first: u64, last: u64) -> bool {
+        let Some(bits) = self.bitmap(client) else {
+            return false;
+        };
+        (first..=last.min(self.pages.saturating_sub(1)))
+            .any(|p| bits[(p / 64) as usize].load(Ordering::Relaxed) & (1 << (p % 64)) != 0)
+    }
+
+    /// Copies and clears the bits of pages `[first, last]` (`first` a
+    /// multiple of 64): word `i` of the result holds pages `first + 64 i ..`.
+    fn take(&self, client: u8, first: u64, last: u64) -> Vec<u64> {
+        let last = last.min(self.pages.saturating_sub(1));
+        let mut out = Vec::new();
+        let Some(bits) = self.bitmap(client) else {
+            return out;
+        };
+        if first > last {
+            return out;
+        }
+        let (w0, w1) = ((first / 64) as usize, (last / 64) as usize);
+        out.reserve(w1 - w0 + 1);
+        for (i, w) in bits[w0..=w1].iter().enumerate() {
+            let keep = if w0 + i == w1 && last % 64 != 63 {
+                !((1u64 << (last % 64 + 1)) - 1)
+            } else {
+                0
+            };
+            // Load first: an all-clean word (the common case) is not written.
+            let v = if w.load(Ordering::Relaxed) & !keep != 0 {
+                w.fetch_and(keep, Ordering::AcqRel) & !keep
+            } else {
+                0
+            };
+            out.push(v);
+        }
+        out
+    }
+
+    /// Clears every bit of pages `[first, ..)` for every client (a region
+    /// shrank: the pages past its end are no longer its memory).
+    pub(crate) fn clear_from(&self, first: u64) {
+        for c in 0..MAX_CLIENTS {
+            if self.bitmap(c).is_some() {
+                let _ = self.take_unaligned(c, first, u64::MAX);
+            }
+        }
+    }
+}
+
+#[inline]
+fn set_bits(bits: &[AtomicU64], first: u64, last: u64) {
+    if first > last {
+        return;
+    }
+    let (w0, w1) = ((first / 64) as usize, (last / 64) as usize);
+    for (i, word) in bits[w0..=w1].iter().enumerate() {
+        let w = w0 + i;
+        let lo = if w == w0 { first % 64 } else { 0 };
+        let hi = if w == w1 { last % 64 } else { 63 };
+        let m = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
+        // A page written again costs one load, not a locked instruction.
+        if word.load(Ordering::Relaxed) & m != m {
+            word.fetch_or(m, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What a tracked flat range knows to mark its writes: the block's
+/// bitmaps, the mask, and where the range starts in the block.
+#[derive(Debug, Clone)]
+pub(crate) struct RangeDirty {
+    pub(crate) log: Arc<BlockDirty>,
+    pub(crate) mask: u8,
+    pub(crate) block_offset: u64,
+    /// When `mask` names a single client: the first word of its bitmap
+    /// (a fast path for the common one-page write). The bitmap is owned by
+    /// `log`'s `OnceLock`, which never replaces or frees it while `log`
+    /// lives, and `log` lives as long as this.
+    single: Option<std::ptr::NonNull<AtomicU64>>,
+}
+
+/// Sets each range's effective dirty-log mask (QEMU's
+/// `memory_region_get_dirty_log_mask`) and, for RAM with a nonzero mask,
+/// its marking handle; allocates the clients' bitmaps. Called on every
+/// freshly rendered view before it is published.
+pub(crate) fn attach(ranges: &mut [FlatRange], global: bool) {
+    for r in ranges {
+        let (block, offset) = match r.region.backing() {
+            Backing::Ram { block, offset } => (block, *offset),
+            _ => continue,
+        };
+        let mut mask = r.attrs.dirty_log_mask;
+        if global && r.region.kind() == RegionKind::Ram {
+            mask |= DirtyClient::MIGRATION.mask();
+        }
+        r.attrs.dirty_log_mask = mask;
+        let log = block.block().dirty_log();
+        let mut m = mask;
+        while m != 0 {
+            log.ensure(m.trailing_zeros() as u8);
+            m &= m - 1;
+        }
+        // After the bitmaps exist: `mark` skips a client without one.
+        log.live.store(mask, Ordering::Release);
+        if mask == 0 {
+            continue;
+        }
+        let single = (mask.count_ones() == 1)
+            .then(|| log.bitmap(mask.trailing_zeros() as u8))
+            .flatten()
+            .and_then(|b| std::ptr::NonNull::new(b.as_ptr().cast_mut()));
+        r.dirty = Some(RangeDirty {
+            log: log.clone(),
+            mask,
+            block_offset: offset + r.offset_in_region,
+            single,
+        });
+    }
+}
+
+impl FlatRange {
+    /// Marks `[addr, addr + len)` (address-space coordinates, inside the
+    /// range) dirty for every client tracking the range; nothing when none
+    /// does. What every write path calls after writing RAM.
+    #[inline]
+    pub fn mark_dirty(&self, addr: u64, len: u64) {
+        if let Some(d) = &self.dirty {
+            if len == 0 {
+                return;
+            }
+            let off = d.block_offset + (addr - self.start);
+            let (first, last) = (off >> TARGET_PAGE_BITS, (off + len - 1) >> TARGET_PAGE_BITS);
+            if let (Some(words), true) = (d.single, first == last && first < d.log.pages) {
+                // SAFETY: `words` is the first word of a bitmap of
+                // `d.log.pages.div_ceil(64)` words kept alive and in place
+                // by `d.log` (see `RangeDirty::single`), and
+                // `first < pages`, so word `first / 64` is in it.
+                let word = unsafe { &*words.as_ptr().add((first / 64) as usize) };
+                let bit = 1u64 << (first % 64);
+                if word.load(Ordering::Relaxed) & bit == 0 {
+                    word.fetch_or(bit, Ordering::Relaxed);
+                }
+                return;
+            }
+            d.log.mark(d.mask, off, len);
+        }
+    }
+
+    /// Marks the pages set in `bitmap` dirty for every client tracking the
+    /// range: bit `i` (little-endian words, KVM's layout) is the page at
+    /// `first + i * TARGET_PAGE_SIZE` (address-space coordinates), clipped
+    /// to the range. What a listener's `log_sync` uses to merge an external
+    /// log (KVM's).
+    pub fn mark_dirty_bitmap(&self, first: u64, bitmap: &[u64]) {
+        let Some(d) = &self.dirty else { return };
+        for (wi, &w) in bitmap.iter().enumerate() {
+            let mut w = w;
+            while w != 0 {
+                let b = u64::from(w.trailing_zeros());
+                w &= w - 1;
+                let Some(a) = (wi as u64 * 64 + b)
+                    .checked_mul(TARGET_PAGE_SIZE)
+                    .and_then(|o| first.checked_add(o))
+                else {
+                    break;
+                };
+                let from = a.max(self.start);
+                let to = a.saturating_add(TARGET_PAGE_SIZE - 1).min(self.last);
+                if from <= to && a <= self.last {
+                    d.log
+                        .mark(d.mask, d.block_offset + (from - self.start), to - from + 1);
+                }
+            }
+        }
+    }
+}
+
+/// The result of [`crate::Machine::snapshot_and_clear_dirty`] (QEMU's
+/// `DirtyBitmapSnapshot`): the dirty pages of a region range at the time of
+/// the call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtySnapshot {
+    /// Region offset of the first page the snapshot covers (a multiple of
+    /// 64 pages).
+    start: u64,
+    /// One bit per page from `start`.
+    words: Vec<u64>,
+}
+
+impl DirtySnapshot {
+    /// QEMU's `memory_region_snapshot_get_dirty`: whether any page of
+    /// `[offset, offset + len)` (region offsets) was dirty.
+    pub fn get_dirty(&self, offset: u64, len: u64) -> bool {
+        if len == 0 {
+            return false;
+        }
+        let first = offset / TARGET_PAGE_SIZE;
+        let last = (offset + len - 1) / TARGET_PAGE_SIZE;
+        (first..=last).any(|p| self.page(p))
+    }
+
+    fn page(&self, p: u64) -> bool {
+        let Some(i) = p.checked_sub(self.start / TARGET_PAGE_SIZE) else {
+            return false;
+        };
+        self.words
+            .get((i / 64) as usize)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    /// Region offsets of the dirty pages, ascending.
+    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        let base = self.start;
+        self.words.iter().enumerate().flat_map(move |(wi, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let b = u64::from(w.trailing_zeros());
+                w &= w - 1;
+                Some(base + (wi as u64 * 64 + b) * TARGET_PAGE_SIZE)
+            })
+        })
+    }
+
+    /// Number of dirty pages.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+}
+
+/// The RAM of a region as tracking sees it: its block and where the region
+/// starts in it.
+pub(crate) fn region_block(
+    core: &crate::region::RegionCore,
+) -> Option<(&Arc<crate::backend::MemoryBackend>, u64)> {
+    match core.backing() {
+        Backing::Ram { block, offset } => Some((block, *offset)),
+        _ => None,
+    }
+}
+
+/// Tests a region range (region offsets) for a client.
+pub(crate) fn region_get_dirty(
+    core: &crate::region::RegionCore,
+    offset: u64,
+    len: u64,
+    client: DirtyClient,
+) -> bool {
+    let Some((block, base)) = region_block(core) else {
+        return false;
+    };
+    if len == 0 {
+        return false;
+    }
+    let a = base + offset;
+    block.block().dirty_log().any(
+        client.0,
+        a >> TARGET_PAGE_BITS,
+        (a + len - 1) >> TARGET_PAGE_BITS,
+    )
+}
+
+/// Copies and clears a region range (region offsets, rounded outwards to
+/// 64 pages as QEMU does) for a client.
+pub(crate) fn region_take(
+    core: &crate::region::RegionCore,
+    size: u64,
+    offset: u64,
+    len: u64,
+    client: DirtyClient,
+) -> DirtySnapshot {
+    let empty = DirtySnapshot {
+        start: 0,
+        words: Vec::new(),
+    };
+    let Some((block, base)) = region_block(core) else {
+        return empty;
+    };
+    let end = offset.saturating_add(len).min(size);
+    if len == 0 || offset >= end {
+        return empty;
+    }
+    // Round outwards to 64 pages of the *region*; the block offset of the
+    // region need not be 64-page aligned, so take bit by bit where it is not.
+    let first_page = (offset / TARGET_PAGE_SIZE) & !63;
+    let last_page = ((end - 1) / TARGET_PAGE_SIZE) | 63;
+    let last_page = last_page.min((size - 1) / TARGET_PAGE_SIZE);
+    let log = block.block().dirty_log();
+    let base_page = base / TARGET_PAGE_SIZE;
+    let n = (last_page - first_page + 1).div_ceil(64) as usize;
+    let mut words = vec![0u64; n];
+    if base_page % 64 == 0 {
+        let got = log.take(client.0, base_page + first_page, base_page + last_page);
+        for (i, w) in got.into_iter().enumerate() {
+            words[i] = w;
+        }
+    } else {
+        // Unaligned block offset: take the enclosing words and shift.
+        let lo = base_page + first_page;
+        let hi = base_page + last_page;
+        let got = log.take_unaligned(client.0, lo, hi);
+        for p in got {
+            let i = p - lo;
+            words[(i / 64) as usize] |= 1 << (i % 64);
+        }
+    }
+    DirtySnapshot {
+        start: first_page * TARGET_PAGE_SIZE,
+        words,
+    }
+}
+
+impl BlockDirty {
+    /// Takes pages `[lo, hi]` (any alignment) and returns their numbers.
+    fn take_unaligned(&self, client: u8, lo: u64, hi: u64) -> Vec<u64> {
+        let Some(bits) = self.bitmap(client) else {
+            return Vec::new();
+        };
+        let hi = hi.min(self.pages.saturating_sub(1));
+        let mut out = Vec::new();
+        let mut p = lo;
+        while p <= hi {
+            let w = (p / 64) as usize;
+            let lo_b = p % 64;
+            let hi_b = if hi / 64 == p / 64 { hi % 64 } else { 63 };
+            let m = (u64::MAX >> (63 - hi_b)) & (u64::MAX << lo_b);
+            if bits[w].load(Ordering::Relaxed) & m != 0 {
+                let mut v = bits[w].fetch_and(!m, Ordering::AcqRel) & m;
+                while v != 0 {
+                    out.push(w as u64 * 64 + u64::from(v.trailing_zeros()));
+                    v &= v - 1;
+                }
+            }
+            p = (w as u64 + 1) * 64;
+        }
+        out
+    }
+}
+
+/// One RAM region of an address space with the dirty pages
+/// [`crate::Machine::take_dirty_ram`] took from it.
+#[derive(Debug, Clone)]
+pub struct RegionDirtyPages {
+    /// The region.
+    pub region: RegionId,
+    /// Its name.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its dirty pages.
+    pub dirty: DirtySnapshot,
+}
+
+type Result<T> = std::result::Result<T, crate::TopologyError>;
+
+impl crate::Machine {
+    /// The core and size of a RAM region, or why not.
+    fn ram_region(&self, id: RegionId) -> Result<(Arc<crate::region::RegionCore>, u64)> {
+        self.read(|t| {
+            let n = t.node(id).ok_or(crate::TopologyError::NoSuchRegion(id))?;
+            if region_block(&n.core).is_none() {
+                return Err(crate::TopologyError::WrongKind {
+                    region: n.name().to_owned(),
+                    expected: "RAM",
+                });
+            }
+            Ok((n.core.clone(), u64::try_from(n.size).unwrap_or(u64::MAX)))
+        })
+    }
+
+    /// QEMU's `memory_region_set_log`: starts (`on`) or stops `client`'s
+    /// tracking of `region` (re-rendering: listeners get `log_start` /
+    /// `log_stop`). Any client but MIGRATION, which is global
+    /// ([`crate::Machine::global_dirty_log_start`]). Not reference-counted:
+    /// the last call wins.
+    pub fn set_log(&self, region: RegionId, client: DirtyClient, on: bool) -> Result<()> {
+        if client == DirtyClient::MIGRATION {
+            let name = self.region_info(region)?.name;
+            return Err(crate::TopologyError::WrongKind {
+                region: name,
+                expected: "tracked by a per-region client (MIGRATION is global)",
+            });
+        }
+        let mask = self.read(|t| t.node(region).map(|n| n.dirty_log_mask));
+        let mask = mask.ok_or(crate::TopologyError::NoSuchRegion(region))?;
+        let new = if on {
+            mask | client.mask()
+        } else {
+            mask & !client.mask()
+        };
+        if new == mask {
+            return Ok(());
+        }
+        self.set_dirty_log_mask(region, new)
+    }
+
+    /// Whether any page of `[offset, offset + len)` of RAM region `region`
+    /// is dirty for `client` (no sync: see [`crate::Machine::dirty_log_sync`]).
+    pub fn get_dirty(
+        &self,
+        region: RegionId,
+        offset: u64,
+        len: u64,
+        client: DirtyClient,
+    ) -> Result<bool> {
+        let (core, _) = self.ram_region(region)?;
+        Ok(region_get_dirty(&core, offset, len, client))
+    }
+
+    /// QEMU's `memory_global_dirty_log_sync`: every listener's `log_sync`
+    /// for every range with a nonzero mask (KVM merges its log here).
+    pub fn dirty_log_sync(&self) -> Result<()> {
+        self.each_logging_section(None, "log_sync", |l, s| l.log_sync(s))
+    }
+
+    /// QEMU's `memory_region_snapshot_and_clear_dirty`: syncs the region's
+    /// ranges (`log_sync`), atomically copies and clears `client`'s bits of
+    /// `[offset, offset + len)` rounded outwards to 64 pages, then tells
+    /// listeners (`log_clear`) for every range of the region that overlaps.
+    pub fn snapshot_and_clear_dirty(
+        &self,
+        region: RegionId,
+        offset: u64,
+        len: u64,
+        client: DirtyClient,
+    ) -> Result<DirtySnapshot> {
+        let (core, size) = self.ram_region(region)?;
+        self.each_logging_section(Some(region), "log_sync", |l, s| l.log_sync(s))?;
+        let snap = region_take(&core, size, offset, len, client);
+        if snap.words.is_empty() {
+            return Ok(snap);
+        }
+        let (lo, hi) = (
+            snap.start,
+            snap.start + snap.words.len() as u64 * 64 * TARGET_PAGE_SIZE,
+        );
+        self.each_logging_section(Some(region), "log_clear", |l, s| {
+            let r = s.range;
+            let (a, b) = (r.offset_in_region(), r.offset_in_region() as u128 + r.len());
+            let from = a.max(lo);
+            let to = (b.min(u128::from(hi))) as u64;
+            if from < to {
+                l.log_clear(s, from - a, to - from);
+            }
+        })?;
+        Ok(snap)
+    }
+
+    /// The migration-oriented pass over an address space's RAM: syncs
+    /// (`log_sync`), then for every RAM region the space's view reaches
+    /// (in address order of first appearance, each once), takes and clears
+    /// `client`'s dirty pages of the whole region.
+    pub fn take_dirty_ram(
+        &self,
+        space: crate::SpaceId,
+        client: DirtyClient,
+    ) -> Result<Vec<RegionDirtyPages>> {
+        self.dirty_log_sync()?;
+        let view = self.address_space(space)?.view();
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for r in view.ranges() {
+            let core = r.region();
+            if r.attrs().region_type != crate::RegionType::Ram || region_block(core).is_none() {
+                continue;
+            }
+            if !seen.insert(core.id()) {
+                continue;
+            }
+            let (core, size) = self.ram_region(core.id())?;
+            out.push(RegionDirtyPages {
+                region: core.id(),
+                name: core.name().to_owned(),
+                size,
+                dirty: region_take(&core, size, 0, size, client),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// After a RAM region was resized: the pages of its block past the new end
+/// lose their bits (module docs, "Bitmaps").
+pub(crate) fn after_resize(machine: &crate::Machine, region: RegionId, size: u128) {
+    if let Ok((core, _)) = machine.ram_region(region) {
+        if let Some((block, base)) = region_block(&core) {
+            let end = u128::from(base) + size;
+            let first = end.div_ceil(u128::from(TARGET_PAGE_SIZE));
+            if let Ok(first) = u64::try_from(first) {
+                block.block().dirty_log().clear_from(first);
+            }
+        }
+    }
+}
+
+/// The bitmap of the vm-memory view's regions ([`crate::guest_memory`]):
+/// vm-memory calls `mark_dirty` for every write through a `VolatileSlice`
+/// or `Bytes` method, and it marks the pages for the clients tracking the
+/// memory at that moment.
+#[cfg(all(feature = "vm-memory", unix))]
+#[derive(Clone, Debug)]
+pub struct RamDirtyBitmap {
+    log: Arc<BlockDirty>,
+    base: u64,
+}
+
+/// A [`RamDirtyBitmap`] from some offset on (vm-memory's bitmap slice).
+#[cfg(all(feature = "vm-memory", unix))]
+#[derive(Clone, Copy, Debug)]
+pub struct RamDirtySlice<'a> {
+    log: &'a BlockDirty,
+    base: u64,
+}
+
+#[cfg(all(feature = "vm-memory", unix))]
+mod vm_bitmap {
+    use super::*;
+    use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
+
+    impl RamDirtyBitmap {
+        pub(crate) fn new(log: Arc<BlockDirty>, base: u64) -> RamDirtyBitmap {
+            RamDirtyBitmap { log, base }
+        }
+        pub(crate) fn slice(&self) -> RamDirtySlice<'_> {
+            RamDirtySlice {
+                log: &self.log,
+                base: self.base,
+            }
+        }
+    }
+
+    fn dirty_at(log: &BlockDirty, offset: u64) -> bool {
+        let p = offset >> TARGET_PAGE_BITS;
+        (0..MAX_CLIENTS).any(|c| log.any(c, p, p))
+    }
+
+    impl<'a> WithBitmapSlice<'a> for RamDirtyBitmap {
+        type S = RamDirtySlice<'a>;
+    }
+
+    impl Bitmap for RamDirtyBitmap {
+        fn mark_dirty(&self, offset: usize, len: usize) {
+            self.slice().mark_dirty(offset, len)
+        }
+        fn dirty_at(&self, offset: usize) -> bool {
+            dirty_at(&self.log, self.base + offset as u64)
+        }
+        fn slice_at(&self, offset: usize) -> RamDirtySlice<'_> {
+            self.slice().slice_at(offset)
+        }
+    }
+
+    impl<'b> WithBitmapSlice<'b> for RamDirtySlice<'_> {
+        type S = Self;
+    }
+
+    impl BitmapSlice for RamDirtySlice<'_> {}
+
+    impl Bitmap for RamDirtySlice<'_> {
+        fn mark_dirty(&self, offset: usize, len: usize) {
+            self.log.mark_live(self.base + offset as u64, len as u64);
+        }
+        fn dirty_at(&self, offset: usize) -> bool {
+            dirty_at(self.log, self.base + offset as u64)
+        }
+        fn slice_at(&self, offset: usize) -> Self {
+            RamDirtySlice {
+                log: self.log,
+                base: self.base + offset as u64,
+            }
+        }
+    }
+}
