@@ -706,6 +706,16 @@ mod vm_bitmap {
         (0..MAX_CLIENTS).any(|c| log.any(c, p, p))
     }
 
+    /// A bitmap that tracks nothing: for vm-memory APIs that want one for
+    /// an address range that is not memtree RAM, such as the I/O virtual
+    /// addresses of vm-memory's `IommuMemory` (writes there are marked when
+    /// they reach RAM, by the RAM's own bitmap).
+    impl Default for RamDirtyBitmap {
+        fn default() -> RamDirtyBitmap {
+            RamDirtyBitmap::new(Arc::new(BlockDirty::new(0)), 0)
+        }
+    }
+
     impl<'a> WithBitmapSlice<'a> for RamDirtyBitmap {
         type S = RamDirtySlice<'a>;
     }

@@ -766,7 +766,7 @@ fn vm_memory_iommu_memory_translates_through_memtree() {
     let core = s.dma.view().lookup(0).unwrap().region().clone();
     let adapter = VmMemoryIommu::new(&core, 0, &s.system).unwrap();
     let ram = (*s.system.guest_memory()).clone();
-    let mem = IommuMemory::new(ram, adapter, true, ());
+    let mem = IommuMemory::new(ram, adapter, true, Default::default());
     assert_eq!(mem.read_obj::<u32>(GuestAddress(0x2040)).unwrap(), 0xabcd);
     mem.write_obj(0x55u32, GuestAddress(0x2044)).unwrap();
     assert_eq!(s.system.load::<u32>(0x30_0044, Endian::Little, A).0, 0x55);
