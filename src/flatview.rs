@@ -160,6 +160,29 @@ impl FlatRange {
         self.start <= addr && addr <= self.last
     }
 
+    /// A copy sharing the region (and so the cached host address).
+    pub(crate) fn share(&self) -> FlatRange {
+        FlatRange {
+            start: self.start,
+            last: self.last,
+            offset_in_region: self.offset_in_region,
+            region: Arc::clone(&self.region),
+            attrs: self.attrs,
+            host: self.host,
+        }
+    }
+
+    /// Whether `self` and `next` (which starts right after `self`) are the
+    /// same rendered thing: same region, same attributes, contiguous offsets.
+    /// QEMU's merge rule joins them unless they are unmergeable.
+    pub(crate) fn continues_into(&self, next: &FlatRange) -> bool {
+        self.last.checked_add(1) == Some(next.start)
+            && Arc::ptr_eq(&self.region, &next.region)
+            && self.attrs == next.attrs
+            && u128::from(self.offset_in_region) + u128::from(self.last - self.start) + 1
+                == u128::from(next.offset_in_region)
+    }
+
     pub(crate) fn new(
         start: u64,
         last: u64,
