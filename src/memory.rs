@@ -467,19 +467,18 @@ impl Machine {
                                 None => self.data.empty_view.clone(),
                                 Some(p) => match topo.views.get(&phys) {
                                     Some(v)
-                                        if !v
-                                            .reached
-                                            .iter()
-                                            .any(|r| dirty_slots.contains(r.index)) =>
+                                        if !v.reached_any(|r| dirty_slots.contains(r.index)) =>
                                     {
                                         v.clone()
                                     }
                                     cached => {
-                                        let cached = cached.filter(|_| incremental);
                                         // A view that reached a changed region
                                         // but has no window noted is rendered
                                         // whole (never just reused).
-                                        let windows = affected.get(&p).map(Vec::as_slice);
+                                        let windows = affected
+                                            .get(&p)
+                                            .map(Vec::as_slice)
+                                            .filter(|_| incremental);
                                         self.rerender(&topo, p, cached, windows)
                                     }
                                 },
@@ -603,9 +602,11 @@ impl Machine {
         windows: Option<&[(i128, i128)]>,
     ) -> Arc<FlatView> {
         let root_name = topo.node(p).map(|n| n.name().to_owned());
+        let mut unchanged = false;
         let spliced = match (old, windows) {
             (Some(old), Some(w)) => render::splice(topo, p, old, w).map(|s| {
-                let mut reached = old.reached.clone();
+                unchanged = s.same_as(old.ranges());
+                let mut reached = old.reached();
                 reached.extend(s.reached);
                 (s.ranges, reached)
             }),
@@ -629,9 +630,18 @@ impl Machine {
             }
             None => {
                 let r = render::render(topo, p);
+                unchanged = old.is_some_and(|o| render::same_ranges(o.ranges(), &r.ranges));
                 (r.ranges, r.reached)
             }
         };
+        // A render identical to the last one keeps the last view: nothing is
+        // published and listeners hear nothing for this space. (Its reached
+        // list stays exact or a superset, which only errs towards
+        // re-rendering.)
+        if let Some(old) = old.filter(|_| unchanged) {
+            old.set_reached(reached);
+            return old.clone();
+        }
         Arc::new(FlatView::new(
             Some(p),
             root_name.as_deref(),

@@ -471,11 +471,17 @@ pub(crate) fn splice(
         }
         let rendered = render_clipped(topo, root, (s, e));
         reached.extend(rendered.reached);
-        let new_from = out.len();
+        let (mut old_from, mut new_from) = (old_from, out.len());
         let mut pieces = rendered.ranges.into_iter();
         if let Some(first) = pieces.next() {
             if !push_at_seam(&mut out, first) {
                 return None;
+            }
+            if out.len() == new_from {
+                // Joined to the range before the window (a copy of the old
+                // range just before it): that range changed too.
+                old_from -= 1;
+                new_from -= 1;
             }
         }
         out.extend(pieces);
@@ -502,16 +508,27 @@ pub(crate) fn splice(
 
 /// A splice: the new ranges, the regions the window renders reached, and
 /// which ranges of the old and the new view each window replaced (the rest
-/// are the same ranges in both).
+/// are the same ranges in both, in the same order).
 pub(crate) struct Spliced {
     pub(crate) ranges: Vec<FlatRange>,
     pub(crate) reached: Vec<RegionId>,
-    #[allow(dead_code)]
     pub(crate) windows: Vec<SplicedWindow>,
 }
 
+impl Spliced {
+    /// Whether the splice rendered exactly what `old` holds.
+    pub(crate) fn same_as(&self, old: &[FlatRange]) -> bool {
+        self.ranges.len() == old.len()
+            && self.windows.iter().all(|w| {
+                matches!(
+                    (old.get(w.old.clone()), self.ranges.get(w.new.clone())),
+                    (Some(a), Some(b)) if same_ranges(a, b)
+                )
+            })
+    }
+}
+
 /// Index ranges of the old and new ranges one window covers.
-#[allow(dead_code)]
 pub(crate) struct SplicedWindow {
     pub(crate) old: std::ops::Range<usize>,
     pub(crate) new: std::ops::Range<usize>,

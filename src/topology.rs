@@ -128,7 +128,7 @@ impl Topology {
             affected: HashMap::new(),
             affected_overflow: false,
             alias_sources: HashMap::new(),
-            incremental: std::env::var_os("H8_FULL").is_none(),
+            incremental: true,
             pending: false,
             views: HashMap::new(),
             listeners: Listeners::default(),
