@@ -17,6 +17,10 @@
 //! * `commit/N`: a full commit that re-renders it: toggling one device's
 //!   BAR, which the view reaches (render + listener diff + publish; one
 //!   address space, no listener).
+//!   Incremental: only the BAR's old and new extent is re-rendered and
+//!   spliced into the previous view.
+//! * `commit_full/N`: the same toggle with incremental rendering off (the
+//!   whole view re-rendered): the anchor for `commit/N`.
 //! * `commit_unrelated/N`: a commit of an edit no view reaches (an unmapped
 //!   region): memtree keeps every cached view whose reached regions are
 //!   clean, where QEMU would re-render every view.
@@ -253,6 +257,21 @@ fn bench(c: &mut Criterion) {
                 mach.memory.set_enabled(mach.reached, on).unwrap();
             })
         });
+    }
+    g.finish();
+    // The anchor: the same toggle with incremental rendering off (every
+    // reached view rendered whole, as before incremental rendering).
+    let mut g = c.benchmark_group("commit_full");
+    for (n, mach) in &machines {
+        mach.memory.set_incremental_render(false);
+        let mut on = true;
+        g.bench_with_input(BenchmarkId::from_parameter(n), mach, |b, mach| {
+            b.iter(|| {
+                on = !on;
+                mach.memory.set_enabled(mach.reached, on).unwrap();
+            })
+        });
+        mach.memory.set_incremental_render(true);
     }
     g.finish();
     let mut g = c.benchmark_group("commit_unrelated");
