@@ -9,7 +9,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use memtree::{Memory, MemoryListener, RegionId, Section};
+use memtree::{
+    EventNotifier, EventfdSection, Memory, MemoryListener, RegionId, Section, UnimplementedDevice,
+};
 
 type Log = Arc<Mutex<Vec<String>>>;
 
@@ -49,6 +51,18 @@ impl MemoryListener for Recorder {
             .lock()
             .unwrap()
             .push(format!("log_start {} {old}->{new}", sec(s)));
+    }
+    fn eventfd_add(&self, s: &EventfdSection<'_>) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("eventfd_add {} {:x}", s.space_name, s.addr));
+    }
+    fn eventfd_del(&self, s: &EventfdSection<'_>) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("eventfd_del {} {:x}", s.space_name, s.addr));
     }
     fn log_stop(&self, s: &Section<'_>, old: u8, new: u8) {
         self.0
@@ -340,4 +354,73 @@ fn incremental_render_bar_toggle_reports_only_the_bar() {
     memory.check_views_against_full_render().unwrap();
     let view = memory.address_space(space).unwrap().view();
     assert_eq!(view.ranges().len(), 256);
+}
+
+/// An edit that changes only ioeventfds renders nothing: every published
+/// view stays the same object, no listener hears begin/commit or a range
+/// callback, and only the listener of the space that shows the region hears
+/// the eventfd.
+#[test]
+fn incremental_render_eventfd_only_commit_renders_nothing() {
+    let memory = Memory::new();
+    let system = memory.new_container("system", 1 << 64, None).unwrap();
+    let io = memory.new_container("io", 1 << 16, None).unwrap();
+    let ops: Arc<dyn memtree::MmioOps> = Arc::new(UnimplementedDevice);
+    let notify = memory
+        .new_mmio("notify", 0x1000, ops.clone(), None)
+        .unwrap();
+    let port = memory.new_mmio("port", 0x10, ops, None).unwrap();
+    memory.add_subregion(system, 0xfe00_0000, notify).unwrap();
+    memory.add_subregion(io, 0x100, port).unwrap();
+    let (mem_log, io_log): (Log, Log) = (Arc::default(), Arc::default());
+    let mem_as = memory.new_address_space("mem", system, None).unwrap();
+    let io_as = memory.new_address_space("ports", io, None).unwrap();
+    memory
+        .register_listener(mem_as, Arc::new(Recorder(mem_log.clone())))
+        .unwrap();
+    memory
+        .register_listener(io_as, Arc::new(Recorder(io_log.clone())))
+        .unwrap();
+    mem_log.lock().unwrap().clear();
+    io_log.lock().unwrap().clear();
+    let before = (
+        memory.address_space(mem_as).unwrap().view(),
+        memory.address_space(io_as).unwrap().view(),
+    );
+    let kicks: Vec<Arc<EventNotifier>> = (0..3)
+        .map(|q| EventNotifier::new(&format!("queue{q}")))
+        .collect();
+    let t = memory.begin();
+    for (q, kick) in kicks.iter().enumerate() {
+        memory
+            .add_eventfd(notify, q as u64 * 4, 2, None, kick)
+            .unwrap();
+    }
+    t.commit();
+    let after = (
+        memory.address_space(mem_as).unwrap().view(),
+        memory.address_space(io_as).unwrap().view(),
+    );
+    assert!(
+        Arc::ptr_eq(&before.0, &after.0),
+        "the memory view was re-rendered"
+    );
+    assert!(
+        Arc::ptr_eq(&before.1, &after.1),
+        "the port view was re-rendered"
+    );
+    assert_eq!(
+        *mem_log.lock().unwrap(),
+        [
+            "eventfd_add mem fe000000",
+            "eventfd_add mem fe000004",
+            "eventfd_add mem fe000008"
+        ]
+        .map(String::from),
+    );
+    assert!(
+        io_log.lock().unwrap().is_empty(),
+        "{:?}",
+        io_log.lock().unwrap()
+    );
 }
