@@ -17,6 +17,10 @@
 //! * `commit/N`: a full commit that re-renders it: toggling one device's
 //!   BAR, which the view reaches (render + listener diff + publish; one
 //!   address space, no listener).
+//!   Incremental: only the BAR's old and new extent is re-rendered and
+//!   spliced into the previous view.
+//! * `commit_full/N`: the same toggle with incremental rendering off (the
+//!   whole view re-rendered): the anchor for `commit/N`.
 //! * `commit_unrelated/N`: a commit of an edit no view reaches (an unmapped
 //!   region): memtree keeps every cached view whose reached regions are
 //!   clean, where QEMU would re-render every view.
@@ -255,6 +259,21 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.finish();
+    // The anchor: the same toggle with incremental rendering off (every
+    // reached view rendered whole, as before incremental rendering).
+    let mut g = c.benchmark_group("commit_full");
+    for (n, mach) in &machines {
+        mach.memory.set_incremental_render(false);
+        let mut on = true;
+        g.bench_with_input(BenchmarkId::from_parameter(n), mach, |b, mach| {
+            b.iter(|| {
+                on = !on;
+                mach.memory.set_enabled(mach.reached, on).unwrap();
+            })
+        });
+        mach.memory.set_incremental_render(true);
+    }
+    g.finish();
     let mut g = c.benchmark_group("commit_unrelated");
     for (n, mach) in &machines {
         let mut on = true;
@@ -268,5 +287,84 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// Peak resident set of the process (Linux `VmHWM`), in MiB.
+fn peak_rss_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// The POWER8-class machine (`memtree::scale`): build (one commit per
+/// realize), program (one commit per BAR and per bus-master enable) and
+/// enable every notifier (one transaction), with incremental rendering and
+/// with the full-render path as the anchor. Then 15 devices x 64 host
+/// notifiers in one transaction and one per commit.
+fn bench_scale(c: &mut Criterion) {
+    use memtree::scale::{build_power8, notifier_machine, Power8Config};
+    let before = peak_rss_mib();
+    {
+        let m = Memory::new();
+        let t = std::time::Instant::now();
+        let built = build_power8(&m, Power8Config::qemu_largest()).unwrap();
+        eprintln!(
+            "power8: {} commits, {} regions, {:?}; peak RSS {:?} MiB -> {:?} MiB",
+            built.commits,
+            m.region_count(),
+            t.elapsed(),
+            before,
+            peak_rss_mib()
+        );
+    }
+    let mut g = c.benchmark_group("scale");
+    g.sample_size(10);
+    for (name, incremental) in [("power8", true), ("power8_full", false)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let m = Memory::new();
+                m.set_incremental_render(incremental);
+                black_box(build_power8(&m, Power8Config::qemu_largest()).unwrap());
+            })
+        });
+    }
+    g.finish();
+    let mut g = c.benchmark_group("notifiers_15x64");
+    for per_commit in [false, true] {
+        let name = if per_commit {
+            "per_commit"
+        } else {
+            "transaction"
+        };
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    let m = Memory::new();
+                    let regions = notifier_machine(&m, 15, 64).unwrap();
+                    (m, regions)
+                },
+                |(m, regions)| {
+                    let mut kicks = Vec::with_capacity(15 * 64);
+                    {
+                        let t = (!per_commit).then(|| m.begin());
+                        for &r in &regions {
+                            for q in 0..64u64 {
+                                let kick = memtree::EventNotifier::new("kick");
+                                m.add_eventfd(r, q * 4, 2, None, &kick).unwrap();
+                                kicks.push(kick);
+                            }
+                        }
+                        if let Some(t) = t {
+                            t.commit();
+                        }
+                    }
+                    (m, kicks)
+                },
+                criterion::BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_scale);
 criterion_main!(benches);

@@ -163,6 +163,30 @@ impl FlatRange {
         self.start <= addr && addr <= self.last
     }
 
+    /// A copy sharing the region (and so the cached host address).
+    pub(crate) fn share(&self) -> FlatRange {
+        FlatRange {
+            start: self.start,
+            last: self.last,
+            offset_in_region: self.offset_in_region,
+            region: Arc::clone(&self.region),
+            attrs: self.attrs,
+            host: self.host,
+            dirty: self.dirty.clone(),
+        }
+    }
+
+    /// Whether `self` and `next` (which starts right after `self`) are the
+    /// same rendered thing: same region, same attributes, contiguous offsets.
+    /// QEMU's merge rule joins them unless they are unmergeable.
+    pub(crate) fn continues_into(&self, next: &FlatRange) -> bool {
+        self.last.checked_add(1) == Some(next.start)
+            && Arc::ptr_eq(&self.region, &next.region)
+            && self.attrs == next.attrs
+            && u128::from(self.offset_in_region) + u128::from(self.last - self.start) + 1
+                == u128::from(next.offset_in_region)
+    }
+
     pub(crate) fn new(
         start: u64,
         last: u64,
@@ -210,9 +234,13 @@ pub struct FlatView {
     pub(crate) root: Option<RegionId>,
     pub(crate) root_name: Option<Box<str>>,
     pub(crate) ranges: Vec<FlatRange>,
-    /// Every region the render visited; the view must be re-rendered when one
-    /// of them changes.
-    pub(crate) reached: Vec<RegionId>,
+    /// Every region the render visited (a superset after a splice); the view
+    /// must be re-rendered when one of them changes. Behind a lock only so
+    /// that a commit whose re-render came out identical can keep publishing
+    /// this view and still record what the new render reached (the control
+    /// plane reads and writes it under the machine's lock; readers of the
+    /// view never touch it).
+    reached: std::sync::Mutex<Vec<RegionId>>,
     census: Option<(Arc<Census>, ObjectKey)>,
     /// Lookup accelerator over the packed `start` of every range (a bucket
     /// table, see [`crate::dispatch::RangeIndex`]). Built once in `new`.
@@ -246,7 +274,7 @@ impl FlatView {
             root,
             root_name: root_name.map(Into::into),
             ranges,
-            reached,
+            reached: std::sync::Mutex::new(reached),
             census,
             starts,
             #[cfg(all(feature = "vm-memory", unix))]
@@ -293,6 +321,25 @@ impl FlatView {
     pub fn lookup_index(&self, addr: u64) -> Option<usize> {
         let j = self.last_start_at_or_below(addr)?;
         (addr <= self.ranges.get(j)?.last).then_some(j)
+    }
+
+    /// Whether the render reached a region `changed` says yes to.
+    pub(crate) fn reached_any(&self, changed: impl Fn(RegionId) -> bool) -> bool {
+        let reached = self.reached.lock().unwrap_or_else(|e| e.into_inner());
+        reached.iter().any(|&r| changed(r))
+    }
+
+    /// A copy of the reached list.
+    pub(crate) fn reached(&self) -> Vec<RegionId> {
+        self.reached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the reached list (after a re-render that came out identical).
+    pub(crate) fn set_reached(&self, reached: Vec<RegionId>) {
+        *self.reached.lock().unwrap_or_else(|e| e.into_inner()) = reached;
     }
 
     /// The census key of this view, if it is registered.

@@ -59,6 +59,7 @@ pub mod publish;
 pub mod ram;
 pub mod region;
 mod render;
+pub mod scale;
 pub mod space;
 pub mod text;
 mod topology;

@@ -442,6 +442,8 @@ impl Machine {
             let fds_changed = std::mem::take(&mut topo.listeners.ioeventfd_pending);
             topo.pending = false;
             let dirty = std::mem::take(&mut topo.dirty);
+            let affected = std::mem::take(&mut topo.affected);
+            let incremental = topo.incremental && !std::mem::take(&mut topo.affected_overflow);
             // The changed regions' arena slots as a bitmap: a cached view is
             // re-rendered iff it reached one of them. Testing by slot (not by
             // generation) can only err towards re-rendering.
@@ -465,25 +467,19 @@ impl Machine {
                                 None => self.data.empty_view.clone(),
                                 Some(p) => match topo.views.get(&phys) {
                                     Some(v)
-                                        if !v
-                                            .reached
-                                            .iter()
-                                            .any(|r| dirty_slots.contains(r.index)) =>
+                                        if !v.reached_any(|r| dirty_slots.contains(r.index)) =>
                                     {
                                         v.clone()
                                     }
-                                    _ => {
-                                        let mut r = render::render(&topo, p);
-                                        let global = topo.listeners.global_dirty_log;
-                                        crate::dirty::attach(&mut r.ranges, global);
-                                        let root_name = topo.node(p).map(|n| n.name().to_owned());
-                                        Arc::new(FlatView::new(
-                                            Some(p),
-                                            root_name.as_deref(),
-                                            r.ranges,
-                                            r.reached,
-                                            Some(&self.data.census),
-                                        ))
+                                    cached => {
+                                        // A view that reached a changed region
+                                        // but has no window noted is rendered
+                                        // whole (never just reused).
+                                        let windows = affected
+                                            .get(&p)
+                                            .map(Vec::as_slice)
+                                            .filter(|_| incremental);
+                                        self.rerender(&topo, p, cached, windows)
                                     }
                                 },
                             };
@@ -593,6 +589,111 @@ impl Machine {
                 self.defer_listener_drop(reg.listener);
             }
         }
+    }
+
+    /// A new view of physical root `p`: `old` (the last one) with the
+    /// `windows` the edits can have changed re-rendered and spliced in, or a
+    /// full render when there is no old view or the splice refuses.
+    fn rerender(
+        &self,
+        topo: &Topology,
+        p: RegionId,
+        old: Option<&Arc<FlatView>>,
+        windows: Option<&[(i128, i128)]>,
+    ) -> Arc<FlatView> {
+        let root_name = topo.node(p).map(|n| n.name().to_owned());
+        // While global dirty tracking runs, every RAM range's log mask
+        // carries MIGRATION, which the render itself does not compute
+        // (`dirty::attach` adds it): splicing fresh pieces next to attached
+        // ones would merge differently from a full render, so render whole.
+        let global = topo.listeners.global_dirty_log;
+        let windows = windows.filter(|_| !global);
+        let mut unchanged = false;
+        let spliced = match (old, windows) {
+            (Some(old), Some(w)) => render::splice(topo, p, old, w).map(|s| {
+                unchanged = s.same_as(old.ranges());
+                let mut reached = old.reached();
+                reached.extend(s.reached);
+                (s.ranges, reached)
+            }),
+            _ => None,
+        };
+        // The reached list of a spliced view is a superset (the old one plus
+        // the windows'): when it has grown well past the topology, a full
+        // render trims it.
+        let spliced = spliced.filter(|(_, reached)| reached.len() <= 2 * topo.regions.len() + 64);
+        let (mut ranges, reached) = match spliced {
+            Some((ranges, reached)) => {
+                if render::check_incremental() {
+                    let full = render::render(topo, p);
+                    assert!(
+                        render::same_ranges(&ranges, &full.ranges),
+                        "incremental render of {root_name:?} differs from a full render:\nspliced {ranges:#?}\nfull {:#?}",
+                        full.ranges
+                    );
+                }
+                (ranges, reached)
+            }
+            None => {
+                let mut r = render::render(topo, p);
+                crate::dirty::attach(&mut r.ranges, global);
+                unchanged = old.is_some_and(|o| render::same_ranges(o.ranges(), &r.ranges));
+                (r.ranges, r.reached)
+            }
+        };
+        // How writes to each range mark dirty pages (idempotent on ranges a
+        // splice kept from the old view).
+        crate::dirty::attach(&mut ranges, global);
+        // A render identical to the last one keeps the last view: nothing is
+        // published and listeners hear nothing for this space. (Its reached
+        // list stays exact or a superset, which only errs towards
+        // re-rendering.)
+        if let Some(old) = old.filter(|_| unchanged) {
+            old.set_reached(reached);
+            return old.clone();
+        }
+        Arc::new(FlatView::new(
+            Some(p),
+            root_name.as_deref(),
+            ranges,
+            reached,
+            Some(&self.data.census),
+        ))
+    }
+
+    /// Turns incremental rendering off (`false`: every view a commit reaches
+    /// is rendered whole, the reference path) or back on. For tests and
+    /// benchmarks that compare the two.
+    #[doc(hidden)]
+    pub fn set_incremental_render(&self, on: bool) {
+        let guard = self.control.lock();
+        guard.borrow_mut().incremental = on;
+    }
+
+    /// Renders every address space whole and compares the result with the
+    /// view it has published; the first difference, if any, as an error
+    /// message. For tests of incremental rendering.
+    #[doc(hidden)]
+    pub fn check_views_against_full_render(&self) -> std::result::Result<(), String> {
+        self.read(|topo| {
+            for (_, space) in topo.spaces_in_order() {
+                let view = space.handle.view();
+                let phys = space.root.and_then(|r| render::physical_root(topo, r));
+                let full = match phys {
+                    Some(p) => render::render(topo, p).ranges,
+                    None => Vec::new(),
+                };
+                if !render::same_ranges(view.ranges(), &full) {
+                    return Err(format!(
+                        "space {}: published {:#?}\nfull render {:#?}",
+                        space.name,
+                        view.ranges(),
+                        full
+                    ));
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Tears the machine down; returns the leak report and the first panic

@@ -90,6 +90,14 @@ enum Task<'t> {
 
 /// Renders the tree under `root` (a physical root, §2.5) into flat ranges.
 pub(crate) fn render(topo: &Topology, root: RegionId) -> Rendered {
+    render_clipped(topo, root, (0, MAX_REGION_SIZE as i128))
+}
+
+/// Renders only the addresses in `window` (`[start, end)`) of the tree under
+/// `root`. Every address inside the window gets what a full render gives it
+/// (the walk decides each address independently of the others); pieces are
+/// cut at the window's edges.
+fn render_clipped(topo: &Topology, root: RegionId, window: (i128, i128)) -> Rendered {
     let mut r = Renderer {
         topo,
         covered: BTreeMap::new(),
@@ -98,7 +106,7 @@ pub(crate) fn render(topo: &Topology, root: RegionId) -> Rendered {
         pieces: Vec::new(),
         reached: Vec::new(),
     };
-    r.run(root);
+    r.run(root, window);
     let Renderer {
         mut pieces,
         reached,
@@ -117,7 +125,7 @@ impl<'t> Renderer<'t> {
     /// stack: a region's subregions are visited in priority order, each
     /// subtree completely before the next, and the region's own fill runs
     /// after all of them, exactly as the recursion orders them.
-    fn run(&mut self, root: RegionId) {
+    fn run(&mut self, root: RegionId, clip: (i128, i128)) {
         let Some(node) = self.topo.node(root) else {
             return;
         };
@@ -125,7 +133,7 @@ impl<'t> Renderer<'t> {
         self.tasks.push(Task::Visit {
             node,
             base: 0,
-            clip: (0, MAX_REGION_SIZE as i128),
+            clip,
             flags: PathFlags::default(),
         });
         while let Some(task) = self.tasks.pop() {
@@ -199,6 +207,13 @@ impl<'t> Renderer<'t> {
         for &sub in &node.subregions {
             if let Some(n) = self.topo.node(sub) {
                 self.reached.push(sub);
+                // A subregion wholly outside the clip renders nothing (the
+                // visit would find so); skipping it here saves the task. An
+                // alias is positioned by its own node, like any region.
+                let s = base + i128::from(n.addr);
+                if s >= clip.1 || s + n.size as i128 <= clip.0 {
+                    continue;
+                }
                 self.tasks.push(Task::Visit {
                     node: n,
                     base,
@@ -382,4 +397,161 @@ impl crate::memory::Machine {
             None => 0,
         })
     }
+}
+
+/// Re-renders the address windows `affected` (in `root`'s coordinates, from
+/// the topology's change tracking) of `old`, the last render of `root`, and
+/// splices them into it: ranges outside the windows are shared with `old`.
+/// Returns `None` when the splice cannot be sure to equal a full render (an
+/// unmergeable range meets itself across a window edge: whether a full
+/// render would have cut it there depends on pieces the splice did not see),
+/// and the caller renders whole.
+///
+/// Each window is first widened to the edges of the old ranges it touches,
+/// so that no old range is cut; new ranges that continue across a window
+/// edge are joined there by QEMU's merge rule, which is all a full render
+/// does (merging is decided pairwise on adjacent addresses).
+pub(crate) fn splice(
+    topo: &Topology,
+    root: RegionId,
+    old: &crate::flatview::FlatView,
+    affected: &[(i128, i128)],
+) -> Option<Spliced> {
+    let ranges = old.ranges();
+    let top = MAX_REGION_SIZE as i128;
+    let mut windows: Vec<(i128, i128)> = affected
+        .iter()
+        .map(|&(s, e)| (s.max(0), e.min(top)))
+        .filter(|(s, e)| s < e)
+        .collect();
+    windows.sort_unstable();
+    // Widen to old range edges, then join overlapping or touching windows.
+    let mut joined: Vec<(i128, i128)> = Vec::with_capacity(windows.len());
+    for (s, e) in windows {
+        let s = match old.lookup(s as u64) {
+            Some(r) => i128::from(r.start),
+            None => s,
+        };
+        let e = match old.lookup((e - 1) as u64) {
+            Some(r) => i128::from(r.last) + 1,
+            None => e,
+        };
+        match joined.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => joined.push((s, e)),
+        }
+    }
+    let mut out: Vec<FlatRange> = Vec::with_capacity(ranges.len() + 8);
+    let mut reached: Vec<RegionId> = Vec::new();
+    // Appends `r`, joining it to the previous range across a seam when a
+    // full render would have. `false` when that cannot be decided.
+    fn push_at_seam(out: &mut Vec<FlatRange>, r: FlatRange) -> bool {
+        if let Some(prev) = out.last_mut() {
+            if prev.continues_into(&r) {
+                if prev.attrs.unmergeable {
+                    return false;
+                }
+                prev.last = r.last;
+                return true;
+            }
+        }
+        out.push(r);
+        true
+    }
+    let mut i = 0usize;
+    let mut windows_out = Vec::with_capacity(joined.len());
+    for &(s, e) in &joined {
+        while let Some(r) = ranges.get(i).filter(|r| i128::from(r.start) < s) {
+            out.push(r.share());
+            i += 1;
+        }
+        let old_from = i;
+        while ranges.get(i).is_some_and(|r| i128::from(r.start) < e) {
+            i += 1;
+        }
+        let rendered = render_clipped(topo, root, (s, e));
+        reached.extend(rendered.reached);
+        let (mut old_from, mut new_from) = (old_from, out.len());
+        let mut pieces = rendered.ranges.into_iter();
+        if let Some(first) = pieces.next() {
+            if !push_at_seam(&mut out, first) {
+                return None;
+            }
+            if out.len() == new_from {
+                // Joined to the range before the window (a copy of the old
+                // range just before it): that range changed too.
+                old_from -= 1;
+                new_from -= 1;
+            }
+        }
+        out.extend(pieces);
+        // The old range right after the window may continue what the window
+        // rendered last.
+        if let Some(next) = ranges.get(i).filter(|r| i128::from(r.start) == e) {
+            if !push_at_seam(&mut out, next.share()) {
+                return None;
+            }
+            i += 1;
+        }
+        windows_out.push(SplicedWindow {
+            old: old_from..i,
+            new: new_from.min(out.len())..out.len(),
+        });
+    }
+    out.extend(ranges[i..].iter().map(FlatRange::share));
+    Some(Spliced {
+        ranges: out,
+        reached,
+        windows: windows_out,
+    })
+}
+
+/// A splice: the new ranges, the regions the window renders reached, and
+/// which ranges of the old and the new view each window replaced (the rest
+/// are the same ranges in both, in the same order).
+pub(crate) struct Spliced {
+    pub(crate) ranges: Vec<FlatRange>,
+    pub(crate) reached: Vec<RegionId>,
+    pub(crate) windows: Vec<SplicedWindow>,
+}
+
+impl Spliced {
+    /// Whether the splice rendered exactly what `old` holds.
+    pub(crate) fn same_as(&self, old: &[FlatRange]) -> bool {
+        self.ranges.len() == old.len()
+            && self.windows.iter().all(|w| {
+                matches!(
+                    (old.get(w.old.clone()), self.ranges.get(w.new.clone())),
+                    (Some(a), Some(b)) if same_ranges(a, b)
+                )
+            })
+    }
+}
+
+/// Index ranges of the old and new ranges one window covers.
+pub(crate) struct SplicedWindow {
+    pub(crate) old: std::ops::Range<usize>,
+    pub(crate) new: std::ops::Range<usize>,
+}
+
+/// Whether two range lists are the same rendering (same spans, regions,
+/// offsets and attributes).
+pub(crate) fn same_ranges(a: &[FlatRange], b: &[FlatRange]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.start == y.start
+                && x.last == y.last
+                && x.offset_in_region == y.offset_in_region
+                && Arc::ptr_eq(&x.region, &y.region)
+                && x.attrs == y.attrs
+        })
+}
+
+/// `MEMTREE_CHECK_INCREMENTAL=1`: every spliced view is compared with a full
+/// render and a difference panics (a test and debugging mode).
+pub(crate) fn check_incremental() -> bool {
+    static CHECK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHECK.get_or_init(|| {
+        std::env::var_os("MEMTREE_CHECK_INCREMENTAL").is_some_and(|v| !v.is_empty() && v != "0")
+    })
 }

@@ -16,6 +16,13 @@
 //!   by its container's core (see [`crate::region`]).
 //! * `dirty` names every region changed since the last commit; a cached view
 //!   none of whose reached regions is dirty is still exact.
+//! * `affected` holds, per region, the intervals (in the coordinates of a
+//!   render rooted at that region: its own, shifted by its address) where some edit since the last commit can have changed
+//!   what renders: every edit that changes rendering notes the extent of the
+//!   region it edits before and after the change, carried up through every
+//!   container and every alias that shows it (`note_extent`). A view rooted
+//!   at `p` differs from its last render only inside `affected[p]`, unless
+//!   `affected_overflow` is set (then it is re-rendered whole).
 //! * No code memtree does not own runs while the topology is borrowed:
 //!   anything an edit releases that may hold device state (region nodes
 //!   and cores, a refused region's backing, replaced finalizers) goes to
@@ -71,6 +78,18 @@ pub(crate) struct Topology {
     pub(crate) spaces: Arena<SpaceNode>,
     next_space_seq: u64,
     pub(crate) dirty: HashSet<RegionId>,
+    /// Intervals that edits since the last commit can have changed, per
+    /// region, in the region's coordinates (see the module invariants).
+    pub(crate) affected: HashMap<RegionId, Vec<(i128, i128)>>,
+    /// An edit's extent could not be bounded cheaply (unplug, teardown, a
+    /// walk over its budget): the next commit renders reached views whole.
+    pub(crate) affected_overflow: bool,
+    /// Aliases created with each target (possibly stale: users check that the
+    /// alias still exists and still targets the key).
+    alias_sources: HashMap<RegionId, Vec<RegionId>>,
+    /// Commits splice re-rendered windows into the previous views (on by
+    /// default; off renders every reached view whole, the reference path).
+    pub(crate) incremental: bool,
     pub(crate) pending: bool,
     /// Last rendered view per physical root (`None` = the empty view).
     pub(crate) views: HashMap<Option<RegionId>, Arc<FlatView>>,
@@ -106,6 +125,10 @@ impl Topology {
             spaces: Arena::default(),
             next_space_seq: 0,
             dirty: HashSet::new(),
+            affected: HashMap::new(),
+            affected_overflow: false,
+            alias_sources: HashMap::new(),
+            incremental: true,
             pending: false,
             views: HashMap::new(),
             listeners: Listeners::default(),
@@ -195,6 +218,50 @@ impl Topology {
     fn mark(&mut self, id: RegionId) {
         self.dirty.insert(id);
         self.pending = true;
+    }
+
+    /// Notes where `id` renders now: its extent `[0, size)` in its own
+    /// coordinates, carried up through its container chain and through every
+    /// alias that shows it, recorded at every region on the way (any of them
+    /// may be the physical root of a view). Called before and after each
+    /// edit that changes what `id` renders, so the union of what is noted
+    /// covers every address whose rendering the edits changed.
+    fn note_extent(&mut self, id: RegionId) {
+        /// Regions visited per note before giving up on bounding it.
+        const BUDGET: usize = 4096;
+        let Some(n) = self.node(id) else { return };
+        let mut stack: Vec<(RegionId, i128, i128)> = vec![(id, 0, n.size as i128)];
+        let mut steps = 0usize;
+        let (regions, sources) = (&self.regions, &self.alias_sources);
+        let node = |r: RegionId| regions.get(r.index, r.generation);
+        while let Some((x, lo, hi)) = stack.pop() {
+            steps += 1;
+            if steps > BUDGET {
+                self.affected_overflow = true;
+                return;
+            }
+            let Some(n) = node(x) else { continue };
+            let (lo, hi) = (lo.max(0), hi.min(n.size as i128));
+            if lo >= hi {
+                continue;
+            }
+            // Recorded where a render rooted at `x` lays it out: shifted by
+            // `x`'s own address (as it is now: notes before and after an
+            // edit of the address cover both placements).
+            let a = i128::from(n.addr);
+            self.affected.entry(x).or_default().push((lo + a, hi + a));
+            if let Some(c) = n.container {
+                stack.push((c, lo + a, hi + a));
+            }
+            if let Some(aliases) = sources.get(&x) {
+                for &a in aliases {
+                    if let Some(an) = node(a).filter(|an| an.alias_target == Some(x)) {
+                        let off = i128::from(an.alias_offset);
+                        stack.push((a, lo - off, hi - off));
+                    }
+                }
+            }
+        }
     }
 
     // ---- owners --------------------------------------------------------
@@ -296,6 +363,9 @@ impl Topology {
             qom_parent: None,
         });
         debug_assert_eq!(inserted, (index, generation));
+        if let Some((target, _)) = alias {
+            self.alias_sources.entry(target).or_default().push(id);
+        }
         if let Some(o) = owner {
             if let Some(on) = self.owners.get_mut(o.index, o.generation) {
                 on.regions.push(id);
@@ -408,6 +478,9 @@ impl Topology {
             .map(|&o| (o, self.node(o).map_or(i32::MIN, |n| n.priority)))
             .collect();
         let sorted = present.windows(2).all(|w| w[0].1 >= w[1].1);
+        for &(_, sub, _) in subs {
+            self.note_extent(sub);
+        }
         for &(offset, sub, priority) in subs {
             let Ok(s) = self.node_mut(sub) else { continue };
             s.container = Some(container);
@@ -464,6 +537,9 @@ impl Topology {
         if let Ok(c) = self.node_mut(container) {
             c.subregions = list;
         }
+        for &(_, sub, _) in subs {
+            self.note_extent(sub);
+        }
         self.mark(container);
         Ok(())
     }
@@ -495,6 +571,9 @@ impl Topology {
         let c_core = c.core.clone();
         let s_core = s.core.clone();
         let alias_target = s.alias_target;
+        // Where it renders unmapped (a view rooted at it shows it at its old
+        // address).
+        self.note_extent(sub);
         {
             let s = self.node_mut(sub)?;
             s.container = Some(container);
@@ -516,6 +595,7 @@ impl Topology {
         };
         self.node_mut(container)?.subregions.insert(pos, sub);
         c_core.hold_subregion(&s_core);
+        self.note_extent(sub);
         self.mark(container);
         self.mark(sub);
         Ok(())
@@ -533,6 +613,7 @@ impl Topology {
         let c_core = c.core.clone();
         let s_core = s.core.clone();
         let alias_target = s.alias_target;
+        self.note_extent(sub);
         self.node_mut(container)?.subregions.retain(|&x| x != sub);
         self.node_mut(sub)?.container = None;
         if let Some(t) = alias_target {
@@ -550,6 +631,9 @@ impl Topology {
     /// all its subregions; checked by the caller).
     fn del_subregions(&mut self, container: RegionId, subs: &[RegionId]) -> Result<()> {
         let gone: HashSet<RegionId> = subs.iter().copied().collect();
+        for &sub in subs {
+            self.note_extent(sub);
+        }
         let c_core = self.get(container)?.core.clone();
         self.node_mut(container)?
             .subregions
@@ -581,17 +665,16 @@ impl Topology {
                 self.del_subregion(c, sub)?;
                 self.add_subregion(c, addr, sub, prio)
             }
-            None => {
-                self.node_mut(sub)?.addr = addr;
-                self.mark(sub);
-                Ok(())
-            }
+            None => self.update(sub, |n| n.addr = addr),
         }
     }
 
     /// Applies `f` to a region's node and marks it dirty.
     pub(crate) fn update(&mut self, id: RegionId, f: impl FnOnce(&mut RegionNode)) -> Result<()> {
+        self.node_mut(id)?;
+        self.note_extent(id);
         f(self.node_mut(id)?);
+        self.note_extent(id);
         self.mark(id);
         Ok(())
     }
@@ -674,6 +757,12 @@ impl Topology {
     /// Returns the region's owner, if the region existed.
     fn remove_node_keeping_owner_list(&mut self, id: RegionId) -> Option<Option<OwnerId>> {
         let node = self.regions.remove(id.index, id.generation)?;
+        self.alias_sources.remove(&id);
+        if let Some(t) = node.alias_target {
+            if let Some(list) = self.alias_sources.get_mut(&t) {
+                list.retain(|&a| a != id);
+            }
+        }
         self.dirty.insert(id);
         self.pending = true;
         self.machine
@@ -746,6 +835,8 @@ impl Topology {
     /// data-plane holder (a view being read, a DMA mapping) lets go.
     pub(crate) fn unplug(&mut self, owner: OwnerId) -> Result<UnplugReport> {
         self.owner(owner)?;
+        // Many regions at once: the next commit renders reached views whole.
+        self.affected_overflow = true;
         let mut report = UnplugReport::default();
         // Owners: the device and its descendants, parents first.
         let mut owners = vec![owner];

@@ -1272,7 +1272,7 @@ impl Plan {
                 })
                 .collect();
             let reached: HashSet<usize> = view
-                .reached
+                .reached()
                 .iter()
                 .filter_map(|id| class_of.get(id).copied())
                 .collect();

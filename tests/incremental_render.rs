@@ -1,0 +1,426 @@
+//! Incremental rendering against the reference: random topologies and random
+//! sequences of edits are applied to two machines, one that splices
+//! re-rendered windows into its previous views (the default) and one that
+//! renders every reached view whole (`set_incremental_render(false)`). After
+//! every commit both must publish the same views, equal to a full render of
+//! the final topology, and their listeners must have seen the same callbacks.
+//!
+//! `INCREMENTAL_RENDER_SEEDS=n` runs n random machines (default 150).
+
+use std::sync::{Arc, Mutex};
+
+use memtree::{
+    EventNotifier, EventfdSection, Memory, MemoryListener, RegionId, Section, UnimplementedDevice,
+};
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+struct Recorder(Log);
+
+fn sec(s: &Section<'_>) -> String {
+    let r = s.range;
+    format!(
+        "{} {:x}-{:x} {}@{:x} {:?}",
+        s.space_name,
+        r.start(),
+        r.last(),
+        r.region().name(),
+        r.offset_in_region(),
+        r.attrs()
+    )
+}
+
+impl MemoryListener for Recorder {
+    fn begin(&self) {
+        self.0.lock().unwrap().push("begin".into());
+    }
+    fn commit(&self) {
+        self.0.lock().unwrap().push("commit".into());
+    }
+    fn region_add(&self, s: &Section<'_>) {
+        self.0.lock().unwrap().push(format!("add {}", sec(s)));
+    }
+    fn region_del(&self, s: &Section<'_>) {
+        self.0.lock().unwrap().push(format!("del {}", sec(s)));
+    }
+    fn region_nop(&self, s: &Section<'_>) {
+        self.0.lock().unwrap().push(format!("nop {}", sec(s)));
+    }
+    fn log_start(&self, s: &Section<'_>, old: u8, new: u8) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("log_start {} {old}->{new}", sec(s)));
+    }
+    fn eventfd_add(&self, s: &EventfdSection<'_>) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("eventfd_add {} {:x}", s.space_name, s.addr));
+    }
+    fn eventfd_del(&self, s: &EventfdSection<'_>) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("eventfd_del {} {:x}", s.space_name, s.addr));
+    }
+    fn log_stop(&self, s: &Section<'_>, old: u8, new: u8) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("log_stop {} {old}->{new}", sec(s)));
+    }
+}
+
+/// xorshift64*: deterministic per seed, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+    /// Addresses on a 1 KiB grid in a 64 KiB window (so regions overlap
+    /// and abut often), sometimes anywhere.
+    fn addr(&mut self) -> u64 {
+        if self.chance(5) {
+            self.next() & !0x3ff
+        } else {
+            (self.next() % 64) << 10
+        }
+    }
+    fn size(&mut self) -> u64 {
+        ((self.next() % 16) + 1) << 10
+    }
+}
+
+/// One machine: its regions (by index, the same on both machines), the
+/// containers among them and its listener log.
+struct World {
+    memory: Memory,
+    regions: Vec<RegionId>,
+    containers: Vec<usize>,
+    aliases: Vec<usize>,
+    log: Log,
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Add {
+        container: usize,
+        sub: usize,
+        addr: u64,
+        priority: i32,
+    },
+    Del(usize),
+    Move(usize, u64),
+    Enabled(usize, bool),
+    Readonly(usize, bool),
+    Unmergeable(usize, bool),
+    Nonvolatile(usize, bool),
+    Size(usize, u64),
+    AliasOffset(usize, u64),
+    LogMask(usize, u8),
+}
+
+fn build(seed: u64, incremental: bool) -> World {
+    let mut rng = Rng(seed | 1);
+    let memory = Memory::new();
+    memory.set_incremental_render(incremental);
+    let root = memory.new_container("root", 1 << 64, None).unwrap();
+    let mut regions = vec![root];
+    let mut containers = vec![0];
+    let mut aliases = Vec::new();
+    let n = 4 + rng.below(14);
+    for i in 1..=n {
+        let name = format!("r{i}");
+        let id = match rng.below(5) {
+            0 => {
+                containers.push(i);
+                memory
+                    .new_container(&name, u128::from(rng.size()) * 4, None)
+                    .unwrap()
+            }
+            1 if i > 1 => {
+                aliases.push(i);
+                let target = regions[1 + rng.below(i - 1)];
+                memory
+                    .new_alias(
+                        &name,
+                        target,
+                        (rng.next() % 8) << 10,
+                        u128::from(rng.size()),
+                        None,
+                    )
+                    .unwrap()
+            }
+            2 => {
+                // RAM that may hold subregions (a terminating container).
+                containers.push(i);
+                memory.new_ram(&name, rng.size(), None).unwrap()
+            }
+            _ => memory.new_ram(&name, rng.size(), None).unwrap(),
+        };
+        regions.push(id);
+    }
+    // Map most regions somewhere (loops are refused; that is fine).
+    for i in 1..regions.len() {
+        if rng.chance(85) {
+            let c = containers[rng.below(containers.len())];
+            let _ = memory.add_subregion_overlap(
+                regions[c],
+                rng.addr(),
+                regions[i],
+                rng.below(3) as i32 - 1,
+            );
+        }
+    }
+    let log: Log = Arc::default();
+    let space = memory.new_address_space("root-as", root, None).unwrap();
+    memory
+        .register_listener(space, Arc::new(Recorder(log.clone())))
+        .unwrap();
+    // A second space rooted somewhere inside (often its own physical root).
+    let inner = regions[1 + rng.below(regions.len() - 1)];
+    let s2 = memory.new_address_space("inner-as", inner, None).unwrap();
+    memory
+        .register_listener(s2, Arc::new(Recorder(log.clone())))
+        .unwrap();
+    World {
+        memory,
+        regions,
+        containers,
+        aliases,
+        log,
+    }
+}
+
+fn random_op(rng: &mut Rng, w: &World) -> Op {
+    let n = w.regions.len();
+    let r = 1 + rng.below(n - 1);
+    match rng.below(11) {
+        0 | 1 => Op::Add {
+            container: w.containers[rng.below(w.containers.len())],
+            sub: r,
+            addr: rng.addr(),
+            priority: rng.below(3) as i32 - 1,
+        },
+        2 => Op::Del(r),
+        3 | 4 => Op::Move(r, rng.addr()),
+        5 | 6 => Op::Enabled(r, rng.chance(50)),
+        7 => match rng.below(3) {
+            0 => Op::Readonly(r, rng.chance(50)),
+            1 => Op::Unmergeable(r, rng.chance(50)),
+            _ => Op::Nonvolatile(r, rng.chance(50)),
+        },
+        8 => Op::Size(r, rng.size()),
+        9 if !w.aliases.is_empty() => Op::AliasOffset(
+            w.aliases[rng.below(w.aliases.len())],
+            (rng.next() % 8) << 10,
+        ),
+        _ => Op::LogMask(r, (rng.next() % 4) as u8),
+    }
+}
+
+/// Applies `op`; the outcome (refused or not) is returned so both machines
+/// can be checked to agree on it.
+fn apply(w: &World, op: &Op) -> bool {
+    let m = &w.memory;
+    let id = |i: usize| w.regions[i];
+    match *op {
+        Op::Add {
+            container,
+            sub,
+            addr,
+            priority,
+        } => m
+            .add_subregion_overlap(id(container), addr, id(sub), priority)
+            .is_ok(),
+        Op::Del(r) => match m.region_info(id(r)).unwrap().container {
+            Some(c) => m.del_subregion(c, id(r)).is_ok(),
+            None => false,
+        },
+        Op::Move(r, a) => m.set_address(id(r), a).is_ok(),
+        Op::Enabled(r, on) => m.set_enabled(id(r), on).is_ok(),
+        Op::Readonly(r, on) => m.set_readonly(id(r), on).is_ok(),
+        Op::Unmergeable(r, on) => m.set_unmergeable(id(r), on).is_ok(),
+        Op::Nonvolatile(r, on) => m.set_nonvolatile(id(r), on).is_ok(),
+        Op::Size(r, s) => m.set_size(id(r), u128::from(s)).is_ok(),
+        Op::AliasOffset(r, o) => m.set_alias_offset(id(r), o).is_ok(),
+        Op::LogMask(r, mask) => m.set_dirty_log_mask(id(r), mask).is_ok(),
+    }
+}
+
+fn views(w: &World) -> Vec<String> {
+    w.memory
+        .address_spaces()
+        .into_iter()
+        .flat_map(|(id, name)| {
+            let view = w.memory.address_space(id).unwrap().view();
+            view.ranges()
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{name} {:x}-{:x} {}@{:x} {:?}",
+                        r.start(),
+                        r.last(),
+                        r.region().name(),
+                        r.offset_in_region(),
+                        r.attrs()
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn run_seed(seed: u64) {
+    let inc = build(seed, true);
+    let full = build(seed, false);
+    assert_eq!(views(&inc), views(&full), "seed {seed}: initial views");
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut history: Vec<Op> = Vec::new();
+    for step in 0..40 {
+        let max = if rng.chance(30) { 6 } else { 1 };
+        let batch = 1 + rng.below(max);
+        let ops: Vec<Op> = (0..batch).map(|_| random_op(&mut rng, &inc)).collect();
+        let run = |w: &World| {
+            let t = w.memory.begin();
+            let outcomes: Vec<bool> = ops.iter().map(|op| apply(w, op)).collect();
+            t.commit();
+            outcomes
+        };
+        let (a, b) = (run(&inc), run(&full));
+        history.extend(ops.iter().cloned());
+        assert_eq!(a, b, "seed {seed} step {step}: outcomes differ");
+        let ctx = || format!("seed {seed} step {step}, ops so far {history:?}");
+        assert_eq!(views(&inc), views(&full), "views differ: {}", ctx());
+        if let Err(e) = inc.memory.check_views_against_full_render() {
+            panic!("{}: {e}", ctx());
+        }
+        let (la, lb) = (
+            std::mem::take(&mut *inc.log.lock().unwrap()),
+            std::mem::take(&mut *full.log.lock().unwrap()),
+        );
+        assert_eq!(la, lb, "listener callbacks differ: {}", ctx());
+    }
+}
+
+#[test]
+fn incremental_render_equals_full_render_and_full_diff() {
+    let seeds = std::env::var("INCREMENTAL_RENDER_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(150u64);
+    for seed in 1..=seeds {
+        run_seed(seed);
+    }
+}
+
+/// One BAR toggled in a map of many: the incremental path must re-render
+/// (and report) only that BAR, and the reference path agrees.
+#[test]
+fn incremental_render_bar_toggle_reports_only_the_bar() {
+    let memory = Memory::new();
+    let root = memory.new_container("system", 1 << 64, None).unwrap();
+    let mut bars = Vec::new();
+    for i in 0..256u64 {
+        let bar = memory.new_ram(&format!("bar{i}"), 0x1000, None).unwrap();
+        memory.add_subregion(root, i * 0x2000, bar).unwrap();
+        bars.push(bar);
+    }
+    let log: Log = Arc::default();
+    let space = memory.new_address_space("mem", root, None).unwrap();
+    memory
+        .register_listener(space, Arc::new(Recorder(log.clone())))
+        .unwrap();
+    log.lock().unwrap().clear();
+    memory.set_enabled(bars[100], false).unwrap();
+    memory.check_views_against_full_render().unwrap();
+    let lines = std::mem::take(&mut *log.lock().unwrap());
+    let dels: Vec<&String> = lines.iter().filter(|l| l.starts_with("del ")).collect();
+    assert_eq!(dels.len(), 1, "{dels:?}");
+    assert!(dels[0].contains("bar100"), "{dels:?}");
+    assert_eq!(lines.iter().filter(|l| l.starts_with("nop ")).count(), 255);
+    memory.set_enabled(bars[100], true).unwrap();
+    memory.check_views_against_full_render().unwrap();
+    let view = memory.address_space(space).unwrap().view();
+    assert_eq!(view.ranges().len(), 256);
+}
+
+/// An edit that changes only ioeventfds renders nothing: every published
+/// view stays the same object, no listener hears begin/commit or a range
+/// callback, and only the listener of the space that shows the region hears
+/// the eventfd.
+#[test]
+fn incremental_render_eventfd_only_commit_renders_nothing() {
+    let memory = Memory::new();
+    let system = memory.new_container("system", 1 << 64, None).unwrap();
+    let io = memory.new_container("io", 1 << 16, None).unwrap();
+    let ops: Arc<dyn memtree::MmioOps> = Arc::new(UnimplementedDevice);
+    let notify = memory
+        .new_mmio("notify", 0x1000, ops.clone(), None)
+        .unwrap();
+    let port = memory.new_mmio("port", 0x10, ops, None).unwrap();
+    memory.add_subregion(system, 0xfe00_0000, notify).unwrap();
+    memory.add_subregion(io, 0x100, port).unwrap();
+    let (mem_log, io_log): (Log, Log) = (Arc::default(), Arc::default());
+    let mem_as = memory.new_address_space("mem", system, None).unwrap();
+    let io_as = memory.new_address_space("ports", io, None).unwrap();
+    memory
+        .register_listener(mem_as, Arc::new(Recorder(mem_log.clone())))
+        .unwrap();
+    memory
+        .register_listener(io_as, Arc::new(Recorder(io_log.clone())))
+        .unwrap();
+    mem_log.lock().unwrap().clear();
+    io_log.lock().unwrap().clear();
+    let before = (
+        memory.address_space(mem_as).unwrap().view(),
+        memory.address_space(io_as).unwrap().view(),
+    );
+    let kicks: Vec<Arc<EventNotifier>> = (0..3)
+        .map(|q| EventNotifier::new(&format!("queue{q}")))
+        .collect();
+    let t = memory.begin();
+    for (q, kick) in kicks.iter().enumerate() {
+        memory
+            .add_eventfd(notify, q as u64 * 4, 2, None, kick)
+            .unwrap();
+    }
+    t.commit();
+    let after = (
+        memory.address_space(mem_as).unwrap().view(),
+        memory.address_space(io_as).unwrap().view(),
+    );
+    assert!(
+        Arc::ptr_eq(&before.0, &after.0),
+        "the memory view was re-rendered"
+    );
+    assert!(
+        Arc::ptr_eq(&before.1, &after.1),
+        "the port view was re-rendered"
+    );
+    assert_eq!(
+        *mem_log.lock().unwrap(),
+        [
+            "eventfd_add mem fe000000",
+            "eventfd_add mem fe000004",
+            "eventfd_add mem fe000008"
+        ]
+        .map(String::from),
+    );
+    assert!(
+        io_log.lock().unwrap().is_empty(),
+        "{:?}",
+        io_log.lock().unwrap()
+    );
+}
