@@ -1017,8 +1017,16 @@ mod tests {
     use crate::memory::Memory;
     use crate::text::{import, parse};
 
+    /// `tests/data/oracle/` of the repository, or `MEMTREE_ORACLE` (with a `/`).
+    fn oracle_dir() -> String {
+        match std::env::var("MEMTREE_ORACLE") {
+            Ok(d) => format!("{}/", d.trim_end_matches('/')),
+            Err(_) => concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/oracle/").to_owned(),
+        }
+    }
+
     fn oracle(machine: &str) -> Memory {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/oracle/");
+        let dir = oracle_dir();
         let tree =
             std::fs::read_to_string(format!("{dir}{machine}.disabled.txt")).expect("tree dump");
         let flat = std::fs::read_to_string(format!("{dir}{machine}.flat.txt")).expect("flat dump");
@@ -1081,7 +1089,7 @@ mod tests {
             "dynamic/q35-pam/03-pam-mixed",
             "dynamic/q35-pam/01-pam-all-ram-rw",
         ];
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/oracle/");
+        let dir = oracle_dir();
         // Plus every snapshot of every dynamic scenario.
         let mut all: Vec<String> = machines.iter().map(|m| m.to_string()).collect();
         for scenario in std::fs::read_dir(format!("{dir}dynamic"))

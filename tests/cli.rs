@@ -5,7 +5,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_memtree");
-const ORACLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/oracle/");
+/// The QEMU 7.2 dumps: `tests/data/oracle/` in the repository, or the
+/// directory `MEMTREE_ORACLE` names (with a trailing `/`).
+fn oracle_dir() -> String {
+    match std::env::var("MEMTREE_ORACLE") {
+        Ok(d) => format!("{}/", d.trim_end_matches('/')),
+        Err(_) => concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/oracle/").to_owned(),
+    }
+}
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/");
 
 fn run(args: &[&str]) -> Output {
@@ -21,7 +28,7 @@ fn stderr(o: &Output) -> String {
 }
 
 fn oracle(machine: &str, suffix: &str) -> String {
-    format!("{ORACLE}{machine}.{suffix}")
+    format!("{}{machine}.{suffix}", oracle_dir())
 }
 
 fn read(path: &str) -> String {
@@ -29,7 +36,7 @@ fn read(path: &str) -> String {
 }
 
 /// QEMU prints top-level blocks in hash order: sort them and renumber
-/// `FlatView #N` (what /work/shared/oracle/canon.py does).
+/// `FlatView #N` (what tests/data/oracle/canon.py does).
 fn canon(text: &str) -> Vec<String> {
     let mut blocks: Vec<String> = text
         .split("\n\n")
