@@ -869,11 +869,34 @@ impl Explanation {
             && self.visits.get(next.visit).and_then(|v| v.parent) == Some(c.visit)
     }
 
-    fn write_candidate(&self, f: &mut fmt::Formatter<'_>, c: &Candidate, all: bool) -> fmt::Result {
-        let (indent, deep) = if c.depth > MAX_INDENT {
+    /// The indentation level of `c` in the condensed listing: one below its
+    /// nearest *printed* ancestor (0 without one), so a candidate whose
+    /// parents are hidden is not printed under an unrelated line; `printed`
+    /// maps the visits of candidates printed so far to their levels.
+    fn printed_level(&self, c: &Candidate, printed: &HashMap<usize, usize>) -> usize {
+        let mut v = self.visits.get(c.visit).and_then(|v| v.parent);
+        while let Some(p) = v {
+            if let Some(&l) = printed.get(&p) {
+                return l + 1;
+            }
+            v = self.visits.get(p).and_then(|x| x.parent);
+        }
+        0
+    }
+
+    /// Writes `c` at indentation `level` (its depth with `--all`, see
+    /// [`Self::printed_level`] otherwise).
+    fn write_candidate(
+        &self,
+        f: &mut fmt::Formatter<'_>,
+        c: &Candidate,
+        all: bool,
+        level: usize,
+    ) -> fmt::Result {
+        let (indent, deep) = if level > MAX_INDENT {
             ("  ".repeat(MAX_INDENT + 1), format!("[depth {}] ", c.depth))
         } else {
-            ("  ".repeat(c.depth + 1), String::new())
+            ("  ".repeat(level + 1), String::new())
         };
         let via = if !c.is_live() && !all {
             format!(" (via {})", self.short_path(c))
@@ -959,6 +982,17 @@ impl fmt::Display for Explanation {
         writeln!(f, "candidates covering the address, in rendering order:")?;
         let mut hidden = 0usize;
         let mut i = 0;
+        let mut printed: HashMap<usize, usize> = HashMap::new();
+        let mut write = |f: &mut fmt::Formatter<'_>, c: &Candidate| -> Result<usize, fmt::Error> {
+            let level = if all {
+                c.depth
+            } else {
+                self.printed_level(c, &printed)
+            };
+            printed.insert(c.visit, level);
+            self.write_candidate(f, c, all, level)?;
+            Ok(level)
+        };
         while i < self.candidates.len() {
             let c = &self.candidates[i];
             if !all && !c.is_notable() {
@@ -975,10 +1009,11 @@ impl fmt::Display for Explanation {
                 }
                 let len = end - i + 1;
                 if len > 2 * RUN_SHOWN + 1 {
+                    let mut level = 0;
                     for c in &self.candidates[i..i + RUN_SHOWN] {
-                        self.write_candidate(f, c, all)?;
+                        level = write(f, c)?;
                     }
-                    let depth = self.candidates[i + RUN_SHOWN].depth.min(MAX_INDENT);
+                    let depth = (level + 1).min(MAX_INDENT);
                     writeln!(
                         f,
                         "{}... {} more levels, each a container or an alias directly inside the one above (--all lists them)",
@@ -986,13 +1021,13 @@ impl fmt::Display for Explanation {
                         len - 2 * RUN_SHOWN
                     )?;
                     for c in &self.candidates[end + 1 - RUN_SHOWN..=end] {
-                        self.write_candidate(f, c, all)?;
+                        write(f, c)?;
                     }
                     i = end + 1;
                     continue;
                 }
             }
-            self.write_candidate(f, c, all)?;
+            write(f, c)?;
             i += 1;
         }
         if hidden > 0 {
@@ -1018,8 +1053,16 @@ mod tests {
     use crate::memory::Memory;
     use crate::text::{import, parse};
 
+    /// `tests/data/oracle/` of the repository, or `MEMTREE_ORACLE` (with a `/`).
+    fn oracle_dir() -> String {
+        match std::env::var("MEMTREE_ORACLE") {
+            Ok(d) => format!("{}/", d.trim_end_matches('/')),
+            Err(_) => concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/oracle/").to_owned(),
+        }
+    }
+
     fn oracle(machine: &str) -> Memory {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/oracle/");
+        let dir = oracle_dir();
         let tree =
             std::fs::read_to_string(format!("{dir}{machine}.disabled.txt")).expect("tree dump");
         let flat = std::fs::read_to_string(format!("{dir}{machine}.flat.txt")).expect("flat dump");
@@ -1082,7 +1125,7 @@ mod tests {
             "dynamic/q35-pam/03-pam-mixed",
             "dynamic/q35-pam/01-pam-all-ram-rw",
         ];
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/oracle/");
+        let dir = oracle_dir();
         // Plus every snapshot of every dynamic scenario.
         let mut all: Vec<String> = machines.iter().map(|m| m.to_string()).collect();
         for scenario in std::fs::read_dir(format!("{dir}dynamic"))

@@ -432,6 +432,8 @@ fn sizes() -> impl Strategy<Value = u32> {
 }
 
 proptest! {
+    // No proptest-regressions file in the working tree.
+    #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
     /// Edge cases (§4.4): any valid/impl configuration, size, address and
     /// endianness dispatches without panicking or overflowing, reads never
     /// return bits above the access size, and every callback width is 1..=8.

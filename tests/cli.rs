@@ -5,7 +5,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_memtree");
-const ORACLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/oracle/");
+/// The QEMU 7.2 dumps: `tests/data/oracle/` in the repository, or the
+/// directory `MEMTREE_ORACLE` names (with a trailing `/`).
+fn oracle_dir() -> String {
+    match std::env::var("MEMTREE_ORACLE") {
+        Ok(d) => format!("{}/", d.trim_end_matches('/')),
+        Err(_) => concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/oracle/").to_owned(),
+    }
+}
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/");
 
 fn run(args: &[&str]) -> Output {
@@ -21,7 +28,7 @@ fn stderr(o: &Output) -> String {
 }
 
 fn oracle(machine: &str, suffix: &str) -> String {
-    format!("{ORACLE}{machine}.{suffix}")
+    format!("{}{machine}.{suffix}", oracle_dir())
 }
 
 fn read(path: &str) -> String {
@@ -29,7 +36,7 @@ fn read(path: &str) -> String {
 }
 
 /// QEMU prints top-level blocks in hash order: sort them and renumber
-/// `FlatView #N` (what /work/shared/oracle/canon.py does).
+/// `FlatView #N` (what tests/data/oracle/canon.py does).
 fn canon(text: &str) -> Vec<String> {
     let mut blocks: Vec<String> = text
         .split("\n\n")
@@ -155,7 +162,7 @@ fn cli_tree_equals_qemu_tree_views_with_and_without_disabled() {
 fn cli_lookup_names_the_msi_window_of_pc() {
     let t = oracle("x86_64/pc", "disabled.txt");
     let f = oracle("x86_64/pc", "flat.txt");
-    for addr in ["0xfee00000", "00000000fee00000", "4276092928"] {
+    for addr in ["0xfee00000", "0x00000000fee00000", "4276092928"] {
         let o = run(&["lookup", "--qemu-tree", &t, "--qemu-flat", &f, addr]);
         assert_ok(&o);
         let out = stdout(&o);
@@ -404,4 +411,367 @@ fn cli_demo_runs_and_reports_that_nothing_survived() {
     assert!(out.contains("== census of live objects =="), "{out}");
     assert!(out.contains("FlatView #0"), "{out}");
     assert!(out.contains("0xdeadbeef OK"), "{out}");
+}
+
+// ---- issue 12: what a new user trips over ----------------------------------------
+
+const GUESS_WARNING: &str = "imported without its `info mtree -f` dump";
+
+#[test]
+fn cli_flat_lookup_and_diff_without_flat_dump_say_what_was_guessed() {
+    let t = oracle("x86_64/pc", "disabled.txt");
+    let f = oracle("x86_64/pc", "flat.txt");
+    for args in [
+        &["flat", &t][..],
+        &["lookup", &t, "0xfee00000"],
+        &["diff", &t, &t],
+    ] {
+        let o = run(args);
+        assert_ok(&o);
+        let err = stderr(&o);
+        assert!(err.contains(GUESS_WARNING), "{args:?}: {err}");
+        assert!(err.contains("taken as MMIO"), "{args:?}: {err}");
+        assert!(err.contains("equal-priority siblings"), "{args:?}: {err}");
+        assert!(err.contains("-flat FILE"), "{args:?}: {err}");
+    }
+    // With the -f dump (each side of a diff has its own) nothing is guessed.
+    for args in [
+        &["flat", &t, "--qemu-flat", &f][..],
+        &["lookup", &t, "--qemu-flat", &f, "0xfee00000"],
+        &["diff", &t, &t, "--a-flat", &f, "--b-flat", &f],
+    ] {
+        let o = run(args);
+        assert_ok(&o);
+        assert!(
+            !stderr(&o).contains(GUESS_WARNING),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+    // Machine files are not guesses.
+    let pc = format!("{EXAMPLES}pc-like.toml");
+    assert!(stderr(&run(&["flat", &pc])).is_empty());
+}
+
+#[test]
+fn cli_diff_takes_flat_and_owner_dumps_for_each_side() {
+    let t = oracle("x86_64/pc", "disabled.txt");
+    let f = oracle("x86_64/pc", "flat.txt");
+    let ow = oracle("x86_64/pc", "owner.txt");
+    let o = run(&["diff", &t, &t, "--a-flat", &f, "--b-flat", &f]);
+    assert_ok(&o);
+    assert!(stdout(&o).contains("identical"));
+    let o = run(&[
+        "diff",
+        &t,
+        &t,
+        "--a-flat",
+        &f,
+        "--b-flat",
+        &f,
+        "--a-owners",
+        &ow,
+        "--b-owners",
+        &ow,
+    ]);
+    assert_ok(&o);
+    // A -f dump is checked against its own side: a wrong one is FILE:LINE.
+    let q = oracle("x86_64/q35", "flat.txt");
+    let o = run(&["diff", &t, &t, "--a-flat", &f, "--b-flat", &q]);
+    assert_malformed(&o, &q);
+}
+
+#[test]
+fn cli_empty_blank_and_dev_null_exit_2_at_file_line() {
+    let empty = tmp("empty.txt", "");
+    let blank = tmp("blank.txt", "\n   \n\t\n");
+    let empty_toml = tmp("empty.toml", "");
+    for p in [
+        empty.to_str().unwrap(),
+        blank.to_str().unwrap(),
+        empty_toml.to_str().unwrap(),
+        "/dev/null",
+    ] {
+        for cmd in ["flat", "tree", "census"] {
+            let o = run(&[cmd, p]);
+            assert_malformed(&o, p);
+            assert!(stdout(&o).is_empty(), "{cmd} {p}");
+            let err = stderr(&o);
+            assert!(
+                err.contains("empty file") || err.contains("blank file"),
+                "{err}"
+            );
+        }
+    }
+    let t = oracle("x86_64/pc", "disabled.txt");
+    assert_malformed(&run(&["flat", &t, "--qemu-flat", "/dev/null"]), "/dev/null");
+}
+
+#[test]
+fn cli_flat_dump_given_as_the_tree_says_pass_it_as_qemu_flat() {
+    let f = oracle("x86_64/pc", "flat.txt");
+    let o = run(&["tree", &f]);
+    assert_eq!(assert_malformed(&o, &f), 1);
+    assert!(
+        stderr(&o).contains("this is an `info mtree -f` dump; pass it as --qemu-flat"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn cli_tree_owners_without_owner_dump_prints_no_invented_owners() {
+    let t = oracle("x86_64/pc", "disabled.txt");
+    let ow = oracle("x86_64/pc", "owner.txt");
+    let o = run(&["tree", "-o", &t]);
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert!(
+        !out.contains("owner:{") && !out.contains("parent:{"),
+        "{out}"
+    );
+    assert!(stderr(&o).contains("owners are unknown"), "{}", stderr(&o));
+    // With the owner dump they are printed as QEMU printed them.
+    let o = run(&["tree", "-o", &t, "--qemu-owners", &ow]);
+    assert_ok(&o);
+    assert_eq!(canon(&stdout(&o)), canon(&read(&ow)));
+}
+
+#[test]
+fn cli_lookup_numbers_follow_qemus_monitor_and_take_several_queries() {
+    let t = oracle("x86_64/pc", "disabled.txt");
+    let f = oracle("x86_64/pc", "flat.txt");
+    // Bare digits are decimal: 1000 is 0x3e8.
+    let o = run(&["lookup", &t, "--qemu-flat", &f, "1000"]);
+    assert_ok(&o);
+    assert!(
+        stdout(&o).contains("address 0x00000000000003e8"),
+        "{}",
+        stdout(&o)
+    );
+    // Hex digits without 0x are refused, with the fix in the message.
+    let o = run(&["lookup", &t, "ff"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("0xff"), "{}", stderr(&o));
+    // Several addresses and ranges in one call.
+    let o = run(&[
+        "lookup",
+        &t,
+        "--qemu-flat",
+        &f,
+        "0xfee00000",
+        "0xc0000",
+        "0xa0000-0xbffff",
+        "0xfffc0000+0x40000",
+    ]);
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert!(out.contains("served by \"apic-msi\""), "{out}");
+    assert!(out.contains("served by \"pc.rom\""), "{out}");
+    assert!(
+        out.contains("range 0x00000000000a0000-0x00000000000bffff"),
+        "{out}"
+    );
+    assert!(
+        out.contains("0000000000000000-00000000000bffff (prio 0, ram): pc.ram @0x0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("range 0x00000000fffc0000-0x00000000ffffffff"),
+        "{out}"
+    );
+    assert!(out.contains("): pc.bios"), "{out}");
+    // Bad ranges are usage errors.
+    for bad in ["0x10-0x1", "0x10+0", "0xffffffffffffffff+2"] {
+        assert_eq!(run(&["lookup", &t, bad]).status.code(), Some(2), "{bad}");
+    }
+    // --help says how numbers are read.
+    let help = stdout(&run(&["lookup", "--help"]));
+    assert!(help.contains("bare digits are decimal"), "{help}");
+}
+
+fn json_of(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)))
+}
+
+#[test]
+fn cli_json_on_tree_flat_lookup_diff_and_census_is_versioned() {
+    let t = oracle("x86_64/pc", "disabled.txt");
+    let f = oracle("x86_64/pc", "flat.txt");
+    let o = run(&["tree", &t, "--qemu-flat", &f, "-D", "--json"]);
+    assert_ok(&o);
+    let v = json_of(&o);
+    assert_eq!(v["schema_version"], 1);
+    assert_eq!(v["command"], "tree");
+    let memory = v["address_spaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["names"].as_array().unwrap().iter().any(|n| n == "memory"))
+        .expect("memory");
+    assert_eq!(memory["root"]["name"], "system");
+    assert_eq!(memory["root"]["last"], "0xffffffffffffffff");
+    assert!(v["memory_regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["name"] == "pc.ram"));
+
+    let o = run(&["flat", &t, "--qemu-flat", &f, "--json", "--as", "I/O"]);
+    assert_ok(&o);
+    let v = json_of(&o);
+    assert_eq!(v["schema_version"], 1);
+    assert_eq!(v["guessed"], false);
+    let views = v["views"].as_array().unwrap();
+    assert_eq!(views.len(), 1);
+    assert_eq!(views[0]["address_spaces"][0], "I/O");
+    assert!(views[0]["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["name"] == "rtc-index" && r["start"] == "0x70"));
+
+    let o = run(&[
+        "lookup",
+        &t,
+        "--qemu-flat",
+        &f,
+        "--json",
+        "0xfee00000",
+        "0x70-0x71",
+    ]);
+    assert_ok(&o);
+    let v = json_of(&o);
+    assert_eq!(v["schema_version"], 1);
+    assert_eq!(v["results"][0]["served_by"]["name"], "apic-msi");
+    assert_eq!(v["results"][0]["served_by"]["offset"], "0x0");
+    assert_eq!(v["results"][1]["query"], "range");
+
+    let q = oracle("x86_64/q35", "disabled.txt");
+    let o = run(&["diff", &t, &q, "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    let v = json_of(&o);
+    assert_eq!(v["schema_version"], 1);
+    assert_eq!(v["identical"], false);
+    assert!(!v["address_spaces"].as_array().unwrap().is_empty());
+
+    let o = run(&["census", &format!("{EXAMPLES}pc-like.toml"), "--json"]);
+    assert_ok(&o);
+    let v = json_of(&o);
+    assert_eq!(v["schema_version"], 1);
+    assert!(v["counts"]["region"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn cli_census_dot_draws_the_region_graph() {
+    let t = oracle("x86_64/pc", "disabled.txt");
+    let o = run(&["census", &t, "--dot"]);
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert!(out.starts_with("digraph memtree {"), "{out}");
+    assert!(out.trim_end().ends_with('}'));
+    assert!(out.contains("[style=dashed, label=\"alias\"]"));
+    assert!(out.contains("[shape=ellipse, label=\"I/O\"]"), "{out}");
+    // Every edge names declared nodes.
+    let nodes: std::collections::HashSet<&str> = out
+        .lines()
+        .filter(|l| l.contains(" [") && !l.contains("->"))
+        .map(|l| l.trim().split(' ').next().unwrap())
+        .collect();
+    for l in out.lines().filter(|l| l.contains("->")) {
+        let mut it = l.trim().split(' ');
+        let (a, _, b) = (
+            it.next().unwrap(),
+            it.next(),
+            it.next().unwrap().trim_end_matches(';'),
+        );
+        assert!(nodes.contains(a) && nodes.contains(b), "{l}");
+    }
+}
+
+#[test]
+fn cli_tree_and_flat_take_as() {
+    let t = oracle("x86_64/pc", "disabled.txt");
+    let f = oracle("x86_64/pc", "flat.txt");
+    let o = run(&["tree", &t, "--qemu-flat", &f, "--as", "I/O"]);
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert!(out.starts_with("address-space: I/O\n"), "{out}");
+    assert!(
+        !out.contains("address-space: memory") && !out.contains("memory-region:"),
+        "{out}"
+    );
+    let o = run(&["flat", &t, "--qemu-flat", &f, "--as", "memory"]);
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert_eq!(out.matches("FlatView #").count(), 1, "{out}");
+    assert!(out.contains(" AS \"memory\", root: system"));
+    let o = run(&["flat", &t, "--as", "nope"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("no address space named \"nope\""));
+}
+
+#[test]
+fn cli_completions_for_bash_zsh_and_fish() {
+    for (shell, marker) in [
+        ("bash", "_memtree"),
+        ("zsh", "#compdef memtree"),
+        ("fish", "complete -c memtree"),
+    ] {
+        let o = run(&["completions", shell]);
+        assert_ok(&o);
+        let out = stdout(&o);
+        assert!(out.contains(marker), "{shell}: {out}");
+        assert!(out.contains("lookup"), "{shell}");
+    }
+    assert_eq!(run(&["completions", "tcsh"]).status.code(), Some(2));
+}
+
+/// Candidate lines of a lookup listing: (indentation, line).
+fn candidate_lines(out: &str) -> Vec<(usize, &str)> {
+    out.lines()
+        .skip_while(|l| !l.starts_with("candidates covering"))
+        .skip(1)
+        .filter(|l| {
+            l.starts_with("  ")
+                && !l.trim_start().starts_with("->")
+                && !l.trim_start().starts_with("...")
+        })
+        .map(|l| (l.len() - l.trim_start().len(), l))
+        .collect()
+}
+
+#[test]
+fn cli_lookup_listing_puts_candidates_under_their_lines_and_counts_the_rest() {
+    let t = oracle("x86_64/pc", "disabled.txt");
+    let f = oracle("x86_64/pc", "flat.txt");
+    for addr in ["0xc0000", "0xa0000", "0xe0000", "0xfee00000"] {
+        let short = stdout(&run(&["lookup", &t, "--qemu-flat", &f, addr]));
+        let all = stdout(&run(&["lookup", &t, "--qemu-flat", &f, "--all", addr]));
+        let shown = candidate_lines(&short);
+        // Each line is at most one level below the line above it: a
+        // candidate whose parents are hidden is not printed under an
+        // unrelated line.
+        for w in shown.windows(2) {
+            assert!(
+                w[1].0 <= w[0].0 + 2,
+                "{addr}: {:?} under {:?}\n{short}",
+                w[1].1,
+                w[0].1
+            );
+        }
+        // The footer counts exactly the candidates not printed.
+        let footer: usize = short
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix('(')
+                    .and_then(|r| r.split(' ').next()?.parse().ok())
+            })
+            .unwrap_or(0);
+        assert_eq!(
+            shown.len() + footer,
+            candidate_lines(&all).len(),
+            "{addr}\n{short}"
+        );
+    }
 }

@@ -1,4 +1,4 @@
-//! The oracle test: every machine QEMU 7.2 dumped in ../shared/oracle is
+//! The oracle test: every machine QEMU 7.2 dumped in tests/data/oracle is
 //! imported, printed by memtree and compared with QEMU's own output, modulo
 //! block order and FlatView numbering (QEMU prints its top-level blocks in
 //! hash order).
@@ -35,7 +35,7 @@ use memtree::text::print::{print_flat, print_tree, FlatOptions, TreeOptions};
 fn oracle_dir() -> PathBuf {
     match std::env::var_os("MEMTREE_ORACLE") {
         Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/oracle"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/oracle"),
     }
 }
 

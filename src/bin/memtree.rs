@@ -4,10 +4,18 @@
 //! memtree demo                                   # the built-in PC-like machine, end to end
 //! memtree flat   machine.toml [-o]               # flat views (info mtree -f)
 //! memtree tree   machine.toml [-D] [-o]          # region tree (info mtree)
-//! memtree lookup machine.toml [--as NAME] ADDR   # who serves ADDR, and why
+//! memtree lookup machine.toml [--as NAME] ADDR|START-LAST|START+SIZE ...  # who serves ADDR, and why
 //! memtree flat   --qemu-tree pc.disabled.txt [--qemu-flat pc.flat.txt] [--qemu-owners pc.owner.txt]
-//! memtree diff   A B                             # compare the flat views of two machines
+//! memtree diff   A B [--a-flat FA] [--b-flat FB] # compare the flat views of two machines
+//! memtree census machine.toml [--dot]            # live objects by kind (or the region graph)
+//! memtree completions bash|zsh|fish              # shell completions
 //! ```
+//!
+//! `--json` on `tree`, `flat`, `lookup`, `diff` and `census` prints one JSON
+//! document whose schema (versioned by its `schema_version` field) is
+//! docs/json-schema.md. A QEMU dump imported without its `-f` dump is
+//! rendered from guesses; `flat`, `lookup` and `diff` then say on stderr
+//! what was guessed and how to give the `-f` dump.
 //!
 //! A machine is either a native TOML description (`*.toml`, see
 //! `examples/`) or a QEMU `info mtree -D` dump (`--qemu-tree`, or any
@@ -20,7 +28,8 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use serde_json::{json, Value};
 
 use memtree::machine_file::{self, LoadOptions};
 use memtree::text::import::{self, ImportError};
@@ -36,7 +45,11 @@ use memtree::{Memory, SpaceId};
     long_about = "QEMU's memory API rebuilt in Rust: build, print and explain memory maps.\n\n\
 A MACHINE is a native TOML description (FILE ending in .toml; see examples/) or a QEMU\n\
 `info mtree -D` dump (--qemu-tree, or a FILE not ending in .toml). Malformed input is\n\
-reported as `memtree: FILE:LINE: what is wrong` with exit status 2."
+reported as `memtree: FILE:LINE: what is wrong` with exit status 2.\n\n\
+A QEMU dump imported without its `info mtree -f` dump (--qemu-flat) is rendered from guesses\n\
+(which i/o leaves are MMIO, the order of overlapping equal-priority siblings, the creation\n\
+order of address spaces): flat, lookup and diff say so on stderr.\n\n\
+--json prints a versioned JSON document (schema: docs/json-schema.md)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -60,6 +73,12 @@ enum Command {
         /// Print owners (`info mtree -f -o`).
         #[arg(short = 'o', long = "owners")]
         owners: bool,
+        /// Print only the view of this address space.
+        #[arg(long = "as", value_name = "NAME")]
+        space: Option<String>,
+        /// Print JSON (docs/json-schema.md).
+        #[arg(long = "json")]
+        json: bool,
     },
     /// Print the region tree (`info mtree` format).
     Tree {
@@ -68,16 +87,25 @@ enum Command {
         /// Also print disabled regions (`info mtree -D`).
         #[arg(short = 'D', long = "disabled")]
         disabled: bool,
-        /// Print owners (`info mtree -o`).
+        /// Print owners (`info mtree -o`). For a QEMU dump only with
+        /// --qemu-owners: owners are never invented.
         #[arg(short = 'o', long = "owners")]
         owners: bool,
+        /// Print only the block of this address space.
+        #[arg(long = "as", value_name = "NAME")]
+        space: Option<String>,
+        /// Print JSON (docs/json-schema.md).
+        #[arg(long = "json")]
+        json: bool,
     },
     /// Which region serves an address, at which offset, and why every other
     /// region covering it lost.
     Lookup {
-        /// [FILE] ADDR: ADDR is hex with `0x` (or zero-padded as QEMU prints
-        /// it, or containing a-f), otherwise decimal.
-        #[arg(value_name = "[FILE] ADDR", num_args = 1..=2, required = true)]
+        /// [FILE] ADDR...: each ADDR is an address, START-LAST or
+        /// START+SIZE. Numbers follow QEMU's monitor: `0x` prefix for hex,
+        /// bare digits are decimal (`1000` is 0x3e8). FILE is omitted with
+        /// --qemu-tree.
+        #[arg(value_name = "[FILE] ADDR", num_args = 1.., required = true)]
         args: Vec<String>,
         /// QEMU `info mtree -D` dump to import (instead of FILE).
         #[arg(long = "qemu-tree", value_name = "T")]
@@ -94,6 +122,9 @@ enum Command {
         /// Also list candidates inside disabled or clipped regions.
         #[arg(long = "all")]
         all: bool,
+        /// Print JSON (docs/json-schema.md).
+        #[arg(long = "json")]
+        json: bool,
     },
     /// Compare the flat views of two machines (exit 0 if equal, 1 if not).
     Diff {
@@ -101,11 +132,38 @@ enum Command {
         a: PathBuf,
         /// The second machine.
         b: PathBuf,
+        /// QEMU `info mtree -f` dump of A.
+        #[arg(long = "a-flat", value_name = "FA")]
+        a_flat: Option<PathBuf>,
+        /// QEMU `info mtree -f` dump of B.
+        #[arg(long = "b-flat", value_name = "FB")]
+        b_flat: Option<PathBuf>,
+        /// QEMU `info mtree -o` dump of A.
+        #[arg(long = "a-owners", value_name = "OA")]
+        a_owners: Option<PathBuf>,
+        /// QEMU `info mtree -o` dump of B.
+        #[arg(long = "b-owners", value_name = "OB")]
+        b_owners: Option<PathBuf>,
+        /// Print JSON (docs/json-schema.md).
+        #[arg(long = "json")]
+        json: bool,
     },
     /// Print the census of live objects of a loaded machine (by kind).
     Census {
         #[command(flatten)]
         machine: MachineArgs,
+        /// Print the region graph in Graphviz DOT instead (address spaces,
+        /// containment edges, dashed alias edges; census in the label).
+        #[arg(long = "dot")]
+        dot: bool,
+        /// Print JSON (docs/json-schema.md).
+        #[arg(long = "json")]
+        json: bool,
+    },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
     /// Draw an address space as an SVG memory map, or with --diff A B what
     /// changed between two machines (hover a range for who serves it and
@@ -228,34 +286,128 @@ fn is_toml(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("toml"))
 }
 
-fn load_toml(path: &Path) -> Result<Memory, CliError> {
+/// A loaded machine and what is known about how it was loaded.
+struct Loaded {
+    memory: Memory,
+    /// The file it came from (for messages).
+    source: PathBuf,
+    /// A QEMU dump imported without a flat dump: what was guessed.
+    guessed: Option<Vec<String>>,
+    /// Owners are known (a machine file, or a QEMU dump with an owner dump).
+    owners_known: bool,
+}
+
+impl Loaded {
+    /// On stderr: what was guessed for a QEMU dump imported without its
+    /// `-f` dump, and how to give it (`flag` names the option).
+    fn warn_guessed(&self, flag: &str) {
+        let Some(guessed) = &self.guessed else { return };
+        let leaves: Vec<&String> = guessed
+            .iter()
+            .filter(|g| g.contains("taken as MMIO"))
+            .collect();
+        let orders: Vec<&String> = guessed
+            .iter()
+            .filter(|g| g.contains("order is guessed"))
+            .collect();
+        let mut msg = format!(
+            "memtree: warning: {}: imported without its `info mtree -f` dump, so the flat views are guessed and may differ from QEMU's:\n",
+            self.source.display()
+        );
+        msg.push_str(&format!(
+            "  - {} `i/o` region(s) without subregions taken as MMIO (each may be an empty container)\n",
+            leaves.len()
+        ));
+        msg.push_str(&format!(
+            "  - the order of {} pair(s) of overlapping equal-priority siblings (which one wins)\n",
+            orders.len()
+        ));
+        for o in orders.iter().take(3) {
+            msg.push_str(&format!("      {o}\n"));
+        }
+        msg.push_str("  - the creation order of address spaces\n");
+        msg.push_str(&format!(
+            "  give the output of `info mtree -f` of the same machine with {flag} FILE\n"
+        ));
+        let _ = std::io::stderr().write_all(msg.as_bytes());
+    }
+}
+
+/// Reads a file that must hold something: empty and blank files (and
+/// /dev/null) are malformed input, not an empty machine.
+fn read_nonempty(path: &Path, what: &str) -> Result<String, CliError> {
     let text = read(path)?;
+    if text.trim().is_empty() {
+        let line = text.lines().count().max(1);
+        let kind = if text.is_empty() { "empty" } else { "blank" };
+        return Err(CliError::at(
+            path,
+            Some(line),
+            format!("{kind} file: expected {what}"),
+        ));
+    }
+    Ok(text)
+}
+
+fn load_toml(path: &Path) -> Result<Loaded, CliError> {
+    let text = read_nonempty(path, "a machine description (see examples/)")?;
     machine_file::load_str(&text, LoadOptions { allocate: false })
-        .map(|m| m.memory)
+        .map(|m| Loaded {
+            memory: m.memory,
+            source: path.to_owned(),
+            guessed: None,
+            owners_known: true,
+        })
         .map_err(|e| CliError::at(path, Some(e.line), e.message))
 }
 
-fn load_qemu(tree: &Path, flat: Option<&Path>, owners: Option<&Path>) -> Result<Memory, CliError> {
-    let tree_dump = parse::parse_tree(&read(tree)?).map_err(|e| parse_err(tree, e))?;
+fn load_qemu(tree: &Path, flat: Option<&Path>, owners: Option<&Path>) -> Result<Loaded, CliError> {
+    let tree_text = read_nonempty(tree, "an `info mtree -D` dump")?;
+    if let Some((i, _)) = tree_text
+        .lines()
+        .enumerate()
+        .find(|(_, l)| !l.trim().is_empty())
+        .filter(|(_, l)| l.starts_with("FlatView #"))
+    {
+        return Err(CliError::at(
+            tree,
+            Some(i + 1),
+            "this is an `info mtree -f` dump; pass it as --qemu-flat (the machine itself is the `info mtree -D` dump)",
+        ));
+    }
+    let tree_dump = parse::parse_tree(&tree_text).map_err(|e| parse_err(tree, e))?;
     let flat_dump = match flat {
-        Some(p) => Some(parse::parse_flat(&read(p)?).map_err(|e| parse_err(p, e))?),
+        Some(p) => Some(
+            parse::parse_flat(&read_nonempty(p, "an `info mtree -f` dump")?)
+                .map_err(|e| parse_err(p, e))?,
+        ),
         None => None,
     };
     let owner_dump = match owners {
-        Some(p) => Some(parse::parse_tree(&read(p)?).map_err(|e| parse_err(p, e))?),
+        Some(p) => Some(
+            parse::parse_tree(&read_nonempty(p, "an `info mtree -o` dump")?)
+                .map_err(|e| parse_err(p, e))?,
+        ),
         None => None,
     };
     import::import(&tree_dump, flat_dump.as_ref(), owner_dump.as_ref())
-        .map(|i| i.memory)
+        .inspect(|i| {
+            // Truly ambiguous alias targets are said whatever the command.
+            for g in i
+                .guessed
+                .iter()
+                .filter(|g| g.contains("different regions named"))
+            {
+                eprintln!("memtree: warning: {}: {g}", tree.display());
+            }
+        })
+        .map(|i| Loaded {
+            memory: i.memory,
+            source: tree.to_owned(),
+            guessed: flat.is_none().then_some(i.guessed),
+            owners_known: owners.is_some(),
+        })
         .map_err(|e| import_err(tree, flat, owners, e))
-}
-
-fn load_any(path: &Path) -> Result<Memory, CliError> {
-    if is_toml(path) {
-        load_toml(path)
-    } else {
-        load_qemu(path, None, None)
-    }
 }
 
 fn load(
@@ -263,7 +415,7 @@ fn load(
     qemu_tree: Option<&Path>,
     qemu_flat: Option<&Path>,
     qemu_owners: Option<&Path>,
-) -> Result<Memory, CliError> {
+) -> Result<Loaded, CliError> {
     match (file, qemu_tree) {
         (Some(_), Some(_)) => Err(CliError::arg(
             "usage",
@@ -286,7 +438,7 @@ fn load(
     }
 }
 
-fn load_machine(m: &MachineArgs) -> Result<Memory, CliError> {
+fn load_machine(m: &MachineArgs) -> Result<Loaded, CliError> {
     load(
         m.file.as_deref(),
         m.qemu_tree.as_deref(),
@@ -295,31 +447,58 @@ fn load_machine(m: &MachineArgs) -> Result<Memory, CliError> {
     )
 }
 
-/// Parses an address: `0x` hex, hex as QEMU prints it (zero-padded, or with
-/// a-f digits), or decimal; `_` separators allowed.
+/// Parses a number as QEMU's monitor does: `0x` hex, otherwise decimal;
+/// `_` separators allowed.
 fn parse_addr(text: &str) -> Result<u64, CliError> {
     let t: String = text.trim().chars().filter(|&c| c != '_').collect();
-    let bad = || {
-        CliError::arg(
-            text,
-            "bad address (expected hex like 0xfee00000 or 00000000fee00000, or decimal)",
-        )
-    };
     let lower = t.to_ascii_lowercase();
-    let (digits, radix) = if let Some(h) = lower.strip_prefix("0x") {
-        (h.to_owned(), 16)
-    } else if lower.chars().any(|c| matches!(c, 'a'..='f'))
-        || (lower.len() > 1 && lower.starts_with('0'))
-    {
-        (lower, 16)
-    } else {
-        (lower, 10)
+    let (digits, radix) = match lower.strip_prefix("0x") {
+        Some(h) => (h.to_owned(), 16),
+        None => (lower, 10),
     };
     if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return Err(bad());
+        let hint =
+            if radix == 10 && digits.chars().all(|c| c.is_ascii_hexdigit()) && !digits.is_empty() {
+                " (hex needs the 0x prefix, as in QEMU's monitor: 0x".to_owned() + &digits + ")"
+            } else {
+                String::new()
+            };
+        return Err(CliError::arg(
+            text,
+            format!("bad address{hint}; expected 0x-prefixed hex like 0xfee00000, or decimal"),
+        ));
     }
     u64::from_str_radix(&digits, radix)
         .map_err(|_| CliError::arg(text, "address does not fit 64 bits"))
+}
+
+/// What `lookup` is asked about: one address, or a range (inclusive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Query {
+    Addr(u64),
+    Range(u64, u64),
+}
+
+/// `ADDR`, `START-LAST` (inclusive) or `START+SIZE`.
+fn parse_query(text: &str) -> Result<Query, CliError> {
+    if let Some((a, b)) = text.split_once('-') {
+        let (s, l) = (parse_addr(a)?, parse_addr(b)?);
+        if l < s {
+            return Err(CliError::arg(text, "range ends before it starts"));
+        }
+        return Ok(Query::Range(s, l));
+    }
+    if let Some((a, b)) = text.split_once('+') {
+        let (s, n) = (parse_addr(a)?, parse_addr(b)?);
+        if n == 0 {
+            return Err(CliError::arg(text, "empty range (size 0)"));
+        }
+        let l = s
+            .checked_add(n - 1)
+            .ok_or_else(|| CliError::arg(text, "range goes past 2^64"))?;
+        return Ok(Query::Range(s, l));
+    }
+    parse_addr(text).map(Query::Addr)
 }
 
 fn pick_space(mem: &Memory, name: Option<&str>) -> Result<SpaceId, CliError> {
@@ -383,6 +562,129 @@ fn emit(text: &str) {
     let _ = std::io::stdout().write_all(text.as_bytes());
 }
 
+/// The JSON schema version printed as `schema_version` (docs/json-schema.md).
+const SCHEMA_VERSION: u32 = 1;
+
+fn hex(v: u64) -> Value {
+    Value::String(format!("0x{v:x}"))
+}
+
+fn type_name(t: parse::TypeTag) -> &'static str {
+    match t {
+        parse::TypeTag::Ram => "ram",
+        parse::TypeTag::Rom => "rom",
+        parse::TypeTag::Romd => "romd",
+        parse::TypeTag::Ramd => "ramd",
+        parse::TypeTag::Io => "i/o",
+        parse::TypeTag::Container => "container",
+    }
+}
+
+fn owner_ref_json(r: &parse::OwnerRef) -> Value {
+    let (kind, name) = match r {
+        parse::OwnerRef::DevId(s) => ("dev id", s),
+        parse::OwnerRef::DevPath(s) => ("dev path", s),
+        parse::OwnerRef::ObjPath(s) => ("obj path", s),
+        parse::OwnerRef::ObjType(s) => ("obj type", s),
+    };
+    json!({ "kind": kind, "name": name })
+}
+
+fn owner_json(d: &Option<parse::OwnerDecor>) -> Value {
+    match d {
+        None => Value::Null,
+        Some(parse::OwnerDecor::Owner { owner, parent }) => json!({
+            "owner": owner_ref_json(owner),
+            "parent": parent.as_ref().map(owner_ref_json),
+        }),
+        Some(parse::OwnerDecor::ParentOnly(p)) => {
+            json!({ "owner": null, "parent": owner_ref_json(p) })
+        }
+        Some(parse::OwnerDecor::Orphan) => json!({ "owner": null, "parent": null }),
+    }
+}
+
+/// A tree line and its subtree, iteratively (no nesting depth overflows).
+fn tree_json(root: &parse::TreeLine, owners: bool) -> Value {
+    fn node(l: &parse::TreeLine, owners: bool) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("name".into(), json!(l.name));
+        m.insert("type".into(), json!(type_name(l.ty)));
+        m.insert("start".into(), hex(l.start));
+        m.insert("last".into(), hex(l.last));
+        m.insert("priority".into(), json!(l.priority));
+        m.insert("enabled".into(), json!(!l.disabled));
+        m.insert("nonvolatile".into(), json!(l.nonvolatile));
+        m.insert(
+            "alias".into(),
+            l.alias.as_ref().map_or(Value::Null, |a| {
+                json!({ "target": a.target_name, "start": hex(a.target_start), "last": hex(a.target_last) })
+            }),
+        );
+        if owners {
+            m.insert("owner".into(), owner_json(&l.owner));
+        }
+        m
+    }
+    // Post-order on an explicit stack: children are built before parents.
+    let mut stack: Vec<(&parse::TreeLine, bool)> = vec![(root, false)];
+    let mut done: Vec<Value> = Vec::new();
+    while let Some((l, expanded)) = stack.pop() {
+        if expanded {
+            let kids = done.split_off(done.len() - l.children.len());
+            let mut m = node(l, owners);
+            m.insert("children".into(), Value::Array(kids));
+            done.push(Value::Object(m));
+        } else {
+            stack.push((l, true));
+            for c in l.children.iter().rev() {
+                stack.push((c, false));
+            }
+        }
+    }
+    done.pop().unwrap_or(Value::Null)
+}
+
+fn flat_line_json(l: &parse::FlatLine, owners: bool) -> Value {
+    let mut v = json!({
+        "start": hex(l.start),
+        "last": hex(l.last),
+        "priority": l.priority,
+        "type": type_name(l.ty),
+        "name": l.name,
+        "offset": hex(l.offset),
+        "nonvolatile": l.nonvolatile,
+    });
+    if owners {
+        v["owner"] = owner_json(&l.owner);
+    }
+    v
+}
+
+fn print_json(v: &Value) {
+    let mut text = serde_json::to_string_pretty(v).unwrap_or_default();
+    text.push('\n');
+    emit(&text);
+}
+
+/// The top-level blocks of a dump (separated by empty lines) that belong to
+/// address space `name`: its `address-space:` group, or its `FlatView`.
+fn blocks_of_space(text: &str, name: &str) -> String {
+    let tree_header = format!("address-space: {name}");
+    let flat_header = format!(" AS \"{name}\", root: ");
+    let mut out = String::new();
+    for block in text.split("\n\n") {
+        if block
+            .lines()
+            .any(|l| l == tree_header || l.starts_with(&flat_header))
+        {
+            out.push_str(block.trim_start_matches('\n'));
+            out.push_str("\n\n");
+        }
+    }
+    out
+}
+
 fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Demo { scale: true } => {
@@ -405,22 +707,83 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 Err(e) => Err(CliError::arg("demo", e.to_string())),
             }
         }
-        Command::Flat { machine, owners } => {
-            let mem = load_machine(&machine)?;
+        Command::Flat {
+            machine,
+            owners,
+            space,
+            json,
+        } => {
+            let loaded = load_machine(&machine)?;
+            loaded.warn_guessed("--qemu-flat");
+            let owners = owners && known_owners(&loaded, "flat");
+            if let Some(n) = &space {
+                pick_space(&loaded.memory, Some(n))?;
+            }
             let mut out = String::new();
-            let _ = print::print_flat(&mem, &mut out, FlatOptions { owners });
-            emit(&out);
+            let _ = print::print_flat(&loaded.memory, &mut out, FlatOptions { owners });
+            if let Some(n) = &space {
+                out = blocks_of_space(&out, n);
+            }
+            if json {
+                let dump = parse::parse_flat(&out)
+                    .map_err(|e| CliError::arg("flat", format!("internal: {e}")))?;
+                let views: Vec<Value> = dump
+                    .views
+                    .iter()
+                    .map(|b| {
+                        json!({
+                            "address_spaces": b.spaces.iter().map(|a| a.name.clone()).collect::<Vec<_>>(),
+                            "root": b.root,
+                            "ranges": b.ranges.iter().map(|l| flat_line_json(l, owners)).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                print_json(&json!({
+                    "schema_version": SCHEMA_VERSION,
+                    "command": "flat",
+                    "guessed": loaded.guessed.is_some(),
+                    "views": views,
+                }));
+            } else {
+                emit(&out);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Tree {
             machine,
             disabled,
             owners,
+            space,
+            json,
         } => {
-            let mem = load_machine(&machine)?;
+            let loaded = load_machine(&machine)?;
+            let owners = owners && known_owners(&loaded, "tree");
+            if let Some(n) = &space {
+                pick_space(&loaded.memory, Some(n))?;
+            }
             let mut out = String::new();
-            let _ = print::print_tree(&mem, &mut out, TreeOptions { disabled, owners });
-            emit(&out);
+            let _ = print::print_tree(&loaded.memory, &mut out, TreeOptions { disabled, owners });
+            if let Some(n) = &space {
+                out = blocks_of_space(&out, n);
+            }
+            if json {
+                let dump = parse::parse_tree(&out)
+                    .map_err(|e| CliError::arg("tree", format!("internal: {e}")))?;
+                print_json(&json!({
+                    "schema_version": SCHEMA_VERSION,
+                    "command": "tree",
+                    "address_spaces": dump.groups.iter().map(|g| json!({
+                        "names": g.names,
+                        "root": tree_json(&g.root, owners),
+                    })).collect::<Vec<_>>(),
+                    "memory_regions": dump.regions.iter().map(|r| json!({
+                        "name": r.name,
+                        "root": tree_json(&r.root, owners),
+                    })).collect::<Vec<_>>(),
+                }));
+            } else {
+                emit(&out);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Lookup {
@@ -430,34 +793,144 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             qemu_owners,
             space,
             all,
+            json,
         } => {
-            let (file, addr) = match args.as_slice() {
-                [addr] => (None, addr),
-                [file, addr] => (Some(PathBuf::from(file)), addr),
-                _ => return Err(CliError::arg("usage", "lookup takes [FILE] ADDR")),
+            let (file, queries) = match (&qemu_tree, args.as_slice()) {
+                (Some(_), qs) => (None, qs),
+                (None, [file, qs @ ..]) if !qs.is_empty() => (Some(PathBuf::from(file)), qs),
+                _ => {
+                    return Err(CliError::arg(
+                        "usage",
+                        "lookup takes FILE ADDR... (or --qemu-tree T ADDR...)",
+                    ))
+                }
             };
-            let addr = parse_addr(addr)?;
-            let mem = load(
+            let queries = queries
+                .iter()
+                .map(|q| parse_query(q))
+                .collect::<Result<Vec<_>, _>>()?;
+            let loaded = load(
                 file.as_deref(),
                 qemu_tree.as_deref(),
                 qemu_flat.as_deref(),
                 qemu_owners.as_deref(),
             )?;
-            let id = pick_space(&mem, space.as_deref())?;
-            let why = memtree::lookup::explain(&mem, id, addr)
-                .map_err(|e| CliError::arg("lookup", e.to_string()))?;
-            emit(&if all {
-                format!("{why:#}")
+            loaded.warn_guessed("--qemu-flat");
+            let mem = &loaded.memory;
+            let id = pick_space(mem, space.as_deref())?;
+            let space_name = mem
+                .address_spaces()
+                .into_iter()
+                .find(|(s, _)| *s == id)
+                .map(|(_, n)| n)
+                .unwrap_or_default();
+            let mut text = String::new();
+            let mut results = Vec::new();
+            for q in queries {
+                match q {
+                    Query::Addr(addr) => {
+                        let why = memtree::lookup::explain(mem, id, addr)
+                            .map_err(|e| CliError::arg("lookup", e.to_string()))?;
+                        if json {
+                            results.push(json!({
+                                "query": "address",
+                                "address": hex(addr),
+                                "served_by": why.verdict.as_ref().map(|v| json!({
+                                    "name": v.name,
+                                    "kind": format!("{:?}", v.kind).to_lowercase(),
+                                    "offset": hex(v.offset),
+                                    "readonly": v.readonly,
+                                    "path": v.path,
+                                })),
+                                "candidates": why.candidates.iter().map(|c| json!({
+                                    "name": c.name,
+                                    "kind": format!("{:?}", c.kind).to_lowercase(),
+                                    "priority": c.priority,
+                                    "depth": c.depth,
+                                    "via_alias": c.via_alias,
+                                })).collect::<Vec<_>>(),
+                            }));
+                        } else {
+                            if !text.is_empty() {
+                                text.push('\n');
+                            }
+                            text.push_str(&if all {
+                                format!("{why:#}")
+                            } else {
+                                format!("{why}")
+                            });
+                        }
+                    }
+                    Query::Range(start, last) => {
+                        let mut flat = String::new();
+                        let _ = print::print_flat(mem, &mut flat, FlatOptions { owners: false });
+                        let dump = parse::parse_flat(&blocks_of_space(&flat, &space_name))
+                            .map_err(|e| CliError::arg("lookup", format!("internal: {e}")))?;
+                        let lines: Vec<&parse::FlatLine> = dump
+                            .views
+                            .iter()
+                            .flat_map(|b| &b.ranges)
+                            .filter(|l| l.start <= last && l.last >= start)
+                            .collect();
+                        if json {
+                            results.push(json!({
+                                "query": "range",
+                                "start": hex(start),
+                                "last": hex(last),
+                                "ranges": lines.iter().map(|l| flat_line_json(l, false)).collect::<Vec<_>>(),
+                            }));
+                        } else {
+                            if !text.is_empty() {
+                                text.push('\n');
+                            }
+                            text.push_str(&format!(
+                                "range 0x{start:016x}-0x{last:016x} in address space \"{space_name}\": {} flat range(s)\n",
+                                lines.len()
+                            ));
+                            for l in &lines {
+                                text.push_str(&format!(
+                                    "  {:016x}-{:016x} (prio {}, {}): {} @0x{:x}\n",
+                                    l.start,
+                                    l.last,
+                                    l.priority,
+                                    type_name(l.ty),
+                                    l.name,
+                                    l.offset
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+            if json {
+                print_json(&json!({
+                    "schema_version": SCHEMA_VERSION,
+                    "command": "lookup",
+                    "address_space": space_name,
+                    "guessed": loaded.guessed.is_some(),
+                    "results": results,
+                }));
             } else {
-                format!("{why}")
-            });
+                emit(&text);
+            }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Diff { a, b } => {
-            let ma = load_any(&a)?;
-            let mb = load_any(&b)?;
-            let (fa, fb) = (flat_lines(&ma), flat_lines(&mb));
+        Command::Diff {
+            a,
+            b,
+            a_flat,
+            b_flat,
+            a_owners,
+            b_owners,
+            json,
+        } => {
+            let la = load(Some(&a), None, a_flat.as_deref(), a_owners.as_deref())?;
+            let lb = load(Some(&b), None, b_flat.as_deref(), b_owners.as_deref())?;
+            la.warn_guessed("--a-flat");
+            lb.warn_guessed("--b-flat");
+            let (fa, fb) = (flat_lines(&la.memory), flat_lines(&lb.memory));
             let mut out = String::new();
+            let mut spaces_json = Vec::new();
             let mut differ = false;
             let names: std::collections::BTreeSet<&String> = fa.keys().chain(fb.keys()).collect();
             for n in names {
@@ -471,40 +944,84 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     (Some(la), Some(lb)) => (la, lb),
                     (Some(_), None) => {
                         out.push_str(&format!("  only in {}\n", a.display()));
+                        spaces_json
+                            .push(json!({ "name": n, "only_in": "a", "removed": [], "added": [] }));
                         continue;
                     }
                     _ => {
                         out.push_str(&format!("  only in {}\n", b.display()));
+                        spaces_json
+                            .push(json!({ "name": n, "only_in": "b", "removed": [], "added": [] }));
                         continue;
                     }
                 };
                 // Hashed: two views of n ranges compare in O(n), not O(n²).
                 let (sa, sb): (HashSet<&String>, HashSet<&String>) =
                     (la.iter().collect(), lb.iter().collect());
-                for l in la.iter().filter(|l| !sb.contains(l)) {
+                let removed: Vec<&String> = la.iter().filter(|l| !sb.contains(l)).collect();
+                let added: Vec<&String> = lb.iter().filter(|l| !sa.contains(l)).collect();
+                for l in &removed {
                     out.push_str(&format!("- {l}\n"));
                 }
-                for l in lb.iter().filter(|l| !sa.contains(l)) {
+                for l in &added {
                     out.push_str(&format!("+ {l}\n"));
                 }
+                spaces_json.push(
+                    json!({ "name": n, "only_in": null, "removed": removed, "added": added }),
+                );
             }
             if !differ {
                 out.push_str("the flat views are identical\n");
             }
-            emit(&out);
+            if json {
+                print_json(&json!({
+                    "schema_version": SCHEMA_VERSION,
+                    "command": "diff",
+                    "a": a.display().to_string(),
+                    "b": b.display().to_string(),
+                    "identical": !differ,
+                    "address_spaces": spaces_json,
+                }));
+            } else {
+                emit(&out);
+            }
             Ok(if differ {
                 ExitCode::from(1)
             } else {
                 ExitCode::SUCCESS
             })
         }
-        Command::Census { machine } => {
-            let mem = load_machine(&machine)?;
-            let mut out = String::new();
-            for (kind, n) in mem.census().counts() {
-                out.push_str(&format!("{:<14} {n}\n", kind.as_str()));
+        Command::Census { machine, dot, json } => {
+            let loaded = load_machine(&machine)?;
+            let counts = loaded.memory.census().counts();
+            if dot && json {
+                return Err(CliError::arg("usage", "give either --dot or --json"));
             }
-            emit(&out);
+            if json {
+                let map: serde_json::Map<String, Value> = counts
+                    .iter()
+                    .map(|(k, n)| (k.as_str().to_owned(), json!(n)))
+                    .collect();
+                print_json(&json!({
+                    "schema_version": SCHEMA_VERSION,
+                    "command": "census",
+                    "counts": map,
+                }));
+            } else if dot {
+                emit(&census_dot(&loaded.memory, &counts)?);
+            } else {
+                let mut out = String::new();
+                for (kind, n) in counts {
+                    out.push_str(&format!("{:<14} {n}\n", kind.as_str()));
+                }
+                emit(&out);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "memtree", &mut out);
+            let _ = std::io::stdout().write_all(&out);
             Ok(ExitCode::SUCCESS)
         }
         Command::Map {
@@ -516,6 +1033,111 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             output,
         } => run_map(machine, demo, diff, diff_flat, space, output),
     }
+}
+
+/// Whether owners may be printed; for a QEMU dump without an owner dump
+/// they are unknown, and printing them would invent them: say so instead.
+fn known_owners(loaded: &Loaded, cmd: &str) -> bool {
+    if !loaded.owners_known {
+        eprintln!(
+            "memtree: warning: {}: owners are unknown without the `info mtree -o` dump (--qemu-owners FILE); `{cmd} -o` prints none",
+            loaded.source.display()
+        );
+    }
+    loaded.owners_known
+}
+
+fn dot_quote(s: &str) -> String {
+    let escaped = s
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!("\"{escaped}\"")
+}
+
+/// The region graph as Graphviz DOT: one node per printed region line
+/// (`info mtree -D`), containment edges, dashed edges from an alias to its
+/// target's `memory-region:` section, the census in the graph label.
+fn census_dot(
+    mem: &Memory,
+    counts: &BTreeMap<memtree::census::ObjectKind, usize>,
+) -> Result<String, CliError> {
+    let mut text = String::new();
+    let _ = print::print_tree(
+        mem,
+        &mut text,
+        TreeOptions {
+            disabled: true,
+            owners: false,
+        },
+    );
+    let dump =
+        parse::parse_tree(&text).map_err(|e| CliError::arg("census", format!("internal: {e}")))?;
+    let label = counts
+        .iter()
+        .map(|(k, n)| format!("{} {n}", k.as_str()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut out = format!(
+        "digraph memtree {{\n  label={};\n  node [shape=box];\n",
+        dot_quote(&label)
+    );
+    let mut section_node: BTreeMap<&str, String> = BTreeMap::new();
+    for (i, r) in dump.regions.iter().enumerate() {
+        section_node
+            .entry(r.name.as_str())
+            .or_insert(format!("m{i}_0"));
+    }
+    let mut aliases: Vec<(String, String)> = Vec::new();
+    let mut emit_tree = |prefix: String, root: &parse::TreeLine, out: &mut String| {
+        let mut next = 0usize;
+        let mut stack: Vec<(&parse::TreeLine, Option<String>)> = vec![(root, None)];
+        while let Some((l, parent)) = stack.pop() {
+            let id = format!("{prefix}_{next}");
+            next += 1;
+            let style = if l.disabled { ", style=dashed" } else { "" };
+            out.push_str(&format!(
+                "  {id} [label={}{style}];\n",
+                dot_quote(&format!(
+                    "{}\n{} prio {}\n0x{:x}-0x{:x}",
+                    l.name,
+                    type_name(l.ty),
+                    l.priority,
+                    l.start,
+                    l.last
+                ))
+            ));
+            if let Some(p) = parent {
+                out.push_str(&format!("  {p} -> {id};\n"));
+            }
+            if let Some(a) = &l.alias {
+                aliases.push((id.clone(), a.target_name.clone()));
+            }
+            for c in l.children.iter().rev() {
+                stack.push((c, Some(id.clone())));
+            }
+        }
+    };
+    for (i, g) in dump.groups.iter().enumerate() {
+        let sid = format!("s{i}");
+        out.push_str(&format!(
+            "  {sid} [shape=ellipse, label={}];\n  {sid} -> s{i}r_0;\n",
+            dot_quote(&g.names.join("\n"))
+        ));
+        emit_tree(format!("s{i}r"), &g.root, &mut out);
+    }
+    for (i, r) in dump.regions.iter().enumerate() {
+        emit_tree(format!("m{i}"), &r.root, &mut out);
+    }
+    for (from, target) in aliases {
+        if let Some(to) = section_node.get(target.as_str()) {
+            out.push_str(&format!(
+                "  {from} -> {to} [style=dashed, label=\"alias\"];\n"
+            ));
+        }
+    }
+    out.push_str("}\n");
+    Ok(out)
 }
 
 /// `memtree map`: one address space as SVG, or two side by side (`--diff`).
@@ -545,9 +1167,9 @@ fn run_map(
             let flats = diff_flat.as_ref();
             let side = |i: usize| match flats {
                 Some(f) => load(None, Some(&pair[i]), Some(&f[i]), None),
-                None => load_any(&pair[i]),
+                None => load(Some(&pair[i]), None, None, None),
             };
-            let (ma, mb) = (side(0)?, side(1)?);
+            let (ma, mb) = (side(0)?.memory, side(1)?.memory);
             let (a, b) = (collect(&ma)?, collect(&mb)?);
             let label = |p: &PathBuf| p.display().to_string();
             map_svg::render_diff(&a, &label(&pair[0]), &b, &label(&pair[1]))
@@ -562,7 +1184,7 @@ fn run_map(
             let d = memtree::demo::build().map_err(|e| CliError::arg("demo", e.to_string()))?;
             map_svg::render(&collect(&d.memory)?)
         }
-        (None, false) => map_svg::render(&collect(&load_machine(&machine)?)?),
+        (None, false) => map_svg::render(&collect(&load_machine(&machine)?.memory)?),
     };
     match output {
         Some(path) => std::fs::write(&path, svg)

@@ -36,7 +36,16 @@
 //!    and `pci_bridge_pref_mem` of one bridge target its own bus, the next
 //!    bridge's aliases target the next bus). An alias never targets a region
 //!    that contains it. If a dump does not follow the queue order (edited by
-//!    hand), targets fall back to name matching.
+//!    hand), targets fall back to name matching. The result is then checked
+//!    against everything else the dump says: the target is a section of
+//!    that name, the printed window `@T start-last` fits in it, and no
+//!    section reaches itself through the aliases printed inside it (QEMU
+//!    cannot hold an alias cycle). When the walk's choice contradicts that,
+//!    a bounded backtracking search (the walk's choice first, then the other
+//!    fitting sections in file order) finds an assignment that does not; an
+//!    alias whose fitting sections print differently is reported in
+//!    [`Imported::guessed`] (the dump is truly ambiguous there), and a dump
+//!    no assignment fits is refused naming the alias.
 //! 4. Sizes are printed inclusively, so a zero-size region looks like a
 //!    one-byte one. A one-byte alias at offset 0 of its container mapping
 //!    offset 0 of its target (a closed PCI bridge window) is taken as size 0;
@@ -45,6 +54,12 @@
 //!    order; they are added so that memtree's list has the same order. Among
 //!    equal priorities at *different* addresses the list order is not
 //!    printed; the importer assumes the printed order (lower address newer).
+//!    With a flat dump the order is learned: where QEMU shows a region that
+//!    memtree renders under an overlapping equal-priority sibling, the
+//!    sibling holding QEMU's region is moved before it (newer, so it wins);
+//!    a learned (winner, loser) pair is never reversed. Without a flat dump
+//!    [`Imported::guessed`] lists every overlapping equal-priority pair at
+//!    different addresses whose order was guessed.
 //!
 //! # Kinds ("terminates")
 //!
@@ -59,7 +74,14 @@
 //! named by a flat range that memtree does not produce (same priority,
 //! reached by that view) terminates; an `i/o` region memtree renders where
 //! the dump shows no range of that name is a container. This repeats until
-//! the views agree (or nothing more can be learned).
+//! the views agree (or nothing more can be learned). Every address space of
+//! a `FlatView` block is compared with it, not only the first: QEMU groups
+//! spaces by view, and every space whose root renders nothing (an enabled
+//! container without an enabled subregion, e.g. a bus-master space aliasing
+//! an empty "pci bus memory") shares the empty view "Root memory region:
+//! (none)", so a leaf `i/o` region under such a space is learned to be an
+//! empty container even where no range shows it. Without a flat dump
+//! [`Imported::guessed`] lists the leaf `i/o` regions taken as MMIO.
 //!
 //! The flat dump is also used for two more facts the tree dump cannot show
 //! (a deliberate, documented extension of "learn only the terminates bit"
@@ -106,6 +128,13 @@ pub struct Imported {
     pub regions: BTreeMap<usize, RegionId>,
     /// What the flat dump taught, one sentence per fact (empty without one).
     pub learned: Vec<String>,
+    /// What was guessed because no flat dump was given, one sentence per
+    /// guess (empty with one): which leaf `i/o` regions were taken as MMIO
+    /// rather than empty containers, and which overlapping equal-priority
+    /// siblings were given an order. Also (with or without a flat dump) the
+    /// aliases whose target the dump leaves truly ambiguous: several
+    /// different regions of the target's name fit everything it says.
+    pub guessed: Vec<String>,
 }
 
 /// Why a dump could not be imported. Lines are 1-based lines of the dump
@@ -118,6 +147,13 @@ pub enum ImportError {
     /// An alias whose target has no `memory-region:` section.
     #[error("tree dump line {line}: alias \"{alias}\" targets \"{target}\", but the dump has no `memory-region: {target}` section")]
     UnknownAliasTarget {
+        line: usize,
+        alias: String,
+        target: String,
+    },
+    /// No assignment of same-named targets to aliases fits the dump.
+    #[error("tree dump line {line}: alias \"{alias}\": no region named \"{target}\" fits as its target (every choice makes an alias contain itself or puts its window outside the target)")]
+    NoConsistentAliasTarget {
         line: usize,
         alias: String,
         target: String,
@@ -155,7 +191,14 @@ pub fn import(
 ) -> Result<Imported, ImportError> {
     let occs = Occurrences::new(tree)?;
     let classes = Classes::unify(&occs);
-    let targets = assign_alias_targets(&occs, &classes)?;
+    // A queue-order walk that finds no target short of a cycle is not the
+    // last word: the repair below searches every fitting assignment.
+    let targets = match assign_alias_targets(&occs, &classes) {
+        Ok(t) => t,
+        Err(ImportError::AliasLoop { .. }) => HashMap::new(),
+        Err(e) => return Err(e),
+    };
+    let (targets, ambiguous) = repair_alias_targets(&occs, &classes, targets)?;
     let mut plan = Plan::new(&occs, &classes, &targets, tree)?;
     if let Some(o) = owners {
         plan.attach_owners(&occs, &classes, o)?;
@@ -182,11 +225,18 @@ pub fn import(
         .enumerate()
         .map(|(i, o)| (o.line.line, built.ids[classes.of[i]]))
         .collect();
+    let mut guessed = if flat.is_none() {
+        plan.guesses()
+    } else {
+        Vec::new()
+    };
+    guessed.extend(ambiguous);
     Ok(Imported {
         memory: built.memory,
         spaces: built.spaces,
         regions,
         learned,
+        guessed,
     })
 }
 
@@ -751,6 +801,285 @@ fn assign_alias_targets_with(
     Ok(targets)
 }
 
+/// Checks the alias targets chosen by queue order against everything else
+/// the dump says, and when they contradict it, searches for an assignment
+/// that does not. Facts: an alias targets a `memory-region:` section of its
+/// target's name; its printed window fits in the target (`@T start-last`
+/// with `last` below the target's size); QEMU cannot contain an alias cycle,
+/// so no section may reach itself through the aliases printed inside it.
+/// The queue-order choice is kept whenever it is consistent (it is exact for
+/// unedited dumps); otherwise a bounded backtracking search tries the queue
+/// choice first, then the other fitting sections in file order. Returns the
+/// targets and, when the search ran, a sentence per alias whose fitting
+/// sections print differently (the dump is truly ambiguous there).
+fn repair_alias_targets(
+    occs: &Occurrences<'_>,
+    classes: &Classes,
+    targets: HashMap<usize, usize>,
+) -> Result<(HashMap<usize, usize>, Vec<String>), ImportError> {
+    struct AliasInfo<'a> {
+        class: usize,
+        line: &'a TreeLine,
+        /// Classes of the roots of the blocks printing the alias.
+        blocks: Vec<usize>,
+        domain: Vec<usize>,
+    }
+    // Sections: class → (name, size, signature, line).
+    let mut sections: Vec<(usize, &str, u128, u64, usize)> = Vec::new();
+    for b in occs.blocks.iter().filter(|b| b.spaces.is_none()) {
+        let o = &occs.list[b.root];
+        sections.push((classes.of[b.root], b.name, o.size, o.sig, o.line.line));
+    }
+    let mut by_name: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, s) in sections.iter().enumerate() {
+        by_name.entry(s.1).or_default().push(i);
+    }
+    // The container class of each class, to refuse a target containing its alias.
+    let mut container: HashMap<usize, usize> = HashMap::new();
+    for (i, o) in occs.list.iter().enumerate() {
+        if let Some(p) = o.parent {
+            container.entry(classes.of[i]).or_insert(classes.of[p]);
+        }
+    }
+    let contains = |outer: usize, mut inner: usize| {
+        for _ in 0..=occs.list.len() {
+            if inner == outer {
+                return true;
+            }
+            match container.get(&inner) {
+                Some(&c) => inner = c,
+                None => return false,
+            }
+        }
+        false
+    };
+    let mut index: HashMap<usize, usize> = HashMap::new();
+    let mut aliases: Vec<AliasInfo<'_>> = Vec::new();
+    for (i, o) in occs.list.iter().enumerate() {
+        if o.line.alias.is_none() {
+            continue;
+        }
+        let c = classes.of[i];
+        let block = classes.of[occs.blocks[o.block].root];
+        let k = *index.entry(c).or_insert_with(|| {
+            aliases.push(AliasInfo {
+                class: c,
+                line: o.line,
+                blocks: Vec::new(),
+                domain: Vec::new(),
+            });
+            aliases.len() - 1
+        });
+        if !aliases[k].blocks.contains(&block) {
+            aliases[k].blocks.push(block);
+        }
+    }
+    // Largest section of each name: whether any can hold a window.
+    let mut largest: HashMap<&str, u128> = HashMap::new();
+    for sec in &sections {
+        let m = largest.entry(sec.1).or_insert(0);
+        *m = (*m).max(sec.2);
+    }
+    let section_of: HashMap<usize, usize> = sections
+        .iter()
+        .enumerate()
+        .map(|(i, sec)| (sec.0, i))
+        .collect();
+    // What the dump says of one (alias, target) pair.
+    let fits = |a: &AliasInfo<'_>, t: usize| {
+        let Some(x) = &a.line.alias else { return false };
+        let Some(&si) = section_of.get(&t) else {
+            return false;
+        };
+        let sec = &sections[si];
+        let window_ok = u128::from(x.target_last) < sec.2
+            || largest
+                .get(sec.1)
+                .is_none_or(|&m| u128::from(x.target_last) >= m);
+        sec.1 == x.target_name && window_ok && !contains(t, a.class)
+    };
+    let consistent = |t: &HashMap<usize, usize>| {
+        let mut edges: HashMap<usize, Vec<usize>> = HashMap::new();
+        for a in &aliases {
+            let Some(&target) = t.get(&a.class) else {
+                return false;
+            };
+            if !fits(a, target) {
+                return false;
+            }
+            for &b in &a.blocks {
+                edges.entry(b).or_default().push(target);
+            }
+        }
+        // Kahn: acyclic iff every node is removed.
+        let mut indeg: HashMap<usize, usize> = HashMap::new();
+        for (&n, outs) in &edges {
+            indeg.entry(n).or_insert(0);
+            for &o in outs {
+                *indeg.entry(o).or_insert(0) += 1;
+            }
+        }
+        let mut ready: Vec<usize> = indeg
+            .iter()
+            .filter(|(_, &d)| d == 0)
+            .map(|(&n, _)| n)
+            .collect();
+        let mut removed = 0;
+        while let Some(n) = ready.pop() {
+            removed += 1;
+            for &o in edges.get(&n).into_iter().flatten() {
+                let d = indeg.get_mut(&o).expect("counted");
+                *d -= 1;
+                if *d == 0 {
+                    ready.push(o);
+                }
+            }
+        }
+        removed == indeg.len()
+    };
+    if consistent(&targets) {
+        return Ok((targets, Vec::new()));
+    }
+    // The search: each alias's fitting sections, the queue choice first.
+    for info in aliases.iter_mut() {
+        let c = info.class;
+        let Some(a) = &info.line.alias else {
+            continue;
+        };
+        {
+            let named: &[usize] = by_name
+                .get(a.target_name.as_str())
+                .map_or(&[], Vec::as_slice);
+            let usable: Vec<usize> = named
+                .iter()
+                .map(|&s| sections[s].0)
+                .filter(|&t| !contains(t, c))
+                .collect();
+            let fits: Vec<usize> = named
+                .iter()
+                .filter(|&&s| {
+                    u128::from(a.target_last) < sections[s].2 && usable.contains(&sections[s].0)
+                })
+                .map(|&s| sections[s].0)
+                .collect();
+            let mut domain = if fits.is_empty() { usable } else { fits };
+            // The queue-order choice first.
+            if let Some(&t) = targets.get(&c) {
+                if let Some(p) = domain.iter().position(|&d| d == t) {
+                    domain.remove(p);
+                    domain.insert(0, t);
+                }
+            }
+            info.domain = domain;
+        }
+    }
+    // Section graph: block root → target, one edge per (alias, block).
+    fn reaches(edges: &HashMap<usize, Vec<usize>>, from: usize, to: usize) -> bool {
+        let mut seen = HashSet::new();
+        let mut stack = vec![from];
+        while let Some(n) = stack.pop() {
+            if n == to {
+                return true;
+            }
+            if seen.insert(n) {
+                stack.extend(edges.get(&n).into_iter().flatten().copied());
+            }
+        }
+        false
+    }
+    for a in &aliases {
+        let t = a.line.alias.as_ref().map_or("", |x| x.target_name.as_str());
+        if !by_name.contains_key(t) {
+            return Err(ImportError::UnknownAliasTarget {
+                line: a.line.line,
+                alias: a.line.name.clone(),
+                target: t.to_owned(),
+            });
+        }
+    }
+    // Iterative backtracking over the aliases in file order.
+    const BUDGET: usize = 200_000;
+    let mut edges: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mut choice: Vec<usize> = vec![0; aliases.len()];
+    let mut k = 0usize;
+    let mut tries = 0usize;
+    let mut deepest = 0usize;
+    while k < aliases.len() {
+        let a = &aliases[k];
+        let mut placed = false;
+        while choice[k] < a.domain.len() {
+            tries += 1;
+            let t = a.domain[choice[k]];
+            if tries > BUDGET {
+                break;
+            }
+            if a.blocks.iter().all(|&b| !reaches(&edges, t, b)) {
+                for &b in &a.blocks {
+                    edges.entry(b).or_default().push(t);
+                }
+                placed = true;
+                break;
+            }
+            choice[k] += 1;
+        }
+        if placed {
+            k += 1;
+            deepest = deepest.max(k);
+            continue;
+        }
+        if tries > BUDGET || k == 0 {
+            let a = &aliases[deepest.min(aliases.len() - 1)];
+            return Err(ImportError::NoConsistentAliasTarget {
+                line: a.line.line,
+                alias: a.line.name.clone(),
+                target: a
+                    .line
+                    .alias
+                    .as_ref()
+                    .map_or(String::new(), |x| x.target_name.clone()),
+            });
+        }
+        // Undo the previous alias's edges and try its next choice.
+        choice[k] = 0;
+        k -= 1;
+        let prev = &aliases[k];
+        let t = prev.domain[choice[k]];
+        for &b in &prev.blocks {
+            if let Some(v) = edges.get_mut(&b) {
+                if let Some(p) = v.iter().rposition(|&x| x == t) {
+                    v.remove(p);
+                }
+            }
+        }
+        choice[k] += 1;
+    }
+    let mut out = targets;
+    let mut notes = Vec::new();
+    let sig_of: HashMap<usize, (u64, usize)> = sections.iter().map(|s| (s.0, (s.3, s.4))).collect();
+    for (a, &c) in aliases.iter().zip(&choice) {
+        let chosen = a.domain[c];
+        out.insert(a.class, chosen);
+        let mut kinds: Vec<u64> = a
+            .domain
+            .iter()
+            .filter_map(|d| sig_of.get(d).map(|x| x.0))
+            .collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        if kinds.len() > 1 {
+            notes.push(format!(
+                "alias \"{}\" (tree line {}): {} different regions named \"{}\" fit what the dump says; chose the one printed at line {} (the first that keeps every alias free of cycles)",
+                a.line.name,
+                a.line.line,
+                kinds.len(),
+                a.line.alias.as_ref().map_or("", |x| x.target_name.as_str()),
+                sig_of.get(&chosen).map_or(0, |x| x.1)
+            ));
+        }
+    }
+    Ok((out, notes))
+}
+
 // ---- the plan ------------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -789,6 +1118,9 @@ struct Plan {
     nodes: Vec<Node>,
     /// (name, root class) per address space, in tree-dump order.
     spaces: Vec<(String, usize)>,
+    /// (winner, loser) pairs of equal-priority siblings whose order was
+    /// learned from the flat dump: never reversed again.
+    ordered: HashSet<(usize, usize)>,
 }
 
 struct Built {
@@ -899,7 +1231,11 @@ impl Plan {
                 spaces.push((n.clone(), classes.of[b.root]));
             }
         }
-        Ok(Plan { nodes, spaces })
+        Ok(Plan {
+            nodes,
+            spaces,
+            ordered: HashSet::new(),
+        })
     }
 
     fn attach_owners(
@@ -1225,18 +1561,37 @@ impl Plan {
         let mut terminate: BTreeMap<usize, String> = BTreeMap::new();
         let mut contain: BTreeMap<usize, String> = BTreeMap::new();
         let mut readonly: BTreeMap<usize, String> = BTreeMap::new();
+        let mut reorder: Vec<(usize, usize, usize, String)> = Vec::new();
+        // Every address space of a block shares the block's view (QEMU
+        // groups spaces by view: all spaces over empty roots share the empty
+        // view "Root memory region: (none)"), so each distinct root of a
+        // block is compared with it, not only the first.
+        let mut space_positions: HashMap<(&str, &str), usize> = HashMap::new();
+        for (pos, &i) in built.order.iter().enumerate() {
+            space_positions
+                .entry((
+                    self.spaces[i].0.as_str(),
+                    self.nodes[self.spaces[i].1].name.as_str(),
+                ))
+                .or_insert(pos);
+        }
+        let mut checks: Vec<(&crate::text::parse::FlatBlock, usize)> = Vec::new();
         for b in &flat.views {
-            let Some(a) = b.spaces.first() else { continue };
-            let found = built.order.iter().position(|&i| {
-                self.spaces[i].0 == a.name && self.nodes[self.spaces[i].1].name == a.root
-            });
-            let Some(pos) = found else {
-                return Err(ImportError::UnknownSpace {
-                    line: b.line,
-                    name: a.name.clone(),
-                    root: a.root.clone(),
-                });
-            };
+            let mut roots_seen: HashSet<usize> = HashSet::new();
+            for a in &b.spaces {
+                let Some(&pos) = space_positions.get(&(a.name.as_str(), a.root.as_str())) else {
+                    return Err(ImportError::UnknownSpace {
+                        line: b.line,
+                        name: a.name.clone(),
+                        root: a.root.clone(),
+                    });
+                };
+                if roots_seen.insert(self.spaces[built.order[pos]].1) {
+                    checks.push((b, pos));
+                }
+            }
+        }
+        for (b, pos) in checks {
             let Ok(handle) = built.memory.address_space(built.spaces[pos]) else {
                 continue;
             };
@@ -1341,6 +1696,14 @@ impl Plan {
                 {
                     terminate.insert(c, format!("flat dump line {}", l.line));
                 }
+                // An equal-priority sibling that overlaps the winner here
+                // and holds the region QEMU shows: it is newer (wins).
+                let path = built
+                    .memory
+                    .read(|t| point_path_based(t, view.root(), l.start));
+                if let Some(fix) = self.sibling_to_promote(&path, &class_of, l) {
+                    reorder.push(fix);
+                }
                 // A readonly range over a region memtree renders writable.
                 if l.ty == TypeTag::Rom {
                     // The view's ranges are sorted and disjoint: the ones
@@ -1356,7 +1719,12 @@ impl Plan {
                     for r in writable {
                         {
                             let at = r.start().max(l.start);
-                            let path = built.memory.read(|t| point_path(t, view.root(), at));
+                            let path: Vec<RegionId> = built
+                                .memory
+                                .read(|t| point_path_based(t, view.root(), at))
+                                .into_iter()
+                                .map(|(id, _)| id)
+                                .collect();
                             if let Some(c) = path
                                 .iter()
                                 .rev()
@@ -1398,6 +1766,27 @@ impl Plan {
             }
         }
         let mut facts = Vec::new();
+        for (parent, winner, loser, why) in reorder {
+            if self.ordered.contains(&(loser, winner)) || !self.ordered.insert((winner, loser)) {
+                continue;
+            }
+            let children = &mut self.nodes[parent].children;
+            let (Some(w), Some(at)) = (
+                children.iter().position(|&c| c == winner),
+                children.iter().position(|&c| c == loser),
+            ) else {
+                continue;
+            };
+            if w < at {
+                continue;
+            }
+            children.remove(w);
+            children.insert(at, winner);
+            facts.push(format!(
+                "\"{}\" (tree line {}) is newer than its overlapping equal-priority sibling \"{}\" (tree line {}) and wins over it ({why})",
+                self.nodes[winner].name, self.nodes[winner].line, self.nodes[loser].name, self.nodes[loser].line
+            ));
+        }
         for (c, why) in terminate {
             let n = &mut self.nodes[c];
             n.kind = Kind::Mmio;
@@ -1431,6 +1820,129 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// For a flat-dump range `l` memtree does not render: the container on
+    /// the rendering path of `l.start` one of whose children (`winner`)
+    /// holds a region named like `l`, overlaps the path's child (`loser`) at
+    /// that address with the same priority, and comes after it in the list.
+    /// Moving `winner` before `loser` is the fix (QEMU: newest first among
+    /// equal priorities). Returns (container, winner, loser, why).
+    fn sibling_to_promote(
+        &self,
+        path: &[(RegionId, i128)],
+        class_of: &HashMap<RegionId, usize>,
+        l: &crate::text::parse::FlatLine,
+    ) -> Option<(usize, usize, usize, String)> {
+        let last = class_of.get(&path.last()?.0).copied()?;
+        if self.nodes[last].name == l.name {
+            return None;
+        }
+        let at = i128::from(l.start);
+        for k in (0..path.len().saturating_sub(1)).rev() {
+            let (Some(&p), Some(&a)) = (class_of.get(&path[k].0), class_of.get(&path[k + 1].0))
+            else {
+                continue;
+            };
+            let parent = &self.nodes[p];
+            if parent.kind == Kind::Alias {
+                continue;
+            }
+            let Some(ai) = parent.children.iter().position(|&c| c == a) else {
+                continue;
+            };
+            let base = path[k].1;
+            let found = parent.children[ai + 1..].iter().copied().find(|&x| {
+                let n = &self.nodes[x];
+                let start = base + i128::from(n.addr);
+                n.enabled
+                    && n.priority == self.nodes[a].priority
+                    && start <= at
+                    && at < start + n.size as i128
+                    && self.subtree_has_name(x, &l.name)
+            });
+            if let Some(x) = found {
+                return Some((p, x, a, format!("flat dump line {}", l.line)));
+            }
+        }
+        None
+    }
+
+    /// Whether `root` or a region below it (through aliases) is named `name`.
+    /// Bounded: a huge subtree is searched up to a fixed number of regions.
+    fn subtree_has_name(&self, root: usize, name: &str) -> bool {
+        let mut seen: HashSet<usize> = HashSet::new();
+        let mut stack = vec![root];
+        while let Some(c) = stack.pop() {
+            if !seen.insert(c) || seen.len() > 4096 {
+                continue;
+            }
+            let n = &self.nodes[c];
+            if n.name == name {
+                return true;
+            }
+            stack.extend(n.children.iter().copied());
+            if let Some((t, _)) = n.alias {
+                stack.push(t);
+            }
+        }
+        false
+    }
+
+    /// What an import without a flat dump guessed: leaf `i/o` regions taken
+    /// as MMIO, and the order of overlapping equal-priority siblings at
+    /// different addresses (the tree dump prints them by address; equal
+    /// addresses are printed in list order and are not guesses).
+    fn guesses(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            if n.io && n.kind == Kind::Mmio && !n.locked && n.children.is_empty() {
+                out.push(format!(
+                    "\"{}\" (tree line {}): an `i/o` region without subregions, taken as MMIO (it may be an empty container)",
+                    n.name, n.line
+                ));
+            }
+        }
+        for parent in &self.nodes {
+            let mut kids: Vec<(i32, u64, u128, usize, usize)> = parent
+                .children
+                .iter()
+                .enumerate()
+                .filter(|&(_, &c)| self.nodes[c].enabled)
+                .map(|(i, &c)| {
+                    let n = &self.nodes[c];
+                    (n.priority, n.addr, u128::from(n.addr) + n.size, i, c)
+                })
+                .collect();
+            kids.sort_unstable();
+            // Per priority, by address: a child starting below the running
+            // maximum end overlaps the child that reached it.
+            let mut reach: Option<(i32, u128, usize, usize)> = None;
+            for &(prio, addr, end, i, c) in &kids {
+                match reach {
+                    Some((p, max_end, j, d))
+                        if p == prio
+                            && u128::from(addr) < max_end
+                            && self.nodes[d].addr != addr =>
+                    {
+                        let w = if i < j { c } else { d };
+                        out.push(format!(
+                            "\"{}\" (tree line {}) and \"{}\" (tree line {}) overlap at equal priority {prio} in \"{}\": their order is guessed (\"{}\" taken as newer: it wins)",
+                            self.nodes[d].name, self.nodes[d].line, self.nodes[c].name, self.nodes[c].line,
+                            parent.name, self.nodes[w].name
+                        ));
+                    }
+                    _ => {}
+                }
+                match reach {
+                    Some((p, max_end, _, _)) if p == prio && max_end >= end => {}
+                    _ => reach = Some((prio, end, i, c)),
+                }
+            }
+        }
+        out
+    }
+}
+
 fn region_type(t: TypeTag) -> RegionType {
     match t {
         TypeTag::Ram => RegionType::Ram,
@@ -1445,7 +1957,7 @@ fn region_type(t: TypeTag) -> RegionType {
 /// first (a point query of the render walk: first terminating hit wins).
 /// Iterative, like render: no depth of nesting or alias chain can overflow
 /// the stack.
-fn point_path(topo: &Topology, root: Option<RegionId>, addr: u64) -> Vec<RegionId> {
+fn point_path_based(topo: &Topology, root: Option<RegionId>, addr: u64) -> Vec<(RegionId, i128)> {
     enum Step {
         Enter(RegionId, i128),
         /// Every subregion of the region on top of the path missed:
@@ -1468,7 +1980,7 @@ fn point_path(topo: &Topology, root: Option<RegionId>, addr: u64) -> Vec<RegionI
                 if addr < base || addr >= base + n.size as i128 {
                     continue;
                 }
-                path.push(id);
+                path.push((id, base));
                 if n.kind() == RegionKind::Alias {
                     steps.push(Step::Leave { terminates: false });
                     if let Some(t) = n.alias_target.and_then(|t| topo.node(t).map(|tn| (t, tn))) {

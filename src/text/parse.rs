@@ -1071,10 +1071,16 @@ mod tests {
     use super::*;
     use std::path::{Path, PathBuf};
 
-    const ORACLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/oracle");
+    /// `tests/data/oracle` of the repository, or `MEMTREE_ORACLE`.
+    fn oracle_dir() -> PathBuf {
+        match std::env::var_os("MEMTREE_ORACLE") {
+            Some(d) => PathBuf::from(d),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/oracle"),
+        }
+    }
 
     fn read(rel: &str) -> String {
-        let p = Path::new(ORACLE).join(rel);
+        let p = oracle_dir().join(rel);
         std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
     }
 
@@ -1371,7 +1377,7 @@ mod tests {
     #[cfg_attr(miri, ignore = "reads oracle dumps from disk")]
     fn every_oracle_file_parses() {
         let mut files = Vec::new();
-        walk(Path::new(ORACLE), &mut files);
+        walk(&oracle_dir(), &mut files);
         let (mut trees, mut flats) = (0, 0);
         for p in &files {
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
