@@ -767,7 +767,8 @@ impl Walker<'_> {
     }
 }
 
-fn hex(v: i128) -> String {
+/// A signed value in hex, as the listings print it.
+pub(crate) fn hex(v: i128) -> String {
     if v < 0 {
         format!("-{:#x}", v.unsigned_abs())
     } else {
@@ -775,7 +776,8 @@ fn hex(v: i128) -> String {
     }
 }
 
-fn kind_word(k: RegionKind, readonly: bool) -> &'static str {
+/// A region kind in one word (a readonly RAM region is `rom`).
+pub(crate) fn kind_word(k: RegionKind, readonly: bool) -> &'static str {
     match k {
         RegionKind::Container => "container",
         RegionKind::Ram if readonly => "rom",

@@ -310,29 +310,8 @@ fn alias_hops(cands: &[Candidate]) -> Vec<AliasHop> {
         .collect()
 }
 
-fn kind_word(k: RegionKind, readonly: bool) -> &'static str {
-    match k {
-        RegionKind::Container => "container",
-        RegionKind::Ram if readonly => "rom",
-        RegionKind::Ram => "ram",
-        RegionKind::RamDevice => "ram-device",
-        RegionKind::RomDevice => "rom-device",
-        RegionKind::Mmio => "mmio",
-        RegionKind::Reservation => "reservation",
-        RegionKind::IoRoot => "io-root",
-        RegionKind::Alias => "alias",
-        RegionKind::Iommu => "iommu",
-    }
-}
-
 fn candidate_line(c: &Candidate) -> String {
-    let hex = |v: i128| {
-        if v < 0 {
-            format!("-{:#x}", v.unsigned_abs())
-        } else {
-            format!("{v:#x}")
-        }
-    };
+    use crate::lookup::{hex, kind_word};
     format!(
         "{} [{} prio {}] {}-{}: {}",
         c.name,

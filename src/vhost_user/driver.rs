@@ -546,7 +546,10 @@ mod tests {
     }
 
     #[test]
-    #[cfg_attr(miri, ignore = "waits on an eventfd with poll(2), a foreign function Miri cannot run")]
+    #[cfg_attr(
+        miri,
+        ignore = "waits on an eventfd with poll(2), a foreign function Miri cannot run"
+    )]
     fn driver_chains_descriptors_and_takes_completions() {
         let (_m, space) = space();
         let addrs = queue_layout(0x1000, 8);
@@ -594,7 +597,10 @@ mod tests {
     }
 
     #[test]
-    #[cfg_attr(miri, ignore = "waits on an eventfd with poll(2), a foreign function Miri cannot run")]
+    #[cfg_attr(
+        miri,
+        ignore = "waits on an eventfd with poll(2), a foreign function Miri cannot run"
+    )]
     fn driver_rejects_a_used_element_that_is_not_outstanding() {
         let (_m, space) = space();
         let addrs = queue_layout(0x1000, 8);
