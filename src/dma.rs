@@ -44,8 +44,11 @@
 //! device panics, the panic reaches the caller of `map` / `unmap` (or the
 //! drop of the mapping), and whatever the mapping had reserved is released
 //! on the way out (drop guards): its bounce space, its mapping-table entry,
-//! its region. While unwinding, map clients are not run (a second panic
-//! would abort); they run at the next event.
+//! its region. A mapping dropped while its thread already unwinds from
+//! another panic still writes back and still runs the waiting map clients,
+//! each under `catch_unwind` (a second panic would abort the process): a
+//! panic there is recorded in the census and the write-back reports
+//! `ACCESS_ERROR`.
 //!
 //! # What a mapping keeps alive
 //!
@@ -114,7 +117,7 @@ use parking_lot::Mutex;
 
 use crate::access::{MemTxAttrs, MemTxResult};
 use crate::backend::MemoryBackend;
-use crate::census::ObjectKey;
+use crate::census::{Census, ObjectKey};
 use crate::dispatch::SpaceCursor;
 use crate::flatview::{FlatRange, FlatView};
 use crate::mapping_table::{Entry, MappingTable, Ticket};
@@ -250,6 +253,9 @@ pub(crate) struct BounceState {
     pub(crate) limit: AtomicU64,
     clients: Mutex<Vec<(MapClientId, MapClient)>>,
     next_client: AtomicU64,
+    /// Where a map client's panic caught while the thread was already
+    /// unwinding is recorded (it cannot be re-raised).
+    census: Option<Arc<Census>>,
 }
 
 impl fmt::Debug for BounceState {
@@ -269,6 +275,16 @@ impl BounceState {
             limit: AtomicU64::new(limit),
             clients: Mutex::new(Vec::new()),
             next_client: AtomicU64::new(1),
+            census: None,
+        }
+    }
+
+    /// A bounce state whose clients' panics while unwinding are recorded in
+    /// `census`.
+    pub(crate) fn with_census(limit: u64, census: Arc<Census>) -> BounceState {
+        BounceState {
+            census: Some(census),
+            ..BounceState::new(limit)
         }
     }
 
@@ -302,13 +318,12 @@ impl BounceState {
         self.in_use() < self.limit.load(Ordering::Acquire)
     }
 
-    /// Releases `n` bytes and tells every waiting client (unless the
-    /// thread is unwinding from a panic: see the module docs).
+    /// Releases `n` bytes and tells every waiting client (also while the
+    /// thread unwinds from a panic: a client waiting for space must not
+    /// wait for an event that may never come).
     fn release(&self, n: u64) {
         self.in_use.fetch_sub(n, Ordering::AcqRel);
-        if !std::thread::panicking() {
-            self.notify();
-        }
+        self.notify();
     }
 
     /// Runs (and removes) every registered client, outside the lock; does
@@ -329,7 +344,20 @@ impl BounceState {
         };
         RUNNING_MAP_CLIENTS.set(RUNNING_MAP_CLIENTS.get() + 1);
         for (_, f) in run.pending.by_ref() {
-            f();
+            if std::thread::panicking() {
+                // A second panic now would abort the process: catch it and
+                // record it (the caller already gets the first one).
+                if let Err(p) = crate::owner::catch(f) {
+                    if let Some(census) = &self.census {
+                        census.record_panic(format!(
+                            "a DMA map client panicked while the thread was unwinding: {}",
+                            crate::owner::panic_message(&p)
+                        ));
+                    }
+                }
+            } else {
+                f();
+            }
         }
     }
 }
@@ -1037,11 +1065,29 @@ impl<'a> DmaMapping<'a> {
             len: self.len,
         };
         let n = access_len.min(self.len) as usize;
-        if self.dir.writes() {
+        if !self.dir.writes() {
+            return MemTxResult::OK;
+        }
+        let write_back = || {
             self.space
                 .write(self.addr, &buf[..n], MemTxAttrs::UNSPECIFIED)
-        } else {
-            MemTxResult::OK
+        };
+        if !std::thread::panicking() {
+            return write_back();
+        }
+        // The mapping is dropped by an unwinding panic: a device callback
+        // that panicked now would abort the process. Its panic is caught,
+        // recorded, and the write-back reported failed.
+        match crate::owner::catch(write_back) {
+            Ok(result) => result,
+            Err(p) => {
+                self.space.shared.machine.census.record_panic(format!(
+                    "a device panicked in a DMA bounce write-back at {:#x} while the thread was unwinding: {}",
+                    self.addr,
+                    crate::owner::panic_message(&p)
+                ));
+                MemTxResult::ACCESS_ERROR
+            }
         }
     }
 }

@@ -95,7 +95,10 @@ impl AddressSpace {
                 view: ArcSwap::new(view),
                 machine: machine.clone(),
                 census_key,
-                bounce: crate::dma::BounceState::new(crate::dma::DEFAULT_MAX_BOUNCE),
+                bounce: crate::dma::BounceState::with_census(
+                    crate::dma::DEFAULT_MAX_BOUNCE,
+                    machine.census.clone(),
+                ),
             }),
         }
     }

@@ -260,3 +260,59 @@ fn ownerless_ram_is_freed_when_its_last_user_goes() {
     drop(space);
     assert!(memory.teardown().is_clean());
 }
+
+/// A bounce mapping dropped while its thread already unwinds from the
+/// caller's own panic still writes back; a device that panics in that
+/// write-back must not abort the process (a panic during unwinding): its
+/// panic is caught, recorded in the census, and everything is released.
+#[test]
+fn bounce_write_back_panic_while_unwinding_is_recorded_not_an_abort() {
+    let (memory, space, dev) = machine_with_panicky_device();
+    dev.panic_writes.store(true, Ordering::SeqCst);
+    let caught = catch_unwind(AssertUnwindSafe(|| {
+        let _mapping = space
+            .map(0x1000, 8, DmaDirection::FromDevice, A)
+            .expect("bounce map of the device's MMIO");
+        panic!("the caller's own panic while it holds the mapping");
+    }));
+    let payload = caught.expect_err("the caller's panic reaches it");
+    assert_eq!(
+        payload.downcast_ref::<&str>(),
+        Some(&"the caller's own panic while it holds the mapping"),
+        "the caller gets its own panic, not the device's"
+    );
+    dev.panic_writes.store(false, Ordering::SeqCst);
+    assert_bounce_space_is_free(&space);
+    let panics = memory.census().panics();
+    assert!(
+        panics.iter().any(|p| p.contains("bounce write-back")),
+        "the device's panic is recorded: {panics:?}"
+    );
+}
+
+/// A map client waiting for bounce space is told when the space comes
+/// back, also when the mapping that held it is dropped by an unwinding
+/// panic (waiting for a later event could wait forever).
+#[test]
+fn map_client_runs_when_bounce_space_is_freed_by_an_unwinding_panic() {
+    let (_memory, space, _dev) = machine_with_panicky_device();
+    let fired = Arc::new(AtomicUsize::new(0));
+    let caught = catch_unwind(AssertUnwindSafe(|| {
+        let mapping = space
+            .map(0x1000, 0x100, DmaDirection::ToDevice, A)
+            .expect("bounce map of the device's MMIO");
+        let f = fired.clone();
+        space.register_map_client(move || {
+            f.fetch_add(1, Ordering::SeqCst);
+        });
+        let _held = mapping;
+        panic!("the caller's own panic");
+    }));
+    assert!(caught.is_err());
+    assert_bounce_space_is_free(&space);
+    assert_eq!(
+        fired.load(Ordering::SeqCst),
+        1,
+        "the waiting client ran when the space was released"
+    );
+}

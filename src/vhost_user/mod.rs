@@ -1071,14 +1071,17 @@ impl MemoryListener for VhostUserFrontend {
         match result {
             Ok(()) => {
                 drop(table);
+                // The acknowledgement came: after the observer has seen it,
+                // the memory may go and the census stops saying the
+                // back-end holds it (also if the observer panics).
+                let _release = Finally(Some(|| {
+                    drop(entry);
+                    self.update_census(&mut self.table.lock());
+                }));
                 self.notify(FrontendEvent::Removed {
                     region: info,
                     acked: true,
                 });
-                // The acknowledgement came: the memory may go, and the
-                // census stops saying the back-end holds it.
-                drop(entry);
-                self.update_census(&mut self.table.lock());
             }
             Err(e @ VhostUserError::Refused { .. }) => {
                 // The back-end may still map it: keep holding it.
@@ -1112,6 +1115,18 @@ impl Drop for VhostUserFrontend {
         table.staged.clear();
         if let Some(k) = table.census_key.take() {
             self.census.finalize(k);
+        }
+    }
+}
+
+/// Runs its closure when dropped, on every path out of a scope (unwinding
+/// included).
+struct Finally<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for Finally<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
         }
     }
 }
