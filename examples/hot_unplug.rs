@@ -43,7 +43,7 @@ fn main() {
         .new_mmio(
             "nic0-regs",
             0x1000,
-            Arc::new(UnimplementedDevice::default()),
+            Arc::new(UnimplementedDevice),
             Some(nic),
         )
         .unwrap();
