@@ -478,3 +478,60 @@ fn snapshot_rounds_to_64_pages_and_reads_back_by_range() {
         .get_dirty(ram, 64 * PAGE, 64 * PAGE, DirtyClient::VGA)
         .unwrap());
 }
+
+/// QEMU's `memory_region_set_log` counts its users (`vga_logging_count`):
+/// two display devices enable logging of the same frame buffer, one
+/// disables it, and logging stays on for the other; only the 0 <-> 1
+/// transitions re-render (one `log_start`, one `log_stop`). A disable with
+/// no matching enable is an error, not a silent wrap. On an alias it
+/// counts on the region the alias points to, as QEMU forwards it.
+#[test]
+fn set_log_counts_its_users_and_only_the_last_disable_stops_logging() {
+    let (m, vram) = machine();
+    let h = m.memory.address_space(m.space).unwrap();
+    let log: Log = Arc::default();
+    let recorder = Recorder {
+        log: log.clone(),
+        tag: "l",
+        priority: 0,
+    };
+    m.memory
+        .register_listener(m.space, Arc::new(recorder))
+        .unwrap();
+    log.lock().unwrap().clear();
+    m.memory.set_log(vram, DirtyClient::VGA, true).unwrap();
+    m.memory.set_log(vram, DirtyClient::VGA, true).unwrap();
+    m.memory.set_log(vram, DirtyClient::VGA, false).unwrap();
+    assert!(h.write(0x40000, &[1; 4], A).is_ok());
+    assert_eq!(
+        dirty_pages(&m.memory, vram, DirtyClient::VGA),
+        vec![0],
+        "one user still logs: the write is marked"
+    );
+    let starts = || {
+        let log = log.lock().unwrap();
+        (
+            log.iter().filter(|e| e.starts_with("l log_start")).count(),
+            log.iter().filter(|e| e.starts_with("l log_stop")).count(),
+        )
+    };
+    assert_eq!(starts(), (1, 0), "{:?}", log.lock().unwrap());
+    m.memory.set_log(vram, DirtyClient::VGA, false).unwrap();
+    assert_eq!(starts(), (1, 1), "{:?}", log.lock().unwrap());
+    assert!(h.write(0x40000, &[1; 4], A).is_ok());
+    assert!(!m.memory.get_dirty(vram, 0, PAGE, DirtyClient::VGA).unwrap());
+    // Unbalanced: no user left.
+    assert!(m.memory.set_log(vram, DirtyClient::VGA, false).is_err());
+    assert!(!m.memory.get_dirty(vram, 0, PAGE, DirtyClient::VGA).unwrap());
+    // Through an alias: the count is the target's.
+    let alias = m
+        .memory
+        .new_alias("vram-alias", vram, 0, 0x4000, None)
+        .unwrap();
+    m.memory.add_subregion(m.root, 0x90000, alias).unwrap();
+    m.memory.set_log(alias, DirtyClient::VGA, true).unwrap();
+    m.memory.set_log(vram, DirtyClient::VGA, true).unwrap();
+    m.memory.set_log(alias, DirtyClient::VGA, false).unwrap();
+    assert!(h.write(0x40000 + PAGE, &[1; 4], A).is_ok());
+    assert!(m.memory.get_dirty(vram, PAGE, 1, DirtyClient::VGA).unwrap());
+}
