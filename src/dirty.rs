@@ -247,6 +247,9 @@ pub(crate) struct RangeDirty {
     /// `log`'s `OnceLock`, which never replaces or frees it while `log`
     /// lives, and `log` lives as long as this.
     single: Option<std::ptr::NonNull<AtomicU64>>,
+    /// `log.pages`, copied here so the fast path reads no second cache
+    /// line behind the `Arc`.
+    pages: u64,
 }
 
 /// Sets each range's effective dirty-log mask (QEMU's
@@ -284,6 +287,7 @@ pub(crate) fn attach(ranges: &mut [FlatRange], global: bool) {
             mask,
             block_offset: offset + r.offset_in_region,
             single,
+            pages: log.pages,
         });
     }
 }
@@ -300,11 +304,12 @@ impl FlatRange {
             }
             let off = d.block_offset + (addr - self.start);
             let (first, last) = (off >> TARGET_PAGE_BITS, (off + len - 1) >> TARGET_PAGE_BITS);
-            if let (Some(words), true) = (d.single, first == last && first < d.log.pages) {
+            if let (Some(words), true) = (d.single, first == last && first < d.pages) {
                 // SAFETY: `words` is the first word of a bitmap of
                 // `d.log.pages.div_ceil(64)` words kept alive and in place
                 // by `d.log` (see `RangeDirty::single`), and
-                // `first < pages`, so word `first / 64` is in it.
+                // `first < d.pages == d.log.pages` (a block's page count
+                // never changes), so word `first / 64` is in it.
                 let word = unsafe { &*words.as_ptr().add((first / 64) as usize) };
                 let bit = 1u64 << (first % 64);
                 if word.load(Ordering::Relaxed) & bit == 0 {
