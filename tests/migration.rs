@@ -382,3 +382,68 @@ fn regions_with_the_same_name_each_migrate_into_their_own() {
         assert_eq!(migration::checksums(&other, other_space).unwrap(), before);
     }
 }
+
+/// The sending side can be cancelled at any round: in the middle of round
+/// 1, and between round 1 and the next pre-copy round (while writers keep
+/// dirtying pages). Either way the sender returns `Cancelled` and stops
+/// tracking, the source keeps running, and the receiver reports the
+/// cancellation and keeps its memory.
+#[test]
+fn a_sender_cancelled_mid_migration_leaves_both_sides_running() {
+    /// The stream: sets `cancel` once `after` bytes went through, and
+    /// dirties a source page on every write, as a running guest would.
+    struct Wire<'a> {
+        out: Vec<u8>,
+        after: usize,
+        cancel: Arc<AtomicBool>,
+        source: &'a memtree::AddressSpace,
+    }
+    impl std::io::Write for Wire<'_> {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.out.extend_from_slice(b);
+            let at = (self.out.len() as u64 * 4096) % MIB;
+            assert!(self.source.write(at, &[7; 8], A).is_ok());
+            if self.out.len() >= self.after {
+                self.cancel.store(true, Ordering::Relaxed);
+            }
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    for after in [MIB as usize, 4 * MIB as usize] {
+        let (memory, space) = machine(4 * MIB);
+        let h = memory.address_space(space).unwrap();
+        for i in 0..4u64 {
+            assert!(h.write(i << 30, &[i as u8 + 1; MIB as usize], A).is_ok());
+        }
+        let cfg = SendConfig {
+            stop_threshold_pages: 0,
+            ..SendConfig::default()
+        };
+        let mut wire = Wire {
+            out: Vec::new(),
+            after,
+            cancel: cfg.cancel.clone(),
+            source: &h,
+        };
+        let e = migration::send(&memory, space, &mut wire, &cfg, |_| panic!("never paused"))
+            .unwrap_err();
+        assert!(matches!(e, MigrationError::Cancelled), "{e}");
+        assert!(!memory.global_dirty_log(), "tracking stopped");
+        assert!(h.write(0, b"still running", A).is_ok());
+        let (r, rs, before) = fresh_receiver_of(4 * MIB);
+        let e = migration::receive(&r, rs, &wire.out[..]).unwrap_err();
+        assert!(matches!(e, MigrationError::Cancelled), "after {after}: {e}");
+        assert_eq!(migration::checksums(&r, rs).unwrap(), before);
+    }
+}
+
+fn fresh_receiver_of(total: u64) -> (Memory, SpaceId, Vec<(String, u64)>) {
+    let (memory, space) = machine(total);
+    let h = memory.address_space(space).unwrap();
+    assert!(h.write(0x10, b"receiver's own data", A).is_ok());
+    let before = migration::checksums(&memory, space).unwrap();
+    (memory, space, before)
+}
