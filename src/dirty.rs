@@ -247,6 +247,9 @@ pub(crate) struct RangeDirty {
     /// `log`'s `OnceLock`, which never replaces or frees it while `log`
     /// lives, and `log` lives as long as this.
     single: Option<std::ptr::NonNull<AtomicU64>>,
+    /// `log.pages`, copied here so the fast path reads no second cache
+    /// line behind the `Arc`.
+    pages: u64,
 }
 
 /// Sets each range's effective dirty-log mask (QEMU's
@@ -284,6 +287,7 @@ pub(crate) fn attach(ranges: &mut [FlatRange], global: bool) {
             mask,
             block_offset: offset + r.offset_in_region,
             single,
+            pages: log.pages,
         });
     }
 }
@@ -300,11 +304,12 @@ impl FlatRange {
             }
             let off = d.block_offset + (addr - self.start);
             let (first, last) = (off >> TARGET_PAGE_BITS, (off + len - 1) >> TARGET_PAGE_BITS);
-            if let (Some(words), true) = (d.single, first == last && first < d.log.pages) {
+            if let (Some(words), true) = (d.single, first == last && first < d.pages) {
                 // SAFETY: `words` is the first word of a bitmap of
                 // `d.log.pages.div_ceil(64)` words kept alive and in place
                 // by `d.log` (see `RangeDirty::single`), and
-                // `first < pages`, so word `first / 64` is in it.
+                // `first < d.pages == d.log.pages` (a block's page count
+                // never changes), so word `first / 64` is in it.
                 let word = unsafe { &*words.as_ptr().add((first / 64) as usize) };
                 let bit = 1u64 << (first % 64);
                 if word.load(Ordering::Relaxed) & bit == 0 {
@@ -540,11 +545,18 @@ impl crate::Machine {
         })
     }
 
-    /// QEMU's `memory_region_set_log`: starts (`on`) or stops `client`'s
-    /// tracking of `region` (re-rendering: listeners get `log_start` /
-    /// `log_stop`). Any client but MIGRATION, which is global
-    /// ([`crate::Machine::global_dirty_log_start`]). Not reference-counted:
-    /// the last call wins.
+    /// QEMU's `memory_region_set_log`: a user of `client` starts (`on`) or
+    /// stops tracking `region`. Counted like QEMU's `vga_logging_count`:
+    /// the client's bit in the region's mask is set by the first user and
+    /// cleared by the last one, and only those transitions re-render
+    /// (listeners get `log_start` / `log_stop`); two display devices
+    /// watching one frame buffer each call it once, and one stopping leaves
+    /// logging on for the other. On an alias it counts on the region the
+    /// alias points to (QEMU forwards it). Any client but MIGRATION, which
+    /// is global ([`crate::Machine::global_dirty_log_start`]). Stopping a
+    /// client no user started is an error (QEMU's counter would wrap).
+    /// [`crate::Machine::set_dirty_log_mask`] sets the mask directly and
+    /// does not touch the counts.
     pub fn set_log(&self, region: RegionId, client: DirtyClient, on: bool) -> Result<()> {
         if client == DirtyClient::MIGRATION {
             let name = self.region_info(region)?.name;
@@ -553,17 +565,39 @@ impl crate::Machine {
                 expected: "tracked by a per-region client (MIGRATION is global)",
             });
         }
-        let mask = self.read(|t| t.node(region).map(|n| n.dirty_log_mask));
-        let mask = mask.ok_or(crate::TopologyError::NoSuchRegion(region))?;
-        let new = if on {
-            mask | client.mask()
-        } else {
-            mask & !client.mask()
-        };
-        if new == mask {
-            return Ok(());
-        }
-        self.set_dirty_log_mask(region, new)
+        self.edit(|t| {
+            // Follow aliases. A chain ends: an alias's target exists before
+            // the alias and never changes, so there is no cycle.
+            let mut target = region;
+            while let Some(next) = t.get(target)?.alias_target {
+                target = next;
+            }
+            let bit = client.mask();
+            let n = t.node_mut(target)?;
+            let users = &mut n.dirty_log_users[usize::from(client.0)];
+            let now = match (on, *users) {
+                (true, u) => u.checked_add(1),
+                (false, 0) => None,
+                (false, u) => Some(u - 1),
+            };
+            let Some(now) = now else {
+                return Err(crate::TopologyError::WrongKind {
+                    region: n.name().to_owned(),
+                    expected: if on {
+                        "fewer than 2^32 users of a dirty-log client"
+                    } else {
+                        "logged by this client (set_log(false) without a matching set_log(true))"
+                    },
+                });
+            };
+            *users = now;
+            let mask = n.dirty_log_mask;
+            let new = if now > 0 { mask | bit } else { mask & !bit };
+            if new != mask {
+                t.update(target, |n| n.dirty_log_mask = new)?;
+            }
+            Ok(())
+        })
     }
 
     /// Whether any page of `[offset, offset + len)` of RAM region `region`

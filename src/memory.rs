@@ -343,7 +343,7 @@ impl Machine {
     /// releases drops, and finalizers run, when it ends; then the first
     /// panic of other people's code is re-raised (module docs, "Panics").
     /// `f` itself must run no code memtree does not own.
-    fn edit<T>(&self, f: impl FnOnce(&mut Topology) -> Result<T>) -> Result<T> {
+    pub(crate) fn edit<T>(&self, f: impl FnOnce(&mut Topology) -> Result<T>) -> Result<T> {
         // Declared before the lock guard: deferred drops and owner
         // finalizers run after it, then a caught panic is re-raised.
         let _defer = Deferral::enter();

@@ -382,6 +382,9 @@ pub(crate) struct RegionNode {
     pub(crate) mapped_via_alias: u32,
     /// Dirty-log clients (bit 0 = VGA), frozen into flat ranges at render.
     pub(crate) dirty_log_mask: u8,
+    /// Users of each client's logging counted by `Machine::set_log`
+    /// (QEMU's `vga_logging_count`, for every per-region client).
+    pub(crate) dirty_log_users: [u32; 8],
     /// The QOM parent `info mtree -o` prints, when recorded from a QEMU dump
     /// (`Some(None)`: print none). `None`: derived from the owner (see
     /// `text::print`).

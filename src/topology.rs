@@ -147,7 +147,7 @@ impl Topology {
         self.regions.get(id.index, id.generation)
     }
 
-    fn node_mut(&mut self, id: RegionId) -> Result<&mut RegionNode> {
+    pub(crate) fn node_mut(&mut self, id: RegionId) -> Result<&mut RegionNode> {
         self.regions
             .get_mut(id.index, id.generation)
             .ok_or(TopologyError::NoSuchRegion(id))
@@ -360,6 +360,7 @@ impl Topology {
             owner,
             mapped_via_alias: 0,
             dirty_log_mask: 0,
+            dirty_log_users: [0; 8],
             qom_parent: None,
         });
         debug_assert_eq!(inserted, (index, generation));

@@ -478,3 +478,152 @@ fn snapshot_rounds_to_64_pages_and_reads_back_by_range() {
         .get_dirty(ram, 64 * PAGE, 64 * PAGE, DirtyClient::VGA)
         .unwrap());
 }
+
+/// QEMU's `memory_region_set_log` counts its users (`vga_logging_count`):
+/// two display devices enable logging of the same frame buffer, one
+/// disables it, and logging stays on for the other; only the 0 <-> 1
+/// transitions re-render (one `log_start`, one `log_stop`). A disable with
+/// no matching enable is an error, not a silent wrap. On an alias it
+/// counts on the region the alias points to, as QEMU forwards it.
+#[test]
+fn set_log_counts_its_users_and_only_the_last_disable_stops_logging() {
+    let (m, vram) = machine();
+    let h = m.memory.address_space(m.space).unwrap();
+    let log: Log = Arc::default();
+    let recorder = Recorder {
+        log: log.clone(),
+        tag: "l",
+        priority: 0,
+    };
+    m.memory
+        .register_listener(m.space, Arc::new(recorder))
+        .unwrap();
+    log.lock().unwrap().clear();
+    m.memory.set_log(vram, DirtyClient::VGA, true).unwrap();
+    m.memory.set_log(vram, DirtyClient::VGA, true).unwrap();
+    m.memory.set_log(vram, DirtyClient::VGA, false).unwrap();
+    assert!(h.write(0x40000, &[1; 4], A).is_ok());
+    assert_eq!(
+        dirty_pages(&m.memory, vram, DirtyClient::VGA),
+        vec![0],
+        "one user still logs: the write is marked"
+    );
+    let starts = || {
+        let log = log.lock().unwrap();
+        (
+            log.iter().filter(|e| e.starts_with("l log_start")).count(),
+            log.iter().filter(|e| e.starts_with("l log_stop")).count(),
+        )
+    };
+    assert_eq!(starts(), (1, 0), "{:?}", log.lock().unwrap());
+    m.memory.set_log(vram, DirtyClient::VGA, false).unwrap();
+    assert_eq!(starts(), (1, 1), "{:?}", log.lock().unwrap());
+    assert!(h.write(0x40000, &[1; 4], A).is_ok());
+    assert!(!m.memory.get_dirty(vram, 0, PAGE, DirtyClient::VGA).unwrap());
+    // Unbalanced: no user left.
+    assert!(m.memory.set_log(vram, DirtyClient::VGA, false).is_err());
+    assert!(!m.memory.get_dirty(vram, 0, PAGE, DirtyClient::VGA).unwrap());
+    // Through an alias: the count is the target's.
+    let alias = m
+        .memory
+        .new_alias("vram-alias", vram, 0, 0x4000, None)
+        .unwrap();
+    m.memory.add_subregion(m.root, 0x90000, alias).unwrap();
+    m.memory.set_log(alias, DirtyClient::VGA, true).unwrap();
+    m.memory.set_log(vram, DirtyClient::VGA, true).unwrap();
+    m.memory.set_log(alias, DirtyClient::VGA, false).unwrap();
+    assert!(h.write(0x40000 + PAGE, &[1; 4], A).is_ok());
+    assert!(m.memory.get_dirty(vram, PAGE, 1, DirtyClient::VGA).unwrap());
+}
+
+/// Every write path marks exactly the pages it touched, a write across a
+/// page boundary both of them, one path at a time (each checked alone:
+/// the snapshot clears between them): the shared handle
+/// (`AddressSpace`: buffer, typed, rmw), the cursor (buffer, typed, rmw),
+/// a published view directly, a `MemoryRegionCache` (buffer and typed),
+/// a DMA mapping (written across the boundary, unmapped with that length)
+/// and the vm-memory view.
+#[test]
+fn every_write_path_marks_both_pages_of_a_write_across_a_boundary() {
+    use memtree::vm_memory::{Bytes, GuestAddress};
+    let (m, _) = machine();
+    m.memory.set_log(m.ram, DirtyClient::VGA, true).unwrap();
+    let h = m.memory.address_space(m.space).unwrap();
+    let mut c = h.cursor();
+    let cache = MemoryRegionCache::new(&h, 0x10000, 0x10000, DmaDirection::FromDevice).unwrap();
+    let gm = h.guest_memory();
+    // The boundary between pages 4 and 5 of "ram" (space 0x10000 + 5 pages).
+    let b = 0x10000 + 5 * PAGE;
+    type Path<'a> = (&'a str, Box<dyn FnMut() -> bool + 'a>);
+    let c = std::cell::RefCell::new(&mut c);
+    let paths: Vec<Path<'_>> = vec![
+        (
+            "handle write",
+            Box::new(|| h.write(b - 3, &[1; 6], A).is_ok()),
+        ),
+        (
+            "handle store",
+            Box::new(|| h.store::<u64>(b - 4, 7, Endian::Little, A).is_ok()),
+        ),
+        (
+            "handle rmw",
+            Box::new(|| h.rmw::<u32>(b - 2, Endian::Little, A, |v| v + 1).1.is_ok()),
+        ),
+        (
+            "cursor write",
+            Box::new(|| c.borrow_mut().write(b - 1, &[1; 2], A).is_ok()),
+        ),
+        (
+            "cursor store",
+            Box::new(|| {
+                c.borrow_mut()
+                    .store::<u16>(b - 1, 7, Endian::Big, A)
+                    .is_ok()
+            }),
+        ),
+        (
+            "cursor rmw",
+            Box::new(|| {
+                c.borrow_mut()
+                    .rmw::<u64>(b - 7, Endian::Little, A, |v| !v)
+                    .1
+                    .is_ok()
+            }),
+        ),
+        (
+            "view write",
+            Box::new(|| h.view().write(b - 8, &[2; 9], A).is_ok()),
+        ),
+        (
+            "cache write",
+            Box::new(|| cache.write(5 * PAGE - 1, &[3; 2]).is_ok()),
+        ),
+        (
+            "cache store",
+            Box::new(|| cache.store::<4>(5 * PAGE - 2, [4; 4]).is_ok()),
+        ),
+        (
+            "dma",
+            Box::new(|| {
+                let mut map = h
+                    .map(b - 16, 2 * PAGE, DmaDirection::FromDevice, A)
+                    .unwrap();
+                let ok = map.write(0, &[5; 32]).is_ok();
+                map.unmap(32);
+                ok
+            }),
+        ),
+        (
+            "vm-memory",
+            Box::new(|| gm.write_slice(&[6; 4], GuestAddress(b - 2)).is_ok()),
+        ),
+    ];
+    for (what, mut write) in paths {
+        assert!(write(), "{what}: the write failed");
+        assert_eq!(
+            dirty_pages(&m.memory, m.ram, DirtyClient::VGA),
+            vec![4 * PAGE, 5 * PAGE],
+            "{what}"
+        );
+    }
+}
