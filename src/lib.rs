@@ -35,7 +35,6 @@ mod arena;
 pub mod backend;
 pub mod cache;
 pub mod census;
-pub mod demo;
 pub mod diag;
 pub mod dirty;
 pub mod dispatch;
@@ -49,7 +48,6 @@ pub mod iommu;
 pub mod kvm;
 pub mod listener;
 pub mod lookup;
-pub mod machine_file;
 pub mod map_svg;
 pub mod mapping_table;
 pub mod memory;
@@ -61,6 +59,7 @@ pub mod region;
 mod render;
 pub mod scale;
 pub mod space;
+#[cfg(feature = "qemu-text")]
 pub mod text;
 mod topology;
 #[cfg(all(feature = "vhost-user", target_os = "linux"))]

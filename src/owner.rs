@@ -380,6 +380,8 @@ pub enum OwnerLabel {
 #[derive(Debug)]
 pub(crate) struct OwnerNode {
     pub(crate) core: Arc<OwnerCore>,
+    /// Read by the QEMU text printer (`-o` owner labels).
+    #[cfg_attr(not(feature = "qemu-text"), allow(dead_code))]
     pub(crate) label: OwnerLabel,
     pub(crate) parent: Option<OwnerId>,
     pub(crate) children: Vec<OwnerId>,

@@ -11,9 +11,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use memtree::lookup::explain;
-use memtree::machine_file::{load_str, LoadOptions};
 use memtree::text::print::{print_flat, print_tree, FlatOptions, TreeOptions};
 use memtree::{Memory, RegionKind};
+use memtree_cli::machine_file::{load_str, LoadOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_memtree");
 

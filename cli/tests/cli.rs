@@ -10,7 +10,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_memtree");
 fn oracle_dir() -> String {
     match std::env::var("MEMTREE_ORACLE") {
         Ok(d) => format!("{}/", d.trim_end_matches('/')),
-        Err(_) => concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/oracle/").to_owned(),
+        Err(_) => concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/oracle/").to_owned(),
     }
 }
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/");

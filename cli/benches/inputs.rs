@@ -27,10 +27,10 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use memtree::lookup::explain;
-use memtree::machine_file::{load_str, LoadOptions};
 use memtree::text::print::{print_tree, TreeOptions};
 use memtree::text::{import, parse};
 use memtree::{Memory, MmioOps, RegionKind, SpaceId, UnimplementedDevice};
+use memtree_cli::machine_file::{load_str, LoadOptions};
 
 const SIZES: [usize; 2] = [10_000, 100_000];
 

@@ -77,13 +77,11 @@ use std::sync::Arc;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::access::{AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps};
-use crate::error::TopologyError;
-use crate::memory::{Machine, Memory};
-use crate::owner::{OwnerId, OwnerLabel};
-use crate::ram::RamBacking;
-use crate::region::{RegionId, RegionKind, MAX_REGION_SIZE};
-use crate::space::SpaceId;
+use memtree::region::MAX_REGION_SIZE;
+use memtree::{
+    AccessSizes, Endianness, Machine, MemTxAttrs, MemTxResult, Memory, MmioOps, OwnerId,
+    OwnerLabel, RamBacking, RegionId, RegionKind, SpaceId, TopologyError,
+};
 
 /// How to build the machine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

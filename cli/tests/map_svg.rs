@@ -12,7 +12,7 @@ use memtree::text::print::{self, FlatOptions};
 use memtree::text::{import, parse};
 use memtree::{Memory, SpaceId};
 
-const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/oracle/");
+const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/oracle/");
 const BIN: &str = env!("CARGO_BIN_EXE_memtree");
 
 // ---- a minimal XML parser (checks well-formedness) ------------------------
@@ -398,7 +398,7 @@ fn render(mem: &Memory, id: SpaceId) -> (SpaceMap, String, Element) {
 
 #[test]
 fn map_of_every_demo_space_agrees_with_its_flat_view() {
-    let d = memtree::demo::build().unwrap();
+    let d = memtree_cli::demo::build().unwrap();
     for (id, name) in d.memory.address_spaces() {
         let (_, _, root) = render(&d.memory, id);
         let extent = if name == "I/O" { 0x10000 } else { 1 << 64 };
@@ -485,7 +485,7 @@ fn map_escapes_names_and_replaces_characters_xml_cannot_carry() {
 
 #[test]
 fn map_heights_grow_with_size_and_are_to_scale_in_the_linear_band() {
-    let d = memtree::demo::build().unwrap();
+    let d = memtree_cli::demo::build().unwrap();
     let pc = qemu("x86_64/pc.disabled.txt", "x86_64/pc.flat.txt");
     let cases = [
         (&d.memory, d.system_as),
@@ -529,7 +529,7 @@ fn map_heights_grow_with_size_and_are_to_scale_in_the_linear_band() {
 
 #[test]
 fn map_shows_aliases_and_links_them_to_their_target() {
-    let d = memtree::demo::build().unwrap();
+    let d = memtree_cli::demo::build().unwrap();
     let (map, _, root) = render(&d.memory, d.system_as);
     let mut all = Vec::new();
     root.walk(&mut all);
@@ -608,7 +608,7 @@ fn tooltip(root: &Element, start: &str) -> String {
 
 #[test]
 fn map_tooltips_name_the_serving_region_and_what_it_obscures_inside_the_range() {
-    let d = memtree::demo::build().unwrap();
+    let d = memtree_cli::demo::build().unwrap();
     let (_, _, root) = render(&d.memory, d.system_as);
     // pc.ram serves 0-0xdffff through ram-below-4g; inside it, at 0xc0000,
     // it hides pc.rom (in the lower-priority pci container), which nothing

@@ -4,7 +4,7 @@
 //! lookups agree with the rendered flat views.
 
 use memtree::lookup::explain;
-use memtree::machine_file::{load_str, LoadOptions};
+use memtree_cli::machine_file::{load_str, LoadOptions};
 use proptest::prelude::*;
 
 const EXAMPLES: &[&str] = &[

@@ -31,11 +31,11 @@ use std::process::ExitCode;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde_json::{json, Value};
 
-use memtree::machine_file::{self, LoadOptions};
 use memtree::text::import::{self, ImportError};
 use memtree::text::parse::{self, ParseError};
 use memtree::text::print::{self, FlatOptions, TreeOptions};
 use memtree::{Memory, SpaceId};
+use memtree_cli::machine_file::{self, LoadOptions};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -699,7 +699,7 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Demo { scale: false } => {
             let mut out = String::new();
-            let result = memtree::demo::run(&mut out);
+            let result = memtree_cli::demo::run(&mut out);
             emit(&out);
             match result {
                 Ok(leaks) if leaks.is_clean() => Ok(ExitCode::SUCCESS),
@@ -1181,7 +1181,7 @@ fn run_map(
             return Err(CliError::arg("usage", "give either --demo or a machine"))
         }
         (None, true) => {
-            let d = memtree::demo::build().map_err(|e| CliError::arg("demo", e.to_string()))?;
+            let d = memtree_cli::demo::build().map_err(|e| CliError::arg("demo", e.to_string()))?;
             map_svg::render(&collect(&d.memory)?)
         }
         (None, false) => map_svg::render(&collect(&load_machine(&machine)?.memory)?),

@@ -20,14 +20,11 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::access::{AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps};
-use crate::error::TopologyError;
-use crate::memory::{LeakReport, Memory};
-use crate::owner::OwnerId;
-use crate::ram::RamBacking;
-use crate::region::RegionId;
-use crate::space::{AddressSpace, SpaceId};
-use crate::text::print::{print_flat, print_tree, FlatOptions, TreeOptions};
+use memtree::text::print::{print_flat, print_tree, FlatOptions, TreeOptions};
+use memtree::{
+    AccessSizes, AddressSpace, Endianness, LeakReport, MemTxAttrs, MemTxResult, Memory, MmioOps,
+    OwnerId, RamBacking, RegionId, SpaceId, TopologyError,
+};
 
 const MIB: u64 = 1 << 20;
 /// RAM of the demo machine.
@@ -200,7 +197,7 @@ pub fn build() -> Result<DemoMachine, TopologyError> {
     let memory = Memory::new();
     let serial = Arc::new(SerialPort::default());
     let nic_finalized = Arc::new(AtomicBool::new(false));
-    let m: &crate::Machine = &memory;
+    let m: &memtree::Machine = &memory;
     let (system_as, io_as, nic_as, nic, bus_master_alias) = m.transaction(|m| {
         let system = m.new_container("system", 1 << 64, None)?;
         // RAM, shown through two aliases.
@@ -459,7 +456,7 @@ pub fn run(out: &mut impl Write) -> Result<LeakReport, DemoError> {
         out,
         "why? (memtree lookup 0xe0000: PAM decides between RAM and the BIOS)",
     )?;
-    let why = crate::lookup::explain(mem, d.system_as, 0xe0000)?;
+    let why = memtree::lookup::explain(mem, d.system_as, 0xe0000)?;
     write!(out, "{why}")?;
 
     section(out, "bus mastering")?;
