@@ -26,9 +26,9 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
-use memtree::lookup::explain;
-use memtree::text::print::{print_tree, TreeOptions};
-use memtree::text::{import, parse};
+use memtree::inspect::lookup::explain;
+use memtree::qemu_text::print::{print_tree, TreeOptions};
+use memtree::qemu_text::{import, parse};
 use memtree::{Memory, MmioOps, RegionKind, SpaceId, UnimplementedDevice};
 use memtree_cli::machine_file::{load_str, LoadOptions};
 

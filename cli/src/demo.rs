@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use memtree::text::print::{print_flat, print_tree, FlatOptions, TreeOptions};
+use memtree::qemu_text::print::{print_flat, print_tree, FlatOptions, TreeOptions};
 use memtree::{
     AccessSizes, AddressSpace, Endianness, LeakReport, MemTxAttrs, MemTxResult, Memory, MmioOps,
     OwnerId, RamBacking, RegionId, SpaceId, TopologyError,
@@ -456,7 +456,7 @@ pub fn run(out: &mut impl Write) -> Result<LeakReport, DemoError> {
         out,
         "why? (memtree lookup 0xe0000: PAM decides between RAM and the BIOS)",
     )?;
-    let why = memtree::lookup::explain(mem, d.system_as, 0xe0000)?;
+    let why = memtree::inspect::lookup::explain(mem, d.system_as, 0xe0000)?;
     write!(out, "{why}")?;
 
     section(out, "bus mastering")?;

@@ -10,8 +10,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use memtree::lookup::explain;
-use memtree::text::print::{print_flat, print_tree, FlatOptions, TreeOptions};
+use memtree::inspect::lookup::explain;
+use memtree::qemu_text::print::{print_flat, print_tree, FlatOptions, TreeOptions};
 use memtree::{Memory, RegionKind};
 use memtree_cli::machine_file::{load_str, LoadOptions};
 
@@ -385,8 +385,8 @@ fn dump_with_many_identical_alias_target_sections_round_trips() {
     for _ in 0..n {
         dump.push_str("memory-region: r\n  0000000000000000-0000000000000fff (prio 0, ram): r\n\n");
     }
-    let tree = memtree::text::parse::parse_tree(&dump).unwrap();
-    let imported = memtree::text::import::import(&tree, None, None).unwrap();
+    let tree = memtree::qemu_text::parse::parse_tree(&dump).unwrap();
+    let imported = memtree::qemu_text::import::import(&tree, None, None).unwrap();
     assert_eq!(imported.memory.region_count(), 2 * n + 1);
     let mut printed = String::new();
     print_tree(&imported.memory, &mut printed, TreeOptions::default()).unwrap();

@@ -1,8 +1,8 @@
-//! `memtree::lookup::explain` on a machine described in TOML: clipping by a
+//! `memtree::inspect::lookup::explain` on a machine described in TOML: clipping by a
 //! container, equal-priority siblings, alias arithmetic and alias windows.
 //! (Moved from the core's unit tests: it needs the CLI's machine files.)
 
-use memtree::lookup::{explain, ClipKind, Fate, Obscured};
+use memtree::inspect::lookup::{explain, ClipKind, Fate, Obscured};
 use memtree::Memory;
 use memtree_cli::machine_file::{load_str, LoadOptions};
 

@@ -3,7 +3,7 @@
 //! descriptions. Whenever it accepts a machine, the machine renders and its
 //! lookups agree with the rendered flat views.
 
-use memtree::lookup::explain;
+use memtree::inspect::lookup::explain;
 use memtree_cli::machine_file::{load_str, LoadOptions};
 use proptest::prelude::*;
 

@@ -7,9 +7,9 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use memtree::map_svg::{self, SpaceMap};
-use memtree::text::print::{self, FlatOptions};
-use memtree::text::{import, parse};
+use memtree::inspect::map_svg::{self, SpaceMap};
+use memtree::qemu_text::print::{self, FlatOptions};
+use memtree::qemu_text::{import, parse};
 use memtree::{Memory, SpaceId};
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/oracle/");

@@ -31,9 +31,9 @@ use std::process::ExitCode;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde_json::{json, Value};
 
-use memtree::text::import::{self, ImportError};
-use memtree::text::parse::{self, ParseError};
-use memtree::text::print::{self, FlatOptions, TreeOptions};
+use memtree::qemu_text::import::{self, ImportError};
+use memtree::qemu_text::parse::{self, ParseError};
+use memtree::qemu_text::print::{self, FlatOptions, TreeOptions};
 use memtree::{Memory, SpaceId};
 use memtree_cli::machine_file::{self, LoadOptions};
 
@@ -829,7 +829,7 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             for q in queries {
                 match q {
                     Query::Addr(addr) => {
-                        let why = memtree::lookup::explain(mem, id, addr)
+                        let why = memtree::inspect::lookup::explain(mem, id, addr)
                             .map_err(|e| CliError::arg("lookup", e.to_string()))?;
                         if json {
                             results.push(json!({
@@ -1060,7 +1060,7 @@ fn dot_quote(s: &str) -> String {
 /// target's `memory-region:` section, the census in the graph label.
 fn census_dot(
     mem: &Memory,
-    counts: &BTreeMap<memtree::census::ObjectKind, usize>,
+    counts: &BTreeMap<memtree::lifecycle::census::ObjectKind, usize>,
 ) -> Result<String, CliError> {
     let mut text = String::new();
     let _ = print::print_tree(
@@ -1149,7 +1149,7 @@ fn run_map(
     space: Option<String>,
     output: Option<PathBuf>,
 ) -> Result<ExitCode, CliError> {
-    use memtree::map_svg;
+    use memtree::inspect::map_svg;
     let has_machine = machine.file.is_some() || machine.qemu_tree.is_some();
     let collect = |mem: &Memory| {
         let id = pick_space(mem, space.as_deref())?;
