@@ -286,9 +286,7 @@ pub fn notifier_machine(
 /// `memtree demo --scale`: builds the QEMU-largest machine, prints what it
 /// cost, checks every view against a full render and tears it down. The
 /// leak report of the teardown is returned (clean when nothing leaked).
-pub fn run_demo(
-    out: &mut impl std::fmt::Write,
-) -> Result<crate::topology::memory::LeakReport, String> {
+pub fn run_demo(out: &mut impl std::fmt::Write) -> Result<crate::LeakReport, String> {
     let memory = crate::topology::memory::Memory::new();
     let config = Power8Config::qemu_largest();
     let start = std::time::Instant::now();

@@ -45,11 +45,6 @@ const SAME_LAYER: &[(&str, &str)] = &[];
 /// (from, to, why).
 const KNOWN_BACK_EDGES: &[(&str, &str, &str)] = &[
     (
-        "lifecycle",
-        "topology",
-        "diag fills topology::memory::LeakReport",
-    ),
-    (
         "dirty",
         "access",
         "dirty snapshots name SpaceId (access::space)",

@@ -94,7 +94,8 @@ use crate::access::attrs::{Endianness, MmioOps};
 use crate::access::ram::RamBacking;
 use crate::access::space::{AddressSpace, MachineData, SpaceId};
 use crate::dma::backend::MemoryBackend;
-use crate::lifecycle::census::{Census, CensusEntry};
+use crate::lifecycle::census::Census;
+use crate::lifecycle::diag::LeakReport;
 use crate::render::flatten as render;
 use crate::render::listener::{
     self, EventNotifier, IoEventFd, ListenerId, MemoryListener, SpaceCtx,
@@ -286,54 +287,6 @@ impl Deref for Transaction<'_> {
     type Target = Machine;
     fn deref(&self) -> &Machine {
         self.machine
-    }
-}
-
-/// Objects still alive after teardown, each with the chains of holders that
-/// keep it alive.
-#[derive(Clone, Debug, Default)]
-pub struct LeakReport {
-    /// Survivors and their explanations.
-    pub survivors: Vec<(CensusEntry, Vec<String>)>,
-    /// Panics of other people's code memtree ran (listeners, finalizers,
-    /// the `Drop` of device state) over the machine's life, as the census
-    /// recorded them: which code, and the message.
-    pub panics: Vec<String>,
-}
-
-impl LeakReport {
-    /// True when nothing survived and nothing panicked.
-    pub fn is_clean(&self) -> bool {
-        self.survivors.is_empty() && self.panics.is_empty()
-    }
-}
-
-impl fmt::Display for LeakReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for p in &self.panics {
-            writeln!(f, "panic: {p}")?;
-        }
-        if self.survivors.is_empty() {
-            return writeln!(f, "leak report: nothing survived teardown");
-        }
-        writeln!(
-            f,
-            "leak report: {} object(s) survived teardown",
-            self.survivors.len()
-        )?;
-        for (e, chains) in &self.survivors {
-            writeln!(f, "  {} {} \"{}\"", e.kind.as_str(), e.key, e.name)?;
-            for c in chains {
-                writeln!(f, "    {c}")?;
-            }
-            if chains.iter().all(|c| !c.contains(" -> ")) {
-                writeln!(
-                    f,
-                    "    (a root: held by a handle outside memtree, e.g. a mapping or address-space handle)"
-                )?;
-            }
-        }
-        Ok(())
     }
 }
 
