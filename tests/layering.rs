@@ -92,7 +92,7 @@ const KNOWN_BACK_EDGES: &[(&str, &str, &str)] = &[
     (
         "render",
         "topology",
-        "render walks the tree it is handed (the Machine)",
+        "render reads the Topology and RegionNodes it is handed",
     ),
 ];
 

@@ -386,19 +386,6 @@ pub(crate) fn physical_root(topo: &Topology, root: RegionId) -> Option<RegionId>
     }
 }
 
-impl crate::topology::memory::Machine {
-    /// Renders the tree under `root` exactly as a commit would (physical-root
-    /// walk, render, merge) without publishing anything, and returns the
-    /// number of flat ranges. For benchmarks only: the result is discarded.
-    #[doc(hidden)]
-    pub fn render_for_bench(&self, root: RegionId) -> usize {
-        self.read(|topo| match physical_root(topo, root) {
-            Some(p) => render(topo, p).ranges.len(),
-            None => 0,
-        })
-    }
-}
-
 /// Re-renders the address windows `affected` (in `root`'s coordinates, from
 /// the topology's change tracking) of `old`, the last render of `root`, and
 /// splices them into it: ranges outside the windows are shared with `old`.

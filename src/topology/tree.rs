@@ -38,6 +38,7 @@ use std::sync::Arc;
 use crate::access::attrs::OpsConfig;
 use crate::access::space::{AddressSpace, MachineData, SpaceId, SpaceNode};
 use crate::lifecycle::census::{ObjectKey, ObjectKind};
+use crate::render::flatten;
 use crate::render::listener::Listeners;
 use crate::topology::arena::Arena;
 use crate::topology::error::TopologyError;
@@ -967,5 +968,20 @@ impl Topology {
         for id in ids {
             self.remove_node(id);
         }
+    }
+}
+
+// Lives here rather than in render/flatten.rs so that rendering does not
+// depend on `Machine` (it is handed the `Topology`).
+impl crate::topology::memory::Machine {
+    /// Renders the tree under `root` exactly as a commit would (physical-root
+    /// walk, render, merge) without publishing anything, and returns the
+    /// number of flat ranges. For benchmarks only: the result is discarded.
+    #[doc(hidden)]
+    pub fn render_for_bench(&self, root: RegionId) -> usize {
+        self.read(|topo| match flatten::physical_root(topo, root) {
+            Some(p) => flatten::render(topo, p).ranges.len(),
+            None => 0,
+        })
     }
 }
