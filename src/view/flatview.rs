@@ -243,8 +243,8 @@ pub struct FlatView {
     reached: std::sync::Mutex<Vec<RegionId>>,
     census: Option<(Arc<Census>, ObjectKey)>,
     /// Lookup accelerator over the packed `start` of every range (a bucket
-    /// table, see [`crate::access::dispatch::RangeIndex`]). Built once in `new`.
-    starts: crate::access::dispatch::RangeIndex,
+    /// table, see [`crate::view::range_index::RangeIndex`]). Built once in `new`.
+    starts: crate::view::range_index::RangeIndex,
     /// This view's writable RAM for vm-memory, built on first use by
     /// `AddressSpace::guest_memory` and dropped with the view.
     #[cfg(all(feature = "vm-memory", unix))]
@@ -270,7 +270,7 @@ impl FlatView {
             )
         });
         let starts =
-            crate::access::dispatch::RangeIndex::new(ranges.iter().map(|r| r.start).collect());
+            crate::view::range_index::RangeIndex::new(ranges.iter().map(|r| r.start).collect());
         FlatView {
             root,
             root_name: root_name.map(Into::into),

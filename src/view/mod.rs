@@ -2,8 +2,8 @@
 //!
 //! * [`flatview`]: [`FlatView`](crate::FlatView) and
 //!   [`FlatRange`](crate::FlatRange), the sorted, non-overlapping ranges of
-//!   one address space with their regions' shared cores, and the lookup
-//!   index over them.
+//!   one address space with their regions' shared cores.
+//! * `range_index` (crate-private): the lookup index over a view's ranges.
 //! * [`publish`]: the publish / read / reclaim protocol as a small cell that
 //!   loom model-checks (production publishes through arc-swap).
 //!
@@ -17,3 +17,4 @@
 
 pub mod flatview;
 pub mod publish;
+pub(crate) mod range_index;
