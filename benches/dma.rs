@@ -22,8 +22,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use memtree::cache::MemoryRegionCache;
-use memtree::dma::DmaDirection;
+use memtree::dma::cache::MemoryRegionCache;
+use memtree::dma::mapping::DmaDirection;
 use memtree::{Endianness, MemTxAttrs, MemTxResult, Memory, MmioOps};
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;

@@ -28,11 +28,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use memtree::vhost_user::driver::{
+use memtree::integrations::vhost_user::driver::{
     queue_layout, BlkRequest, Buffer, DriverError, DriverMemory, SplitQueue, VirtioBlk, BLK_S_OK,
     VIRTIO_BLK_F_FLUSH, VIRTIO_F_VERSION_1,
 };
-use memtree::vhost_user::{FrontendOptions, VhostUserFrontend};
+use memtree::integrations::vhost_user::{FrontendOptions, VhostUserFrontend};
 use memtree::{AddressSpace, Memory, RamBacking};
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{Frontend, VhostUserFrontend as _, VhostUserProtocolFeatures};

@@ -544,7 +544,7 @@ fn pam_reg(kind: Kind, i: usize) -> (usize, u32) {
 /// read-only), and SMRAM opened and closed, printing the flat view.
 #[allow(dead_code)]
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
-    use memtree::text::print::{print_flat, FlatOptions};
+    use memtree::qemu_text::print::{print_flat, FlatOptions};
     use memtree::Memory;
 
     let memory = Memory::new();

@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use memtree::access::{AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps};
+use memtree::access::attrs::{AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps};
 use memtree::iommu::{
     Iommu, IommuHub, IommuPerm, IotlbEntry, IotlbEvent, IotlbEventKind, WeakAddressSpace,
 };

@@ -133,7 +133,7 @@ fn main() {
         .into_iter()
         .find(|e| e.name == "counter0");
     if let Some(e) = key {
-        for line in memtree::diag::why_alive(memory.census(), e.key) {
+        for line in memtree::lifecycle::diag::why_alive(memory.census(), e.key) {
             println!("counter0: {line}");
         }
     }

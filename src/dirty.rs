@@ -41,8 +41,8 @@
 //! Every write that reaches RAM through memtree marks the pages it touched
 //! for every client in the range's mask: dispatch (buffer, typed, rmw,
 //! cursor, shared handle), DMA mappings (on unmap, the length written),
-//! [`crate::cache`] writes, the vm-memory view (see
-//! [`crate::guest_memory`]) and, through `log_sync`, KVM's own log.
+//! [`crate::dma::cache`] writes, the vm-memory view (see
+//! [`crate::integrations::guest_memory`]) and, through `log_sync`, KVM's own log.
 //! Marking is a relaxed `fetch_or`, skipped when the bit is already set, so
 //! a page written over and over costs one load after the first write.
 //!
@@ -58,8 +58,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use crate::flatview::FlatRange;
-use crate::region::{Backing, RegionId, RegionKind};
+use crate::topology::region::{Backing, RegionId, RegionKind};
+use crate::view::flatview::FlatRange;
 
 /// Target page size: the granularity of dirty tracking.
 pub const TARGET_PAGE_SIZE: u64 = 1 << TARGET_PAGE_BITS;
@@ -408,8 +408,8 @@ impl DirtySnapshot {
 /// The RAM of a region as tracking sees it: its block and where the region
 /// starts in it.
 pub(crate) fn region_block(
-    core: &crate::region::RegionCore,
-) -> Option<(&Arc<crate::backend::MemoryBackend>, u64)> {
+    core: &crate::topology::region::RegionCore,
+) -> Option<(&Arc<crate::dma::backend::MemoryBackend>, u64)> {
     match core.backing() {
         Backing::Ram { block, offset } => Some((block, *offset)),
         _ => None,
@@ -418,7 +418,7 @@ pub(crate) fn region_block(
 
 /// Tests a region range (region offsets) for a client.
 pub(crate) fn region_get_dirty(
-    core: &crate::region::RegionCore,
+    core: &crate::topology::region::RegionCore,
     offset: u64,
     len: u64,
     client: DirtyClient,
@@ -440,7 +440,7 @@ pub(crate) fn region_get_dirty(
 /// Copies and clears a region range (region offsets, rounded outwards to
 /// 64 pages as QEMU does) for a client.
 pub(crate) fn region_take(
-    core: &crate::region::RegionCore,
+    core: &crate::topology::region::RegionCore,
     size: u64,
     offset: u64,
     len: u64,
@@ -532,7 +532,7 @@ type Result<T> = std::result::Result<T, crate::TopologyError>;
 
 impl crate::Machine {
     /// The core and size of a RAM region, or why not.
-    fn ram_region(&self, id: RegionId) -> Result<(Arc<crate::region::RegionCore>, u64)> {
+    fn ram_region(&self, id: RegionId) -> Result<(Arc<crate::topology::region::RegionCore>, u64)> {
         self.read(|t| {
             let n = t.node(id).ok_or(crate::TopologyError::NoSuchRegion(id))?;
             if region_block(&n.core).is_none() {
@@ -699,7 +699,7 @@ pub(crate) fn after_resize(machine: &crate::Machine, region: RegionId, size: u12
     }
 }
 
-/// The bitmap of the vm-memory view's regions ([`crate::guest_memory`]):
+/// The bitmap of the vm-memory view's regions ([`crate::integrations::guest_memory`]):
 /// vm-memory calls `mark_dirty` for every write through a `VolatileSlice`
 /// or `Bytes` method, and it marks the pages for the clients tracking the
 /// memory at that moment.

@@ -46,11 +46,11 @@ use std::sync::{Arc, OnceLock, Weak};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
-use crate::access::{Endianness, MemTxAttrs, MemTxResult};
-use crate::dispatch::Primitive;
-use crate::flatview::{FlatRange, FlatView};
-use crate::region::{Backing, RegionCore};
-use crate::space::{AddressSpace, SpaceShared};
+use crate::access::attrs::{Endianness, MemTxAttrs, MemTxResult};
+use crate::access::dispatch::Primitive;
+use crate::access::space::{AddressSpace, SpaceShared};
+use crate::topology::region::{Backing, RegionCore};
+use crate::view::flatview::{FlatRange, FlatView};
 
 /// Permissions of a translation, or the access asked for (QEMU
 /// `IOMMUAccessFlags`: NONE 0, RO 1, WO 2, RW 3).
@@ -565,8 +565,8 @@ impl IommuHub {
                 entry: cropped,
             };
             called += 1;
-            if let Err(p) = crate::owner::catch(|| (n.notify)(&ev)) {
-                panic.get_or_insert(crate::owner::panic_message(&p));
+            if let Err(p) = crate::topology::owner::catch(|| (n.notify)(&ev)) {
+                panic.get_or_insert(crate::topology::owner::panic_message(&p));
             }
         }
         match panic {
@@ -607,7 +607,7 @@ impl IommuHub {
             .checked_next_power_of_two()
             .unwrap_or(1 << 63);
         let steps = (u128::from(last) - u128::from(start & !(step - 1))) / u128::from(step) + 1;
-        let walked = crate::owner::catch(std::panic::AssertUnwindSafe(|| {
+        let walked = crate::topology::owner::catch(std::panic::AssertUnwindSafe(|| {
             if device.replay(idx, start, last, &mut sink) {
                 return Ok(());
             }
@@ -634,7 +634,9 @@ impl IommuHub {
         match walked {
             Ok(Ok(())) => Ok(count),
             Ok(Err(e)) => Err(e),
-            Err(p) => Err(IommuError::Panicked(crate::owner::panic_message(&p))),
+            Err(p) => Err(IommuError::Panicked(crate::topology::owner::panic_message(
+                &p,
+            ))),
         }
     }
 
@@ -670,7 +672,7 @@ impl IommuHub {
     ) -> IotlbEntry {
         self.misses.fetch_add(1, Ordering::Relaxed);
         let generation = self.generation.load(Ordering::Acquire);
-        let e = match crate::owner::catch(std::panic::AssertUnwindSafe(|| {
+        let e = match crate::topology::owner::catch(std::panic::AssertUnwindSafe(|| {
             device.translate(addr, access, idx)
         })) {
             Ok(e) if e.is_well_formed() && e.covers(addr) => e,
@@ -696,8 +698,8 @@ impl IommuHub {
 }
 
 fn catch_dev<R>(f: impl FnOnce() -> R) -> Result<R, IommuError> {
-    crate::owner::catch(std::panic::AssertUnwindSafe(f))
-        .map_err(|p| IommuError::Panicked(crate::owner::panic_message(&p)))
+    crate::topology::owner::catch(std::panic::AssertUnwindSafe(f))
+        .map_err(|p| IommuError::Panicked(crate::topology::owner::panic_message(&p)))
 }
 
 /// `entry` restricted to `[start, last]`, or `None` if they do not overlap.
@@ -1025,7 +1027,7 @@ pub fn is_translated(view: &FlatView, addr: u64) -> bool {
 /// invalidates the page in it (the adapter registers a notifier for that,
 /// unregistered when the adapter is dropped). Only translations into
 /// `backend_space` (the address space whose RAM `IommuMemory`'s backend
-/// holds, e.g. made by `crate::guest_memory`) are accepted.
+/// holds, e.g. made by `crate::integrations::guest_memory`) are accepted.
 #[cfg(all(feature = "vm-memory", unix))]
 pub mod vm_memory_adapter {
     use super::*;

@@ -30,62 +30,49 @@
 
 #![warn(missing_debug_implementations)]
 
+// Control plane: the region tree and its edits, one writer at a time.
+pub mod topology;
+// Rendering the tree into views and telling listeners what changed.
+pub mod render;
+// Data plane: the immutable published views.
+pub mod view;
+// Data plane: accesses through an address space.
 pub mod access;
-mod arena;
-pub mod backend;
-pub mod cache;
-pub mod census;
-pub mod demo;
-pub mod diag;
-pub mod dirty;
-pub mod dispatch;
+// DMA: mappings, the mapping table, caches and memory backends.
 pub mod dma;
-pub mod error;
-pub mod flatview;
-#[cfg(all(feature = "vm-memory", unix))]
-pub mod guest_memory;
+// Who holds what, and what survived teardown.
+pub mod dirty;
 pub mod iommu;
-#[cfg(all(feature = "kvm", target_os = "linux"))]
-pub mod kvm;
-pub mod listener;
-pub mod lookup;
-pub mod machine_file;
-pub mod map_svg;
-pub mod mapping_table;
-pub mod memory;
+pub mod lifecycle;
 pub mod migration;
-pub mod owner;
-pub mod publish;
-pub mod ram;
-pub mod region;
-mod render;
+// Explaining and drawing a machine.
+pub mod inspect;
+pub mod integrations;
+#[cfg(feature = "qemu-text")]
+pub mod qemu_text;
 pub mod scale;
-pub mod space;
-pub mod text;
-mod topology;
-#[cfg(all(feature = "vhost-user", target_os = "linux"))]
-pub mod vhost_user;
 
-/// The vm-memory crate memtree's [`guest_memory`] interop is built with
+/// The vm-memory crate memtree's [`integrations::guest_memory`] interop is built with
 /// (feature `vm-memory`): name its types through this path so that they
 /// are the same crate version as memtree's.
 #[cfg(all(feature = "vm-memory", unix))]
 pub use vm_memory;
 
-pub use access::{
+pub use access::attrs::{
     AccessKind, AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps, UnimplementedDevice,
 };
-pub use backend::MemoryBackend;
-pub use census::{Census, ObjectKey, ObjectKind};
+pub use access::dispatch::{Endian, Primitive};
+pub use access::ram::{RamBacking, RamBlock};
+pub use access::space::{AddressSpace, SpaceId};
 pub use dirty::{DirtyClient, DirtySnapshot, TARGET_PAGE_SIZE};
-pub use dispatch::{Endian, Primitive};
-pub use dma::{DmaDirection, DmaError, DmaMapping};
-pub use error::TopologyError;
-pub use flatview::{FlatRange, FlatView, RangeAttrs, RegionType};
-pub use listener::{EventNotifier, EventfdSection, ListenerId, MemoryListener, Section};
-pub use memory::{LeakReport, Machine, Memory, MemoryRef, Transaction, WeakMemory};
-pub use owner::{OwnerId, OwnerLabel};
-pub use ram::{RamBacking, RamBlock};
-pub use region::{RegionCore, RegionId, RegionInfo, RegionKind};
-pub use space::{AddressSpace, SpaceId};
-pub use topology::UnplugReport;
+pub use dma::backend::MemoryBackend;
+pub use dma::mapping::{DmaDirection, DmaError, DmaMapping};
+pub use lifecycle::census::{Census, ObjectKey, ObjectKind};
+pub use lifecycle::diag::LeakReport;
+pub use render::listener::{EventNotifier, EventfdSection, ListenerId, MemoryListener, Section};
+pub use topology::error::TopologyError;
+pub use topology::memory::{Machine, Memory, MemoryRef, Transaction, WeakMemory};
+pub use topology::owner::{OwnerId, OwnerLabel};
+pub use topology::region::{RegionCore, RegionId, RegionInfo, RegionKind};
+pub use topology::tree::UnplugReport;
+pub use view::flatview::{FlatRange, FlatView, RangeAttrs, RegionType};

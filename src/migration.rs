@@ -81,10 +81,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::MemoryBackend;
+use crate::access::ram::{RamBacking, RamBlock};
 use crate::dirty::{DirtyClient, TARGET_PAGE_SIZE};
-use crate::ram::{RamBacking, RamBlock};
-use crate::region::{Backing, RegionId, RegionKind};
+use crate::dma::backend::MemoryBackend;
+use crate::topology::region::{Backing, RegionId, RegionKind};
 use crate::{Machine, SpaceId, TopologyError};
 
 const MAGIC: &[u8; 8] = b"MTMIGRAT";

@@ -23,12 +23,12 @@
 
 use std::sync::Arc;
 
-use crate::access::{MmioOps, UnimplementedDevice};
-use crate::error::TopologyError;
-use crate::listener::EventNotifier;
-use crate::memory::Machine;
-use crate::region::{RegionId, RegionKind};
-use crate::space::SpaceId;
+use crate::access::attrs::{MmioOps, UnimplementedDevice};
+use crate::access::space::SpaceId;
+use crate::render::listener::EventNotifier;
+use crate::topology::error::TopologyError;
+use crate::topology::memory::Machine;
+use crate::topology::region::{RegionId, RegionKind};
 
 /// Size of guest RAM (a model region: no host memory behind it).
 pub const RAM_SIZE: u64 = 64 << 30;
@@ -286,8 +286,8 @@ pub fn notifier_machine(
 /// `memtree demo --scale`: builds the QEMU-largest machine, prints what it
 /// cost, checks every view against a full render and tears it down. The
 /// leak report of the teardown is returned (clean when nothing leaked).
-pub fn run_demo(out: &mut impl std::fmt::Write) -> Result<crate::memory::LeakReport, String> {
-    let memory = crate::memory::Memory::new();
+pub fn run_demo(out: &mut impl std::fmt::Write) -> Result<crate::LeakReport, String> {
+    let memory = crate::topology::memory::Memory::new();
     let config = Power8Config::qemu_largest();
     let start = std::time::Instant::now();
     let machine = build_power8(&memory, config).map_err(|e| e.to_string())?;

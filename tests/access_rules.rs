@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use memtree::access::*;
+use memtree::access::attrs::*;
 use proptest::prelude::*;
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;

@@ -3,8 +3,8 @@
 //! the address space, stale ids) must return `Ok` or `Err`, never panic; the
 //! printers, `explain` and guest accesses must work on whatever results.
 
-use memtree::lookup::explain;
-use memtree::text::print::{print_flat, print_tree, FlatOptions, TreeOptions};
+use memtree::inspect::lookup::explain;
+use memtree::qemu_text::print::{print_flat, print_tree, FlatOptions, TreeOptions};
 use memtree::{MemTxAttrs, Memory, RegionId, RegionKind, SpaceId};
 
 struct Rng(u64);

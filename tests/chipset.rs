@@ -15,9 +15,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use chipset::{Chipset, Kind};
-use memtree::text::import::import;
-use memtree::text::parse::{parse_flat, parse_tree};
-use memtree::text::print::{print_flat, print_tree, FlatOptions, TreeOptions};
+use memtree::qemu_text::import::import;
+use memtree::qemu_text::parse::{parse_flat, parse_tree};
+use memtree::qemu_text::print::{print_flat, print_tree, FlatOptions, TreeOptions};
 use memtree::Machine;
 
 fn scenario_dir(name: &str) -> PathBuf {

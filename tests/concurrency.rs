@@ -26,10 +26,10 @@ use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use memtree::access::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
-use memtree::census::{Census, ObjectKey, ObjectKind};
-use memtree::dma::DmaDirection;
-use memtree::listener::{MemoryListener, Section};
+use memtree::access::attrs::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
+use memtree::dma::mapping::DmaDirection;
+use memtree::lifecycle::census::{Census, ObjectKey, ObjectKind};
+use memtree::render::listener::{MemoryListener, Section};
 use memtree::{Endian, Memory, RegionId, WeakMemory};
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;

@@ -17,9 +17,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use memtree::access::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
-use memtree::cache::MemoryRegionCache;
-use memtree::dma::{DmaDirection, DmaError};
+use memtree::access::attrs::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
+use memtree::dma::cache::MemoryRegionCache;
+use memtree::dma::mapping::{DmaDirection, DmaError};
 use memtree::{AddressSpace, Memory, RamBacking, RegionId};
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;

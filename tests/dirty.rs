@@ -5,8 +5,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use memtree::cache::MemoryRegionCache;
-use memtree::dma::DmaDirection;
+use memtree::dma::cache::MemoryRegionCache;
+use memtree::dma::mapping::DmaDirection;
 use memtree::{
     DirtyClient, Endian, MemTxAttrs, Memory, MemoryListener, RegionId, Section, SpaceId,
     UnimplementedDevice, TARGET_PAGE_SIZE,

@@ -3,8 +3,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use memtree::access::{AccessKind, AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps};
-use memtree::region::Backing;
+use memtree::access::attrs::{
+    AccessKind, AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps,
+};
+use memtree::topology::region::Backing;
 use memtree::{AddressSpace, Endian, Memory, RegionId};
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;

@@ -5,13 +5,13 @@
 
 use std::sync::Arc;
 
-use memtree::access::MemTxAttrs;
-use memtree::census::ObjectKind;
-use memtree::guest_memory::GuestRam;
+use memtree::access::attrs::MemTxAttrs;
+use memtree::integrations::guest_memory::GuestRam;
+use memtree::lifecycle::census::ObjectKind;
 use memtree::vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion,
 };
-use memtree::{diag, Memory, RamBacking, UnimplementedDevice};
+use memtree::{lifecycle::diag, Memory, RamBacking, UnimplementedDevice};
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;
 
@@ -382,7 +382,7 @@ fn guest_memory_clips_ram_ending_at_top_of_address_space() {
 #[test]
 fn vm_memory_types_are_send_and_sync() {
     fn send_sync<T: Send + Sync>() {}
-    send_sync::<memtree::guest_memory::GuestRamRegion>();
+    send_sync::<memtree::integrations::guest_memory::GuestRamRegion>();
     send_sync::<GuestRam>();
     send_sync::<Arc<GuestRam>>();
     send_sync::<memtree::AddressSpace>();

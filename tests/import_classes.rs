@@ -4,9 +4,9 @@
 //! whether a leaf `i/o` region is MMIO or an empty container (learned from
 //! the `-f` dump's grouping of address spaces into the shared empty view).
 
-use memtree::text::import::import;
-use memtree::text::parse::{parse_flat, parse_tree};
-use memtree::text::print::{print_flat, FlatOptions};
+use memtree::qemu_text::import::import;
+use memtree::qemu_text::parse::{parse_flat, parse_tree};
+use memtree::qemu_text::print::{print_flat, FlatOptions};
 
 /// Top-level blocks sorted, `FlatView #N` renumbered (QEMU prints its
 /// blocks in hash order).
@@ -30,7 +30,7 @@ fn canon(text: &str) -> Vec<String> {
 }
 
 /// Imports `tree` (with `flat` when `learn`) and prints memtree's flat views.
-fn flat_of(tree: &str, flat: &str, learn: bool) -> (String, memtree::text::import::Imported) {
+fn flat_of(tree: &str, flat: &str, learn: bool) -> (String, memtree::qemu_text::import::Imported) {
     let t = parse_tree(tree).unwrap();
     let f = parse_flat(flat).unwrap();
     let imported = import(&t, learn.then_some(&f), None).unwrap();

@@ -10,7 +10,7 @@ use memtree::iommu::{
     Iommu, IommuError, IommuHub, IommuNotifier, IommuPerm, IotlbEntry, IotlbEvent, IotlbEventKind,
     NotifierFlags, WeakAddressSpace,
 };
-use memtree::text::print::{print_tree, TreeOptions};
+use memtree::qemu_text::print::{print_tree, TreeOptions};
 use memtree::{AddressSpace, Endian, MemTxAttrs, MemTxResult, Memory};
 use pagetable::{setup, TABLE_BASE};
 use parking_lot::Mutex;

@@ -13,11 +13,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use memtree::census::Finalized;
-use memtree::dma::DmaDirection;
+use memtree::dma::mapping::DmaDirection;
+use memtree::lifecycle::census::Finalized;
 use memtree::{
-    diag, AccessSizes, DmaError, Endianness, MemTxAttrs, MemTxResult, Memory, MmioOps, ObjectKind,
-    OwnerId, RamBacking, RegionId, SpaceId, TopologyError, WeakMemory,
+    lifecycle::diag, AccessSizes, DmaError, Endianness, MemTxAttrs, MemTxResult, Memory, MmioOps,
+    ObjectKind, OwnerId, RamBacking, RegionId, SpaceId, TopologyError, WeakMemory,
 };
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;
@@ -691,7 +691,7 @@ fn lifecycle_device_unplugs_itself_from_its_callback() {
 /// 10. Misuse returns errors: a region in two containers, a region inside
 ///     itself, alias loops, stale ids after the owner is gone, bad DMA
 ///     requests. (Unmapping twice does not compile: see the `compile_fail`
-///     example in `memtree::dma`.)
+///     example in `memtree::dma::mapping`.)
 #[test]
 fn lifecycle_misuse_returns_errors() {
     let (memory, system, sid) = machine();
@@ -998,7 +998,7 @@ fn dma_rom_is_direct_for_reads_and_bounced_for_writes() {
 /// unplug, the cache keeps working until dropped; refresh re-resolves.
 #[test]
 fn cache_of_owned_ram_holds_memory_not_device() {
-    use memtree::cache::MemoryRegionCache;
+    use memtree::dma::cache::MemoryRegionCache;
     let (memory, system, sid) = machine();
     let space = memory.address_space(sid).unwrap();
     let (dev, probe) = device(&memory, "virtio", None);

@@ -36,11 +36,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
-use memtree::cache::{MemoryRegionCache, SectionRef};
-use memtree::dma::DmaDirection;
+use memtree::dma::cache::{MemoryRegionCache, SectionRef};
+use memtree::dma::mapping::DmaDirection;
 use memtree::{
-    diag, AccessSizes, DmaMapping, Endianness, FlatView, MemTxAttrs, MemTxResult, Memory,
-    MemoryListener, MmioOps, ObjectKind, OwnerId, RegionId, Section, TopologyError,
+    lifecycle::diag, AccessSizes, DmaMapping, Endianness, FlatView, MemTxAttrs, MemTxResult,
+    Memory, MemoryListener, MmioOps, ObjectKind, OwnerId, RegionId, Section, TopologyError,
 };
 use proptest::prelude::*;
 

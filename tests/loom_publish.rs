@@ -1,5 +1,5 @@
 //! A loom model of the publish / read / reclaim protocol
-//! ([`memtree::publish::ViewCell`], the algorithm arc-swap runs in
+//! ([`memtree::view::publish::ViewCell`], the algorithm arc-swap runs in
 //! production: reader debts paid by the writer).
 //!
 //! Run: `RUSTFLAGS="--cfg loom" cargo test --test loom_publish --release`
@@ -17,7 +17,7 @@ use loom::cell::UnsafeCell;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
-use memtree::publish::ViewCell;
+use memtree::view::publish::ViewCell;
 
 const VIEWS: usize = 3;
 const POISON: usize = 0xdead;

@@ -28,9 +28,9 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use memtree::text::import::import;
-use memtree::text::parse::{parse_flat, parse_tree, parse_tree_strict};
-use memtree::text::print::{print_flat, print_tree, FlatOptions, TreeOptions};
+use memtree::qemu_text::import::import;
+use memtree::qemu_text::parse::{parse_flat, parse_tree, parse_tree_strict};
+use memtree::qemu_text::print::{print_flat, print_tree, FlatOptions, TreeOptions};
 
 fn oracle_dir() -> PathBuf {
     match std::env::var_os("MEMTREE_ORACLE") {

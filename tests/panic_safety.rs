@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use memtree::{
-    diag, MemTxAttrs, MemTxResult, Memory, MemoryListener, MmioOps, ObjectKind, RegionId, Section,
-    WeakMemory,
+    lifecycle::diag, MemTxAttrs, MemTxResult, Memory, MemoryListener, MmioOps, ObjectKind,
+    RegionId, Section, WeakMemory,
 };
 
 type Log = Arc<Mutex<Vec<String>>>;

@@ -3,7 +3,7 @@
 //! Both parsers must return `Ok` or `Err` (never panic) on arbitrary text
 //! and on real oracle dumps damaged by byte-level mutations.
 
-use memtree::text::parse::{parse_flat, parse_tree, parse_tree_strict};
+use memtree::qemu_text::parse::{parse_flat, parse_tree, parse_tree_strict};
 use proptest::prelude::*;
 use std::sync::OnceLock;
 

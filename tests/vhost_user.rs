@@ -13,11 +13,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use memtree::vhost_user::driver::{
+use memtree::integrations::vhost_user::driver::{
     queue_bytes, queue_layout, BlkRequest, SplitQueue, VirtioBlk, BLK_S_IOERR, BLK_S_OK,
     VIRTIO_BLK_F_FLUSH, VIRTIO_F_VERSION_1,
 };
-use memtree::vhost_user::{FrontendEvent, FrontendOptions, VhostUserError, VhostUserFrontend};
+use memtree::integrations::vhost_user::{
+    FrontendEvent, FrontendOptions, VhostUserError, VhostUserFrontend,
+};
 use memtree::{AddressSpace, Memory, RamBacking};
 use std::io::Write;
 

@@ -1,0 +1,168 @@
+//! Address spaces.
+//!
+//! An address space has a control-plane node (`SpaceNode`: name, root
+//! region, owner) and a data-plane handle ([`AddressSpace`]) that vCPU and DMA
+//! threads clone and dispatch through. The handle holds the currently
+//! published [`FlatView`] in an [`ArcSwap`]: readers load it without locks and
+//! run their whole access against the view they loaded.
+//!
+//! # Invariants
+//!
+//! * Only the commit path (`Machine::commit`) stores a new view into a handle.
+//! * A handle holds no reference to the control plane: dropping the machine
+//!   while handles are still out publishes the empty view into every handle,
+//!   after which a handle keeps nothing but itself and the machine's immutable
+//!   data alive.
+//! * Views are reclaimed when the last reader drops its guard (arc-swap's
+//!   debt protocol): a reader never waits for the writer, and the writer never
+//!   waits for readers.
+
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::access::attrs::Endianness;
+use crate::lifecycle::census::{Census, ObjectKey, ObjectKind};
+use crate::topology::owner::OwnerId;
+use crate::topology::region::RegionId;
+use crate::view::flatview::FlatView;
+
+/// Identity of an address space in the topology (index + generation).
+#[derive(Copy, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpaceId {
+    pub(crate) index: u32,
+    pub(crate) generation: u32,
+}
+
+impl fmt::Debug for SpaceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SpaceId({}v{})", self.index, self.generation)
+    }
+}
+
+/// Immutable machine-wide data the data plane needs.
+pub(crate) struct MachineData {
+    pub(crate) census: Arc<Census>,
+    /// The guest's byte order: what "native endian" means for devices and
+    /// typed accesses.
+    pub(crate) target_endian: Endianness,
+    /// The shared empty view.
+    pub(crate) empty_view: Arc<FlatView>,
+    /// Outstanding DMA mappings, caches and sections (diagnostics; also the
+    /// census's lazy source).
+    pub(crate) dma: Arc<crate::dma::mapping_table::MappingTable>,
+}
+
+pub(crate) struct SpaceShared {
+    pub(crate) name: Box<str>,
+    pub(crate) id: SpaceId,
+    pub(crate) view: ArcSwap<FlatView>,
+    pub(crate) machine: Arc<MachineData>,
+    pub(crate) census_key: ObjectKey,
+    /// Bytes of bounce buffer in use by outstanding DMA mappings, and the
+    /// limit (QEMU's per-AS `max_bounce_buffer_size`, default 4096).
+    pub(crate) bounce: crate::dma::mapping::BounceState,
+}
+
+impl Drop for SpaceShared {
+    fn drop(&mut self) {
+        self.machine.census.finalize(self.census_key);
+    }
+}
+
+/// The data-plane handle of an address space. Cheap to clone; `Send + Sync`.
+#[derive(Clone)]
+pub struct AddressSpace {
+    pub(crate) shared: Arc<SpaceShared>,
+}
+
+impl AddressSpace {
+    pub(crate) fn new(
+        name: &str,
+        id: SpaceId,
+        machine: &Arc<MachineData>,
+        view: Arc<FlatView>,
+    ) -> AddressSpace {
+        let census_key =
+            machine
+                .census
+                .register_holding(ObjectKind::AddressSpace, name, view.census_key());
+        AddressSpace {
+            shared: Arc::new(SpaceShared {
+                name: name.into(),
+                id,
+                view: ArcSwap::new(view),
+                machine: machine.clone(),
+                census_key,
+                bounce: crate::dma::mapping::BounceState::with_census(
+                    crate::dma::mapping::DEFAULT_MAX_BOUNCE,
+                    machine.census.clone(),
+                ),
+            }),
+        }
+    }
+
+    /// The address space's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The address space's id in the topology.
+    pub fn id(&self) -> SpaceId {
+        self.shared.id
+    }
+
+    /// The currently published flat view, with a reference (for callers that
+    /// keep it beyond one access; accesses use [`AddressSpace::view_guard`]).
+    pub fn view(&self) -> Arc<FlatView> {
+        self.shared.view.load_full()
+    }
+
+    /// The currently published flat view for the duration of one access,
+    /// without touching its reference count in the common case.
+    #[inline]
+    pub fn view_guard(&self) -> arc_swap::Guard<Arc<FlatView>> {
+        self.shared.view.load()
+    }
+
+    /// The guest's byte order.
+    pub fn target_endian(&self) -> Endianness {
+        self.shared.machine.target_endian
+    }
+
+    pub(crate) fn publish(&self, view: Arc<FlatView>) {
+        let census = &self.shared.machine.census;
+        let old = self.shared.view.swap(view.clone());
+        if let Some(k) = old.census_key() {
+            census.remove_edge(self.shared.census_key, k);
+        }
+        if let Some(k) = view.census_key() {
+            census.add_edge(self.shared.census_key, k);
+        }
+    }
+
+    /// The census key of this handle's shared state.
+    pub fn census_key(&self) -> ObjectKey {
+        self.shared.census_key
+    }
+}
+
+impl fmt::Debug for AddressSpace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AddressSpace")
+            .field("name", &self.shared.name)
+            .field("id", &self.shared.id)
+            .finish()
+    }
+}
+
+/// The control-plane half of an address space.
+pub(crate) struct SpaceNode {
+    pub(crate) name: Box<str>,
+    pub(crate) root: Option<RegionId>,
+    pub(crate) owner: Option<OwnerId>,
+    pub(crate) handle: AddressSpace,
+    /// Creation sequence number: QEMU's global address-space list order.
+    pub(crate) seq: u64,
+}

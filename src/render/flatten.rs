@@ -1,0 +1,544 @@
+//! Rendering: region tree → flat view, with QEMU's exact semantics
+//! (qemu-memory-semantics.md §2).
+//!
+//! [`render`] is a pure function of the topology: it takes no lock, does no
+//! I/O and cannot fail (the topology's own invariants — no alias loops, no
+//! containment cycles, sizes ≤ 2^64 — are checked when the tree is edited).
+//!
+//! Algorithm: the same depth-first walk as QEMU (`render_memory_region`):
+//! higher-priority subregions render first and win; a terminating region then
+//! fills the gaps its subregions left inside its clip. The walk runs on an
+//! explicit stack, not on the thread's: nesting depth and alias chains of any
+//! length (the topology bounds neither) cost heap, never a stack overflow. Unlike QEMU, which keeps
+//! the view in a sorted array and shifts its tail on every insertion
+//! (quadratic in the worst case) and walks every range already inside a clip
+//! to find its gaps, the covered addresses live in an ordered map of
+//! *coalesced* intervals (adjacent covered intervals are joined), so filling
+//! the gaps of a clip costs O((g + 1) log n) for the g gaps it fills, however
+//! many ranges already lie inside it. The pieces themselves are appended to a
+//! vector, sorted once at the end and merged (§2.4). A render is therefore
+//! O(v + p log p) for v regions visited and p pieces produced.
+//!
+//! Arithmetic is in `i128`, like QEMU's `Int128`, because alias offsets can
+//! move the base below zero.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::topology::region::{RegionId, RegionKind, RegionNode, MAX_REGION_SIZE};
+use crate::topology::tree::Topology;
+use crate::view::flatview::{FlatRange, RangeAttrs, RegionType};
+
+/// Propagated flags along a render path.
+#[derive(Copy, Clone, Default, PartialEq, Eq, Debug)]
+struct PathFlags {
+    readonly: bool,
+    nonvolatile: bool,
+    unmergeable: bool,
+}
+
+/// One rendered piece before merging: `[start, last]` (inclusive, so a piece
+/// can end at 2^64 - 1) served by `node` from `offset` on.
+#[derive(Clone, Copy, Debug)]
+struct Piece<'t> {
+    start: u64,
+    last: u64,
+    offset: u64,
+    node: &'t RegionNode,
+    flags: PathFlags,
+}
+
+/// The result of rendering one physical root.
+pub(crate) struct Rendered {
+    pub(crate) ranges: Vec<FlatRange>,
+    pub(crate) reached: Vec<RegionId>,
+}
+
+struct Renderer<'t> {
+    topo: &'t Topology,
+    /// Covered addresses: disjoint, non-adjacent intervals, start -> end
+    /// (exclusive; an end can be 2^64).
+    covered: BTreeMap<u64, u128>,
+    /// Scratch space for `fill`.
+    swallowed: Vec<u64>,
+    /// The walk's explicit stack (the walk is iterative, so that no depth of
+    /// nesting or of alias chains can overflow the thread's stack).
+    tasks: Vec<Task<'t>>,
+    /// What the view holds, in the order it was filled.
+    pieces: Vec<Piece<'t>>,
+    reached: Vec<RegionId>,
+}
+
+/// One pending step of the walk.
+#[derive(Clone, Copy)]
+enum Task<'t> {
+    /// `render_memory_region` of `node` in a parent at `base`, within `clip`.
+    Visit {
+        node: &'t RegionNode,
+        base: i128,
+        clip: (i128, i128),
+        flags: PathFlags,
+    },
+    /// Fill the gaps `node`'s subregions left (runs after all of them).
+    Fill {
+        node: &'t RegionNode,
+        base: i128,
+        clip: (i128, i128),
+        flags: PathFlags,
+    },
+}
+
+/// Renders the tree under `root` (a physical root, §2.5) into flat ranges.
+pub(crate) fn render(topo: &Topology, root: RegionId) -> Rendered {
+    render_clipped(topo, root, (0, MAX_REGION_SIZE as i128))
+}
+
+/// Renders only the addresses in `window` (`[start, end)`) of the tree under
+/// `root`. Every address inside the window gets what a full render gives it
+/// (the walk decides each address independently of the others); pieces are
+/// cut at the window's edges.
+fn render_clipped(topo: &Topology, root: RegionId, window: (i128, i128)) -> Rendered {
+    let mut r = Renderer {
+        topo,
+        covered: BTreeMap::new(),
+        swallowed: Vec::new(),
+        tasks: Vec::new(),
+        pieces: Vec::new(),
+        reached: Vec::new(),
+    };
+    r.run(root, window);
+    let Renderer {
+        mut pieces,
+        reached,
+        ..
+    } = r;
+    // Pieces are disjoint, so their starts are distinct.
+    pieces.sort_unstable_by_key(|p| p.start);
+    Rendered {
+        ranges: simplify(pieces),
+        reached,
+    }
+}
+
+impl<'t> Renderer<'t> {
+    /// QEMU's recursive `render_memory_region`, as a loop over an explicit
+    /// stack: a region's subregions are visited in priority order, each
+    /// subtree completely before the next, and the region's own fill runs
+    /// after all of them, exactly as the recursion orders them.
+    fn run(&mut self, root: RegionId, clip: (i128, i128)) {
+        let Some(node) = self.topo.node(root) else {
+            return;
+        };
+        self.reached.push(root);
+        self.tasks.push(Task::Visit {
+            node,
+            base: 0,
+            clip,
+            flags: PathFlags::default(),
+        });
+        while let Some(task) = self.tasks.pop() {
+            match task {
+                Task::Visit {
+                    node,
+                    base,
+                    clip,
+                    flags,
+                } => self.visit(node, base, clip, flags),
+                Task::Fill {
+                    node,
+                    base,
+                    clip,
+                    flags,
+                } => self.fill(node, base, clip, flags),
+            }
+        }
+    }
+
+    /// One region: what `render_memory_region` does before recursing; the
+    /// recursion and the fill are pushed as tasks.
+    fn visit(&mut self, node: &'t RegionNode, base: i128, clip: (i128, i128), flags: PathFlags) {
+        // 1. Disabled regions vanish with their subtree.
+        if !node.enabled {
+            return;
+        }
+        // 2. Position inside the parent.
+        let base = base + i128::from(node.addr);
+        // 3. Flags propagate down the path (through aliases too).
+        let flags = PathFlags {
+            readonly: flags.readonly || node.readonly,
+            nonvolatile: flags.nonvolatile || node.nonvolatile,
+            unmergeable: flags.unmergeable || node.unmergeable,
+        };
+        // 4. Clip to the region.
+        let Some(clip) = intersect((base, base + node.size as i128), clip) else {
+            return;
+        };
+        // 5. Aliases continue in their target, shifted.
+        if node.kind() == RegionKind::Alias {
+            if let Some((tid, tnode)) = node
+                .alias_target
+                .and_then(|t| self.topo.node(t).map(|n| (t, n)))
+            {
+                self.reached.push(tid);
+                self.tasks.push(Task::Visit {
+                    node: tnode,
+                    base: base - i128::from(tnode.addr) - i128::from(node.alias_offset),
+                    clip,
+                    flags,
+                });
+            }
+            return;
+        }
+        // 8. (after 6 and 7) Fill the gaps inside the clip, once every
+        // subregion has rendered: pushed first, so it pops last.
+        // 7. Pure containers leave holes.
+        if node.terminates() {
+            self.tasks.push(Task::Fill {
+                node,
+                base,
+                clip,
+                flags,
+            });
+        }
+        // 6. Subregions, in priority order: pushed in reverse so that the
+        // first pops first. Their nodes are looked up in one pass: the loads
+        // are independent, so the CPU overlaps their cache misses.
+        let mark = self.tasks.len();
+        for &sub in &node.subregions {
+            if let Some(n) = self.topo.node(sub) {
+                self.reached.push(sub);
+                // A subregion wholly outside the clip renders nothing (the
+                // visit would find so); skipping it here saves the task. An
+                // alias is positioned by its own node, like any region.
+                let s = base + i128::from(n.addr);
+                if s >= clip.1 || s + n.size as i128 <= clip.0 {
+                    continue;
+                }
+                self.tasks.push(Task::Visit {
+                    node: n,
+                    base,
+                    clip,
+                    flags,
+                });
+            }
+        }
+        self.tasks[mark..].reverse();
+    }
+
+    /// Fills the uncovered parts of `clip` with `node`, then marks the whole
+    /// clip covered.
+    fn fill(&mut self, node: &'t RegionNode, base: i128, clip: (i128, i128), flags: PathFlags) {
+        // The clip lies inside [0, 2^64) and inside the region, so positions
+        // fit a u64, ends a u128, and offsets (position - base) a u64.
+        let (start, end) = (clip.0 as u64, clip.1 as u128);
+        let pieces = &mut self.pieces;
+        let mut add = |s: u128, e: u128| {
+            pieces.push(Piece {
+                start: s as u64,
+                last: (e - 1) as u64,
+                offset: (s as i128 - base) as u64,
+                node,
+                flags,
+            })
+        };
+        // The covered interval that contains `start` or ends right at it
+        // joins the new coverage.
+        let mut new_start = start;
+        let mut pos = u128::from(start);
+        if let Some((&s, &e)) = self.covered.range(..=start).next_back() {
+            if e >= pos {
+                new_start = s;
+                pos = e;
+            }
+        }
+        if pos >= end {
+            return; // Already covered.
+        }
+        let mut new_end = end;
+        // Covered intervals starting inside (pos, end] each close a gap; they
+        // are replaced by one interval below.
+        let mut swallowed = std::mem::take(&mut self.swallowed);
+        let from = pos as u64; // pos < end <= 2^64
+        let upto = u64::try_from(end).unwrap_or(u64::MAX);
+        for (&s, &e) in self.covered.range(from..=upto) {
+            if u128::from(s) > pos {
+                add(pos, u128::from(s));
+            }
+            swallowed.push(s);
+            pos = e;
+            if e >= end {
+                new_end = e;
+                break;
+            }
+        }
+        if pos < end {
+            add(pos, end);
+        }
+        for s in swallowed.drain(..) {
+            self.covered.remove(&s);
+        }
+        self.swallowed = swallowed;
+        self.covered.insert(new_start, new_end);
+    }
+}
+
+fn intersect(a: (i128, i128), b: (i128, i128)) -> Option<(i128, i128)> {
+    // QEMU's `addrrange_intersects`: one contains the other's start. A
+    // zero-size range contains nothing, so it never intersects.
+    let contains = |r: (i128, i128), x: i128| r.0 <= x && x < r.1;
+    if !(contains(a, b.0) || contains(b, a.0)) {
+        return None;
+    }
+    Some((a.0.max(b.0), a.1.min(b.1)))
+}
+
+fn attrs_for(node: &RegionNode, flags: PathFlags) -> RangeAttrs {
+    RangeAttrs {
+        readonly: flags.readonly,
+        nonvolatile: flags.nonvolatile,
+        unmergeable: flags.unmergeable,
+        romd_mode: node.romd_mode,
+        region_readonly: node.readonly,
+        dirty_log_mask: node.dirty_log_mask,
+        priority: node.priority,
+        region_type: RegionType::of(node.kind(), node.readonly, node.romd_mode),
+    }
+}
+
+/// QEMU's merge rule (§2.4), then conversion to `FlatRange`s. `pieces` are
+/// sorted and disjoint. (Within one render a region's dirty-log mask and
+/// romd mode are the same for all its pieces, so comparing the region and
+/// the path flags is QEMU's comparison.)
+fn simplify(pieces: Vec<Piece<'_>>) -> Vec<FlatRange> {
+    let mut out: Vec<FlatRange> = Vec::with_capacity(pieces.len());
+    let mut iter = pieces.into_iter();
+    let Some(mut acc) = iter.next() else {
+        return out;
+    };
+    let emit = |out: &mut Vec<FlatRange>, p: Piece<'_>| {
+        out.push(FlatRange::new(
+            p.start,
+            p.last,
+            p.offset,
+            Arc::clone(&p.node.core),
+            attrs_for(p.node, p.flags),
+        ))
+    };
+    for piece in iter {
+        let mergeable = acc.last.checked_add(1) == Some(piece.start)
+            && std::ptr::eq(acc.node, piece.node)
+            && acc.flags == piece.flags
+            && u128::from(acc.offset) + u128::from(acc.last - acc.start) + 1
+                == u128::from(piece.offset)
+            && !acc.flags.unmergeable
+            && !piece.flags.unmergeable;
+        if mergeable {
+            acc.last = piece.last;
+        } else {
+            emit(&mut out, acc);
+            acc = piece;
+        }
+    }
+    emit(&mut out, acc);
+    out
+}
+
+/// QEMU's physical-root walk (§2.5): the region whose rendering an address
+/// space rooted at `root` shares. `None` means the empty view.
+pub(crate) fn physical_root(topo: &Topology, root: RegionId) -> Option<RegionId> {
+    let mut id = root;
+    loop {
+        let node = topo.node(id)?;
+        if !node.enabled {
+            return None;
+        }
+        match node.kind() {
+            RegionKind::Alias => {
+                let Some(target) = node.alias_target else {
+                    return Some(id);
+                };
+                let tnode = topo.node(target)?;
+                if node.alias_offset == 0 && node.size >= tnode.size {
+                    id = target;
+                    continue;
+                }
+                return Some(id);
+            }
+            RegionKind::Container => {
+                let mut enabled = node
+                    .subregions
+                    .iter()
+                    .filter_map(|&s| topo.node(s).map(|n| (s, n)))
+                    .filter(|(_, n)| n.enabled);
+                let first = enabled.next();
+                let more = enabled.next().is_some();
+                match (first, more) {
+                    (None, _) => return None,
+                    (Some((sid, sub)), false) if sub.addr == 0 && sub.size <= node.size => {
+                        id = sid;
+                        continue;
+                    }
+                    _ => return Some(id),
+                }
+            }
+            _ => return Some(id),
+        }
+    }
+}
+
+/// Re-renders the address windows `affected` (in `root`'s coordinates, from
+/// the topology's change tracking) of `old`, the last render of `root`, and
+/// splices them into it: ranges outside the windows are shared with `old`.
+/// Returns `None` when the splice cannot be sure to equal a full render (an
+/// unmergeable range meets itself across a window edge: whether a full
+/// render would have cut it there depends on pieces the splice did not see),
+/// and the caller renders whole.
+///
+/// Each window is first widened to the edges of the old ranges it touches,
+/// so that no old range is cut; new ranges that continue across a window
+/// edge are joined there by QEMU's merge rule, which is all a full render
+/// does (merging is decided pairwise on adjacent addresses).
+pub(crate) fn splice(
+    topo: &Topology,
+    root: RegionId,
+    old: &crate::view::flatview::FlatView,
+    affected: &[(i128, i128)],
+) -> Option<Spliced> {
+    let ranges = old.ranges();
+    let top = MAX_REGION_SIZE as i128;
+    let mut windows: Vec<(i128, i128)> = affected
+        .iter()
+        .map(|&(s, e)| (s.max(0), e.min(top)))
+        .filter(|(s, e)| s < e)
+        .collect();
+    windows.sort_unstable();
+    // Widen to old range edges, then join overlapping or touching windows.
+    let mut joined: Vec<(i128, i128)> = Vec::with_capacity(windows.len());
+    for (s, e) in windows {
+        let s = match old.lookup(s as u64) {
+            Some(r) => i128::from(r.start),
+            None => s,
+        };
+        let e = match old.lookup((e - 1) as u64) {
+            Some(r) => i128::from(r.last) + 1,
+            None => e,
+        };
+        match joined.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => joined.push((s, e)),
+        }
+    }
+    let mut out: Vec<FlatRange> = Vec::with_capacity(ranges.len() + 8);
+    let mut reached: Vec<RegionId> = Vec::new();
+    // Appends `r`, joining it to the previous range across a seam when a
+    // full render would have. `false` when that cannot be decided.
+    fn push_at_seam(out: &mut Vec<FlatRange>, r: FlatRange) -> bool {
+        if let Some(prev) = out.last_mut() {
+            if prev.continues_into(&r) {
+                if prev.attrs.unmergeable {
+                    return false;
+                }
+                prev.last = r.last;
+                return true;
+            }
+        }
+        out.push(r);
+        true
+    }
+    let mut i = 0usize;
+    let mut windows_out = Vec::with_capacity(joined.len());
+    for &(s, e) in &joined {
+        while let Some(r) = ranges.get(i).filter(|r| i128::from(r.start) < s) {
+            out.push(r.share());
+            i += 1;
+        }
+        let old_from = i;
+        while ranges.get(i).is_some_and(|r| i128::from(r.start) < e) {
+            i += 1;
+        }
+        let rendered = render_clipped(topo, root, (s, e));
+        reached.extend(rendered.reached);
+        let (mut old_from, mut new_from) = (old_from, out.len());
+        let mut pieces = rendered.ranges.into_iter();
+        if let Some(first) = pieces.next() {
+            if !push_at_seam(&mut out, first) {
+                return None;
+            }
+            if out.len() == new_from {
+                // Joined to the range before the window (a copy of the old
+                // range just before it): that range changed too.
+                old_from -= 1;
+                new_from -= 1;
+            }
+        }
+        out.extend(pieces);
+        // The old range right after the window may continue what the window
+        // rendered last.
+        if let Some(next) = ranges.get(i).filter(|r| i128::from(r.start) == e) {
+            if !push_at_seam(&mut out, next.share()) {
+                return None;
+            }
+            i += 1;
+        }
+        windows_out.push(SplicedWindow {
+            old: old_from..i,
+            new: new_from.min(out.len())..out.len(),
+        });
+    }
+    out.extend(ranges[i..].iter().map(FlatRange::share));
+    Some(Spliced {
+        ranges: out,
+        reached,
+        windows: windows_out,
+    })
+}
+
+/// A splice: the new ranges, the regions the window renders reached, and
+/// which ranges of the old and the new view each window replaced (the rest
+/// are the same ranges in both, in the same order).
+pub(crate) struct Spliced {
+    pub(crate) ranges: Vec<FlatRange>,
+    pub(crate) reached: Vec<RegionId>,
+    pub(crate) windows: Vec<SplicedWindow>,
+}
+
+impl Spliced {
+    /// Whether the splice rendered exactly what `old` holds.
+    pub(crate) fn same_as(&self, old: &[FlatRange]) -> bool {
+        self.ranges.len() == old.len()
+            && self.windows.iter().all(|w| {
+                matches!(
+                    (old.get(w.old.clone()), self.ranges.get(w.new.clone())),
+                    (Some(a), Some(b)) if same_ranges(a, b)
+                )
+            })
+    }
+}
+
+/// Index ranges of the old and new ranges one window covers.
+pub(crate) struct SplicedWindow {
+    pub(crate) old: std::ops::Range<usize>,
+    pub(crate) new: std::ops::Range<usize>,
+}
+
+/// Whether two range lists are the same rendering (same spans, regions,
+/// offsets and attributes).
+pub(crate) fn same_ranges(a: &[FlatRange], b: &[FlatRange]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.start == y.start
+                && x.last == y.last
+                && x.offset_in_region == y.offset_in_region
+                && Arc::ptr_eq(&x.region, &y.region)
+                && x.attrs == y.attrs
+        })
+}
+
+/// `MEMTREE_CHECK_INCREMENTAL=1`: every spliced view is compared with a full
+/// render and a difference panics (a test and debugging mode).
+pub(crate) fn check_incremental() -> bool {
+    static CHECK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHECK.get_or_init(|| {
+        std::env::var_os("MEMTREE_CHECK_INCREMENTAL").is_some_and(|v| !v.is_empty() && v != "0")
+    })
+}

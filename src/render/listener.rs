@@ -1,0 +1,760 @@
+//! Memory listeners: QEMU's `MemoryListener` (qemu-memory-semantics.md §6),
+//! with ioeventfds (§6.4) and coalesced MMIO ranges (§6.5).
+//!
+//! A listener registered on an address space is told, at every commit that
+//! changes that space's flat view, which ranges were removed, kept and added.
+//! The diff is computed here, purely, from the old and new views.
+//!
+//! # Ordering (QEMU's)
+//!
+//! * `begin` and `commit` go to every registered listener (all address
+//!   spaces) in ascending priority, once per commit that changed topology.
+//!   A commit that only changed ioeventfds calls neither.
+//! * Forward (ascending priority): `begin`, `commit`, `region_add`,
+//!   `region_nop`, `log_start`, `coalesced_io_add`, `log_global_start`, and —
+//!   QEMU's quirk, kept — `eventfd_del`.
+//! * Reverse (descending priority): `region_del`, `log_stop`,
+//!   `coalesced_io_del`, `log_global_stop`, and `eventfd_add`.
+//! * Per address space (in creation order): all deletions (each preceded by
+//!   its coalesced deletions), then nops / log changes / additions (each
+//!   followed by its coalesced additions) in address order, then the
+//!   ioeventfd symmetric difference.
+//! * Equal priorities keep registration order.
+//! * A new listener is replayed the current state of its space: `begin`,
+//!   `log_global_start` if global dirty logging is on, then per range
+//!   `region_add`, coalesced adds, `log_start(0 → mask)`; `eventfd_add` for
+//!   every current ioeventfd; `commit`. Unregistering replays the reverse:
+//!   per range `log_stop(mask → 0)`, coalesced dels, `region_del`;
+//!   `eventfd_del` for every ioeventfd.
+//! * `log_sync` / `log_clear` are not part of a commit: they run from
+//!   [`crate::Machine::dirty_log_sync`], `snapshot_and_clear_dirty` and
+//!   `take_dirty_ram`, per space (creation order), per logging range
+//!   (address order), forward ([`crate::dirty`]).
+//! * Sections are in address-space coordinates, and carry the view published
+//!   when the callback runs (during a commit's diff that is still the old view).
+//!
+//! Listeners are called with the topology writer lock held (so the topology
+//! cannot change under them) but with no borrow of the topology: a listener
+//! that tries to change the topology (or register or unregister a listener)
+//! from a callback gets [`crate::TopologyError::ListenerReentry`], never a
+//! deadlock; it may query the machine.
+//!
+//! # Panics
+//!
+//! Every callback is called on its own under `catch_unwind`. A listener
+//! that panics is recorded in the census (which listener, which callback,
+//! the message) and the sequence goes on: every other callback of that
+//! listener and every other listener still runs, every view is published,
+//! every listener gets `commit`. Once memtree is consistent the first panic
+//! is re-raised to the caller of the machine method that made the commit
+//! (see [`crate::topology::memory`], "Panics"). A listener that panicked has still
+//! been told every later change, so one that keeps state (a KVM slot
+//! manager) needs nothing more than its own callbacks to catch up.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::access::space::SpaceId;
+use crate::lifecycle::census::Census;
+use crate::topology::owner::{catch, panic_message, raise};
+use crate::topology::region::RegionId;
+use crate::view::flatview::{FlatRange, FlatView};
+
+/// Identity of a registered listener.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerId(pub(crate) u64);
+
+/// QEMU's `MEMORY_LISTENER_PRIORITY_MIN`.
+pub const PRIORITY_MIN: u32 = 0;
+/// QEMU's `MEMORY_LISTENER_PRIORITY_ACCEL` (KVM, HVF, ...).
+pub const PRIORITY_ACCEL: u32 = 10;
+/// QEMU's `MEMORY_LISTENER_PRIORITY_DEV_BACKEND` (vhost, ...).
+pub const PRIORITY_DEV_BACKEND: u32 = 10;
+
+/// What a listener callback is told about one range: QEMU's
+/// `MemoryRegionSection`.
+#[derive(Clone, Copy)]
+pub struct Section<'a> {
+    /// The address space.
+    pub space: SpaceId,
+    /// The address space's name.
+    pub space_name: &'a str,
+    /// The range (in address-space coordinates).
+    pub range: &'a FlatRange,
+    /// The view published in the space when the callback runs: during a
+    /// commit's diff that is still the *old* view (QEMU's behaviour), so for
+    /// `region_add` the range belongs to the view about to be published.
+    pub view: &'a Arc<FlatView>,
+}
+
+impl fmt::Debug for Section<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{:?}", self.space_name, self.range)
+    }
+}
+
+/// A notification target for ioeventfds: QEMU's `EventNotifier`, reduced to
+/// a counter. Identity is the allocation (two notifiers with the same name
+/// are different notifiers).
+pub struct EventNotifier {
+    name: Box<str>,
+    count: AtomicU64,
+}
+
+impl EventNotifier {
+    /// A new notifier; `name` is for diagnostics only.
+    pub fn new(name: &str) -> Arc<EventNotifier> {
+        Arc::new(EventNotifier {
+            name: name.into(),
+            count: AtomicU64::new(0),
+        })
+    }
+
+    /// The diagnostic name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Signals the notifier once.
+    pub fn notify(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Returns and clears the number of signals since the last `take`.
+    pub fn take(&self) -> u64 {
+        self.count.swap(0, Ordering::AcqRel)
+    }
+}
+
+impl fmt::Debug for EventNotifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EventNotifier({})", self.name)
+    }
+}
+
+/// What `eventfd_add` / `eventfd_del` are told: one ioeventfd of a region,
+/// placed in address-space coordinates (QEMU's section for these callbacks
+/// carries only the address range; the region is given here as an id).
+#[derive(Clone, Copy)]
+pub struct EventfdSection<'a> {
+    /// The address space.
+    pub space: SpaceId,
+    /// The address space's name.
+    pub space_name: &'a str,
+    /// The region the ioeventfd was added to.
+    pub region: RegionId,
+    /// First address, in address-space coordinates.
+    pub addr: u64,
+    /// Access size the ioeventfd matches; 0 matches any size.
+    pub size: u64,
+    /// The value a write must carry to match (already converted to the
+    /// region's byte order), or `None` to match any value.
+    pub data: Option<u64>,
+    /// What to signal.
+    pub notifier: &'a Arc<EventNotifier>,
+    /// The view published in the space when the callback runs.
+    pub view: &'a Arc<FlatView>,
+}
+
+impl fmt::Debug for EventfdSection<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{:#x}+{:#x} data={:?} {}",
+            self.space_name,
+            self.addr,
+            self.size,
+            self.data,
+            self.notifier.name()
+        )
+    }
+}
+
+/// Callbacks; every one defaults to doing nothing. Implementations use
+/// interior mutability: callbacks take `&self`.
+#[allow(unused_variables)]
+pub trait MemoryListener: Send + Sync {
+    /// Ordering key: lower runs first for forward callbacks.
+    fn priority(&self) -> u32 {
+        PRIORITY_MIN
+    }
+    /// A name for diagnostics (QEMU's `MemoryListener::name`).
+    fn name(&self) -> &str {
+        "anonymous"
+    }
+    /// A commit (or a replay) starts.
+    fn begin(&self) {}
+    /// A commit (or a replay) ends.
+    fn commit(&self) {}
+    /// A range appeared.
+    fn region_add(&self, section: &Section<'_>) {}
+    /// A range disappeared.
+    fn region_del(&self, section: &Section<'_>) {}
+    /// A range is unchanged (its dirty-log mask may have changed).
+    fn region_nop(&self, section: &Section<'_>) {}
+    /// Dirty logging started for some clients of a range.
+    fn log_start(&self, section: &Section<'_>, old_mask: u8, new_mask: u8) {}
+    /// Dirty logging stopped for some clients of a range.
+    fn log_stop(&self, section: &Section<'_>, old_mask: u8, new_mask: u8) {}
+    /// Global dirty tracking is starting. An error makes
+    /// [`crate::Machine::global_dirty_log_start`] roll back and fail.
+    fn log_global_start(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Global dirty tracking stopped.
+    fn log_global_stop(&self) {}
+    /// Merge this range's external dirty log (KVM's) into memtree's bitmaps
+    /// ([`FlatRange::mark_dirty_bitmap`]): called on every listener for
+    /// every range with a nonzero mask by [`crate::Machine::dirty_log_sync`]
+    /// and, for the ranges of one region, before
+    /// [`crate::Machine::snapshot_and_clear_dirty`] reads.
+    fn log_sync(&self, section: &Section<'_>) {}
+    /// `[offset, offset + len)` of the range (range offsets) was cleared in
+    /// memtree's bitmaps for some client: a listener keeping a remote
+    /// bitmap may clear it too (QEMU's `log_clear`).
+    fn log_clear(&self, section: &Section<'_>, offset: u64, len: u64) {}
+    /// An ioeventfd became visible in the address space.
+    fn eventfd_add(&self, section: &EventfdSection<'_>) {}
+    /// An ioeventfd stopped being visible in the address space.
+    fn eventfd_del(&self, section: &EventfdSection<'_>) {}
+    /// `[addr, addr + len)` of the range is coalesced MMIO.
+    fn coalesced_io_add(&self, section: &Section<'_>, addr: u64, len: u128) {}
+    /// `[addr, addr + len)` of the range is no longer coalesced MMIO.
+    fn coalesced_io_del(&self, section: &Section<'_>, addr: u64, len: u128) {}
+}
+
+pub(crate) struct Registered {
+    pub(crate) id: ListenerId,
+    pub(crate) space: SpaceId,
+    pub(crate) listener: Arc<dyn MemoryListener>,
+    pub(crate) priority: u32,
+}
+
+/// An ioeventfd of a region (QEMU's `MemoryRegionIoeventfd`), in region
+/// coordinates.
+#[derive(Clone)]
+pub(crate) struct IoEventFd {
+    pub(crate) addr: u64,
+    pub(crate) size: u64,
+    pub(crate) data: Option<u64>,
+    pub(crate) notifier: Arc<EventNotifier>,
+}
+
+impl IoEventFd {
+    /// QEMU's `memory_region_ioeventfd_before` as a sort key: start, size,
+    /// match flag, data (only when matching), notifier identity.
+    fn key(&self) -> (u64, u64, bool, u64, usize) {
+        fd_key(self.addr, self.size, self.data, &self.notifier)
+    }
+
+    /// QEMU's `memory_region_ioeventfd_equal`: equal starts, and either size
+    /// zero (a wildcard) or everything else equal.
+    pub(crate) fn matches(&self, other: &IoEventFd) -> bool {
+        self.addr == other.addr
+            && (self.size == 0
+                || other.size == 0
+                || (self.size == other.size
+                    && self.data == other.data
+                    && Arc::ptr_eq(&self.notifier, &other.notifier)))
+    }
+}
+
+fn fd_key(
+    addr: u64,
+    size: u64,
+    data: Option<u64>,
+    n: &Arc<EventNotifier>,
+) -> (u64, u64, bool, u64, usize) {
+    (
+        addr,
+        size,
+        data.is_some(),
+        data.unwrap_or(0),
+        Arc::as_ptr(n) as usize,
+    )
+}
+
+/// An ioeventfd as seen in one address space.
+#[derive(Clone)]
+pub(crate) struct SpaceFd {
+    addr: u64,
+    size: u64,
+    data: Option<u64>,
+    notifier: Arc<EventNotifier>,
+    region: RegionId,
+}
+
+impl SpaceFd {
+    fn key(&self) -> (u64, u64, bool, u64, usize) {
+        fd_key(self.addr, self.size, self.data, &self.notifier)
+    }
+}
+
+/// One coalesced range of a region: offset and length in the region.
+pub(crate) type Span = (u64, u128);
+
+/// The registry (ascending priority, stable for equal priorities) and the
+/// listener-visible per-region and per-space state.
+#[derive(Default)]
+pub(crate) struct Listeners {
+    pub(crate) list: Vec<Registered>,
+    next: u64,
+    /// ioeventfds per region, sorted by [`IoEventFd::key`].
+    pub(crate) region_fds: HashMap<RegionId, Vec<IoEventFd>>,
+    /// The ioeventfds each address space showed at its last update, sorted.
+    pub(crate) space_fds: HashMap<SpaceId, Vec<SpaceFd>>,
+    /// Coalesced ranges per region, in insertion order.
+    pub(crate) coalesced: HashMap<RegionId, Vec<Span>>,
+    /// An ioeventfd was added or removed since the last commit.
+    pub(crate) ioeventfd_pending: bool,
+    /// Global dirty logging is on.
+    pub(crate) global_dirty_log: bool,
+}
+
+impl Listeners {
+    /// Registers `listener` with its `priority` (asked by the caller before
+    /// it borrowed the topology: it is the listener's code).
+    pub(crate) fn insert(
+        &mut self,
+        space: SpaceId,
+        listener: Arc<dyn MemoryListener>,
+        priority: u32,
+    ) -> ListenerId {
+        self.next += 1;
+        let id = ListenerId(self.next);
+        let at = self.list.partition_point(|r| r.priority <= priority);
+        self.list.insert(
+            at,
+            Registered {
+                id,
+                space,
+                listener,
+                priority,
+            },
+        );
+        id
+    }
+
+    pub(crate) fn remove(&mut self, id: ListenerId) -> Option<Registered> {
+        let i = self.list.iter().position(|r| r.id == id)?;
+        Some(self.list.remove(i))
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<(SpaceId, Arc<dyn MemoryListener>)> {
+        self.list
+            .iter()
+            .map(|r| (r.space, r.listener.clone()))
+            .collect()
+    }
+
+    /// Listeners of one space, ascending priority.
+    pub(crate) fn of_space(&self, space: SpaceId) -> Vec<Arc<dyn MemoryListener>> {
+        self.list
+            .iter()
+            .filter(|r| r.space == space)
+            .map(|r| r.listener.clone())
+            .collect()
+    }
+
+    /// Forgets everything (machine teardown). Returns the listeners, for the
+    /// caller to drop once the topology is no longer borrowed.
+    pub(crate) fn clear(&mut self) -> Vec<Registered> {
+        let list = std::mem::take(&mut self.list);
+        self.region_fds.clear();
+        self.space_fds.clear();
+        self.coalesced.clear();
+        self.ioeventfd_pending = false;
+        list
+    }
+
+    /// Adds an ioeventfd to a region, keeping QEMU's sort order (after equal
+    /// entries).
+    pub(crate) fn add_fd(&mut self, region: RegionId, fd: IoEventFd) {
+        let list = self.region_fds.entry(region).or_default();
+        let at = list.partition_point(|e| e.key() <= fd.key());
+        list.insert(at, fd);
+        self.ioeventfd_pending = true;
+    }
+
+    /// Removes the first matching ioeventfd; false if none matches.
+    pub(crate) fn del_fd(&mut self, region: RegionId, fd: &IoEventFd) -> bool {
+        let Some(list) = self.region_fds.get_mut(&region) else {
+            return false;
+        };
+        let Some(i) = list.iter().position(|e| e.matches(fd)) else {
+            return false;
+        };
+        list.remove(i);
+        if list.is_empty() {
+            self.region_fds.remove(&region);
+        }
+        self.ioeventfd_pending = true;
+        true
+    }
+
+    /// Drops per-region state of regions that no longer exist and per-space
+    /// state of spaces that no longer exist. Returns the listeners of
+    /// spaces that are gone, for the caller to drop once the topology is no
+    /// longer borrowed.
+    pub(crate) fn prune(
+        &mut self,
+        region_alive: impl Fn(RegionId) -> bool,
+        space_alive: impl Fn(SpaceId) -> bool,
+    ) -> Vec<Registered> {
+        self.region_fds.retain(|r, _| region_alive(*r));
+        self.coalesced.retain(|r, _| region_alive(*r));
+        self.space_fds.retain(|s, _| space_alive(*s));
+        let (keep, gone) = std::mem::take(&mut self.list)
+            .into_iter()
+            .partition(|l| space_alive(l.space));
+        self.list = keep;
+        gone
+    }
+
+    /// Recomputes the ioeventfds `view` shows (QEMU's
+    /// `address_space_update_ioeventfds`), stores them as the space's current
+    /// set and returns the symmetric difference with the previous set, in
+    /// merge order: `(true, fd)` to add, `(false, fd)` to delete.
+    pub(crate) fn update_space_fds(
+        &mut self,
+        space: SpaceId,
+        view: &FlatView,
+    ) -> Vec<(bool, SpaceFd)> {
+        let mut new: Vec<SpaceFd> = Vec::new();
+        if !self.region_fds.is_empty() {
+            for fr in view.ranges() {
+                let Some(fds) = self.region_fds.get(&fr.region().id()) else {
+                    continue;
+                };
+                let delta = i128::from(fr.start()) - i128::from(fr.offset_in_region());
+                let (rs, re) = (i128::from(fr.start()), i128::from(fr.last()) + 1);
+                for fd in fds {
+                    let s = i128::from(fd.addr) + delta;
+                    let e = s + i128::from(fd.size);
+                    // QEMU's addrrange_intersects: either contains the
+                    // other's start.
+                    let hit = (s <= rs && rs < e) || (rs <= s && s < re);
+                    let Ok(addr) = u64::try_from(s) else { continue };
+                    if hit {
+                        new.push(SpaceFd {
+                            addr,
+                            size: fd.size,
+                            data: fd.data,
+                            notifier: fd.notifier.clone(),
+                            region: fr.region().id(),
+                        });
+                    }
+                }
+            }
+            new.sort_by_key(SpaceFd::key);
+        }
+        let old = match self.space_fds.get(&space) {
+            Some(o) => o.as_slice(),
+            None if new.is_empty() => return Vec::new(),
+            None => &[],
+        };
+        let mut out = Vec::new();
+        let (mut i, mut j) = (0, 0);
+        while i < old.len() || j < new.len() {
+            match (old.get(i), new.get(j)) {
+                (Some(a), b) if !matches!(b, Some(b) if b.key() <= a.key()) => {
+                    out.push((false, a.clone()));
+                    i += 1;
+                }
+                (a, Some(b)) if !matches!(a, Some(a) if a.key() <= b.key()) => {
+                    out.push((true, b.clone()));
+                    j += 1;
+                }
+                _ => {
+                    i += 1;
+                    j += 1;
+                }
+            }
+        }
+        if new.is_empty() {
+            self.space_fds.remove(&space);
+        } else {
+            self.space_fds.insert(space, new);
+        }
+        out
+    }
+
+    /// The space's current ioeventfds.
+    pub(crate) fn fds_of(&self, space: SpaceId) -> Vec<SpaceFd> {
+        self.space_fds.get(&space).cloned().unwrap_or_default()
+    }
+}
+
+/// Converts ioeventfd match data from the target's byte order to the
+/// region's device byte order (a byte swap of the low `size` bytes when they
+/// differ).
+pub(crate) fn swap_data(data: u64, size: u64) -> u64 {
+    match size {
+        2 => u64::from((data as u16).swap_bytes()),
+        4 => u64::from((data as u32).swap_bytes()),
+        8 => data.swap_bytes(),
+        _ => data,
+    }
+}
+
+/// QEMU's `flatrange_equal`: everything but the dirty-log mask.
+fn same_range(a: &FlatRange, b: &FlatRange) -> bool {
+    a.start == b.start
+        && a.last == b.last
+        && Arc::ptr_eq(&a.region, &b.region)
+        && a.offset_in_region == b.offset_in_region
+        && a.attrs.readonly == b.attrs.readonly
+        && a.attrs.romd_mode == b.attrs.romd_mode
+        && a.attrs.nonvolatile == b.attrs.nonvolatile
+        && a.attrs.unmergeable == b.attrs.unmergeable
+}
+
+/// The part of coalesced span `span` (region coordinates) that range `fr`
+/// shows, in address-space coordinates: `(addr, len)`.
+fn coalesced_in(fr: &FlatRange, span: Span) -> Option<(u64, u128)> {
+    let delta = i128::from(fr.start) - i128::from(fr.offset_in_region);
+    let s = i128::from(span.0) + delta;
+    let e = s + span.1 as i128;
+    let (rs, re) = (i128::from(fr.start), i128::from(fr.last) + 1);
+    if !((s <= rs && rs < e) || (rs <= s && s < re)) {
+        return None;
+    }
+    let (is, ie) = (s.max(rs), e.min(re));
+    Some((u64::try_from(is).ok()?, u128::try_from(ie - is).ok()?))
+}
+
+/// Tells `listeners` (ascending priority) about the coalesced parts of `fr`:
+/// additions forward, deletions in reverse (QEMU's
+/// `flat_range_coalesced_io_{add,del}`).
+pub(crate) fn notify_coalesced(
+    catch: &Catch<'_>,
+    s: &Section<'_>,
+    spans: &[Span],
+    listeners: &[Arc<dyn MemoryListener>],
+    adding: bool,
+) {
+    for &span in spans {
+        let Some((addr, len)) = coalesced_in(s.range, span) else {
+            continue;
+        };
+        if adding {
+            for l in listeners {
+                catch.call(l, "coalesced_io_add", |l| l.coalesced_io_add(s, addr, len));
+            }
+        } else {
+            for l in listeners.iter().rev() {
+                catch.call(l, "coalesced_io_del", |l| l.coalesced_io_del(s, addr, len));
+            }
+        }
+    }
+}
+
+/// Calls listener callbacks one at a time, catching a panic of each: the
+/// panic is recorded in the census (which listener, which callback) and
+/// kept for the caller of the machine operation (`crate::topology::owner::raise`),
+/// and the caller of `call` carries on with the next callback, so every
+/// listener still gets its whole sequence and memtree's views stay
+/// consistent.
+pub(crate) struct Catch<'a> {
+    pub(crate) census: &'a Census,
+}
+
+impl Catch<'_> {
+    pub(crate) fn call(
+        &self,
+        l: &Arc<dyn MemoryListener>,
+        what: &'static str,
+        f: impl FnOnce(&dyn MemoryListener),
+    ) {
+        if let Err(p) = catch(|| f(&**l)) {
+            let name = catch(|| l.name().to_owned())
+                .unwrap_or_else(|_| "(a listener whose name() panics)".to_owned());
+            self.census.record_panic(format!(
+                "listener \"{name}\" panicked in {what}: {}",
+                panic_message(&p)
+            ));
+            raise(p);
+        }
+    }
+}
+
+/// What the diff needs to know about one address space.
+pub(crate) struct SpaceCtx<'a> {
+    pub(crate) space: SpaceId,
+    pub(crate) name: &'a str,
+    /// Listeners of this space, ascending priority.
+    pub(crate) listeners: &'a [Arc<dyn MemoryListener>],
+    /// Coalesced ranges per region (the topology's current state).
+    pub(crate) coalesced: &'a HashMap<RegionId, Vec<Span>>,
+    /// How the callbacks are called.
+    pub(crate) catch: &'a Catch<'a>,
+}
+
+impl SpaceCtx<'_> {
+    fn spans(&self, fr: &FlatRange) -> &[Span] {
+        self.coalesced
+            .get(&fr.region.id())
+            .map_or(&[], |v| v.as_slice())
+    }
+}
+
+/// Runs QEMU's two diff passes for one address space.
+pub(crate) fn diff_and_notify(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, new: &Arc<FlatView>) {
+    let listeners = cx.listeners;
+    if listeners.is_empty() {
+        return;
+    }
+    let section = |range| Section {
+        space: cx.space,
+        space_name: cx.name,
+        range,
+        view: old,
+    };
+    // Pass 1: deletions, in reverse listener order.
+    let (o, n) = (old.ranges(), new.ranges());
+    let (mut i, mut j) = (0, 0);
+    while i < o.len() || j < n.len() {
+        match (o.get(i), n.get(j)) {
+            (Some(a), Some(b)) if same_range(a, b) => {
+                i += 1;
+                j += 1;
+            }
+            (Some(a), b) if !matches!(b, Some(b) if b.start < a.start) => {
+                let s = section(a);
+                notify_coalesced(cx.catch, &s, cx.spans(a), listeners, false);
+                for l in listeners.iter().rev() {
+                    cx.catch.call(l, "region_del", |l| l.region_del(&s));
+                }
+                i += 1;
+            }
+            (_, Some(_)) => j += 1,
+            (Some(_), None) | (None, None) => break,
+        }
+    }
+    // Pass 2: nops and additions, forward.
+    let (mut i, mut j) = (0, 0);
+    while i < o.len() || j < n.len() {
+        match (o.get(i), n.get(j)) {
+            (Some(a), Some(b)) if same_range(a, b) => {
+                let s = section(b);
+                for l in listeners {
+                    cx.catch.call(l, "region_nop", |l| l.region_nop(&s));
+                }
+                let (om, nm) = (a.attrs.dirty_log_mask, b.attrs.dirty_log_mask);
+                if nm & !om != 0 {
+                    for l in listeners {
+                        cx.catch.call(l, "log_start", |l| l.log_start(&s, om, nm));
+                    }
+                }
+                if om & !nm != 0 {
+                    for l in listeners.iter().rev() {
+                        cx.catch.call(l, "log_stop", |l| l.log_stop(&s, om, nm));
+                    }
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(a), b) if !matches!(b, Some(b) if b.start < a.start) => i += 1,
+            (_, Some(b)) => {
+                let s = section(b);
+                for l in listeners {
+                    cx.catch.call(l, "region_add", |l| l.region_add(&s));
+                }
+                notify_coalesced(cx.catch, &s, cx.spans(b), listeners, true);
+                j += 1;
+            }
+            (Some(_), None) | (None, None) => break,
+        }
+    }
+}
+
+/// Sends an ioeventfd difference: `eventfd_del` forward, `eventfd_add` in
+/// reverse (QEMU's order, §6.2).
+pub(crate) fn notify_fds(cx: &SpaceCtx<'_>, view: &Arc<FlatView>, changes: &[(bool, SpaceFd)]) {
+    for (adding, fd) in changes {
+        let s = fd_section(cx.space, cx.name, fd, view);
+        if *adding {
+            for l in cx.listeners.iter().rev() {
+                cx.catch.call(l, "eventfd_add", |l| l.eventfd_add(&s));
+            }
+        } else {
+            for l in cx.listeners {
+                cx.catch.call(l, "eventfd_del", |l| l.eventfd_del(&s));
+            }
+        }
+    }
+}
+
+fn fd_section<'a>(
+    space: SpaceId,
+    name: &'a str,
+    fd: &'a SpaceFd,
+    view: &'a Arc<FlatView>,
+) -> EventfdSection<'a> {
+    EventfdSection {
+        space,
+        space_name: name,
+        region: fd.region,
+        addr: fd.addr,
+        size: fd.size,
+        data: fd.data,
+        notifier: &fd.notifier,
+        view,
+    }
+}
+
+/// Replays a space's state to one listener as additions (`adding`) or
+/// deletions (QEMU's `listener_add_address_space` /
+/// `listener_del_address_space`).
+pub(crate) fn replay(
+    cx: &SpaceCtx<'_>,
+    view: &Arc<FlatView>,
+    fds: &[SpaceFd],
+    global_dirty_log: bool,
+    listener: &Arc<dyn MemoryListener>,
+    adding: bool,
+) {
+    let one = std::slice::from_ref(listener);
+    let catch = cx.catch;
+    catch.call(listener, "begin", |l| l.begin());
+    if adding && global_dirty_log {
+        // QEMU aborts when a listener refuses here; we carry on: the listener
+        // was told, and its refusal has no one to go to.
+        catch.call(listener, "log_global_start", |l| {
+            let _ = l.log_global_start();
+        });
+    }
+    for range in view.ranges() {
+        let s = Section {
+            space: cx.space,
+            space_name: cx.name,
+            range,
+            view,
+        };
+        let mask = range.attrs.dirty_log_mask;
+        if adding {
+            catch.call(listener, "region_add", |l| l.region_add(&s));
+            notify_coalesced(catch, &s, cx.spans(range), one, true);
+            if mask != 0 {
+                catch.call(listener, "log_start", |l| l.log_start(&s, 0, mask));
+            }
+        } else {
+            if mask != 0 {
+                catch.call(listener, "log_stop", |l| l.log_stop(&s, mask, 0));
+            }
+            notify_coalesced(catch, &s, cx.spans(range), one, false);
+            catch.call(listener, "region_del", |l| l.region_del(&s));
+        }
+    }
+    for fd in fds {
+        let s = fd_section(cx.space, cx.name, fd, view);
+        if adding {
+            catch.call(listener, "eventfd_add", |l| l.eventfd_add(&s));
+        } else {
+            catch.call(listener, "eventfd_del", |l| l.eventfd_del(&s));
+        }
+    }
+    catch.call(listener, "commit", |l| l.commit());
+}

@@ -1,0 +1,29 @@
+//! Control plane: the region tree, owners, address spaces as the writer sees
+//! them, and the edits and transactions that change them.
+//!
+//! * [`memory`]: [`Memory`](crate::Memory) / [`Machine`](crate::Machine),
+//!   the one-writer handle, transactions, commit, teardown and its leak report.
+//! * `tree` (crate-private): the topology itself (region, owner and space
+//!   arenas) and every edit's bookkeeping, unplug.
+//! * [`region`], [`owner`]: region and owner identities, their shared cores
+//!   (what the data plane may keep) and their control-plane nodes.
+//! * `arena`: generation-checked slot arenas behind the ids.
+//! * [`error`]: the error of every edit, [`TopologyError`](crate::TopologyError).
+//!
+//! Invariants: one writer at a time (the `Memory` lock); an edit either
+//! completes or leaves the tree as it was; ids are generation-checked, so a
+//! stale id is an error, never another object. Nothing here is read by the
+//! data plane directly: it reads the views [`crate::render`] publishes.
+//!
+//! Layering: the top of the core. It may use every other core folder
+//! (`render`, `view`, `access`, `dma`, `lifecycle`, `dirty`, `iommu`); only
+//! `inspect`, `qemu_text`, `integrations`, `migration` and `scale` build on
+//! it. ARCHITECTURE.md lists the allowed edges; `tests/layering.rs` checks
+//! them.
+
+pub(crate) mod arena;
+pub mod error;
+pub mod memory;
+pub mod owner;
+pub mod region;
+pub(crate) mod tree;

@@ -1,0 +1,425 @@
+//! Memory regions: the nodes of the region tree.
+//!
+//! A region lives in two halves, one per plane:
+//!
+//! * `RegionNode` is the control-plane half, stored in the topology arena
+//!   (`crate::topology::tree::Topology`). It holds everything that changes at run
+//!   time — position, priority, flags, container and subregion links — and is
+//!   only ever touched by the single topology writer.
+//! * [`RegionCore`] is the data-plane half, behind an `Arc`. It holds what an
+//!   access needs and never changes: the name, the backing (RAM block, device
+//!   ops) and a strong reference to the owner's [`OwnerCore`]. Flat views,
+//!   DMA mappings and caches hold `Arc<RegionCore>`; the arena holds one too.
+//!
+//! # Invariants
+//!
+//! * Control-plane links (container, subregions, alias target, owner) are ids,
+//!   never `Arc`s, so the topology cannot hold a reference cycle.
+//! * A `RegionCore` points only *downwards*: to its backing and to its owner's
+//!   core. Neither of those can point back to a `RegionCore` (owner cores hold
+//!   no regions; device ops hold at most ids and weak handles), so the strong
+//!   graph of data-plane objects is acyclic except through published flat
+//!   views, which the control plane replaces at every commit and clears at
+//!   teardown (see ARCHITECTURE.md, "Who holds whom").
+//! * Dropping the last `Arc<RegionCore>` *is* the region's finalization: its
+//!   `Drop` runs once, records the event in the census, then releases the
+//!   backing and finally the owner (so a region always finishes before its
+//!   owner). A panic of the device state's `Drop` is caught, recorded in
+//!   the census and re-raised only after the subregions and the owner were
+//!   released too.
+//! * The topology never drops a `RegionCore` (or anything else holding
+//!   device state) while it is borrowed: it hands them to
+//!   `crate::topology::owner::defer_drop`, so a device's `Drop` runs where the machine
+//!   is usable.
+
+use std::fmt;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::access::attrs::{IoRootOps, MmioOps, OpsConfig, UnassignedOps};
+use crate::dma::backend::MemoryBackend;
+use crate::lifecycle::census::{Census, ObjectKey, ObjectKind};
+use crate::topology::owner::{catch, panic_message, raise, OwnerCore, OwnerId};
+
+/// Identity of a region: an index into the topology arena plus a generation,
+/// so a stale id (of a destroyed region) is detected instead of aliasing a new
+/// region that reused the slot.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegionId {
+    pub(crate) index: u32,
+    pub(crate) generation: u32,
+}
+
+impl fmt::Debug for RegionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RegionId({}v{})", self.index, self.generation)
+    }
+}
+
+/// The largest region size: 2^64 bytes, the whole address space.
+pub const MAX_REGION_SIZE: u128 = 1 << 64;
+
+/// What kind of region this is. Mirrors QEMU's constructors
+/// (`memory_region_init_*`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum RegionKind {
+    /// Pure container: never rendered itself, only its subregions are.
+    Container,
+    /// RAM backed by host memory (QEMU `ram`). ROM is RAM with `readonly`.
+    Ram,
+    /// RAM that maps device memory (QEMU `ram_device`): accessed with
+    /// exact-width loads and stores, never by memcpy.
+    RamDevice,
+    /// ROM device: reads from RAM in romd mode, callbacks otherwise; writes
+    /// always go to the callbacks.
+    RomDevice,
+    /// MMIO / port I/O region with device callbacks.
+    Mmio,
+    /// A terminating region without callbacks: every access is rejected
+    /// (QEMU's `memory_region_init_io` with NULL ops).
+    Reservation,
+    /// The port I/O space root: a terminating region whose holes read all
+    /// ones (QEMU's `io` region with `unassigned_io_ops`).
+    IoRoot,
+    /// An alias of (part of) another region.
+    Alias,
+    /// An IOMMU region: a terminating region whose accesses are translated
+    /// by a device into another address space (see `crate::iommu`).
+    Iommu,
+}
+
+impl RegionKind {
+    /// Whether the region claims the addresses it covers that its subregions
+    /// leave free (QEMU's `terminates`).
+    pub fn terminates(self) -> bool {
+        !matches!(self, RegionKind::Container | RegionKind::Alias)
+    }
+}
+
+/// What an access reaches through a region: the data-plane backing.
+pub enum Backing {
+    /// Nothing to access (containers, aliases).
+    None,
+    /// Host memory; `offset` is where the region starts inside the block.
+    Ram {
+        block: Arc<MemoryBackend>,
+        offset: u64,
+    },
+    /// Device memory accessed by exact-width host loads and stores.
+    RamDevice {
+        block: Arc<MemoryBackend>,
+        offset: u64,
+    },
+    /// ROM device: RAM for reads in romd mode, ops for everything else.
+    RomDevice {
+        block: Arc<MemoryBackend>,
+        ops: Arc<dyn MmioOps>,
+    },
+    /// Device callbacks.
+    Mmio(Arc<dyn MmioOps>),
+    /// An IOMMU: the translating device and its notifier hub.
+    Iommu {
+        device: Arc<dyn crate::iommu::Iommu>,
+        hub: Arc<crate::iommu::IommuHub>,
+    },
+}
+
+impl fmt::Debug for Backing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backing::None => f.write_str("None"),
+            Backing::Ram { block, offset } => write!(f, "Ram({}+{offset:#x})", block.name()),
+            Backing::RamDevice { block, offset } => {
+                write!(f, "RamDevice({}+{offset:#x})", block.name())
+            }
+            Backing::RomDevice { block, .. } => write!(f, "RomDevice({})", block.name()),
+            Backing::Mmio(_) => f.write_str("Mmio"),
+            Backing::Iommu { .. } => f.write_str("Iommu"),
+        }
+    }
+}
+
+/// The data-plane half of a region. Immutable after creation; see the
+/// module docs for what holds it and what it holds.
+pub struct RegionCore {
+    id: RegionId,
+    name: Box<str>,
+    kind: RegionKind,
+    backing: Backing,
+    /// Subregions this region holds while they are mapped in it: a container
+    /// finishes before the subregions it still holds. Written only by the
+    /// topology writer; never read on the access path.
+    subregions: Mutex<Vec<Arc<RegionCore>>>,
+    owner: Option<Arc<OwnerCore>>,
+    census: Arc<Census>,
+    census_key: ObjectKey,
+    /// The configuration of [`RegionCore::ops`], read once at creation
+    /// (ops configuration is fixed per region, see [`MmioOps`]).
+    ops_config: OpsConfig,
+}
+
+impl RegionCore {
+    pub(crate) fn new(
+        id: RegionId,
+        name: &str,
+        kind: RegionKind,
+        backing: Backing,
+        owner: Option<Arc<OwnerCore>>,
+        census: &Arc<Census>,
+        ops_config: OpsConfig,
+    ) -> RegionCore {
+        let backend_key = match &backing {
+            Backing::Ram { block, .. }
+            | Backing::RamDevice { block, .. }
+            | Backing::RomDevice { block, .. } => Some(block.census_key()),
+            _ => None,
+        };
+        let census_key = census.register_holding(
+            ObjectKind::Region,
+            name,
+            owner
+                .as_ref()
+                .map(|o| o.census_key())
+                .into_iter()
+                .chain(backend_key),
+        );
+        RegionCore {
+            id,
+            name: name.into(),
+            kind,
+            backing,
+            subregions: Mutex::new(Vec::new()),
+            owner,
+            census: census.clone(),
+            census_key,
+            ops_config,
+        }
+    }
+
+    /// The configuration [`RegionCore::ops`] will have for a region of
+    /// `kind` with `backing`. This calls the device's configuration hooks
+    /// (other people's code), so the machine calls it before it borrows the
+    /// topology.
+    pub(crate) fn ops_config_for(kind: RegionKind, backing: &Backing) -> OpsConfig {
+        OpsConfig::of(Self::ops_of(kind, backing))
+    }
+
+    /// The configuration of [`RegionCore::ops`], as read when the region was
+    /// created.
+    #[inline]
+    pub fn ops_config(&self) -> &OpsConfig {
+        &self.ops_config
+    }
+
+    /// The region's id in the topology (may be stale once the region has
+    /// been destroyed while this core is still held).
+    pub fn id(&self) -> RegionId {
+        self.id
+    }
+
+    /// The region's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The region's kind.
+    pub fn kind(&self) -> RegionKind {
+        self.kind
+    }
+
+    /// What accesses reach.
+    pub fn backing(&self) -> &Backing {
+        &self.backing
+    }
+
+    /// The owner's core, if the region has an owner.
+    pub fn owner(&self) -> Option<&Arc<OwnerCore>> {
+        self.owner.as_ref()
+    }
+
+    /// The owner's id, if any.
+    pub fn owner_id(&self) -> Option<OwnerId> {
+        self.owner.as_ref().map(|o| o.id())
+    }
+
+    /// Whether accesses may still reach this region's device: false once the
+    /// owner has been unplugged.
+    #[inline]
+    pub fn is_live(&self) -> bool {
+        self.owner.as_ref().is_none_or(|o| o.is_live())
+    }
+
+    /// The ops to call for an access that does not go to RAM directly.
+    pub fn ops(&self) -> &dyn MmioOps {
+        Self::ops_of(self.kind, &self.backing)
+    }
+
+    fn ops_of(kind: RegionKind, backing: &Backing) -> &dyn MmioOps {
+        static UNASSIGNED: UnassignedOps = UnassignedOps;
+        static IO_ROOT: IoRootOps = IoRootOps;
+        match backing {
+            Backing::Mmio(ops) | Backing::RomDevice { ops, .. } => ops.as_ref(),
+            _ if kind == RegionKind::IoRoot => &IO_ROOT,
+            _ => &UNASSIGNED,
+        }
+    }
+
+    pub(crate) fn hold_subregion(&self, sub: &Arc<RegionCore>) {
+        self.subregions.lock().push(sub.clone());
+        self.census.add_edge(self.census_key, sub.census_key);
+    }
+
+    pub(crate) fn release_subregion(&self, sub: &Arc<RegionCore>) {
+        let mut subs = self.subregions.lock();
+        if let Some(i) = subs.iter().position(|s| Arc::ptr_eq(s, sub)) {
+            subs.swap_remove(i);
+        }
+        self.census.remove_edge(self.census_key, sub.census_key);
+    }
+
+    /// Releases several subregions in one pass over the held list.
+    pub(crate) fn release_subregions(&self, subs: &[Arc<RegionCore>]) {
+        let gone: std::collections::HashSet<usize> =
+            subs.iter().map(|s| Arc::as_ptr(s) as usize).collect();
+        let mut released = Vec::with_capacity(subs.len());
+        {
+            let mut held = self.subregions.lock();
+            let mut i = 0;
+            while i < held.len() {
+                if gone.contains(&(Arc::as_ptr(&held[i]) as usize)) {
+                    released.push(held.swap_remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        for sub in &released {
+            self.census.remove_edge(self.census_key, sub.census_key);
+        }
+        // The topology still holds each of them: none is the last reference.
+        drop(released);
+    }
+
+    /// The census key of this region (for diagnostics).
+    pub fn census_key(&self) -> ObjectKey {
+        self.census_key
+    }
+}
+
+impl fmt::Debug for RegionCore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegionCore")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("backing", &self.backing)
+            .finish()
+    }
+}
+
+impl Drop for RegionCore {
+    fn drop(&mut self) {
+        // Finalization: record it first, then release in a fixed order:
+        // backing, then the subregions still held (so a container finishes
+        // before them), then the owner (so it finishes after us). The
+        // backing may hold device state whose `Drop` panics: that is
+        // recorded and raised after everything else was released, so one
+        // device's panic never skips another's drop or finalizer (and never
+        // becomes a panic during unwinding, which would abort).
+        self.census.finalize(self.census_key);
+        let backing = std::mem::replace(&mut self.backing, Backing::None);
+        let name = &self.name;
+        let mut first = None;
+        if let Err(p) = catch(move || drop(backing)) {
+            self.census.record_panic(format!(
+                "drop of the device state of region \"{name}\" panicked: {}",
+                panic_message(&p)
+            ));
+            first = Some(p);
+        }
+        // Subregions and the owner record their own panics.
+        for sub in std::mem::take(self.subregions.get_mut()) {
+            if let Err(p) = catch(move || drop(sub)) {
+                first.get_or_insert(p);
+            }
+        }
+        if let Some(owner) = self.owner.take() {
+            if let Err(p) = catch(move || drop(owner)) {
+                first.get_or_insert(p);
+            }
+        }
+        if let Some(p) = first {
+            raise(p);
+        }
+    }
+}
+
+/// The control-plane half of a region, owned by the topology arena.
+#[derive(Debug)]
+pub(crate) struct RegionNode {
+    pub(crate) core: Arc<RegionCore>,
+    /// Copy of `core.kind`, so that rendering the tree does not have to load
+    /// every region's core.
+    pub(crate) kind: RegionKind,
+    pub(crate) size: u128,
+    pub(crate) addr: u64,
+    pub(crate) priority: i32,
+    pub(crate) enabled: bool,
+    pub(crate) readonly: bool,
+    pub(crate) nonvolatile: bool,
+    pub(crate) unmergeable: bool,
+    pub(crate) romd_mode: bool,
+    pub(crate) alias_target: Option<RegionId>,
+    pub(crate) alias_offset: u64,
+    pub(crate) container: Option<RegionId>,
+    /// Subregions in QEMU's order: descending priority, newest first among
+    /// equal priorities. Rendering visits them in this order.
+    pub(crate) subregions: Vec<RegionId>,
+    pub(crate) owner: Option<OwnerId>,
+    /// Number of *mapped* aliases (aliases with a container) targeting this
+    /// region, for `is_mapped`.
+    pub(crate) mapped_via_alias: u32,
+    /// Dirty-log clients (bit 0 = VGA), frozen into flat ranges at render.
+    pub(crate) dirty_log_mask: u8,
+    /// Users of each client's logging counted by `Machine::set_log`
+    /// (QEMU's `vga_logging_count`, for every per-region client).
+    pub(crate) dirty_log_users: [u32; 8],
+    /// The QOM parent `info mtree -o` prints, when recorded from a QEMU dump
+    /// (`Some(None)`: print none). `None`: derived from the owner (see
+    /// `text::print`).
+    pub(crate) qom_parent: Option<Option<crate::topology::owner::OwnerLabel>>,
+}
+
+impl RegionNode {
+    pub(crate) fn kind(&self) -> RegionKind {
+        self.kind
+    }
+    pub(crate) fn name(&self) -> &str {
+        &self.core.name
+    }
+    pub(crate) fn terminates(&self) -> bool {
+        self.kind.terminates()
+    }
+}
+
+/// A read-only snapshot of a region's control-plane attributes, as returned by
+/// [`crate::Machine::region_info`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionInfo {
+    pub id: RegionId,
+    pub name: String,
+    pub kind: RegionKind,
+    pub size: u128,
+    pub addr: u64,
+    pub priority: i32,
+    pub enabled: bool,
+    pub readonly: bool,
+    pub nonvolatile: bool,
+    pub romd_mode: bool,
+    pub container: Option<RegionId>,
+    pub subregions: Vec<RegionId>,
+    pub alias_target: Option<RegionId>,
+    pub alias_offset: u64,
+    pub owner: Option<OwnerId>,
+}
