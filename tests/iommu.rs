@@ -564,6 +564,112 @@ fn iotlb_cache_is_invalidated_by_notifications() {
     assert_eq!(s.dma.load::<u32>(0x1000, Endian::Little, A).0, 2);
 }
 
+/// Rule: invalidation is exact — an UNMAP notification between two
+/// accesses through a warm IOTLB makes the second one fault (typed and
+/// buffer, read and write), and the device is asked again.
+#[test]
+fn unmap_between_two_accesses_makes_the_second_fault() {
+    let s = setup(12, 8);
+    s.system.store::<u32>(0x30_0010, 7, Endian::Little, A);
+    s.map(2, 0x30_0000, IommuPerm::ReadWrite);
+    let mut cur = s.dma.cursor();
+    // Warm: every access kind hits the cache after the first.
+    for _ in 0..3 {
+        assert_eq!(
+            s.dma.load::<u32>(0x2010, Endian::Little, A),
+            (7, MemTxResult::OK)
+        );
+        assert_eq!(
+            cur.load::<u32>(0x2010, Endian::Little, A),
+            (7, MemTxResult::OK)
+        );
+        let mut b = [0u8; 4];
+        assert!(s.dma.read(0x2010, &mut b, A).is_ok());
+        assert_eq!(u32::from_le_bytes(b), 7);
+        assert!(s.dma.store::<u32>(0x2014, 9, Endian::Little, A).is_ok());
+        assert!(s.dma.write(0x2018, &[1, 2], A).is_ok());
+    }
+    let misses = s.device.hub().cache_misses();
+    assert_eq!(s.dma.load::<u32>(0x2010, Endian::Little, A).0, 7);
+    assert_eq!(s.device.hub().cache_misses(), misses, "not warm");
+    // The guest clears the entry and invalidates it: UNMAP.
+    s.map(2, 0, IommuPerm::None);
+    assert_eq!(
+        s.dma.load::<u32>(0x2010, Endian::Little, A),
+        (0, MemTxResult::DECODE_ERROR)
+    );
+    assert_eq!(
+        cur.load::<u32>(0x2010, Endian::Little, A),
+        (0, MemTxResult::DECODE_ERROR)
+    );
+    let mut b = [0xffu8; 4];
+    assert_eq!(s.dma.read(0x2010, &mut b, A), MemTxResult::DECODE_ERROR);
+    assert_eq!(b, [0; 4]);
+    assert_eq!(
+        s.dma.store::<u32>(0x2014, 0xdead, Endian::Little, A),
+        MemTxResult::DECODE_ERROR
+    );
+    assert_eq!(
+        cur.store::<u32>(0x2014, 0xdead, Endian::Little, A),
+        MemTxResult::DECODE_ERROR
+    );
+    assert_eq!(s.dma.write(0x2018, &[5, 5], A), MemTxResult::DECODE_ERROR);
+    assert!(
+        s.device.hub().cache_misses() > misses,
+        "the device was not asked again"
+    );
+    // Nothing landed in the old page after the UNMAP.
+    assert_eq!(s.system.load::<u32>(0x30_0014, Endian::Little, A).0, 9);
+    assert_eq!(s.system.load::<u16>(0x30_0018, Endian::Little, A).0, 0x0201);
+}
+
+/// Rule: a warm IOTLB entry never serves RAM its target address space no
+/// longer maps there: the translated address is looked up again when the
+/// target's view changed (here an MMIO region now covers it).
+#[test]
+fn warm_entry_follows_a_change_of_the_target_view() {
+    use memtree::access::{AccessSizes, Endianness, MmioOps};
+    struct Fixed;
+    impl MmioOps for Fixed {
+        fn read(&self, _a: u64, _s: u32, _at: MemTxAttrs) -> Result<u64, MemTxResult> {
+            Ok(0x5a5a_5a5a)
+        }
+        fn write(&self, _a: u64, _d: u64, _s: u32, _at: MemTxAttrs) -> MemTxResult {
+            MemTxResult::OK
+        }
+        fn valid_sizes(&self) -> AccessSizes {
+            AccessSizes::new(1, 8, false)
+        }
+        fn impl_sizes(&self) -> AccessSizes {
+            AccessSizes::new(1, 8, false)
+        }
+        fn endianness(&self) -> Endianness {
+            Endianness::Little
+        }
+    }
+    let s = setup(12, 8);
+    s.system.store::<u32>(0x40_0000, 3, Endian::Little, A);
+    s.map(4, 0x40_0000, IommuPerm::ReadWrite);
+    let mut cur = s.dma.cursor();
+    assert_eq!(s.dma.load::<u32>(0x4000, Endian::Little, A).0, 3);
+    assert_eq!(cur.load::<u32>(0x4000, Endian::Little, A).0, 3);
+    let root = s.memory.find_region("memory").unwrap();
+    let mmio = s
+        .memory
+        .new_mmio("overlay", 0x1000, Arc::new(Fixed), None)
+        .unwrap();
+    s.memory
+        .add_subregion_overlap(root, 0x40_0000, mmio, 1)
+        .unwrap();
+    assert_eq!(s.dma.load::<u32>(0x4000, Endian::Little, A).0, 0x5a5a_5a5a);
+    assert_eq!(cur.load::<u32>(0x4000, Endian::Little, A).0, 0x5a5a_5a5a);
+    assert!(s.dma.store::<u32>(0x4000, 1, Endian::Little, A).is_ok());
+    s.memory.del_subregion(root, mmio).unwrap();
+    // The store went to the MMIO region, not to the RAM under it.
+    assert_eq!(s.dma.load::<u32>(0x4000, Endian::Little, A).0, 3);
+    assert_eq!(cur.load::<u32>(0x4000, Endian::Little, A).0, 3);
+}
+
 /// Rule: bypass switching — devices' DMA spaces switch between translated
 /// and bypass (system memory) for many devices in one transaction.
 #[test]
