@@ -1157,13 +1157,12 @@ pub(crate) fn load<T: Primitive>(
 ) -> Option<(T, MemTxResult)> {
     let size = u64::from(T::SIZE);
     let hit = direct_hit(r, addr, IommuPerm::Read, attrs, |tr, ta, avail| {
-        // SAFETY: `size` bytes from `ta` lie inside `tr`, a range of the
-        // target view `direct_hit` holds, whose host memory covers it.
         (avail >= size).then(|| {
-            (
-                unsafe { T::load_from(tr.host_at(ta), order) },
-                MemTxResult::OK,
-            )
+            // SAFETY: `size` bytes from `ta` lie inside `tr`, a range of
+            // the target view `direct_hit` holds, whose host memory covers
+            // it.
+            let v = unsafe { T::load_from(tr.host_at(ta), order) };
+            (v, MemTxResult::OK)
         })
     });
     if let Some(Some(done)) = hit {
