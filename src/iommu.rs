@@ -1065,6 +1065,38 @@ fn direct_hit<R>(
     Some(f(tr, ta, len))
 }
 
+/// For a DMA mapping at `addr` (in the view) through the IOMMU range `r`:
+/// translates for `dir` and, when allowed, runs `f` on the target's current
+/// view (held for the call), the index of its range containing the
+/// translated address, that address, and the most bytes the translation
+/// covers from there (IOTLB page and IOMMU range). `None` if `r` is not an
+/// IOMMU range, the translation is denied, or nothing serves the
+/// translated address.
+pub(crate) fn with_direct_target<R>(
+    r: &FlatRange,
+    addr: u64,
+    dir: crate::dma::DmaDirection,
+    attrs: MemTxAttrs,
+    f: impl FnOnce(&FlatView, usize, u64, u64) -> R,
+) -> Option<R> {
+    let access = match (dir.reads(), dir.writes()) {
+        (true, true) => IommuPerm::ReadWrite,
+        (true, false) => IommuPerm::Read,
+        _ => IommuPerm::Write,
+    };
+    with_translation_at(r, addr, access, attrs, |e, mr_addr| {
+        let t = e.target.as_ref().filter(|_| e.perm.allows(access))?;
+        let ta = e.translate(mr_addr);
+        let max = e
+            .remaining(mr_addr)
+            .min((r.last() - addr).saturating_add(1));
+        let view = t.view_guard();
+        let j = view.lookup_index(ta)?;
+        Some(f(&view, j, ta, max))
+    })
+    .flatten()
+}
+
 /// One piece of a buffer read at `addr` through the IOMMU range `r`:
 /// returns its length and result, or `None` if `r` is not an IOMMU range.
 pub(crate) fn read_piece(

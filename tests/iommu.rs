@@ -3,7 +3,6 @@
 #[path = "../examples/iommu_pagetable.rs"]
 mod pagetable;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use memtree::iommu::{
@@ -721,51 +720,127 @@ fn bypass_switching_many_devices_in_one_transaction() {
     assert_eq!(devs[3].0.load::<u32>(0x1000, Endian::Little, A).0, 0xb1);
 }
 
-/// Rule (lifecycle): unplugging the IOMMU device with a device address
-/// space behind it makes its accesses decode errors and leaks nothing; a
-/// DMA mapping through an IOMMU is a bounce mapping of the translated bytes
-/// and survives an UNMAP notification with the bytes it was made from.
+/// Rule: a DMA mapping through an IOMMU whose translation lands in RAM maps
+/// that RAM directly and keeps exactly what a direct mapping keeps, the
+/// memory (not the IOMMU region or device). An UNMAP notification while it
+/// is out does not revoke it: it stays valid until unmapped (its reads and
+/// writes reach the page it was translated to), new accesses through the
+/// IOMMU fault, and the census names the mapping as the memory's holder.
 #[test]
-fn unplug_and_unmap_while_mapped() {
+fn dma_through_iommu_maps_ram_directly_and_outlives_an_unmap() {
     let s = setup(12, 8);
     s.map(1, 0x30_0000, IommuPerm::ReadWrite);
     s.system.store::<u32>(0x30_0010, 0xc0de, Endian::Little, A);
-    let m = s
+    let mut m = s
         .dma
-        .map(0x1010, 8, memtree::DmaDirection::ToDevice, A)
+        .map(0x1010, 0x2000, memtree::DmaDirection::Bidirectional, A)
         .unwrap();
-    assert!(m.is_bounce());
+    assert!(!m.is_bounce(), "translated RAM was bounced");
+    assert!(m.region().is_none(), "a direct mapping holds no region");
+    // Clamped to the IOTLB page.
+    assert_eq!(m.len(), 0x1000 - 0x10);
     let mut b = [0u8; 4];
     m.read(0, &mut b).unwrap();
     assert_eq!(u32::from_le_bytes(b), 0xc0de);
-    // The guest unmaps the page while the mapping is out: the mapping keeps
-    // the bytes it bounced; new accesses are denied.
-    s.system.store::<u64>(TABLE_BASE + 8, 0, Endian::Little, A);
-    s.system.store::<u64>(0xfee0_0000, 1, Endian::Little, A);
+    let memory_key = m.memory_key().unwrap();
+    let why = s.memory.census().explain(memory_key);
+    assert!(
+        why.iter()
+            .any(|w| w.starts_with("held by mapping #") && w.contains("dma")),
+        "{why:?}"
+    );
+    // The guest unmaps the page while the mapping is out.
+    s.map(1, 0, IommuPerm::None);
+    assert_eq!(
+        s.dma.load::<u32>(0x1010, Endian::Little, A).1,
+        MemTxResult::DECODE_ERROR
+    );
+    m.write(4, &0xfeedu32.to_le_bytes()).unwrap();
+    s.system.store::<u32>(0x30_0010, 0xabcd, Endian::Little, A);
     m.read(0, &mut b).unwrap();
-    assert_eq!(u32::from_le_bytes(b), 0xc0de);
+    assert_eq!(
+        u32::from_le_bytes(b),
+        0xabcd,
+        "the mapping still shows the page"
+    );
+    assert!(m.unmap(8).is_ok());
+    assert_eq!(s.system.load::<u32>(0x30_0014, Endian::Little, A).0, 0xfeed);
+    // Mapping again now is a bounce over a denied page.
+    let d = s
+        .dma
+        .map(0x1010, 4, memtree::DmaDirection::ToDevice, A)
+        .unwrap();
+    assert!(d.is_bounce());
+    assert_eq!(d.prefill_result(), MemTxResult::DECODE_ERROR);
+    drop(d);
+    // Contiguous RAM across two IOTLB pages that translate contiguously is
+    // still one page per mapping (the translation may change per page).
+    s.map(2, 0x40_0000, IommuPerm::Read);
+    let r = s
+        .dma
+        .map(0x2000, 0x1000, memtree::DmaDirection::ToDevice, A)
+        .unwrap();
+    assert!(!r.is_bounce() && r.len() == 0x1000);
+    drop(r);
+    // A read-only page cannot be mapped directly for writing: bounce.
+    let w = s
+        .dma
+        .map(0x2000, 4, memtree::DmaDirection::FromDevice, A)
+        .unwrap();
+    assert!(w.is_bounce());
+    assert_eq!(w.unmap(4), MemTxResult::DECODE_ERROR);
+}
+
+/// Rule: a mapping through an IOMMU whose target is not RAM bounces (it
+/// holds the IOMMU region); an UNMAP while it is out keeps its bytes and its
+/// write-back is translated anew (denied and reported); unplugging the
+/// IOMMU's device with mappings out frees the device while a direct mapping
+/// still holds the memory, and teardown leaks nothing.
+#[test]
+fn unplug_and_unmap_while_mapped() {
+    let s = setup(12, 8);
+    // Page 1 -> the page of the invalidation register: MMIO (and a hole
+    // past its 8 bytes).
+    s.map(1, 0xfee0_0000, IommuPerm::ReadWrite);
+    let m = s
+        .dma
+        .map(0x1000, 8, memtree::DmaDirection::ToDevice, A)
+        .unwrap();
+    assert!(m.is_bounce());
+    assert!(m.region().is_some_and(|r| r.name() == "pt-iommu-dmar"));
+    let mut b = [0u8; 8];
+    m.read(0, &mut b).unwrap();
+    assert_eq!(b, [0; 8]);
+    s.map(1, 0, IommuPerm::None);
+    m.read(0, &mut b).unwrap();
     assert_eq!(
         s.dma.load::<u32>(0x1010, Endian::Little, A).1,
         MemTxResult::DECODE_ERROR
     );
     m.unmap(0);
 
-    // A device-bound (FromDevice) mapping whose page is unmapped while it is
-    // out: the write-back at unmap is translated anew, denied, reported, and
-    // the old target is untouched.
-    s.map(1, 0x30_0000, IommuPerm::ReadWrite);
+    // A device-bound (FromDevice) bounce mapping whose page is unmapped
+    // while it is out: the write-back at unmap is translated anew, denied,
+    // reported.
+    s.map(1, 0xfee0_0000, IommuPerm::ReadWrite);
     let mut w = s
         .dma
         .map(0x1010, 4, memtree::DmaDirection::FromDevice, A)
         .unwrap();
+    assert!(w.is_bounce());
     w.write(0, &0xbad0u32.to_le_bytes()).unwrap();
-    s.system.store::<u64>(TABLE_BASE + 8, 0, Endian::Little, A);
-    s.system.store::<u64>(0xfee0_0000, 1, Endian::Little, A);
+    s.map(1, 0, IommuPerm::None);
     assert_eq!(w.unmap(4), MemTxResult::DECODE_ERROR);
-    assert_eq!(s.system.load::<u32>(0x30_0010, Endian::Little, A).0, 0xc0de);
 
+    // A direct mapping out across the unplug of the IOMMU's device.
     s.map(1, 0x30_0000, IommuPerm::ReadWrite);
+    s.system.store::<u32>(0x30_0010, 0xc0de, Endian::Little, A);
     assert!(s.dma.load::<u32>(0x1010, Endian::Little, A).1.is_ok());
+    let dma2 = s.dma.clone();
+    let mut direct = dma2
+        .map(0x1010, 4, memtree::DmaDirection::Bidirectional, A)
+        .unwrap();
+    assert!(!direct.is_bounce());
     let report = s.memory.unplug(s.owner).unwrap();
     assert!(
         report.regions.iter().any(|r| r == "pt-iommu-dmar"),
@@ -775,14 +850,6 @@ fn unplug_and_unmap_while_mapped() {
         s.dma.load::<u32>(0x1010, Endian::Little, A).1,
         MemTxResult::DECODE_ERROR
     );
-    let dropped = Arc::new(AtomicBool::new(false));
-    struct Flag(Arc<AtomicBool>);
-    impl Drop for Flag {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
-        }
-    }
-    let _flag = Flag(dropped.clone());
     let weak_dev = Arc::downgrade(&s.device);
     let pagetable::Setup {
         memory,
@@ -791,11 +858,15 @@ fn unplug_and_unmap_while_mapped() {
         device,
         ..
     } = s;
-    drop((system, dma, device));
+    drop(device);
     assert!(
         weak_dev.upgrade().is_none(),
-        "IOMMU device outlived its unplug"
+        "the IOMMU device outlived its unplug while a direct mapping was out"
     );
+    direct.write(0, &0x600du32.to_le_bytes()).unwrap();
+    assert!(direct.unmap(4).is_ok());
+    assert_eq!(system.load::<u32>(0x30_0010, Endian::Little, A).0, 0x600d);
+    drop((system, dma, dma2));
     let report = memory.teardown();
     assert!(report.is_clean(), "{report}");
 }
