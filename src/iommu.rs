@@ -765,8 +765,16 @@ impl IommuHub {
     }
 
     /// The translation context of an access with `attrs`.
-    #[inline]
+    #[inline(always)]
     fn index_of(&self, device: &dyn Iommu, attrs: MemTxAttrs) -> Result<u32, IommuError> {
+        if self.single_index.load(Ordering::Relaxed) == 1 {
+            return Ok(0);
+        }
+        self.index_of_slow(device, attrs)
+    }
+
+    #[inline(never)]
+    fn index_of_slow(&self, device: &dyn Iommu, attrs: MemTxAttrs) -> Result<u32, IommuError> {
         match self.single_index.load(Ordering::Relaxed) {
             1 => Ok(0),
             2 => catch_dev(|| device.attrs_to_index(attrs)),
@@ -1051,6 +1059,79 @@ fn direct_hit<R>(
     // The remembered range is re-checked against the current view: it
     // serves `ta` iff it contains it (ranges are disjoint), so a target
     // view changed since the fill falls back to the slow path.
+    let direct = match access {
+        IommuPerm::Write => tr.is_direct_write(),
+        _ => tr.is_direct_read(),
+    };
+    if !tr.contains(ta) || !direct {
+        return None;
+    }
+    let len = c
+        .remaining(mr_addr)
+        .min((r.last() - addr).saturating_add(1))
+        .min((tr.last() - ta).saturating_add(1));
+    Some(f(tr, ta, len))
+}
+
+/// A [`SpaceCursor`](crate::SpaceCursor)'s own copy of the last IOTLB
+/// entry it used, with a cursor-style cache of its target's view: a hit
+/// makes no arc-swap load at all (the cursor's views are revalidated by one
+/// relaxed pointer comparison each). Like the cursor's own view, the
+/// target view it last used stays alive until the cursor's next access
+/// through the entry, [`SpaceCursor::refresh`](crate::SpaceCursor::refresh)
+/// or its drop.
+pub(crate) struct CursorIotlb {
+    hub: Arc<IommuHub>,
+    entry: Cached,
+    target: arc_swap::Cache<crate::dispatch::ViewCellRef, Arc<FlatView>>,
+}
+
+/// [`direct_hit`] for a cursor: through the cursor's entry when it is still
+/// valid (same hub, context and page, current hub generation), else copied
+/// from the hub's cache (`None` if that misses too: the caller's slow path
+/// fills it).
+#[inline]
+pub(crate) fn cursor_hit<R>(
+    iotlb: &mut Option<CursorIotlb>,
+    r: &FlatRange,
+    addr: u64,
+    access: IommuPerm,
+    attrs: MemTxAttrs,
+    f: impl FnOnce(&FlatRange, u64, u64) -> R,
+) -> Option<R> {
+    let core = r.region();
+    let Backing::Iommu { device, hub } = core.backing() else {
+        return None;
+    };
+    if !core.is_live() {
+        return None;
+    }
+    let mr_addr = (addr - r.start()).wrapping_add(r.offset_in_region());
+    let idx = hub.index_of(device.as_ref(), attrs).ok()?;
+    let valid = iotlb.as_ref().is_some_and(|e| {
+        Arc::ptr_eq(&e.hub, hub)
+            && e.entry.idx == idx
+            && e.entry.covers(mr_addr)
+            && e.entry.generation == hub.generation.load(Ordering::Acquire)
+    });
+    if !valid {
+        *iotlb = None;
+        let c = hub.lookup_cached(mr_addr, idx)?;
+        let t = hub.target(&c)?;
+        *iotlb = Some(CursorIotlb {
+            hub: hub.clone(),
+            entry: c,
+            target: arc_swap::Cache::new(crate::dispatch::ViewCellRef::new(t)),
+        });
+    }
+    let e = iotlb.as_mut()?;
+    let c = e.entry;
+    if !c.perm.allows(access) || c.hint == NO_HINT {
+        return None;
+    }
+    let view = e.target.load();
+    let tr = view.ranges().get(usize::try_from(c.hint).ok()?)?;
+    let ta = c.translate(mr_addr);
     let direct = match access {
         IommuPerm::Write => tr.is_direct_write(),
         _ => tr.is_direct_read(),
