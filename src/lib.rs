@@ -61,6 +61,7 @@ pub mod region;
 mod render;
 pub mod scale;
 pub mod space;
+mod space_index;
 pub mod text;
 mod topology;
 #[cfg(all(feature = "vhost-user", target_os = "linux"))]
