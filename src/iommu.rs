@@ -32,6 +32,17 @@
 //!   carries a generation), so the cache never serves a translation the
 //!   device has since withdrawn — provided the device notifies (or calls
 //!   [`IommuHub::invalidate_cache`]) after changing or removing a mapping.
+//! * A cached translation holds no reference: its slot names the target
+//!   address space by index into the hub's append-only target table and
+//!   the range of the target's view that served it by index. A hit uses
+//!   that range only if the target's *current* view (held by a guard for
+//!   the access) has it containing the translated address, directly
+//!   accessible: a target view that changed since is searched again, so
+//!   the cache never serves memory the target no longer maps there.
+//! * A [`SpaceCursor`](crate::SpaceCursor) copies the last slot it used
+//!   and caches its target's view cursor-style (revalidated by one relaxed
+//!   pointer comparison per access, like its own view); the copy is
+//!   re-checked against the hub's generation at every access.
 //! * Chains are followed at most [`MAX_CHAIN_DEPTH`] IOMMUs deep; deeper (a
 //!   loop of IOMMUs translating into each other) is a decode error.
 //! * Device and notifier code (other people's code) runs with no lock of
