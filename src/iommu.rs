@@ -39,7 +39,7 @@
 //!   the access) has it containing the translated address, directly
 //!   accessible: a target view that changed since is searched again, so
 //!   the cache never serves memory the target no longer maps there.
-//! * A [`SpaceCursor`](crate::SpaceCursor) copies the last slot it used
+//! * A [`SpaceCursor`](crate::dispatch::SpaceCursor) copies the last slot it used
 //!   and caches its target's view cursor-style (revalidated by one relaxed
 //!   pointer comparison per access, like its own view); the copy is
 //!   re-checked against the hub's generation at every access.
@@ -1084,12 +1084,12 @@ fn direct_hit<R>(
     Some(f(tr, ta, len))
 }
 
-/// A [`SpaceCursor`](crate::SpaceCursor)'s own copy of the last IOTLB
+/// A [`SpaceCursor`](crate::dispatch::SpaceCursor)'s own copy of the last IOTLB
 /// entry it used, with a cursor-style cache of its target's view: a hit
 /// makes no arc-swap load at all (the cursor's views are revalidated by one
 /// relaxed pointer comparison each). Like the cursor's own view, the
 /// target view it last used stays alive until the cursor's next access
-/// through the entry, [`SpaceCursor::refresh`](crate::SpaceCursor::refresh)
+/// through the entry, [`SpaceCursor::refresh`](crate::dispatch::SpaceCursor::refresh)
 /// or its drop.
 pub(crate) struct CursorIotlb {
     hub: Arc<IommuHub>,
