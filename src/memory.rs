@@ -468,6 +468,9 @@ impl Machine {
             if full && !targeted {
                 index.reset();
             }
+            if full {
+                index.begin_update();
+            }
             let spaces: Vec<(SpaceId, Box<str>, Option<RegionId>, AddressSpace)> = match candidates
             {
                 Some(c) => c
@@ -572,6 +575,7 @@ impl Machine {
                         old_views.extend(topo.views.remove(&p));
                     }
                 }
+                index.set_complete();
             } else if full {
                 old_views.extend(std::mem::replace(&mut topo.views, fresh).into_values());
                 index.set_complete();

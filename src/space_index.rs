@@ -115,7 +115,15 @@ impl SpaceIndex {
         *self = SpaceIndex::default();
     }
 
-    /// After a commit that visited every space: the index is complete.
+    /// Before a commit changes the index: until [`SpaceIndex::set_complete`]
+    /// it is not trusted (a panic in between leaves it so, and the next
+    /// commit visits every space).
+    pub(crate) fn begin_update(&mut self) {
+        self.complete = false;
+    }
+
+    /// After a commit that visited every space it could change, with the
+    /// view cache updated: the index is complete.
     pub(crate) fn set_complete(&mut self) {
         self.complete = true;
     }
