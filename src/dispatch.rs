@@ -821,6 +821,7 @@ impl SpaceCursor {
             let hit = (!attrs.memory).then(|| {
                 crate::iommu::cursor_hit(
                     &mut self.iotlb,
+                    view,
                     r,
                     addr,
                     crate::iommu::IommuPerm::Read,
@@ -867,6 +868,7 @@ impl SpaceCursor {
             let hit = (!attrs.memory).then(|| {
                 crate::iommu::cursor_hit(
                     &mut self.iotlb,
+                    view,
                     r,
                     addr,
                     crate::iommu::IommuPerm::Write,

@@ -1095,6 +1095,10 @@ pub(crate) struct CursorIotlb {
     hub: Arc<IommuHub>,
     entry: Cached,
     target: arc_swap::Cache<crate::dispatch::ViewCellRef, Arc<FlatView>>,
+    /// The cursor's view when the entry was last validated through its
+    /// IOMMU range (held, so its address cannot be reused while compared)
+    /// and the address of that range in it.
+    source: Option<(Arc<FlatView>, usize)>,
 }
 
 /// [`direct_hit`] for a cursor: through the cursor's entry when it is still
@@ -1104,12 +1108,33 @@ pub(crate) struct CursorIotlb {
 #[inline]
 pub(crate) fn cursor_hit<R>(
     iotlb: &mut Option<CursorIotlb>,
+    view: &Arc<FlatView>,
     r: &FlatRange,
     addr: u64,
     access: IommuPerm,
     attrs: MemTxAttrs,
     f: impl FnOnce(&FlatRange, u64, u64) -> R,
 ) -> Option<R> {
+    // The same IOMMU range of the same (current) view as last time: the
+    // region's kind and its owner's liveness need no second look (an
+    // unplug publishes views without the region, which the cursor sees
+    // first), and a single-context device needs no index.
+    if let Some(e) = iotlb.as_mut() {
+        let same = e
+            .source
+            .as_ref()
+            .is_some_and(|(v, at)| Arc::ptr_eq(v, view) && *at == r as *const FlatRange as usize);
+        if same && e.hub.single_index.load(Ordering::Relaxed) == 1 {
+            let mr_addr = (addr - r.start()).wrapping_add(r.offset_in_region());
+            let c = e.entry;
+            if c.idx == 0
+                && c.covers(mr_addr)
+                && c.generation == e.hub.generation.load(Ordering::Acquire)
+            {
+                return cursor_use(e, r, addr, mr_addr, access, f);
+            }
+        }
+    }
     let core = r.region();
     let Backing::Iommu { device, hub } = core.backing() else {
         return None;
@@ -1133,9 +1158,31 @@ pub(crate) fn cursor_hit<R>(
             hub: hub.clone(),
             entry: c,
             target: arc_swap::Cache::new(crate::dispatch::ViewCellRef::new(t)),
+            source: None,
         });
     }
     let e = iotlb.as_mut()?;
+    let at = r as *const FlatRange as usize;
+    if !e
+        .source
+        .as_ref()
+        .is_some_and(|(v, a)| Arc::ptr_eq(v, view) && *a == at)
+    {
+        e.source = Some((view.clone(), at));
+    }
+    cursor_use(e, r, addr, mr_addr, access, f)
+}
+
+/// The rest of [`cursor_hit`] once the entry is valid.
+#[inline]
+fn cursor_use<R>(
+    e: &mut CursorIotlb,
+    r: &FlatRange,
+    addr: u64,
+    mr_addr: u64,
+    access: IommuPerm,
+    f: impl FnOnce(&FlatRange, u64, u64) -> R,
+) -> Option<R> {
     let c = e.entry;
     if !c.perm.allows(access) || c.hint == NO_HINT {
         return None;
