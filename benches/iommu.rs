@@ -1,13 +1,15 @@
 //! IOMMU benchmarks (issue 10):
 //!
 //! * `iommu_read_u32`: a u32 read with no IOMMU, through memtree's IOMMU
-//!   region with a warm IOTLB cache (the example page-table device), and
+//!   region with a warm IOTLB cache (the example page-table device), both
+//!   through the shared `AddressSpace` handle and a per-caller
+//!   `SpaceCursor` (`*_cursor`), and
 //!   through vm-memory 0.18's `IommuMemory` whose `Iotlb` holds the same
 //!   mapping.
 //! * `iommu_switch`: switching N devices' DMA address spaces from bypass to
 //!   translated and back, in one transaction and one device at a time.
 //!
-//! Run: `cargo bench --bench iommu -- --warm-up-time 1 --measurement-time 2`
+//! Run: `cargo bench --bench iommu -- --warm-up-time 1 --measurement-time 3`
 
 #[path = "../examples/iommu_pagetable.rs"]
 mod pagetable;
@@ -58,6 +60,18 @@ fn read_u32(c: &mut Criterion) {
     });
     g.bench_function("memtree_iommu_warm_iotlb", |b| {
         b.iter(|| s.dma.load::<u32>(black_box(0x3010), Endian::Little, a))
+    });
+    let mut sys_cursor = s.system.cursor();
+    g.bench_function("no_iommu_cursor", |b| {
+        b.iter(|| sys_cursor.load::<u32>(black_box(0x20_0010), Endian::Little, a))
+    });
+    let mut dma_cursor = s.dma.cursor();
+    assert_eq!(
+        dma_cursor.load::<u32>(0x3010, Endian::Little, a).0,
+        0x1234_5678
+    );
+    g.bench_function("memtree_iommu_warm_iotlb_cursor", |b| {
+        b.iter(|| dma_cursor.load::<u32>(black_box(0x3010), Endian::Little, a))
     });
 
     let backend: GuestMemoryMmap<()> =

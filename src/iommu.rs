@@ -32,6 +32,17 @@
 //!   carries a generation), so the cache never serves a translation the
 //!   device has since withdrawn — provided the device notifies (or calls
 //!   [`IommuHub::invalidate_cache`]) after changing or removing a mapping.
+//! * A cached translation holds no reference: its slot names the target
+//!   address space by index into the hub's append-only target table and
+//!   the range of the target's view that served it by index. A hit uses
+//!   that range only if the target's *current* view (held by a guard for
+//!   the access) has it containing the translated address, directly
+//!   accessible: a target view that changed since is searched again, so
+//!   the cache never serves memory the target no longer maps there.
+//! * A [`SpaceCursor`](crate::dispatch::SpaceCursor) copies the last slot it used
+//!   and caches its target's view cursor-style (revalidated by one relaxed
+//!   pointer comparison per access, like its own view); the copy is
+//!   re-checked against the hub's generation at every access.
 //! * Chains are followed at most [`MAX_CHAIN_DEPTH`] IOMMUs deep; deeper (a
 //!   loop of IOMMUs translating into each other) is a decode error.
 //! * Device and notifier code (other people's code) runs with no lock of
@@ -40,10 +51,9 @@
 
 use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
-use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::access::attrs::{Endianness, MemTxAttrs, MemTxResult};
@@ -375,19 +385,77 @@ impl fmt::Debug for IommuNotifier {
 /// Number of slots of the direct-mapped IOTLB cache.
 const CACHE_SLOTS: usize = 64;
 
-/// An immutable IOTLB cache snapshot: slot `(addr >> 12) % CACHE_SLOTS`
-/// holds the last translation made there.
-struct IotlbCache {
-    generation: u64,
-    slots: [Option<(u32, IotlbEntry)>; CACHE_SLOTS],
+/// Most distinct target address spaces one hub's cache names (a slot names
+/// its target by index into [`IommuHub::targets`]).
+const MAX_TARGETS: usize = 4;
+
+/// `Slot::hint` when the translated page has no directly accessible range
+/// to remember (MMIO, a hole, another IOMMU).
+const NO_HINT: u64 = u64::MAX;
+
+/// One slot of the IOTLB cache: plain data in atomics under a sequence
+/// lock (`seq` odd while a writer fills it), so that a hit takes no lock,
+/// touches no reference count and holds nothing: a slot only *names* its
+/// target (an index into the hub's append-only target table) and the range
+/// of the target's view that served the page last (`hint`), which a hit
+/// re-checks against the target's current view.
+struct Slot {
+    seq: AtomicU64,
+    /// The hub generation the translation was made under: the slot is valid
+    /// only while it equals the hub's.
+    generation: AtomicU64,
+    /// First input address of the page.
+    iova: AtomicU64,
+    addr_mask: AtomicU64,
+    translated: AtomicU64,
+    /// `iommu_idx` (low 32 bits), permission bits (8), target index (8).
+    meta: AtomicU64,
+    /// Index, in the target's view, of the range that served the page's
+    /// translated address when the slot was filled ([`NO_HINT`] if it was
+    /// not directly accessible RAM).
+    hint: AtomicU64,
 }
 
-impl IotlbCache {
-    fn empty(generation: u64) -> IotlbCache {
-        IotlbCache {
-            generation,
-            slots: std::array::from_fn(|_| None),
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            seq: AtomicU64::new(0),
+            // Never equal to a hub generation before a fill.
+            generation: AtomicU64::new(u64::MAX),
+            iova: AtomicU64::new(0),
+            addr_mask: AtomicU64::new(0),
+            translated: AtomicU64::new(0),
+            meta: AtomicU64::new(0),
+            hint: AtomicU64::new(NO_HINT),
         }
+    }
+}
+
+/// A consistent copy of a slot.
+#[derive(Copy, Clone)]
+struct Cached {
+    generation: u64,
+    iova: u64,
+    addr_mask: u64,
+    translated: u64,
+    idx: u32,
+    perm: IommuPerm,
+    target: usize,
+    hint: u64,
+}
+
+impl Cached {
+    #[inline]
+    fn covers(&self, addr: u64) -> bool {
+        addr & !self.addr_mask == self.iova
+    }
+    #[inline]
+    fn translate(&self, addr: u64) -> u64 {
+        (self.translated & !self.addr_mask) | (addr & self.addr_mask)
+    }
+    #[inline]
+    fn remaining(&self, addr: u64) -> u64 {
+        (self.addr_mask - (addr & self.addr_mask)).saturating_add(1)
     }
 }
 
@@ -402,9 +470,21 @@ pub struct IommuHub {
     device: OnceLock<Weak<dyn Iommu>>,
     notifiers: Mutex<Vec<(NotifierId, IommuNotifier)>>,
     next_id: AtomicU64,
-    cache: ArcSwap<IotlbCache>,
-    /// Serializes cache invalidation against cache insertion's check.
+    /// The IOTLB cache (see [`Slot`]).
+    slots: [Slot; CACHE_SLOTS],
+    /// The address spaces cached translations land in, appended on first
+    /// use and kept for the hub's life (a slot names one by index, so a hit
+    /// needs no reference count). At most [`MAX_TARGETS`]; translations
+    /// into further spaces are not cached.
+    targets: [OnceLock<AddressSpace>; MAX_TARGETS],
+    /// Bumped by every invalidation: a slot filled under an older
+    /// generation is dead, and a translation that raced an invalidation is
+    /// stored under the old one (so never served).
     generation: AtomicU64,
+    /// Whether the device has a single translation context (1), several
+    /// (2), or it was not asked yet (0): with one, `attrs_to_index` is not
+    /// called (its answer must be 0).
+    single_index: AtomicU8,
     misses: AtomicU64,
 }
 
@@ -425,8 +505,10 @@ impl IommuHub {
             device: OnceLock::new(),
             notifiers: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
-            cache: ArcSwap::from_pointee(IotlbCache::empty(0)),
+            slots: std::array::from_fn(|_| Slot::new()),
+            targets: std::array::from_fn(|_| OnceLock::new()),
             generation: AtomicU64::new(0),
+            single_index: AtomicU8::new(0),
             misses: AtomicU64::new(0),
         })
     }
@@ -523,8 +605,9 @@ impl IommuHub {
 
     /// Drops every cached translation.
     pub fn invalidate_cache(&self) {
-        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        self.cache.store(Arc::new(IotlbCache::empty(g)));
+        // Every slot names the generation it was filled under: moving on
+        // kills them all at once.
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// How many translations missed the cache so far (diagnostics, tests).
@@ -640,9 +723,89 @@ impl IommuHub {
         }
     }
 
+    /// The cached translation of `addr` for context `idx`, if a live slot
+    /// holds one (a consistent copy of the slot, validated against the
+    /// hub's generation).
+    #[inline]
+    fn lookup_cached(&self, addr: u64, idx: u32) -> Option<Cached> {
+        let slot = &self.slots[slot_of(addr)];
+        let seq = slot.seq.load(Ordering::Acquire);
+        if seq & 1 != 0 {
+            return None;
+        }
+        let c = Cached {
+            generation: slot.generation.load(Ordering::Relaxed),
+            iova: slot.iova.load(Ordering::Relaxed),
+            addr_mask: slot.addr_mask.load(Ordering::Relaxed),
+            translated: slot.translated.load(Ordering::Relaxed),
+            idx: 0,
+            perm: IommuPerm::None,
+            target: 0,
+            hint: slot.hint.load(Ordering::Relaxed),
+        };
+        let meta = slot.meta.load(Ordering::Relaxed);
+        // Order the field loads before the re-check of `seq` (seqlock).
+        fence(Ordering::Acquire);
+        if slot.seq.load(Ordering::Relaxed) != seq {
+            return None;
+        }
+        let c = Cached {
+            idx: meta as u32,
+            perm: IommuPerm::from_bits((meta >> 32) as u8),
+            target: ((meta >> 40) & 0xff) as usize,
+            ..c
+        };
+        (c.generation == self.generation.load(Ordering::Acquire) && c.idx == idx && c.covers(addr))
+            .then_some(c)
+    }
+
+    /// The target address space of a cached translation.
+    #[inline]
+    fn target(&self, c: &Cached) -> Option<&AddressSpace> {
+        self.targets.get(c.target)?.get()
+    }
+
+    /// The index of `space` in the target table, appending it if there is
+    /// room.
+    fn target_index(&self, space: &AddressSpace) -> Option<usize> {
+        for (i, t) in self.targets.iter().enumerate() {
+            let cur = t.get_or_init(|| space.clone());
+            if Arc::ptr_eq(&cur.shared, &space.shared) {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// The translation context of an access with `attrs`.
+    #[inline(always)]
+    fn index_of(&self, device: &dyn Iommu, attrs: MemTxAttrs) -> Result<u32, IommuError> {
+        if self.single_index.load(Ordering::Relaxed) == 1 {
+            return Ok(0);
+        }
+        self.index_of_slow(device, attrs)
+    }
+
+    #[inline(never)]
+    fn index_of_slow(&self, device: &dyn Iommu, attrs: MemTxAttrs) -> Result<u32, IommuError> {
+        match self.single_index.load(Ordering::Relaxed) {
+            1 => Ok(0),
+            2 => catch_dev(|| device.attrs_to_index(attrs)),
+            _ => {
+                let n = catch_dev(|| device.num_indexes())?;
+                self.single_index
+                    .store(if n == 1 { 1 } else { 2 }, Ordering::Relaxed);
+                if n == 1 {
+                    Ok(0)
+                } else {
+                    catch_dev(|| device.attrs_to_index(attrs))
+                }
+            }
+        }
+    }
+
     /// Runs `f` on the translation of `addr`, from the cache when it holds
-    /// one (QEMU: the IOMMU's own IOTLB). A hit borrows the cached entry:
-    /// no reference count is touched.
+    /// one (QEMU: the IOMMU's own IOTLB).
     #[inline]
     pub(crate) fn with_translation<R>(
         &self,
@@ -652,13 +815,19 @@ impl IommuHub {
         idx: u32,
         f: impl FnOnce(&IotlbEntry) -> R,
     ) -> R {
-        let cache = self.cache.load();
-        if let Some((i, e)) = &cache.slots[slot_of(addr)] {
-            if *i == idx && e.covers(addr) && e.perm.allows(access) {
-                return f(e);
+        if let Some(c) = self.lookup_cached(addr, idx) {
+            if c.perm.allows(access) {
+                if let Some(t) = self.target(&c) {
+                    return f(&IotlbEntry {
+                        target: Some(t.clone()),
+                        iova: c.iova,
+                        translated_addr: c.translated,
+                        addr_mask: c.addr_mask,
+                        perm: c.perm,
+                    });
+                }
             }
         }
-        drop(cache);
         f(&self.translate_miss(device, addr, access, idx))
     }
 
@@ -679,21 +848,60 @@ impl IommuHub {
             // A panicking or malformed translation denies this page.
             _ => return IotlbEntry::denied(addr, 0xfff),
         };
-        if e.perm != IommuPerm::None && e.target.is_some() {
-            let slot = slot_of(addr);
-            self.cache.rcu(|cur| {
-                if cur.generation != generation {
-                    return Arc::clone(cur);
-                }
-                let mut next = IotlbCache {
-                    generation,
-                    slots: cur.slots.clone(),
-                };
-                next.slots[slot] = Some((idx, e.clone()));
-                Arc::new(next)
-            });
+        if let (Some(t), false) = (&e.target, e.perm == IommuPerm::None) {
+            if let Some(ti) = self.target_index(t) {
+                self.fill(slot_of(addr), generation, idx, ti, &e, t, addr);
+            }
         }
         e
+    }
+
+    /// Stores `e` (made under `generation`) in slot `slot`, unless another
+    /// writer holds the slot (then the translation is simply not cached).
+    #[allow(clippy::too_many_arguments)]
+    fn fill(
+        &self,
+        slot: usize,
+        generation: u64,
+        idx: u32,
+        target: usize,
+        e: &IotlbEntry,
+        space: &AddressSpace,
+        addr: u64,
+    ) {
+        // The range of the target's current view serving the translated
+        // address, if a hit may go straight to its memory.
+        let ta = e.translate(addr);
+        let hint = {
+            let view = space.view_guard();
+            view.lookup_index(ta)
+                .filter(|&i| {
+                    let r = &view.ranges()[i];
+                    r.is_direct_read() || r.is_direct_write()
+                })
+                .map_or(NO_HINT, |i| i as u64)
+        };
+        let s = &self.slots[slot];
+        let seq = s.seq.load(Ordering::Relaxed);
+        if seq & 1 != 0
+            || s.seq
+                .compare_exchange(seq, seq + 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        // Order the odd `seq` before the field stores (seqlock writer).
+        fence(Ordering::Release);
+        s.generation.store(generation, Ordering::Relaxed);
+        s.iova.store(e.iova & !e.addr_mask, Ordering::Relaxed);
+        s.addr_mask.store(e.addr_mask, Ordering::Relaxed);
+        s.translated.store(e.translated_addr, Ordering::Relaxed);
+        s.meta.store(
+            u64::from(idx) | (u64::from(e.perm.bits()) << 32) | ((target as u64) << 40),
+            Ordering::Relaxed,
+        );
+        s.hint.store(hint, Ordering::Relaxed);
+        s.seq.store(seq + 2, Ordering::Release);
     }
 }
 
@@ -823,11 +1031,211 @@ fn with_translation_at<R>(
     if !core.is_live() {
         return Some(f(&IotlbEntry::denied(mr_addr, 0xfff), mr_addr));
     }
-    let idx = match catch_dev(|| device.attrs_to_index(attrs)) {
+    let idx = match hub.index_of(device.as_ref(), attrs) {
         Ok(i) => i,
         Err(_) => return Some(f(&IotlbEntry::denied(mr_addr, 0xfff), mr_addr)),
     };
     Some(hub.with_translation(device.as_ref(), mr_addr, access, idx, |e| f(e, mr_addr)))
+}
+
+/// The warm path: if the IOTLB cache holds the translation of the access
+/// at `addr` (in the view) through the IOMMU range `r`, and the range of
+/// the target's *current* view it remembers still serves the translated
+/// address directly for `access`, runs `f` on that range, the translated
+/// address and the bytes available from it (bounded by the IOTLB page, the
+/// IOMMU range and the target range). No device call, no second lookup,
+/// no reference count: the target view is held by a guard for `f`.
+#[inline]
+fn direct_hit<R>(
+    r: &FlatRange,
+    addr: u64,
+    access: IommuPerm,
+    attrs: MemTxAttrs,
+    f: impl FnOnce(&FlatRange, u64, u64) -> R,
+) -> Option<R> {
+    let core = r.region();
+    let Backing::Iommu { device, hub } = core.backing() else {
+        return None;
+    };
+    if !core.is_live() {
+        return None;
+    }
+    let mr_addr = (addr - r.start()).wrapping_add(r.offset_in_region());
+    let idx = hub.index_of(device.as_ref(), attrs).ok()?;
+    let c = hub.lookup_cached(mr_addr, idx)?;
+    if !c.perm.allows(access) || c.hint == NO_HINT {
+        return None;
+    }
+    let view = hub.target(&c)?.view_guard();
+    let tr = view.ranges().get(usize::try_from(c.hint).ok()?)?;
+    let ta = c.translate(mr_addr);
+    // The remembered range is re-checked against the current view: it
+    // serves `ta` iff it contains it (ranges are disjoint), so a target
+    // view changed since the fill falls back to the slow path.
+    let direct = match access {
+        IommuPerm::Write => tr.is_direct_write(),
+        _ => tr.is_direct_read(),
+    };
+    if !tr.contains(ta) || !direct {
+        return None;
+    }
+    let len = c
+        .remaining(mr_addr)
+        .min((r.last() - addr).saturating_add(1))
+        .min((tr.last() - ta).saturating_add(1));
+    Some(f(tr, ta, len))
+}
+
+/// A [`SpaceCursor`](crate::dispatch::SpaceCursor)'s own copy of the last IOTLB
+/// entry it used, with a cursor-style cache of its target's view: a hit
+/// makes no arc-swap load at all (the cursor's views are revalidated by one
+/// relaxed pointer comparison each). Like the cursor's own view, the
+/// target view it last used stays alive until the cursor's next access
+/// through the entry, [`SpaceCursor::refresh`](crate::dispatch::SpaceCursor::refresh)
+/// or its drop.
+pub(crate) struct CursorIotlb {
+    hub: Arc<IommuHub>,
+    entry: Cached,
+    target: arc_swap::Cache<crate::access::dispatch::ViewCellRef, Arc<FlatView>>,
+    /// The cursor's view when the entry was last validated through its
+    /// IOMMU range (held, so its address cannot be reused while compared)
+    /// and the address of that range in it.
+    source: Option<(Arc<FlatView>, usize)>,
+}
+
+/// [`direct_hit`] for a cursor: through the cursor's entry when it is still
+/// valid (same hub, context and page, current hub generation), else copied
+/// from the hub's cache (`None` if that misses too: the caller's slow path
+/// fills it).
+#[inline]
+pub(crate) fn cursor_hit<R>(
+    iotlb: &mut Option<CursorIotlb>,
+    view: &Arc<FlatView>,
+    r: &FlatRange,
+    addr: u64,
+    access: IommuPerm,
+    attrs: MemTxAttrs,
+    f: impl FnOnce(&FlatRange, u64, u64) -> R,
+) -> Option<R> {
+    // The same IOMMU range of the same (current) view as last time: the
+    // region's kind and its owner's liveness need no second look (an
+    // unplug publishes views without the region, which the cursor sees
+    // first), and a single-context device needs no index.
+    if let Some(e) = iotlb.as_mut() {
+        let same = e
+            .source
+            .as_ref()
+            .is_some_and(|(v, at)| Arc::ptr_eq(v, view) && *at == r as *const FlatRange as usize);
+        if same && e.hub.single_index.load(Ordering::Relaxed) == 1 {
+            let mr_addr = (addr - r.start()).wrapping_add(r.offset_in_region());
+            let c = e.entry;
+            if c.idx == 0
+                && c.covers(mr_addr)
+                && c.generation == e.hub.generation.load(Ordering::Acquire)
+            {
+                return cursor_use(e, r, addr, mr_addr, access, f);
+            }
+        }
+    }
+    let core = r.region();
+    let Backing::Iommu { device, hub } = core.backing() else {
+        return None;
+    };
+    if !core.is_live() {
+        return None;
+    }
+    let mr_addr = (addr - r.start()).wrapping_add(r.offset_in_region());
+    let idx = hub.index_of(device.as_ref(), attrs).ok()?;
+    let valid = iotlb.as_ref().is_some_and(|e| {
+        Arc::ptr_eq(&e.hub, hub)
+            && e.entry.idx == idx
+            && e.entry.covers(mr_addr)
+            && e.entry.generation == hub.generation.load(Ordering::Acquire)
+    });
+    if !valid {
+        *iotlb = None;
+        let c = hub.lookup_cached(mr_addr, idx)?;
+        let t = hub.target(&c)?;
+        *iotlb = Some(CursorIotlb {
+            hub: hub.clone(),
+            entry: c,
+            target: arc_swap::Cache::new(crate::access::dispatch::ViewCellRef::new(t)),
+            source: None,
+        });
+    }
+    let e = iotlb.as_mut()?;
+    let at = r as *const FlatRange as usize;
+    if !e
+        .source
+        .as_ref()
+        .is_some_and(|(v, a)| Arc::ptr_eq(v, view) && *a == at)
+    {
+        e.source = Some((view.clone(), at));
+    }
+    cursor_use(e, r, addr, mr_addr, access, f)
+}
+
+/// The rest of [`cursor_hit`] once the entry is valid.
+#[inline]
+fn cursor_use<R>(
+    e: &mut CursorIotlb,
+    r: &FlatRange,
+    addr: u64,
+    mr_addr: u64,
+    access: IommuPerm,
+    f: impl FnOnce(&FlatRange, u64, u64) -> R,
+) -> Option<R> {
+    let c = e.entry;
+    if !c.perm.allows(access) || c.hint == NO_HINT {
+        return None;
+    }
+    let view = e.target.load();
+    let tr = view.ranges().get(usize::try_from(c.hint).ok()?)?;
+    let ta = c.translate(mr_addr);
+    let direct = match access {
+        IommuPerm::Write => tr.is_direct_write(),
+        _ => tr.is_direct_read(),
+    };
+    if !tr.contains(ta) || !direct {
+        return None;
+    }
+    let len = c
+        .remaining(mr_addr)
+        .min((r.last() - addr).saturating_add(1))
+        .min((tr.last() - ta).saturating_add(1));
+    Some(f(tr, ta, len))
+}
+
+/// For a DMA mapping at `addr` (in the view) through the IOMMU range `r`:
+/// translates for `dir` and, when allowed, runs `f` on the target's current
+/// view (held for the call), the index of its range containing the
+/// translated address, that address, and the most bytes the translation
+/// covers from there (IOTLB page and IOMMU range). `None` if `r` is not an
+/// IOMMU range, the translation is denied, or nothing serves the
+/// translated address.
+pub(crate) fn with_direct_target<R>(
+    r: &FlatRange,
+    addr: u64,
+    dir: crate::dma::mapping::DmaDirection,
+    attrs: MemTxAttrs,
+    f: impl FnOnce(&FlatView, usize, u64, u64) -> R,
+) -> Option<R> {
+    let access = match (dir.reads(), dir.writes()) {
+        (true, true) => IommuPerm::ReadWrite,
+        (true, false) => IommuPerm::Read,
+        _ => IommuPerm::Write,
+    };
+    with_translation_at(r, addr, access, attrs, |e, mr_addr| {
+        let t = e.target.as_ref().filter(|_| e.perm.allows(access))?;
+        let ta = e.translate(mr_addr);
+        let max = e
+            .remaining(mr_addr)
+            .min((r.last() - addr).saturating_add(1));
+        let view = t.view_guard();
+        let j = view.lookup_index(ta)?;
+        Some(f(&view, j, ta, max))
+    })
+    .flatten()
 }
 
 /// One piece of a buffer read at `addr` through the IOMMU range `r`:
@@ -838,6 +1246,17 @@ pub(crate) fn read_piece(
     rest: &mut [u8],
     attrs: MemTxAttrs,
 ) -> Option<(usize, MemTxResult)> {
+    let hit = direct_hit(r, addr, IommuPerm::Read, attrs, |tr, ta, avail| {
+        let len = (rest.len() as u64).min(avail) as usize;
+        // SAFETY: `ta..ta + len` lies inside `tr`, a range of the target
+        // view `direct_hit` holds, whose host memory covers the range;
+        // `rest` is a distinct Rust buffer.
+        unsafe { crate::access::ram::copy_from_guest(tr.host_at(ta), rest.as_mut_ptr(), len) };
+        (len, MemTxResult::OK)
+    });
+    if hit.is_some() {
+        return hit;
+    }
     with_translation_at(r, addr, IommuPerm::Read, attrs, |e, mr_addr| {
         read_translated(r, addr, rest, attrs, e, mr_addr)
     })
@@ -873,6 +1292,18 @@ pub(crate) fn write_piece(
     rest: &[u8],
     attrs: MemTxAttrs,
 ) -> Option<(usize, MemTxResult)> {
+    let hit = direct_hit(r, addr, IommuPerm::Write, attrs, |tr, ta, avail| {
+        let len = (rest.len() as u64).min(avail) as usize;
+        // SAFETY: `ta..ta + len` lies inside `tr`, a range of the target
+        // view `direct_hit` holds, whose host memory covers the range;
+        // `rest` is a distinct Rust buffer.
+        unsafe { crate::access::ram::copy_to_guest(rest.as_ptr(), tr.host_at(ta), len) };
+        tr.mark_dirty(ta, len as u64);
+        (len, MemTxResult::OK)
+    });
+    if hit.is_some() {
+        return hit;
+    }
     with_translation_at(r, addr, IommuPerm::Write, attrs, |e, mr_addr| {
         let avail = (r.last() - addr).saturating_add(1);
         let len = (rest.len() as u64).min(avail).min(e.remaining(mr_addr)) as usize;
@@ -898,6 +1329,18 @@ pub(crate) fn load<T: Primitive>(
     attrs: MemTxAttrs,
 ) -> Option<(T, MemTxResult)> {
     let size = u64::from(T::SIZE);
+    let hit = direct_hit(r, addr, IommuPerm::Read, attrs, |tr, ta, avail| {
+        (avail >= size).then(|| {
+            // SAFETY: `size` bytes from `ta` lie inside `tr`, a range of
+            // the target view `direct_hit` holds, whose host memory covers
+            // it.
+            let v = unsafe { T::load_from(tr.host_at(ta), order) };
+            (v, MemTxResult::OK)
+        })
+    });
+    if let Some(Some(done)) = hit {
+        return Some(done);
+    }
     let whole = with_translation_at(r, addr, IommuPerm::Read, attrs, |e, mr_addr| {
         if e.remaining(mr_addr) < size || (r.last() - addr) < size - 1 {
             return None;
@@ -947,6 +1390,19 @@ pub(crate) fn store<T: Primitive>(
     attrs: MemTxAttrs,
 ) -> Option<MemTxResult> {
     let size = u64::from(T::SIZE);
+    let hit = direct_hit(r, addr, IommuPerm::Write, attrs, |tr, ta, avail| {
+        (avail >= size).then(|| {
+            // SAFETY: `size` bytes from `ta` lie inside `tr`, a range of
+            // the target view `direct_hit` holds, whose host memory covers
+            // it.
+            unsafe { value.store_to(tr.host_at(ta), order) };
+            tr.mark_dirty(ta, size);
+            MemTxResult::OK
+        })
+    });
+    if let Some(Some(done)) = hit {
+        return Some(done);
+    }
     let whole = with_translation_at(r, addr, IommuPerm::Write, attrs, |e, mr_addr| {
         if e.remaining(mr_addr) < size || (r.last() - addr) < size - 1 {
             return None;

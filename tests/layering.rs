@@ -69,6 +69,7 @@ const KNOWN_BACK_EDGES: &[(&str, &str, &str)] = &[
         "RegionCore / RegionId / OwnerId live in topology",
     ),
     ("dma", "view", "a mapping resolves through a FlatView"),
+    ("dma", "iommu", "a mapping translates through IOMMU regions"),
     (
         "dma",
         "topology",

@@ -720,6 +720,12 @@ impl AddressSpace {
 #[derive(Clone)]
 pub(crate) struct ViewCellRef(Arc<SpaceShared>);
 
+impl ViewCellRef {
+    pub(crate) fn new(space: &AddressSpace) -> ViewCellRef {
+        ViewCellRef(space.shared.clone())
+    }
+}
+
 impl Deref for ViewCellRef {
     type Target = ArcSwap<FlatView>;
     fn deref(&self) -> &ArcSwap<FlatView> {
@@ -735,6 +741,8 @@ pub struct SpaceCursor {
     /// The handle (DMA mappings made through the cursor borrow it).
     pub(crate) space: AddressSpace,
     target_endian: Endianness,
+    /// The last IOTLB entry typed accesses used (see `crate::iommu`).
+    iotlb: Option<crate::iommu::CursorIotlb>,
 }
 
 impl std::fmt::Debug for SpaceCursor {
@@ -752,6 +760,7 @@ impl AddressSpace {
             cache: Cache::new(ViewCellRef(self.shared.clone())),
             space: self.clone(),
             target_endian: self.target_endian(),
+            iotlb: None,
         }
     }
 }
@@ -767,6 +776,7 @@ impl SpaceCursor {
     /// quiescent point): afterwards the cursor holds only the current view.
     pub fn refresh(&mut self) {
         self.cache.load();
+        self.iotlb = None;
     }
 
     /// [`AddressSpace::read`] through the cached view.
@@ -796,7 +806,42 @@ impl SpaceCursor {
         attrs: MemTxAttrs,
     ) -> (T, MemTxResult) {
         let order = order.resolve(self.target_endian);
-        self.view().load(addr, order, attrs)
+        let view = self.cache.load();
+        let range = view.lookup(addr);
+        if let Some(r) = range {
+            if r.is_direct_read() && avail(r, addr) >= u64::from(T::SIZE) && !attrs.memory {
+                // SAFETY: the range covers `T::SIZE` bytes from `addr`, and
+                // its host memory stays mapped while the range is alive.
+                return (
+                    unsafe { T::load_from(r.host_at(addr), order) },
+                    MemTxResult::OK,
+                );
+            }
+            let size = u64::from(T::SIZE);
+            // An IOMMU range is not RAM: `attrs.memory` takes the slow path.
+            let hit = (!attrs.memory).then(|| {
+                crate::iommu::cursor_hit(
+                    &mut self.iotlb,
+                    view,
+                    r,
+                    addr,
+                    crate::iommu::IommuPerm::Read,
+                    attrs,
+                    |tr, ta, avail| {
+                        (avail >= size).then(|| {
+                            // SAFETY: `size` bytes from `ta` lie inside `tr`, a
+                            // range of the target view the cursor holds.
+                            let v = unsafe { T::load_from(tr.host_at(ta), order) };
+                            (v, MemTxResult::OK)
+                        })
+                    },
+                )
+            });
+            if let Some(Some(Some(done))) = hit {
+                return done;
+            }
+        }
+        load_slow(range, addr, order, attrs)
     }
 
     /// [`AddressSpace::store`] through the cached view.
@@ -809,7 +854,42 @@ impl SpaceCursor {
         attrs: MemTxAttrs,
     ) -> MemTxResult {
         let order = order.resolve(self.target_endian);
-        self.view().store(addr, value, order, attrs)
+        let view = self.cache.load();
+        let range = view.lookup(addr);
+        if let Some(r) = range {
+            if r.is_direct_write() && avail(r, addr) >= u64::from(T::SIZE) && !attrs.memory {
+                // SAFETY: the range covers `T::SIZE` bytes from `addr`, and
+                // its host memory stays mapped while the range is alive.
+                unsafe { value.store_to(r.host_at(addr), order) };
+                r.mark_dirty(addr, u64::from(T::SIZE));
+                return MemTxResult::OK;
+            }
+            let size = u64::from(T::SIZE);
+            // An IOMMU range is not RAM: `attrs.memory` takes the slow path.
+            let hit = (!attrs.memory).then(|| {
+                crate::iommu::cursor_hit(
+                    &mut self.iotlb,
+                    view,
+                    r,
+                    addr,
+                    crate::iommu::IommuPerm::Write,
+                    attrs,
+                    |tr, ta, avail| {
+                        (avail >= size).then(|| {
+                            // SAFETY: `size` bytes from `ta` lie inside `tr`, a
+                            // range of the target view the cursor holds.
+                            unsafe { value.store_to(tr.host_at(ta), order) };
+                            tr.mark_dirty(ta, size);
+                            MemTxResult::OK
+                        })
+                    },
+                )
+            });
+            if let Some(Some(Some(done))) = hit {
+                return done;
+            }
+        }
+        store_slow(range, addr, value, order, attrs)
     }
 
     /// [`AddressSpace::rmw`] through the cached view (not atomic).

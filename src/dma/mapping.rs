@@ -12,6 +12,19 @@
 //!   across following flat ranges as long as they are served by the same
 //!   region, contiguously; its length may therefore be shorter than asked for
 //!   (as QEMU's `*plen`).
+//! * **Through an IOMMU.** A range served by an IOMMU region is translated
+//!   (the IOTLB cache, else the device) for the mapping's direction; if the
+//!   translation allows it and lands in RAM of the target address space
+//!   that is direct in that direction, the mapping is a direct mapping of
+//!   that RAM, clamped to the IOTLB page, the IOMMU range and the target's
+//!   contiguous RAM. It keeps what any direct mapping keeps, the memory
+//!   (not the IOMMU region, not its device). An UNMAP notification while it
+//!   is out does not revoke it: like a host pointer QEMU's
+//!   `address_space_map` returns through an IOMMU, it stays valid until it
+//!   is unmapped, reading and writing the page it was translated to (the
+//!   census names it as that memory's holder meanwhile); new accesses
+//!   through the IOMMU see the UNMAP at once. Denied translations, MMIO,
+//!   holes and chains of IOMMUs bounce (below).
 //! * **Bounce buffer.** Anything else (MMIO, ROM devices in MMIO mode, RAM
 //!   devices, ROM mapped for writing) is copied through a buffer reserved
 //!   against the address space's bounce limit
@@ -677,13 +690,32 @@ impl AddressSpace {
         };
         let r = &view.ranges()[i];
         if !is_direct(r, dir) {
+            if let Some(m) = self.map_translated(r, addr, len, dir, attrs) {
+                return m;
+            }
             return self.map_bounce(view, r, addr, len, dir, attrs);
         }
-        let Some(host) = NonNull::new(r.host_at(addr)) else {
+        let got = direct_extent(view, i, addr, len, dir);
+        self.map_direct(r, addr, addr, got, dir)
+    }
+
+    /// A direct mapping of `got` bytes of the direct range `r` at `at` (an
+    /// address of `r`'s view), recorded as made at `addr` of this space.
+    /// The caller holds `r`'s view, so the memory cannot be retired before
+    /// the mapping's entry pins it.
+    #[inline(always)]
+    fn map_direct(
+        &self,
+        r: &FlatRange,
+        at: u64,
+        addr: u64,
+        got: u64,
+        dir: DmaDirection,
+    ) -> Result<DmaMapping<'_>, DmaError> {
+        let Some(host) = NonNull::new(r.host_at(at)) else {
             // A direct range always has a host address; be total anyway.
             return Err(self.unassigned(addr));
         };
-        let got = direct_extent(view, i, addr, len, dir);
         let hold = match ram_backend(r.region()) {
             Some(backend) => {
                 // The view (borrowed for this call) holds the backend, so
@@ -720,6 +752,34 @@ impl AddressSpace {
             dir,
             hold,
         })
+    }
+
+    /// Through an IOMMU range `r`: a direct mapping of the RAM the
+    /// translation of `addr` lands in, when the translation allows `dir`
+    /// and its target is directly accessible RAM (clamped to the IOTLB
+    /// page, the IOMMU range and the target's contiguous RAM); `None` to
+    /// bounce (not an IOMMU, denied, MMIO, a hole, a further IOMMU). The
+    /// mapping keeps what any direct mapping keeps, the memory, and stays
+    /// valid until it is unmapped, whatever the IOMMU notifies meanwhile
+    /// (see the module docs).
+    #[inline(never)]
+    fn map_translated(
+        &self,
+        r: &FlatRange,
+        addr: u64,
+        len: u64,
+        dir: DmaDirection,
+        attrs: MemTxAttrs,
+    ) -> Option<Result<DmaMapping<'_>, DmaError>> {
+        crate::iommu::with_direct_target(r, addr, dir, attrs, |view, j, ta, max| {
+            let tr = &view.ranges()[j];
+            if !is_direct(tr, dir) {
+                return None;
+            }
+            let got = direct_extent(view, j, ta, len.min(max), dir);
+            Some(self.map_direct(tr, ta, addr, got, dir))
+        })
+        .flatten()
     }
 
     #[cold]

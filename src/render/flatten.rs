@@ -346,8 +346,20 @@ fn simplify(pieces: Vec<Piece<'_>>) -> Vec<FlatRange> {
 /// QEMU's physical-root walk (§2.5): the region whose rendering an address
 /// space rooted at `root` shares. `None` means the empty view.
 pub(crate) fn physical_root(topo: &Topology, root: RegionId) -> Option<RegionId> {
+    physical_root_visiting(topo, root, |_| {})
+}
+
+/// [`physical_root`], calling `visit` on every region whose own state the
+/// walk reads (the walk also reads the flags, position and size of the
+/// subregions of each container it visits).
+pub(crate) fn physical_root_visiting(
+    topo: &Topology,
+    root: RegionId,
+    mut visit: impl FnMut(RegionId),
+) -> Option<RegionId> {
     let mut id = root;
     loop {
+        visit(id);
         let node = topo.node(id)?;
         if !node.enabled {
             return None;
@@ -357,6 +369,7 @@ pub(crate) fn physical_root(topo: &Topology, root: RegionId) -> Option<RegionId>
                 let Some(target) = node.alias_target else {
                     return Some(id);
                 };
+                visit(target);
                 let tnode = topo.node(target)?;
                 if node.alias_offset == 0 && node.size >= tnode.size {
                     id = target;

@@ -114,6 +114,9 @@ type Result<T> = std::result::Result<T, TopologyError>;
 pub struct Machine {
     pub(crate) control: ReentrantMutex<RefCell<Topology>>,
     data: Arc<MachineData>,
+    /// Which spaces a commit can change (`crate::topology::space_index`); locked
+    /// only inside the commit, under `control`.
+    spaces_index: parking_lot::Mutex<crate::topology::space_index::SpaceIndex>,
 }
 
 /// The owning handle of a machine's memory system. Not `Clone`: see the
@@ -217,6 +220,7 @@ impl Memory {
             machine: Arc::new(Machine {
                 control: ReentrantMutex::new(RefCell::new(topo)),
                 data,
+                spaces_index: Default::default(),
             }),
         }
     }
@@ -406,15 +410,50 @@ impl Machine {
                 SlotBitmap::new(topo.regions.slot_count(), dirty.iter().map(|d| d.index));
             let mut fresh: HashMap<Option<RegionId>, Arc<FlatView>> = HashMap::new();
             let mut steps = Vec::new();
-            let spaces: Vec<(SpaceId, Box<str>, Option<RegionId>, AddressSpace)> = topo
-                .spaces_in_order()
-                .into_iter()
-                .map(|(id, n)| (id, n.name.clone(), n.root, n.handle.clone()))
-                .collect();
+            // A commit the space index can bound visits only the spaces it
+            // can change; any other visits every space and rebuilds the
+            // index.
+            let mut index = self.spaces_index.lock();
+            let candidates = if full {
+                index.candidates(&topo, &dirty, &affected, incremental, fds_changed)
+            } else {
+                None
+            };
+            let targeted = candidates.is_some();
+            if full && !targeted {
+                index.reset();
+            }
+            if full {
+                index.begin_update();
+            }
+            let spaces: Vec<(SpaceId, Box<str>, Option<RegionId>, AddressSpace)> = match candidates
+            {
+                Some(c) => c
+                    .into_iter()
+                    .filter_map(|id| {
+                        let n = topo.spaces.get(id.index, id.generation)?;
+                        Some((id, n.name.clone(), n.root, n.handle.clone()))
+                    })
+                    .collect(),
+                None => topo
+                    .spaces_in_order()
+                    .into_iter()
+                    .map(|(id, n)| (id, n.name.clone(), n.root, n.handle.clone()))
+                    .collect(),
+            };
+            let mut released: Vec<Option<RegionId>> = Vec::new();
             for (id, name, root, handle) in spaces {
                 let old = handle.view();
                 let new = if full {
-                    let phys = root.and_then(|r| render::physical_root(&topo, r));
+                    let mut inspected = Vec::new();
+                    let phys = root.and_then(|r| {
+                        render::physical_root_visiting(&topo, r, |x| inspected.push(x))
+                    });
+                    if let Some(was) = index.record(id, inspected, phys) {
+                        if was != phys {
+                            released.push(was);
+                        }
+                    }
                     let view = match fresh.get(&phys) {
                         Some(v) => v.clone(),
                         None => {
@@ -480,11 +519,23 @@ impl Machine {
             }
             // The views replaced in the cache may hold the last reference
             // to a region core: they drop after the commit, not here.
-            let old_views = if full {
-                std::mem::replace(&mut topo.views, fresh)
-            } else {
-                HashMap::new()
-            };
+            let mut old_views: Vec<Arc<FlatView>> = Vec::new();
+            if full && targeted {
+                // Only the visited spaces' roots change in the cache.
+                for (phys, v) in fresh {
+                    old_views.extend(topo.views.insert(phys, v));
+                }
+                for p in released {
+                    if !index.is_used(&p) {
+                        old_views.extend(topo.views.remove(&p));
+                    }
+                }
+                index.set_complete();
+            } else if full {
+                old_views.extend(std::mem::replace(&mut topo.views, fresh).into_values());
+                index.set_complete();
+            }
+            drop(index);
             defer_drop(old_views);
             let all = if full {
                 topo.listeners.snapshot()

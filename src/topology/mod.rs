@@ -26,4 +26,5 @@ pub mod error;
 pub mod memory;
 pub mod owner;
 pub mod region;
+pub(crate) mod space_index;
 pub(crate) mod tree;
