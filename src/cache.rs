@@ -125,7 +125,9 @@ impl MemoryRegionCache {
         let Some(i) = view.lookup_index(self.addr) else {
             return Err(self.space.unassigned(self.addr));
         };
-        let r = &view.ranges()[i];
+        let Some(r) = view.range(i) else {
+            return Err(self.space.unassigned(self.addr));
+        };
         if is_direct(r, self.dir) {
             // A direct range always has host memory; be total anyway.
             if let (Some(host), Some(b)) =

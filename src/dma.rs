@@ -498,13 +498,14 @@ pub(crate) fn direct_extent(
     want: u64,
     dir: DmaDirection,
 ) -> u64 {
-    let ranges = view.ranges();
-    let first = &ranges[i];
+    let Some(first) = view.range(i) else {
+        return 0;
+    };
     let mut got = avail_in(first, addr, want);
     let mut cur = first;
     let mut j = i + 1;
     while got < want {
-        let Some(next) = ranges.get(j) else { break };
+        let Some(next) = view.range(j) else { break };
         let contiguous = cur.last().checked_add(1) == Some(next.start())
             && Arc::ptr_eq(cur.region(), next.region())
             && u128::from(cur.offset_in_region()) + cur.len()
@@ -675,7 +676,9 @@ impl AddressSpace {
         let Some(i) = view.lookup_index(addr) else {
             return Err(self.unassigned(addr));
         };
-        let r = &view.ranges()[i];
+        let Some(r) = view.range(i) else {
+            return Err(self.unassigned(addr));
+        };
         if !is_direct(r, dir) {
             return self.map_bounce(view, r, addr, len, dir, attrs);
         }

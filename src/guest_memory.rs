@@ -302,11 +302,11 @@ impl AddressSpace {
 
 /// The runs of writable RAM of `view`, sorted and disjoint.
 fn ram_runs(view: &FlatView) -> Vec<Arc<RamRun>> {
-    let ranges = view.ranges();
+    let ranges: Vec<&crate::flatview::FlatRange> = view.iter().collect();
     let mut runs = Vec::new();
     let mut i = 0;
     while i < ranges.len() {
-        let range = &ranges[i];
+        let range = ranges[i];
         if !is_direct(range, DmaDirection::Bidirectional) {
             i += 1;
             continue;

@@ -57,7 +57,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::census::Census;
-use crate::flatview::{FlatRange, FlatView};
+use crate::flatview::{FlatRange, FlatView, SpliceSpans};
 use crate::owner::{catch, panic_message, raise};
 use crate::region::RegionId;
 use crate::space::SpaceId;
@@ -424,7 +424,7 @@ impl Listeners {
     ) -> Vec<(bool, SpaceFd)> {
         let mut new: Vec<SpaceFd> = Vec::new();
         if !self.region_fds.is_empty() {
-            for fr in view.ranges() {
+            for fr in view.iter() {
                 let Some(fds) = self.region_fds.get(&fr.region().id()) else {
                     continue;
                 };
@@ -602,21 +602,80 @@ impl SpaceCtx<'_> {
 
 /// Runs QEMU's two diff passes for one address space.
 pub(crate) fn diff_and_notify(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, new: &Arc<FlatView>) {
-    let listeners = cx.listeners;
-    if listeners.is_empty() {
+    if cx.listeners.is_empty() {
         return;
     }
+    let o: Vec<&FlatRange> = old.iter().collect();
+    let n: Vec<&FlatRange> = new.iter().collect();
+    deletions(cx, old, &o, &n);
+    nops_and_additions(cx, old, &o, &n);
+}
+
+/// The same callbacks as [`diff_and_notify`] for a view `new` spliced from
+/// `old`: only the edited spans are compared; every range outside them is
+/// the same range in both views, which the full diff would pair as a nop.
+pub(crate) fn diff_spliced_and_notify(
+    cx: &SpaceCtx<'_>,
+    old: &Arc<FlatView>,
+    new: &Arc<FlatView>,
+    spans: &SpliceSpans,
+) {
+    if cx.listeners.is_empty() {
+        return;
+    }
+    fn part<'v>(v: &'v FlatView, r: &std::ops::Range<usize>) -> Vec<&'v FlatRange> {
+        r.clone().filter_map(|i| v.range(i)).collect()
+    }
+    // Pass 1: the full diff deletes only inside the spans (outside them
+    // both walks advance in step over equal ranges).
+    for (o, n) in &spans.spans {
+        deletions(cx, old, &part(old, o), &part(new, n));
+    }
+    // Pass 2, forward in address order: a nop for each shared range, the
+    // span's own walk for each span.
+    let mut pos = 0usize;
+    let mut ranges = new.iter();
+    let nop = |b: &FlatRange| {
+        let s = Section {
+            space: cx.space,
+            space_name: cx.name,
+            range: b,
+            view: old,
+        };
+        for l in cx.listeners {
+            cx.catch.call(l, "region_nop", |l| l.region_nop(&s));
+        }
+    };
+    for (o, n) in &spans.spans {
+        while pos < n.start {
+            let Some(b) = ranges.next() else { break };
+            nop(b);
+            pos += 1;
+        }
+        nops_and_additions(cx, old, &part(old, o), &part(new, n));
+        for _ in n.clone() {
+            ranges.next();
+        }
+        pos = n.end;
+    }
+    for b in ranges {
+        nop(b);
+    }
+}
+
+/// QEMU's first pass over `o` (old) and `n` (new, both sorted): deletions,
+/// in reverse listener order.
+fn deletions(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, o: &[&FlatRange], n: &[&FlatRange]) {
+    let listeners = cx.listeners;
     let section = |range| Section {
         space: cx.space,
         space_name: cx.name,
         range,
         view: old,
     };
-    // Pass 1: deletions, in reverse listener order.
-    let (o, n) = (old.ranges(), new.ranges());
     let (mut i, mut j) = (0, 0);
     while i < o.len() || j < n.len() {
-        match (o.get(i), n.get(j)) {
+        match (o.get(i).copied(), n.get(j).copied()) {
             (Some(a), Some(b)) if same_range(a, b) => {
                 i += 1;
                 j += 1;
@@ -633,10 +692,20 @@ pub(crate) fn diff_and_notify(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, new: &Arc<
             (Some(_), None) | (None, None) => break,
         }
     }
-    // Pass 2: nops and additions, forward.
+}
+
+/// QEMU's second pass: nops (with log-mask changes) and additions, forward.
+fn nops_and_additions(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, o: &[&FlatRange], n: &[&FlatRange]) {
+    let listeners = cx.listeners;
+    let section = |range| Section {
+        space: cx.space,
+        space_name: cx.name,
+        range,
+        view: old,
+    };
     let (mut i, mut j) = (0, 0);
     while i < o.len() || j < n.len() {
-        match (o.get(i), n.get(j)) {
+        match (o.get(i).copied(), n.get(j).copied()) {
             (Some(a), Some(b)) if same_range(a, b) => {
                 let s = section(b);
                 for l in listeners {
@@ -726,7 +795,7 @@ pub(crate) fn replay(
             let _ = l.log_global_start();
         });
     }
-    for range in view.ranges() {
+    for range in view.iter() {
         let s = Section {
             space: cx.space,
             space_name: cx.name,
