@@ -247,6 +247,36 @@ const GROUP_MIN: usize = 16;
 pub(crate) struct Leaf {
     ranges: Box<[FlatRange]>,
     index: crate::dispatch::RangeIndex,
+    /// The leaf's census entry (holding its regions), registered when a
+    /// view of more than one leaf first holds it.
+    census: CensusCell,
+}
+
+/// A census entry registered on demand and finalized on drop.
+#[derive(Default)]
+struct CensusCell(std::sync::OnceLock<(Arc<Census>, ObjectKey)>);
+
+impl CensusCell {
+    fn key(&self, census: &Arc<Census>, register: impl FnOnce() -> ObjectKey) -> ObjectKey {
+        self.0.get_or_init(|| (census.clone(), register())).1
+    }
+}
+
+impl Drop for CensusCell {
+    fn drop(&mut self) {
+        if let Some((census, key)) = self.0.get() {
+            census.finalize(*key);
+        }
+    }
+}
+
+/// Name of the census entry of a part of a view of `root`.
+fn part_name(root: &str, first: Option<&FlatRange>, last: Option<&FlatRange>) -> String {
+    format!(
+        "{root} ranges {:#x}-{:#x}",
+        first.map_or(0, |r| r.start),
+        last.map_or(0, |r| r.last)
+    )
 }
 
 impl Leaf {
@@ -255,6 +285,18 @@ impl Leaf {
         Arc::new(Leaf {
             ranges: ranges.into_boxed_slice(),
             index,
+            census: CensusCell::default(),
+        })
+    }
+
+    fn census_key(&self, census: &Arc<Census>, root: &str) -> ObjectKey {
+        self.census.key(census, || {
+            let mut held: Vec<ObjectKey> =
+                self.ranges.iter().map(|r| r.region.census_key()).collect();
+            held.sort_unstable();
+            held.dedup();
+            let name = part_name(root, self.ranges.first(), self.ranges.last());
+            census.register_holding(ObjectKind::FlatView, &name, held)
         })
     }
 
@@ -277,6 +319,9 @@ pub(crate) struct Group {
     /// `ends[i]`: ranges in `leaves[..=i]`.
     ends: Box<[usize]>,
     index: crate::dispatch::RangeIndex,
+    /// The group's census entry (holding its leaves' entries), registered
+    /// when a view of more than one group first holds it.
+    census: CensusCell,
 }
 
 impl Group {
@@ -295,6 +340,24 @@ impl Group {
             leaves: leaves.into_boxed_slice(),
             ends,
             index,
+            census: CensusCell::default(),
+        })
+    }
+
+    /// Census keys of the leaves (registering those not yet registered).
+    fn leaf_keys(&self, census: &Arc<Census>, root: &str) -> Vec<ObjectKey> {
+        self.leaves
+            .iter()
+            .map(|l| l.census_key(census, root))
+            .collect()
+    }
+
+    fn census_key(&self, census: &Arc<Census>, root: &str) -> ObjectKey {
+        self.census.key(census, || {
+            let held = self.leaf_keys(census, root);
+            let first = self.leaves.first().and_then(|l| l.ranges.first());
+            let last = self.leaves.last().and_then(|l| l.ranges.last());
+            census.register_holding(ObjectKind::FlatView, &part_name(root, first, last), held)
         })
     }
 
@@ -521,8 +584,9 @@ impl Tree {
 
 /// The regions a view's renders reached: a bitmap of their arena slots (what
 /// the commit tests against the changed regions, in time proportional to
-/// the change) and their ids, as a short chain of lists that a splice
-/// extends by one link without copying the others.
+/// the change) and their ids, one per slot (the first reached), as a short
+/// chain of lists that a splice extends by one link without copying the
+/// others. Testing by slot, not by id, can only err towards re-rendering.
 struct Reached {
     bits: Vec<u64>,
     ids: Option<Arc<ReachedLink>>,
@@ -550,13 +614,21 @@ impl Reached {
         r
     }
 
-    fn extend(&mut self, ids: Vec<RegionId>) {
-        for id in &ids {
+    /// Adds the ids whose slots are not in the set yet (so the list grows
+    /// with the regions reached, not with the number of splices).
+    fn extend(&mut self, mut ids: Vec<RegionId>) {
+        ids.retain(|id| {
             let w = id.index as usize / 64;
             if w >= self.bits.len() {
                 self.bits.resize(w + 1, 0);
             }
-            self.bits[w] |= 1 << (id.index % 64);
+            let bit = 1 << (id.index % 64);
+            let new = self.bits[w] & bit == 0;
+            self.bits[w] |= bit;
+            new
+        });
+        if ids.is_empty() {
+            return;
         }
         self.count += ids.len();
         let depth = self.ids.as_ref().map_or(0, |l| l.depth + 1);
@@ -685,11 +757,25 @@ impl FlatView {
             #[cfg(all(feature = "vm-memory", unix))]
             guest_ram: std::sync::OnceLock::new(),
         };
+        // The census entry: a view of one leaf holds its regions, as it
+        // always did; a bigger view holds its groups (or, with one group,
+        // its leaves), each registered once when first held and shared
+        // like the group or leaf itself, so a splice registers only what
+        // it built.
         view.census = census.map(|c| {
-            let mut held: Vec<ObjectKey> = view.iter().map(|r| r.region.census_key()).collect();
-            held.sort_unstable();
-            held.dedup();
             let name = root_name.unwrap_or("(empty)");
+            let held: Vec<ObjectKey> = match &*view.tree.groups {
+                [] => Vec::new(),
+                [g] if g.leaves.len() == 1 => {
+                    let mut held: Vec<ObjectKey> =
+                        view.iter().map(|r| r.region.census_key()).collect();
+                    held.sort_unstable();
+                    held.dedup();
+                    held
+                }
+                [g] => g.leaf_keys(c, name),
+                groups => groups.iter().map(|g| g.census_key(c, name)).collect(),
+            };
             (
                 c.clone(),
                 c.register_holding(ObjectKind::FlatView, name, held),
@@ -907,7 +993,9 @@ impl FlatView {
     }
 
     /// The regions the renders of this view reached (a superset after
-    /// splices; an id may repeat).
+    /// splices), one per arena slot: a region in a slot an earlier, since
+    /// destroyed region of a spliced-from view was reached in is not listed
+    /// (the re-render test is by slot, so it still sees it).
     pub(crate) fn reached(&self) -> Vec<RegionId> {
         self.lock_reached().to_vec()
     }

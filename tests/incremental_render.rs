@@ -528,3 +528,52 @@ fn incremental_render_large_map_splices_equal_full_render() {
     );
     drop(first);
 }
+
+/// The census entries of a view of many leaves are its parts (groups and
+/// leaves, shared like them): a splice registers only the parts it built,
+/// so the number of view entries stays put across toggles; a region is
+/// explained through the view's parts; teardown leaves nothing behind.
+#[test]
+fn incremental_render_large_view_census_follows_the_shared_parts() {
+    let memory = Memory::new();
+    let root = memory.new_container("system", 1 << 40, None).unwrap();
+    let ops: Arc<dyn memtree::MmioOps> = Arc::new(UnimplementedDevice);
+    let t = memory.begin();
+    let mut regions = Vec::new();
+    for i in 0..3000u64 {
+        let r = memory
+            .new_mmio(&format!("dev{i}"), 0x1000, ops.clone(), None)
+            .unwrap();
+        memory.add_subregion(root, i * 0x2000, r).unwrap();
+        regions.push(r);
+    }
+    t.commit();
+    let space = memory.new_address_space("mem", root, None).unwrap();
+    let views = |m: &Memory| m.census().counts()[&memtree::ObjectKind::FlatView];
+    let before = views(&memory);
+    let view = memory.address_space(space).unwrap().view();
+    assert!(
+        view.shared_leaves_with(&view).1 > 64,
+        "several groups expected"
+    );
+    for k in 0..20 {
+        memory.set_enabled(regions[1234], k % 2 == 1).unwrap();
+    }
+    drop(view);
+    let after = views(&memory);
+    assert!(
+        after <= before + 4,
+        "view entries grew from {before} to {after} over 20 toggles"
+    );
+    let view = memory.address_space(space).unwrap().view();
+    let key = view.lookup(1234 * 0x2000).unwrap().region().census_key();
+    let why = memtree::diag::why_alive(memory.census(), key);
+    assert!(
+        why.iter()
+            .any(|c| c.contains("flat view of system ranges") && c.contains("region dev1234")),
+        "{why:?}"
+    );
+    drop(view);
+    let report = memory.teardown();
+    assert!(report.is_clean(), "{report}");
+}
