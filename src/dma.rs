@@ -487,25 +487,24 @@ pub(crate) fn avail_in(r: &FlatRange, addr: u64, want: u64) -> u64 {
     u64::try_from(rest).unwrap_or(u64::MAX).min(want)
 }
 
-/// Length of the direct window at `addr` in `view` (range index `i`),
+/// Length of the direct window at `addr` in `view` (in range `first`),
 /// extended across following ranges served contiguously by the same region
 /// and direct in `dir`, capped at `want`.
 #[inline]
 pub(crate) fn direct_extent(
     view: &FlatView,
-    i: usize,
+    first: &FlatRange,
     addr: u64,
     want: u64,
     dir: DmaDirection,
 ) -> u64 {
-    let Some(first) = view.range(i) else {
-        return 0;
-    };
     let mut got = avail_in(first, addr, want);
     let mut cur = first;
-    let mut j = i + 1;
     while got < want {
-        let Some(next) = view.range(j) else { break };
+        // A contiguous successor starts right after `cur`.
+        let Some(next) = cur.last().checked_add(1).and_then(|a| view.lookup(a)) else {
+            break;
+        };
         let contiguous = cur.last().checked_add(1) == Some(next.start())
             && Arc::ptr_eq(cur.region(), next.region())
             && u128::from(cur.offset_in_region()) + cur.len()
@@ -516,7 +515,6 @@ pub(crate) fn direct_extent(
         }
         got += avail_in(next, next.start(), want - got);
         cur = next;
-        j += 1;
     }
     got
 }
@@ -673,10 +671,7 @@ impl AddressSpace {
         dir: DmaDirection,
         attrs: MemTxAttrs,
     ) -> Result<DmaMapping<'_>, DmaError> {
-        let Some(i) = view.lookup_index(addr) else {
-            return Err(self.unassigned(addr));
-        };
-        let Some(r) = view.range(i) else {
+        let Some(r) = view.lookup(addr) else {
             return Err(self.unassigned(addr));
         };
         if !is_direct(r, dir) {
@@ -686,7 +681,7 @@ impl AddressSpace {
             // A direct range always has a host address; be total anyway.
             return Err(self.unassigned(addr));
         };
-        let got = direct_extent(view, i, addr, len, dir);
+        let got = direct_extent(view, r, addr, len, dir);
         let hold = match ram_backend(r.region()) {
             Some(backend) => {
                 // The view (borrowed for this call) holds the backend, so

@@ -506,6 +506,241 @@ impl Builder {
     }
 }
 
+/// Log2 of the entries in one page of the direct lookup table.
+const PAGE_BITS: u32 = 9;
+const PAGE: usize = 1 << PAGE_BITS;
+/// Entry flag: another range starts inside the bucket (take the levels).
+const MORE: usize = 1;
+
+/// A view's direct lookup table: the span from the first range's start to
+/// the last one's is cut into `nb` buckets of `2^shift` bytes (about four
+/// per range, at most [`crate::dispatch::RangeIndex`]'s budget); entry `b`
+/// is the address of the last range starting at or below the first address
+/// of bucket `b` (0 if none), with [`MORE`] set when another range starts
+/// inside the bucket (after its first address; for the last bucket,
+/// anywhere after it). An address in a bucket without [`MORE`] is answered
+/// by one entry and one range; the others descend the tree's levels.
+///
+/// The table is cut into pages of [`PAGE`] entries behind `Arc`s: a splice
+/// rebuilds only the pages whose buckets can point at a range of a leaf it
+/// replaced or can have a different answer (the address spans of the
+/// replaced leaves, up to the shared neighbours), and shares the rest.
+///
+/// **Invariant:** every nonzero entry points (flag masked) at a range
+/// inside a leaf that the view holding the table holds, so it is valid as
+/// long as the view.
+struct Accel {
+    base: u64,
+    shift: u32,
+    nb: u64,
+    /// Ranges when the geometry was chosen (a splice that doubles or
+    /// halves them rebuilds the table).
+    sized_for: usize,
+    pages: Box<[Arc<[usize]>]>,
+}
+
+// SAFETY: the entries are addresses of `FlatRange`s (which are `Send +
+// Sync`) held by the same view; the table is immutable.
+unsafe impl Send for Accel {}
+// SAFETY: as above.
+unsafe impl Sync for Accel {}
+
+impl Accel {
+    fn empty() -> Accel {
+        Accel {
+            base: 0,
+            shift: 0,
+            nb: 0,
+            sized_for: 0,
+            pages: Box::new([]),
+        }
+    }
+
+    /// A table for `tree`, every page built.
+    fn build(tree: &Tree) -> Accel {
+        let n = tree.len();
+        let (Some(first), Some(last)) = (tree.iter_from(0).next(), tree.last_range()) else {
+            return Accel::empty();
+        };
+        let (base, top) = (first.start, last.start);
+        let budget = (u64::try_from(n).unwrap_or(u64::MAX).saturating_mul(4))
+            .next_power_of_two()
+            .clamp(16, 1 << 14);
+        let span = top - base;
+        let mut shift = 0u32;
+        while shift < 63 && (span >> shift) >= budget {
+            shift += 1;
+        }
+        let mut a = Accel {
+            base,
+            shift,
+            nb: (span >> shift) + 1,
+            sized_for: n,
+            pages: Box::new([]),
+        };
+        let pages = a.page_count();
+        a.pages = (0..pages).map(|p| a.build_page(tree, p)).collect();
+        a
+    }
+
+    fn page_count(&self) -> usize {
+        (self.nb as usize).div_ceil(PAGE)
+    }
+
+    fn bucket_start(&self, b: u64) -> u64 {
+        self.base + (b << self.shift)
+    }
+
+    /// The bucket of `addr` (clamped to the table).
+    fn bucket(&self, addr: u64) -> u64 {
+        addr.checked_sub(self.base)
+            .map_or(0, |off| (off >> self.shift).min(self.nb - 1))
+    }
+
+    /// The entries of page `p`, from `tree`.
+    fn build_page(&self, tree: &Tree, p: usize) -> Arc<[usize]> {
+        let b0 = (p * PAGE) as u64;
+        let b1 = (b0 + PAGE as u64).min(self.nb);
+        let at = tree.count_at_or_below(self.bucket_start(b0));
+        let mut cur: usize = match at.checked_sub(1) {
+            Some(i) => tree
+                .iter_from(i)
+                .next()
+                .map_or(0, |r| r as *const FlatRange as usize),
+            None => 0,
+        };
+        let mut next = tree.iter_from(at).peekable();
+        let mut out = Vec::with_capacity((b1 - b0) as usize);
+        for b in b0..b1 {
+            let bs = self.bucket_start(b);
+            while let Some(r) = next.next_if(|r| r.start <= bs) {
+                cur = r as *const FlatRange as usize;
+            }
+            let be = if b + 1 == self.nb {
+                u64::MAX
+            } else {
+                self.bucket_start(b + 1) - 1
+            };
+            let more = next.peek().is_some_and(|r| r.start <= be);
+            out.push(cur | if more { MORE } else { 0 });
+        }
+        out.into()
+    }
+
+    /// `old`'s table made right for `tree` (spliced from `old`'s tree),
+    /// rebuilding the pages that cover the address intervals `dirty`
+    /// (inclusive), or the whole table when the geometry no longer fits.
+    fn patch(old: &Accel, tree: &Tree, dirty: &[(u64, u64)]) -> Accel {
+        let n = tree.len();
+        let first = tree.iter_from(0).next().map(|r| r.start);
+        if old.nb == 0
+            || first != Some(old.base)
+            || n > old.sized_for.saturating_mul(2)
+            || n < old.sized_for / 2
+        {
+            return Accel::build(tree);
+        }
+        let mut pages = old.pages.to_vec();
+        let mut rebuilt = vec![false; pages.len()];
+        for &(lo, hi) in dirty {
+            let (p0, p1) = (
+                (old.bucket(lo) >> PAGE_BITS) as usize,
+                (old.bucket(hi) >> PAGE_BITS) as usize,
+            );
+            for p in p0..=p1 {
+                if !rebuilt[p] {
+                    rebuilt[p] = true;
+                    pages[p] = old.build_page(tree, p);
+                }
+            }
+        }
+        Accel {
+            base: old.base,
+            shift: old.shift,
+            nb: old.nb,
+            sized_for: old.sized_for,
+            pages: pages.into_boxed_slice(),
+        }
+    }
+
+    /// `Some(answer)`, or `None` when the bucket of `addr` holds several
+    /// starts and the tree must be descended.
+    #[inline]
+    fn lookup(&self, addr: u64) -> Option<Option<&FlatRange>> {
+        let Some(off) = addr.checked_sub(self.base) else {
+            return Some(None);
+        };
+        let last = self.nb.checked_sub(1)?;
+        let b = (off >> self.shift).min(last) as usize;
+        let e = *self.pages.get(b >> PAGE_BITS)?.get(b & (PAGE - 1))?;
+        if e & MORE != 0 {
+            return None;
+        }
+        if e == 0 {
+            return Some(None);
+        }
+        // SAFETY: a nonzero entry is the address of a range in a leaf this
+        // table's view holds (type invariant), and a leaf's ranges never
+        // move or change while it lives; `&self` borrows the view.
+        let r = unsafe { &*(e as *const FlatRange) };
+        Some((addr <= r.last).then_some(r))
+    }
+}
+
+/// The address intervals (inclusive) of `new`, spliced from `old`, whose
+/// lookup answers can differ from `old`'s or point into a leaf only one of
+/// them holds: for each run of leaves held by one tree and not the other,
+/// from just after the last start of the shared leaf before the run to the
+/// first start of the shared leaf after it.
+fn replaced_spans(old: &Tree, new: &Tree) -> Vec<(u64, u64)> {
+    use std::collections::HashSet;
+    let groups = |t: &Tree| -> HashSet<*const Group> { t.groups.iter().map(Arc::as_ptr).collect() };
+    let (old_groups, new_groups) = (groups(old), groups(new));
+    let leaves = |t: &Tree, other: &HashSet<*const Group>| -> HashSet<*const Leaf> {
+        t.groups
+            .iter()
+            .filter(|g| !other.contains(&Arc::as_ptr(g)))
+            .flat_map(|g| g.leaves.iter().map(Arc::as_ptr))
+            .collect()
+    };
+    let (old_leaves, new_leaves) = (leaves(old, &new_groups), leaves(new, &old_groups));
+    let mut out = Vec::new();
+    for (tree, shared_groups, shared_leaves) in [
+        (new, &old_groups, &old_leaves),
+        (old, &new_groups, &new_leaves),
+    ] {
+        let mut prev_last: Option<u64> = None;
+        let mut open: Option<u64> = None;
+        let mut shared =
+            |first: u64, last_start: u64, open: &mut Option<u64>, prev: &mut Option<u64>| {
+                if let Some(p) = open.take() {
+                    out.push((p, first));
+                }
+                *prev = Some(last_start);
+            };
+        for g in tree.groups.iter() {
+            if shared_groups.contains(&Arc::as_ptr(g)) {
+                let last = g.leaves.last().and_then(|l| l.ranges.last());
+                let last = last.map_or(0, |r| r.start);
+                shared(g.first_start(), last, &mut open, &mut prev_last);
+                continue;
+            }
+            for l in g.leaves.iter() {
+                if shared_leaves.contains(&Arc::as_ptr(l)) {
+                    let last = l.ranges.last().map_or(0, |r| r.start);
+                    shared(l.first_start(), last, &mut open, &mut prev_last);
+                } else if open.is_none() {
+                    open = Some(prev_last.map_or(0, |s| s.saturating_add(1)));
+                }
+            }
+        }
+        if let Some(p) = open {
+            out.push((p, u64::MAX));
+        }
+    }
+    out
+}
+
 /// The top level of a view: its groups, the running count of ranges and an
 /// index over the groups' first starts.
 struct Tree {
@@ -554,6 +789,10 @@ impl Tree {
         self.ends.last().copied().unwrap_or(0)
     }
 
+    fn last_range(&self) -> Option<&FlatRange> {
+        self.groups.last()?.leaves.last()?.ranges.last()
+    }
+
     fn group_base(&self, gi: usize) -> usize {
         gi.checked_sub(1).map_or(0, |p| self.ends[p])
     }
@@ -570,6 +809,38 @@ impl Tree {
         let li = g.leaf_at(addr)?;
         let (ri, r) = g.leaves.get(li)?.lookup(addr)?;
         Some((gi, li, ri, r))
+    }
+
+    /// The ranges from position `i` on.
+    fn iter_from(&self, i: usize) -> impl Iterator<Item = &FlatRange> + '_ {
+        let (gi, li, ri) = self.leaf_of(i).unwrap_or((self.groups.len(), 0, 0));
+        self.groups
+            .get(gi..)
+            .unwrap_or(&[])
+            .iter()
+            .enumerate()
+            .flat_map(move |(k, g)| g.leaves.get(if k == 0 { li } else { 0 }..).unwrap_or(&[]))
+            .enumerate()
+            .flat_map(move |(k, l)| l.ranges.get(if k == 0 { ri } else { 0 }..).unwrap_or(&[]))
+    }
+
+    /// Number of ranges starting at or below `a`.
+    fn count_at_or_below(&self, a: u64) -> usize {
+        let gi = if self.groups.len() == 1 {
+            Some(0)
+        } else {
+            self.index.last_start_at_or_below(a)
+        };
+        let Some(gi) = gi else { return 0 };
+        let g = &self.groups[gi];
+        let Some(li) = g.leaf_at(a) else {
+            return self.group_base(gi);
+        };
+        let leaf = &g.leaves[li];
+        let Some(ri) = leaf.index.last_start_at_or_below(a) else {
+            return self.group_base(gi) + g.leaf_base(li);
+        };
+        self.group_base(gi) + g.leaf_base(li) + ri + 1
     }
 
     fn leaf_of(&self, i: usize) -> Option<(usize, usize, usize)> {
@@ -706,6 +977,8 @@ pub struct FlatView {
     pub(crate) root: Option<RegionId>,
     pub(crate) root_name: Option<Box<str>>,
     tree: Tree,
+    /// The direct lookup table over `tree`.
+    accel: Accel,
     /// Every region the render visited (a superset after a splice); the view
     /// must be re-rendered when one of them changes. Behind a lock only so
     /// that a commit whose re-render came out identical can keep publishing
@@ -731,19 +1004,16 @@ impl FlatView {
         reached: Vec<RegionId>,
         census: Option<&Arc<Census>>,
     ) -> FlatView {
-        FlatView::with_tree(
-            root,
-            root_name,
-            Tree::from_ranges(ranges),
-            Reached::new(reached),
-            census,
-        )
+        let tree = Tree::from_ranges(ranges);
+        let accel = Accel::build(&tree);
+        FlatView::with_tree(root, root_name, tree, accel, Reached::new(reached), census)
     }
 
     fn with_tree(
         root: Option<RegionId>,
         root_name: Option<&str>,
         tree: Tree,
+        accel: Accel,
         reached: Reached,
         census: Option<&Arc<Census>>,
     ) -> FlatView {
@@ -751,6 +1021,7 @@ impl FlatView {
             root,
             root_name: root_name.map(Into::into),
             tree,
+            accel,
             reached: std::sync::Mutex::new(reached),
             census: None,
             flat: std::sync::OnceLock::new(),
@@ -876,7 +1147,9 @@ impl FlatView {
         }
         let mut all_reached = old.lock_reached().share();
         all_reached.extend(reached);
-        let view = FlatView::with_tree(old.root, root_name, b.finish(), all_reached, census);
+        let tree = b.finish();
+        let accel = Accel::patch(&old.accel, &tree, &replaced_spans(&old.tree, &tree));
+        let view = FlatView::with_tree(old.root, root_name, tree, accel, all_reached, census);
         debug_assert_eq!(view.len(), out_len);
         (view, spans)
     }
@@ -942,6 +1215,15 @@ impl FlatView {
     /// The range containing `addr`, if any.
     #[inline]
     pub fn lookup(&self, addr: u64) -> Option<&FlatRange> {
+        match self.accel.lookup(addr) {
+            Some(answer) => answer,
+            None => self.lookup_in_tree(addr),
+        }
+    }
+
+    /// [`FlatView::lookup`] through the levels.
+    #[inline(never)]
+    fn lookup_in_tree(&self, addr: u64) -> Option<&FlatRange> {
         if let Some(l) = &self.tree.single {
             return l.lookup(addr).map(|(_, r)| r);
         }
@@ -960,27 +1242,8 @@ impl FlatView {
 
     /// Number of ranges starting below `addr`.
     pub(crate) fn count_below(&self, addr: u64) -> usize {
-        let Some(a) = addr.checked_sub(1) else {
-            return 0;
-        };
-        // The last range starting at or below `a`, found through the levels
-        // (a hole at `a` still has such a range, or none).
-        let t = &self.tree;
-        let gi = if t.groups.len() == 1 {
-            Some(0)
-        } else {
-            t.index.last_start_at_or_below(a)
-        };
-        let Some(gi) = gi else { return 0 };
-        let g = &t.groups[gi];
-        let Some(li) = g.leaf_at(a) else {
-            return t.group_base(gi);
-        };
-        let leaf = &g.leaves[li];
-        let Some(ri) = leaf.index.last_start_at_or_below(a) else {
-            return t.group_base(gi) + g.leaf_base(li);
-        };
-        t.group_base(gi) + g.leaf_base(li) + ri + 1
+        addr.checked_sub(1)
+            .map_or(0, |a| self.tree.count_at_or_below(a))
     }
 
     fn lock_reached(&self) -> std::sync::MutexGuard<'_, Reached> {
@@ -1101,6 +1364,12 @@ mod tests {
 
     fn check(view: &FlatView, keys: &[u64], rng: &mut Rng) {
         assert_eq!(view.len(), keys.len());
+        // Every page of the direct table is what a fresh build of it gives.
+        let a = &view.accel;
+        assert_eq!(a.pages.len(), a.page_count());
+        for (p, page) in a.pages.iter().enumerate() {
+            assert_eq!(&**page, &*a.build_page(&view.tree, p), "page {p}");
+        }
         let starts: Vec<u64> = view.iter().map(|r| r.start).collect();
         let expect: Vec<u64> = keys.iter().map(|k| k * 16).collect();
         assert_eq!(starts, expect);

@@ -314,7 +314,7 @@ fn ram_runs(view: &FlatView) -> Vec<Arc<RamRun>> {
         // The run: this range extended across the following ranges of the
         // same memory, as a DMA mapping is.
         let start = range.start();
-        let extent = direct_extent(view, i, start, u64::MAX, DmaDirection::Bidirectional);
+        let extent = direct_extent(view, range, start, u64::MAX, DmaDirection::Bidirectional);
         let last = start.saturating_add(extent - 1);
         while i < ranges.len() && ranges[i].last() <= last {
             i += 1;
