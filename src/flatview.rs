@@ -987,6 +987,9 @@ pub struct FlatView {
     /// view never touch it).
     reached: std::sync::Mutex<Reached>,
     census: Option<(Arc<Census>, ObjectKey)>,
+    /// Positions of each region's ranges, built on first use by
+    /// [`FlatView::ranges_of`] (ioeventfd and coalesced-MMIO changes).
+    by_region: std::sync::OnceLock<std::collections::HashMap<RegionId, Vec<usize>>>,
     /// The contiguous copy [`FlatView::ranges`] hands out (views of more
     /// than one leaf), made on first use.
     flat: std::sync::OnceLock<Box<[FlatRange]>>,
@@ -1024,6 +1027,7 @@ impl FlatView {
             accel,
             reached: std::sync::Mutex::new(reached),
             census: None,
+            by_region: std::sync::OnceLock::new(),
             flat: std::sync::OnceLock::new(),
             #[cfg(all(feature = "vm-memory", unix))]
             guest_ram: std::sync::OnceLock::new(),
@@ -1201,6 +1205,24 @@ impl FlatView {
         }
         self.flat
             .get_or_init(|| self.iter().map(FlatRange::share).collect())
+    }
+
+    /// The ranges `region` serves, in address order. The first call makes
+    /// an index of the whole view (O(n), kept with the view); later calls
+    /// cost what they return.
+    pub(crate) fn ranges_of(&self, region: RegionId) -> impl Iterator<Item = &FlatRange> + '_ {
+        let index = self.by_region.get_or_init(|| {
+            let mut m: std::collections::HashMap<RegionId, Vec<usize>> = Default::default();
+            for (i, r) in self.iter().enumerate() {
+                m.entry(r.region.id()).or_default().push(i);
+            }
+            m
+        });
+        index
+            .get(&region)
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .filter_map(|&i| self.range(i))
     }
 
     /// The range at position `i` (address order).

@@ -309,6 +309,8 @@ pub(crate) struct Listeners {
     pub(crate) coalesced: HashMap<RegionId, Vec<Span>>,
     /// An ioeventfd was added or removed since the last commit.
     pub(crate) ioeventfd_pending: bool,
+    /// The regions whose ioeventfds changed since the last commit.
+    pub(crate) ioeventfd_regions: Vec<RegionId>,
     /// Global dirty logging is on.
     pub(crate) global_dirty_log: bool,
 }
@@ -366,6 +368,7 @@ impl Listeners {
         self.space_fds.clear();
         self.coalesced.clear();
         self.ioeventfd_pending = false;
+        self.ioeventfd_regions.clear();
         list
     }
 
@@ -376,6 +379,9 @@ impl Listeners {
         let at = list.partition_point(|e| e.key() <= fd.key());
         list.insert(at, fd);
         self.ioeventfd_pending = true;
+        if !self.ioeventfd_regions.contains(&region) {
+            self.ioeventfd_regions.push(region);
+        }
     }
 
     /// Removes the first matching ioeventfd; false if none matches.
@@ -391,6 +397,9 @@ impl Listeners {
             self.region_fds.remove(&region);
         }
         self.ioeventfd_pending = true;
+        if !self.ioeventfd_regions.contains(&region) {
+            self.ioeventfd_regions.push(region);
+        }
         true
     }
 
@@ -425,31 +434,50 @@ impl Listeners {
         let mut new: Vec<SpaceFd> = Vec::new();
         if !self.region_fds.is_empty() {
             for fr in view.iter() {
-                let Some(fds) = self.region_fds.get(&fr.region().id()) else {
-                    continue;
-                };
-                let delta = i128::from(fr.start()) - i128::from(fr.offset_in_region());
-                let (rs, re) = (i128::from(fr.start()), i128::from(fr.last()) + 1);
-                for fd in fds {
-                    let s = i128::from(fd.addr) + delta;
-                    let e = s + i128::from(fd.size);
-                    // QEMU's addrrange_intersects: either contains the
-                    // other's start.
-                    let hit = (s <= rs && rs < e) || (rs <= s && s < re);
-                    let Ok(addr) = u64::try_from(s) else { continue };
-                    if hit {
-                        new.push(SpaceFd {
-                            addr,
-                            size: fd.size,
-                            data: fd.data,
-                            notifier: fd.notifier.clone(),
-                            region: fr.region().id(),
-                        });
-                    }
+                if let Some(fds) = self.region_fds.get(&fr.region().id()) {
+                    fds_in_range(fr, fds, &mut new);
                 }
             }
             new.sort_by_key(SpaceFd::key);
         }
+        self.replace_space_fds(space, new)
+    }
+
+    /// [`Listeners::update_space_fds`] when only the ioeventfds of
+    /// `regions` changed and `view` is the one the space's set was computed
+    /// from: the other regions' entries are kept, and only the ranges of
+    /// `regions` are looked at ([`FlatView::ranges_of`]), so a commit that
+    /// only adds or removes ioeventfds costs what they touch.
+    pub(crate) fn update_space_fds_of(
+        &mut self,
+        space: SpaceId,
+        view: &FlatView,
+        regions: &[RegionId],
+    ) -> Vec<(bool, SpaceFd)> {
+        let mut new: Vec<SpaceFd> = self
+            .space_fds
+            .get(&space)
+            .map(|o| {
+                o.iter()
+                    .filter(|f| !regions.contains(&f.region))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for r in regions {
+            if let Some(fds) = self.region_fds.get(r) {
+                for fr in view.ranges_of(*r) {
+                    fds_in_range(fr, fds, &mut new);
+                }
+            }
+        }
+        new.sort_by_key(SpaceFd::key);
+        self.replace_space_fds(space, new)
+    }
+
+    /// Stores `new` (sorted) as the space's set; the symmetric difference
+    /// with the previous one.
+    fn replace_space_fds(&mut self, space: SpaceId, new: Vec<SpaceFd>) -> Vec<(bool, SpaceFd)> {
         let old = match self.space_fds.get(&space) {
             Some(o) => o.as_slice(),
             None if new.is_empty() => return Vec::new(),
@@ -484,6 +512,29 @@ impl Listeners {
     /// The space's current ioeventfds.
     pub(crate) fn fds_of(&self, space: SpaceId) -> Vec<SpaceFd> {
         self.space_fds.get(&space).cloned().unwrap_or_default()
+    }
+}
+
+/// The ioeventfds of `fds` (the region of `fr`) that range `fr` shows,
+/// appended to `out` in address-space coordinates.
+fn fds_in_range(fr: &FlatRange, fds: &[IoEventFd], out: &mut Vec<SpaceFd>) {
+    let delta = i128::from(fr.start()) - i128::from(fr.offset_in_region());
+    let (rs, re) = (i128::from(fr.start()), i128::from(fr.last()) + 1);
+    for fd in fds {
+        let s = i128::from(fd.addr) + delta;
+        let e = s + i128::from(fd.size);
+        // QEMU's addrrange_intersects: either contains the other's start.
+        let hit = (s <= rs && rs < e) || (rs <= s && s < re);
+        let Ok(addr) = u64::try_from(s) else { continue };
+        if hit {
+            out.push(SpaceFd {
+                addr,
+                size: fd.size,
+                data: fd.data,
+                notifier: fd.notifier.clone(),
+                region: fr.region().id(),
+            });
+        }
     }
 }
 

@@ -442,6 +442,7 @@ impl Machine {
             let mut topo = guard.borrow_mut();
             let full = topo.pending;
             let fds_changed = std::mem::take(&mut topo.listeners.ioeventfd_pending);
+            let fd_regions = std::mem::take(&mut topo.listeners.ioeventfd_regions);
             topo.pending = false;
             let dirty = std::mem::take(&mut topo.dirty);
             let affected = std::mem::take(&mut topo.affected);
@@ -505,11 +506,16 @@ impl Machine {
                         .filter(|(from, _)| Arc::ptr_eq(from, &old))
                         .map(|(_, d)| d.clone())
                 });
-                let fds = if new.is_some() || fds_changed {
-                    let view = new.as_ref().unwrap_or(&old);
-                    topo.listeners.update_space_fds(id, view)
-                } else {
-                    Vec::new()
+                let fds = match &new {
+                    Some(view) => topo.listeners.update_space_fds(id, view),
+                    // Only ioeventfds changed: only their regions' ranges
+                    // are looked at.
+                    // (The reference path recomputes them from the whole view.)
+                    None if fds_changed && topo.incremental => {
+                        topo.listeners.update_space_fds_of(id, &old, &fd_regions)
+                    }
+                    None if fds_changed => topo.listeners.update_space_fds(id, &old),
+                    None => Vec::new(),
                 };
                 let listeners = topo.listeners.of_space(id);
                 steps.push(Step {
@@ -1440,7 +1446,7 @@ impl Machine {
         };
         for span in spans {
             for (id, name, view, listeners) in &spaces {
-                for range in view.iter().filter(|r| r.region().id() == region) {
+                for range in view.ranges_of(region) {
                     let s = listener::Section {
                         space: *id,
                         space_name: name,

@@ -110,6 +110,7 @@ struct World {
     containers: Vec<usize>,
     aliases: Vec<usize>,
     log: Log,
+    kicks: Vec<Arc<EventNotifier>>,
 }
 
 #[derive(Clone, Debug)]
@@ -129,6 +130,13 @@ enum Op {
     Size(usize, u64),
     AliasOffset(usize, u64),
     LogMask(usize, u8),
+    /// Adds (or deletes) ioeventfd `n` at `offset` of a region.
+    Eventfd {
+        r: usize,
+        offset: u64,
+        n: usize,
+        add: bool,
+    },
 }
 
 fn build(seed: u64, incremental: bool) -> World {
@@ -200,13 +208,22 @@ fn build(seed: u64, incremental: bool) -> World {
         containers,
         aliases,
         log,
+        kicks: (0..3)
+            .map(|q| EventNotifier::new(&format!("kick{q}")))
+            .collect(),
     }
 }
 
 fn random_op(rng: &mut Rng, w: &World) -> Op {
     let n = w.regions.len();
     let r = 1 + rng.below(n - 1);
-    match rng.below(11) {
+    match rng.below(13) {
+        11 | 12 => Op::Eventfd {
+            r,
+            offset: (rng.next() % 8) << 10,
+            n: rng.below(3),
+            add: rng.chance(60),
+        },
         0 | 1 => Op::Add {
             container: w.containers[rng.below(w.containers.len())],
             sub: r,
@@ -256,6 +273,14 @@ fn apply(w: &World, op: &Op) -> bool {
         Op::Size(r, s) => m.set_size(id(r), u128::from(s)).is_ok(),
         Op::AliasOffset(r, o) => m.set_alias_offset(id(r), o).is_ok(),
         Op::LogMask(r, mask) => m.set_dirty_log_mask(id(r), mask).is_ok(),
+        Op::Eventfd { r, offset, n, add } => {
+            let kick = &w.kicks[n];
+            if add {
+                m.add_eventfd(id(r), offset, 4, None, kick).is_ok()
+            } else {
+                m.del_eventfd(id(r), offset, 4, None, kick).is_ok()
+            }
+        }
     }
 }
 
