@@ -475,6 +475,44 @@ impl Listeners {
         self.replace_space_fds(space, new)
     }
 
+    /// [`Listeners::update_space_fds`] for a view `new` spliced from `old`,
+    /// the view the space's set was computed from, with no ioeventfd change:
+    /// the entries of the old ranges of each span give way to those of its
+    /// new ranges; the rest of the view is the same ranges.
+    pub(crate) fn update_space_fds_spliced(
+        &mut self,
+        space: SpaceId,
+        old: &FlatView,
+        new: &FlatView,
+        spans: &SpliceSpans,
+    ) -> Vec<(bool, SpaceFd)> {
+        if self.region_fds.is_empty() {
+            return self.replace_space_fds(space, Vec::new());
+        }
+        let (mut gone, mut came) = (Vec::new(), Vec::new());
+        for (o, n) in &spans.spans {
+            for (view, part, out) in [(old, o, &mut gone), (new, n, &mut came)] {
+                for fr in part.clone().filter_map(|i| view.range(i)) {
+                    if let Some(fds) = self.region_fds.get(&fr.region().id()) {
+                        fds_in_range(fr, fds, out);
+                    }
+                }
+            }
+        }
+        gone.sort_by_key(SpaceFd::key);
+        let mut next: Vec<SpaceFd> = Vec::new();
+        let mut g = gone.iter().peekable();
+        for f in self.space_fds.get(&space).map_or(&[][..], Vec::as_slice) {
+            while g.next_if(|x| x.key() < f.key()).is_some() {}
+            if g.next_if(|x| x.key() == f.key()).is_none() {
+                next.push(f.clone());
+            }
+        }
+        next.extend(came);
+        next.sort_by_key(SpaceFd::key);
+        self.replace_space_fds(space, next)
+    }
+
     /// Stores `new` (sorted) as the space's set; the symmetric difference
     /// with the previous one.
     fn replace_space_fds(&mut self, space: SpaceId, new: Vec<SpaceFd>) -> Vec<(bool, SpaceFd)> {

@@ -506,16 +506,19 @@ impl Machine {
                         .filter(|(from, _)| Arc::ptr_eq(from, &old))
                         .map(|(_, d)| d.clone())
                 });
-                let fds = match &new {
-                    Some(view) => topo.listeners.update_space_fds(id, view),
+                let fds = match (&new, &delta) {
+                    (Some(view), Some(d)) if !fds_changed => {
+                        topo.listeners.update_space_fds_spliced(id, &old, view, d)
+                    }
+                    (Some(view), _) => topo.listeners.update_space_fds(id, view),
                     // Only ioeventfds changed: only their regions' ranges
                     // are looked at.
                     // (The reference path recomputes them from the whole view.)
-                    None if fds_changed && topo.incremental => {
+                    (None, _) if fds_changed && topo.incremental => {
                         topo.listeners.update_space_fds_of(id, &old, &fd_regions)
                     }
-                    None if fds_changed => topo.listeners.update_space_fds(id, &old),
-                    None => Vec::new(),
+                    (None, _) if fds_changed => topo.listeners.update_space_fds(id, &old),
+                    (None, _) => Vec::new(),
                 };
                 let listeners = topo.listeners.of_space(id);
                 steps.push(Step {
