@@ -515,16 +515,16 @@ const MORE: usize = 1;
 /// A view's direct lookup table: the span from the first range's start to
 /// the last one's is cut into `nb` buckets of `2^shift` bytes (about four
 /// per range, at most [`crate::dispatch::RangeIndex`]'s budget); entry `b`
-/// is the address of the last range starting at or below the first address
-/// of bucket `b` (0 if none), with [`MORE`] set when another range starts
-/// inside the bucket (after its first address; for the last bucket,
-/// anywhere after it). An address in a bucket without [`MORE`] is answered
-/// by one entry and one range; the others descend the tree's levels.
+/// is [`MORE`] when a range starts inside the bucket (after its first
+/// address; for the last bucket, anywhere after it), else the address of
+/// the range containing the bucket's first address, or 0 if none (then the
+/// whole bucket is a hole). An address in a bucket without [`MORE`] is
+/// answered by one entry and at most one range; the others descend the
+/// tree's levels.
 ///
 /// The table is cut into pages of [`PAGE`] entries behind `Arc`s: a splice
-/// rebuilds only the pages whose buckets can point at a range of a leaf it
-/// replaced or can have a different answer (the address spans of the
-/// replaced leaves, up to the shared neighbours), and shares the rest.
+/// rebuilds only the pages over the extent of a range of a leaf it replaced
+/// (see `replaced_spans`) and shares the rest.
 ///
 /// **Invariant:** every nonzero entry points (flag masked) at a range
 /// inside a leaf that the view holding the table holds, so it is valid as
@@ -602,19 +602,13 @@ impl Accel {
         let b0 = (p * PAGE) as u64;
         let b1 = (b0 + PAGE as u64).min(self.nb);
         let at = tree.count_at_or_below(self.bucket_start(b0));
-        let mut cur: usize = match at.checked_sub(1) {
-            Some(i) => tree
-                .iter_from(i)
-                .next()
-                .map_or(0, |r| r as *const FlatRange as usize),
-            None => 0,
-        };
+        let mut cur: Option<&FlatRange> = at.checked_sub(1).and_then(|i| tree.iter_from(i).next());
         let mut next = tree.iter_from(at).peekable();
         let mut out = Vec::with_capacity((b1 - b0) as usize);
         for b in b0..b1 {
             let bs = self.bucket_start(b);
             while let Some(r) = next.next_if(|r| r.start <= bs) {
-                cur = r as *const FlatRange as usize;
+                cur = Some(r);
             }
             let be = if b + 1 == self.nb {
                 u64::MAX
@@ -622,7 +616,13 @@ impl Accel {
                 self.bucket_start(b + 1) - 1
             };
             let more = next.peek().is_some_and(|r| r.start <= be);
-            out.push(cur | if more { MORE } else { 0 });
+            // A range that ends before the bucket is not named: the bucket
+            // (or its first part, when `MORE`) is a hole.
+            out.push(match cur {
+                _ if more => MORE,
+                Some(r) if r.last >= bs => r as *const FlatRange as usize,
+                _ => 0,
+            });
         }
         out.into()
     }
@@ -687,55 +687,34 @@ impl Accel {
     }
 }
 
-/// The address intervals (inclusive) of `new`, spliced from `old`, whose
-/// lookup answers can differ from `old`'s or point into a leaf only one of
-/// them holds: for each run of leaves held by one tree and not the other,
-/// from just after the last start of the shared leaf before the run to the
-/// first start of the shared leaf after it.
+/// The address intervals (inclusive) where the direct table of `new`,
+/// spliced from `old`, can differ from `old`'s: the extent of every range of
+/// a leaf that only one of the two trees holds. An entry names the range
+/// containing its bucket's first address, so it changes only if that range
+/// is replaced or moved to another leaf, if a range starting in the bucket
+/// appears or goes, or if the bucket stops or starts being a hole: each
+/// case puts a range of a replaced leaf over the bucket.
 fn replaced_spans(old: &Tree, new: &Tree) -> Vec<(u64, u64)> {
     use std::collections::HashSet;
     let groups = |t: &Tree| -> HashSet<*const Group> { t.groups.iter().map(Arc::as_ptr).collect() };
     let (old_groups, new_groups) = (groups(old), groups(new));
-    let leaves = |t: &Tree, other: &HashSet<*const Group>| -> HashSet<*const Leaf> {
+    // Leaves of the groups only one tree holds (a group both hold has the
+    // same leaves in both).
+    fn leaves<'t>(t: &'t Tree, other: &HashSet<*const Group>) -> Vec<&'t Arc<Leaf>> {
         t.groups
             .iter()
             .filter(|g| !other.contains(&Arc::as_ptr(g)))
-            .flat_map(|g| g.leaves.iter().map(Arc::as_ptr))
+            .flat_map(|g| g.leaves.iter())
             .collect()
-    };
+    }
     let (old_leaves, new_leaves) = (leaves(old, &new_groups), leaves(new, &old_groups));
+    let ptrs =
+        |ls: &[&Arc<Leaf>]| -> HashSet<*const Leaf> { ls.iter().map(|l| Arc::as_ptr(l)).collect() };
+    let (in_old, in_new) = (ptrs(&old_leaves), ptrs(&new_leaves));
     let mut out = Vec::new();
-    for (tree, shared_groups, shared_leaves) in [
-        (new, &old_groups, &old_leaves),
-        (old, &new_groups, &new_leaves),
-    ] {
-        let mut prev_last: Option<u64> = None;
-        let mut open: Option<u64> = None;
-        let mut shared =
-            |first: u64, last_start: u64, open: &mut Option<u64>, prev: &mut Option<u64>| {
-                if let Some(p) = open.take() {
-                    out.push((p, first));
-                }
-                *prev = Some(last_start);
-            };
-        for g in tree.groups.iter() {
-            if shared_groups.contains(&Arc::as_ptr(g)) {
-                let last = g.leaves.last().and_then(|l| l.ranges.last());
-                let last = last.map_or(0, |r| r.start);
-                shared(g.first_start(), last, &mut open, &mut prev_last);
-                continue;
-            }
-            for l in g.leaves.iter() {
-                if shared_leaves.contains(&Arc::as_ptr(l)) {
-                    let last = l.ranges.last().map_or(0, |r| r.start);
-                    shared(l.first_start(), last, &mut open, &mut prev_last);
-                } else if open.is_none() {
-                    open = Some(prev_last.map_or(0, |s| s.saturating_add(1)));
-                }
-            }
-        }
-        if let Some(p) = open {
-            out.push((p, u64::MAX));
+    for (ls, other) in [(&old_leaves, &in_new), (&new_leaves, &in_old)] {
+        for l in ls.iter().filter(|l| !other.contains(&Arc::as_ptr(l))) {
+            out.extend(l.ranges.iter().map(|r| (r.start, r.last)));
         }
     }
     out
@@ -1304,6 +1283,21 @@ impl FlatView {
     /// The census key of this view, if it is registered.
     pub fn census_key(&self) -> Option<ObjectKey> {
         self.census.as_ref().map(|(_, k)| *k)
+    }
+
+    /// Pages of the direct lookup table this view shares with `other` (for
+    /// tests of the splice's sharing): `(shared pages, pages of self)`.
+    #[doc(hidden)]
+    pub fn shared_table_pages_with(&self, other: &FlatView) -> (usize, usize) {
+        let theirs: std::collections::HashSet<*const [usize]> =
+            other.accel.pages.iter().map(Arc::as_ptr).collect();
+        let shared = self
+            .accel
+            .pages
+            .iter()
+            .filter(|p| theirs.contains(&Arc::as_ptr(p)))
+            .count();
+        (shared, self.accel.pages.len())
     }
 
     /// Leaves and groups this view shares with `other` (for tests of the

@@ -551,6 +551,12 @@ fn incremental_render_large_map_splices_equal_full_render() {
         "a toggle rebuilt {} of {total} leaves",
         total - shared
     );
+    let (shared, total) = after.shared_table_pages_with(&before);
+    assert!(
+        total > 4 && shared + 2 >= total,
+        "a toggle rebuilt {} of {total} lookup table pages",
+        total - shared
+    );
     drop(first);
 }
 
