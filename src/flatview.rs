@@ -507,7 +507,7 @@ impl Builder {
 }
 
 /// Log2 of the entries in one page of the direct lookup table.
-const PAGE_BITS: u32 = 9;
+const PAGE_BITS: u32 = 8;
 const PAGE: usize = 1 << PAGE_BITS;
 /// Entry flag: another range starts inside the bucket (take the levels).
 const MORE: usize = 1;
@@ -602,13 +602,26 @@ impl Accel {
         let b0 = (p * PAGE) as u64;
         let b1 = (b0 + PAGE as u64).min(self.nb);
         let at = tree.count_at_or_below(self.bucket_start(b0));
-        let mut cur: Option<&FlatRange> = at.checked_sub(1).and_then(|i| tree.iter_from(i).next());
+        let mut cur: Option<&FlatRange> = at.checked_sub(1).and_then(|i| tree.get(i));
         let mut next = tree.iter_from(at).peekable();
         let mut out = Vec::with_capacity((b1 - b0) as usize);
         for b in b0..b1 {
             let bs = self.bucket_start(b);
+            // Step over the ranges starting up to the bucket; where many do
+            // (a dense stretch), jump through the tree instead, so a page
+            // costs its buckets, not the ranges under it.
+            let mut steps = 0;
             while let Some(r) = next.next_if(|r| r.start <= bs) {
                 cur = Some(r);
+                steps += 1;
+                if steps == 8 {
+                    if next.peek().is_some_and(|r| r.start <= bs) {
+                        let at = tree.count_at_or_below(bs);
+                        cur = at.checked_sub(1).and_then(|i| tree.get(i));
+                        next = tree.iter_from(at).peekable();
+                    }
+                    break;
+                }
             }
             let be = if b + 1 == self.nb {
                 u64::MAX
@@ -788,6 +801,12 @@ impl Tree {
         let li = g.leaf_at(addr)?;
         let (ri, r) = g.leaves.get(li)?.lookup(addr)?;
         Some((gi, li, ri, r))
+    }
+
+    /// The range at position `i`.
+    fn get(&self, i: usize) -> Option<&FlatRange> {
+        let (gi, li, ri) = self.leaf_of(i)?;
+        self.groups[gi].leaves[li].ranges.get(ri)
     }
 
     /// The ranges from position `i` on.
@@ -1209,8 +1228,7 @@ impl FlatView {
         if let Some(l) = &self.tree.single {
             return l.ranges.get(i);
         }
-        let (gi, li, ri) = self.tree.leaf_of(i)?;
-        self.tree.groups[gi].leaves[li].ranges.get(ri)
+        self.tree.get(i)
     }
 
     /// The range containing `addr`, if any.
