@@ -537,10 +537,14 @@ struct Accel {
     /// halves them rebuilds the table).
     sized_for: usize,
     pages: Box<[Arc<[usize]>]>,
+    /// The entries of page 0 (`pages[0]`'s data, held by `pages`): a view
+    /// of at most one page is looked up without loading the page pointer.
+    page0: *const usize,
 }
 
 // SAFETY: the entries are addresses of `FlatRange`s (which are `Send +
-// Sync`) held by the same view; the table is immutable.
+// Sync`) held by the same view, `page0` the data of a page the table holds;
+// the table is immutable.
 unsafe impl Send for Accel {}
 // SAFETY: as above.
 unsafe impl Sync for Accel {}
@@ -553,7 +557,14 @@ impl Accel {
             nb: 0,
             sized_for: 0,
             pages: Box::new([]),
+            page0: std::ptr::null(),
         }
+    }
+
+    fn with_pages(mut self, pages: Box<[Arc<[usize]>]>) -> Accel {
+        self.page0 = pages.first().map_or(std::ptr::null(), |p| p.as_ptr());
+        self.pages = pages;
+        self
     }
 
     /// A table for `tree`, every page built.
@@ -571,16 +582,16 @@ impl Accel {
         while shift < 63 && (span >> shift) >= budget {
             shift += 1;
         }
-        let mut a = Accel {
+        let a = Accel {
             base,
             shift,
             nb: (span >> shift) + 1,
             sized_for: n,
             pages: Box::new([]),
+            page0: std::ptr::null(),
         };
-        let pages = a.page_count();
-        a.pages = (0..pages).map(|p| a.build_page(tree, p)).collect();
-        a
+        let pages = (0..a.page_count()).map(|p| a.build_page(tree, p)).collect();
+        a.with_pages(pages)
     }
 
     fn page_count(&self) -> usize {
@@ -672,8 +683,10 @@ impl Accel {
             shift: old.shift,
             nb: old.nb,
             sized_for: old.sized_for,
-            pages: pages.into_boxed_slice(),
+            pages: Box::new([]),
+            page0: std::ptr::null(),
         }
+        .with_pages(pages.into_boxed_slice())
     }
 
     /// `Some(answer)`, or `None` when the bucket of `addr` holds several
@@ -685,7 +698,14 @@ impl Accel {
         };
         let last = self.nb.checked_sub(1)?;
         let b = (off >> self.shift).min(last) as usize;
-        let e = *self.pages.get(b >> PAGE_BITS)?.get(b & (PAGE - 1))?;
+        let e = if b < PAGE {
+            // SAFETY: `page0` is the data of `pages[0]`, which `self` holds
+            // and never changes; page 0 has `min(nb, PAGE)` entries and
+            // `b < min(nb, PAGE)` (`b <= nb - 1`).
+            unsafe { *self.page0.add(b) }
+        } else {
+            *self.pages.get(b >> PAGE_BITS)?.get(b & (PAGE - 1))?
+        };
         if e & MORE != 0 {
             return None;
         }
