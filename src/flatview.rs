@@ -1,9 +1,11 @@
 //! Flat views: the immutable, rendered form of an address space.
 //!
-//! A [`FlatView`] is a sorted array of disjoint [`FlatRange`]s, each naming the
-//! terminating region that serves it. It is built once by `crate::render`,
-//! published into address spaces with an atomic pointer swap, and never
-//! changed afterwards: vCPU threads read it without locks.
+//! A [`FlatView`] is a sorted sequence of disjoint [`FlatRange`]s, each naming
+//! the terminating region that serves it. It is built by `crate::render` (a
+//! full render, or a splice of re-rendered windows into the previous view
+//! that shares every chunk of ranges it did not change: see [`FlatView`],
+//! "Representation"), published into address spaces with an atomic pointer
+//! swap, and never changed afterwards: vCPU threads read it without locks.
 //!
 //! # Invariants
 //!
@@ -967,30 +969,33 @@ impl Reached {
 /// # Representation
 ///
 /// The ranges live in a persistent three-level tree: a view holds groups of
-/// at most [`GROUP_MAX`] leaves, each leaf at most [`LEAF_MAX`] ranges, every
-/// level behind an `Arc` and with its own lookup index (the bucket table of
-/// [`crate::dispatch::RangeIndex`]). A splice ([`FlatView::spliced`]) builds
-/// new leaves only for the ranges it changes (plus at most one neighbouring
-/// leaf or group it takes in to keep sizes up), a new group for each group
-/// they sit in, and a new top level; every other leaf and group is the old
-/// view's, shared. So a commit that changes k ranges of a view of n costs
-/// O(k + leaf + group + n / (leaf × group)) `Arc` copies, not O(n).
+/// at most 64 leaves, each leaf at most 64 ranges, every level behind an
+/// `Arc` with its own bucket index and running range counts. A splice
+/// (`FlatView::spliced`) builds new leaves only for the ranges it changes
+/// (plus at most one neighbouring leaf or group it takes in to keep sizes
+/// up), a new group for each group they sit in, and a new top level; every
+/// other leaf and group is the old view's, shared. So a commit that changes
+/// k ranges of a view of n costs O(k + 64 + n / 2048) `Arc` copies, not
+/// O(n).
 ///
 /// Invariants, besides those of the module:
 /// * leaves and groups are never empty (an empty view has no group);
-/// * every leaf holds at most [`LEAF_MAX`] ranges, every group at most
-///   [`GROUP_MAX`] leaves; a leaf or group built by a splice holds at least
-///   [`LEAF_MIN`] / [`GROUP_MIN`] unless it is the view's last or nothing
-///   was left to join;
+/// * every leaf holds at most 64 ranges, every group at most 64 leaves; a
+///   leaf or group built by a splice holds at least 16 unless it is the
+///   view's last or nothing was left to join;
 /// * a leaf's and a group's index and running counts describe exactly its
-///   contents (both are built with it and it never changes).
+///   contents (both are built with it and it never changes);
+/// * the direct lookup table (paged, pages shared between spliced views)
+///   names only ranges of this view's own leaves, and every page equals what
+///   a fresh build of it from this view gives.
 ///
-/// Lookups descend the levels (a view with one leaf, the common small view,
-/// goes straight to it); positions ([`FlatView::lookup_index`],
-/// [`FlatView::range`]) are global, counted through the running counts.
-/// [`FlatView::ranges`] is the one O(n) accessor (a contiguous copy made on
-/// first use for views of more than one leaf): the commit path uses
-/// [`FlatView::iter`] and positions instead.
+/// [`FlatView::lookup`] reads one table entry and at most one range when
+/// the address's bucket holds no range start, and descends the levels
+/// otherwise; positions ([`FlatView::lookup_index`], [`FlatView::range`])
+/// are global, counted through the running counts. [`FlatView::ranges`] is
+/// the one O(n) accessor (a contiguous copy made on first use for views of
+/// more than one leaf): the commit path uses [`FlatView::iter`] and
+/// positions instead.
 pub struct FlatView {
     pub(crate) root: Option<RegionId>,
     pub(crate) root_name: Option<Box<str>>,
