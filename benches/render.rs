@@ -24,6 +24,9 @@
 //! * `commit_unrelated/N`: a commit of an edit no view reaches (an unmapped
 //!   region): memtree keeps every cached view whose reached regions are
 //!   clean, where QEMU would re-render every view.
+//! * `commit_listener/N`: `commit/N` with a (no-op) listener on the space:
+//!   adds the listener diff, which comes from the splice, and QEMU's
+//!   `region_nop` for every unchanged range.
 //!
 //! `cargo bench --bench render -- --warm-up-time 1 --measurement-time 3`
 
@@ -283,6 +286,28 @@ fn bench(c: &mut Criterion) {
                 mach.memory.set_enabled(mach.unreached, on).unwrap();
             })
         });
+    }
+    g.finish();
+    // The toggle with a listener on the space: the diff comes from the
+    // splice (deletions and additions of the toggled extent), plus QEMU's
+    // `region_nop` for every other range (a callback per range, the part
+    // that still grows with the map).
+    struct Nops;
+    impl memtree::MemoryListener for Nops {}
+    let mut g = c.benchmark_group("commit_listener");
+    for (n, mach) in &machines {
+        let id = mach
+            .memory
+            .register_listener(mach.space, Arc::new(Nops))
+            .unwrap();
+        let mut on = true;
+        g.bench_with_input(BenchmarkId::from_parameter(n), mach, |b, mach| {
+            b.iter(|| {
+                on = !on;
+                mach.memory.set_enabled(mach.reached, on).unwrap();
+            })
+        });
+        mach.memory.unregister_listener(id).unwrap();
     }
     g.finish();
 }

@@ -876,8 +876,8 @@ impl IommuHub {
             let view = space.view_guard();
             view.lookup_index(ta)
                 .filter(|&i| {
-                    let r = &view.ranges()[i];
-                    r.is_direct_read() || r.is_direct_write()
+                    view.range(i)
+                        .is_some_and(|r| r.is_direct_read() || r.is_direct_write())
                 })
                 .map_or(NO_HINT, |i| i as u64)
         };
@@ -1067,7 +1067,7 @@ fn direct_hit<R>(
         return None;
     }
     let view = hub.target(&c)?.view_guard();
-    let tr = view.ranges().get(usize::try_from(c.hint).ok()?)?;
+    let tr = view.range(usize::try_from(c.hint).ok()?)?;
     let ta = c.translate(mr_addr);
     // The remembered range is re-checked against the current view: it
     // serves `ta` iff it contains it (ranges are disjoint), so a target
@@ -1190,7 +1190,7 @@ fn cursor_use<R>(
         return None;
     }
     let view = e.target.load();
-    let tr = view.ranges().get(usize::try_from(c.hint).ok()?)?;
+    let tr = view.range(usize::try_from(c.hint).ok()?)?;
     let ta = c.translate(mr_addr);
     let direct = match access {
         IommuPerm::Write => tr.is_direct_write(),

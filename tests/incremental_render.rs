@@ -110,6 +110,7 @@ struct World {
     containers: Vec<usize>,
     aliases: Vec<usize>,
     log: Log,
+    kicks: Vec<Arc<EventNotifier>>,
 }
 
 #[derive(Clone, Debug)]
@@ -129,6 +130,13 @@ enum Op {
     Size(usize, u64),
     AliasOffset(usize, u64),
     LogMask(usize, u8),
+    /// Adds (or deletes) ioeventfd `n` at `offset` of a region.
+    Eventfd {
+        r: usize,
+        offset: u64,
+        n: usize,
+        add: bool,
+    },
 }
 
 fn build(seed: u64, incremental: bool) -> World {
@@ -200,13 +208,22 @@ fn build(seed: u64, incremental: bool) -> World {
         containers,
         aliases,
         log,
+        kicks: (0..3)
+            .map(|q| EventNotifier::new(&format!("kick{q}")))
+            .collect(),
     }
 }
 
 fn random_op(rng: &mut Rng, w: &World) -> Op {
     let n = w.regions.len();
     let r = 1 + rng.below(n - 1);
-    match rng.below(11) {
+    match rng.below(13) {
+        11 | 12 => Op::Eventfd {
+            r,
+            offset: (rng.next() % 8) << 10,
+            n: rng.below(3),
+            add: rng.chance(60),
+        },
         0 | 1 => Op::Add {
             container: w.containers[rng.below(w.containers.len())],
             sub: r,
@@ -256,6 +273,14 @@ fn apply(w: &World, op: &Op) -> bool {
         Op::Size(r, s) => m.set_size(id(r), u128::from(s)).is_ok(),
         Op::AliasOffset(r, o) => m.set_alias_offset(id(r), o).is_ok(),
         Op::LogMask(r, mask) => m.set_dirty_log_mask(id(r), mask).is_ok(),
+        Op::Eventfd { r, offset, n, add } => {
+            let kick = &w.kicks[n];
+            if add {
+                m.add_eventfd(id(r), offset, 4, None, kick).is_ok()
+            } else {
+                m.del_eventfd(id(r), offset, 4, None, kick).is_ok()
+            }
+        }
     }
 }
 
@@ -423,4 +448,163 @@ fn incremental_render_eventfd_only_commit_renders_nothing() {
         "{:?}",
         io_log.lock().unwrap()
     );
+}
+
+/// A map large enough for views of many leaves and several groups (the
+/// chunked representation's multi-level paths): random batches of edits
+/// spread over the whole map, every commit compared with a full render,
+/// with the reference machine's listener log, and every lookup path of
+/// the published view checked against a scan of its ranges.
+#[test]
+fn incremental_render_large_map_splices_equal_full_render() {
+    const N: u64 = 3000;
+    let worlds: Vec<(Memory, Vec<RegionId>, Log, memtree::SpaceId)> = [true, false]
+        .into_iter()
+        .map(|incremental| {
+            let memory = Memory::new();
+            memory.set_incremental_render(incremental);
+            let root = memory.new_container("system", 1 << 40, None).unwrap();
+            let t = memory.begin();
+            let mut regions = Vec::new();
+            for i in 0..N {
+                let r = memory.new_ram(&format!("r{i}"), 0x1000, None).unwrap();
+                // Every third slot left empty, so ranges do not all merge.
+                memory
+                    .add_subregion_overlap(root, i * 0x1800, r, (i % 3) as i32)
+                    .unwrap();
+                regions.push(r);
+            }
+            t.commit();
+            let space = memory.new_address_space("mem", root, None).unwrap();
+            let log: Log = Arc::default();
+            memory
+                .register_listener(space, Arc::new(Recorder(log.clone())))
+                .unwrap();
+            log.lock().unwrap().clear();
+            (memory, regions, log, space)
+        })
+        .collect();
+    let mut rng = Rng(0x5eed);
+    let first = worlds[0].0.address_space(worlds[0].3).unwrap().view();
+    let leaves = first.shared_leaves_with(&first).1;
+    assert!(
+        leaves > 64,
+        "the map must span several groups: {leaves} leaves"
+    );
+    for step in 0..120 {
+        let max = if rng.chance(20) { 40 } else { 3 };
+        let batch = 1 + rng.below(max);
+        let ops: Vec<(usize, u64, u64)> = (0..batch)
+            .map(|_| (rng.below(N as usize), rng.next() % 6, rng.next()))
+            .collect();
+        for (memory, regions, ..) in &worlds {
+            let t = memory.begin();
+            for &(r, what, x) in &ops {
+                let id = regions[r];
+                let _ = match what {
+                    0 => memory.set_enabled(id, x % 2 == 0),
+                    1 => memory.set_address(id, (x % (N * 0x1800)) & !0x7ff),
+                    2 => memory.set_readonly(id, x % 2 == 0),
+                    3 => memory.set_size(id, u128::from((x % 4 + 1) * 0x800)),
+                    // A run of neighbours at once: leaves shrink and grow.
+                    _ => (r..(r + 10 + (x % 60) as usize).min(N as usize))
+                        .try_for_each(|j| memory.set_enabled(regions[j], x % 2 == 0)),
+                };
+            }
+            t.commit();
+        }
+        let ctx = format!("step {step} ops {ops:?}");
+        worlds[0]
+            .0
+            .check_views_against_full_render()
+            .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        let (la, lb) = (
+            std::mem::take(&mut *worlds[0].2.lock().unwrap()),
+            std::mem::take(&mut *worlds[1].2.lock().unwrap()),
+        );
+        assert!(la == lb, "{ctx}: listener callbacks differ");
+        let view = worlds[0].0.address_space(worlds[0].3).unwrap().view();
+        let all: Vec<&memtree::FlatRange> = view.iter().collect();
+        assert_eq!(all.len(), view.len());
+        for _ in 0..200 {
+            let a = rng.next() % (N * 0x1800 + 0x1000);
+            let expect = all.iter().position(|r| r.contains(a));
+            assert_eq!(view.lookup_index(a), expect, "{ctx}: index at {a:#x}");
+            let got = view.lookup(a).map(|r| r as *const _);
+            assert_eq!(got, expect.map(|i| all[i] as *const _), "{ctx}: {a:#x}");
+            if let Some(i) = expect {
+                assert!(std::ptr::eq(view.range(i).unwrap(), all[i]));
+            }
+        }
+    }
+    // One more toggle of one region: its leaf (and at most a neighbour) is
+    // rebuilt, every other leaf is shared with the view before.
+    let (memory, regions, _, space) = &worlds[0];
+    let before = memory.address_space(*space).unwrap().view();
+    let on = memory.region_info(regions[1500]).unwrap().enabled;
+    memory.set_enabled(regions[1500], !on).unwrap();
+    let after = memory.address_space(*space).unwrap().view();
+    let (shared, total) = after.shared_leaves_with(&before);
+    assert!(total > 8, "{total} leaves");
+    assert!(
+        shared + 3 >= total,
+        "a toggle rebuilt {} of {total} leaves",
+        total - shared
+    );
+    let (shared, total) = after.shared_table_pages_with(&before);
+    assert!(
+        total > 4 && shared + 2 >= total,
+        "a toggle rebuilt {} of {total} lookup table pages",
+        total - shared
+    );
+    drop(first);
+}
+
+/// The census entries of a view of many leaves are its parts (groups and
+/// leaves, shared like them): a splice registers only the parts it built,
+/// so the number of view entries stays put across toggles; a region is
+/// explained through the view's parts; teardown leaves nothing behind.
+#[test]
+fn incremental_render_large_view_census_follows_the_shared_parts() {
+    let memory = Memory::new();
+    let root = memory.new_container("system", 1 << 40, None).unwrap();
+    let ops: Arc<dyn memtree::MmioOps> = Arc::new(UnimplementedDevice);
+    let t = memory.begin();
+    let mut regions = Vec::new();
+    for i in 0..3000u64 {
+        let r = memory
+            .new_mmio(&format!("dev{i}"), 0x1000, ops.clone(), None)
+            .unwrap();
+        memory.add_subregion(root, i * 0x2000, r).unwrap();
+        regions.push(r);
+    }
+    t.commit();
+    let space = memory.new_address_space("mem", root, None).unwrap();
+    let views = |m: &Memory| m.census().counts()[&memtree::ObjectKind::FlatView];
+    let before = views(&memory);
+    let view = memory.address_space(space).unwrap().view();
+    assert!(
+        view.shared_leaves_with(&view).1 > 64,
+        "several groups expected"
+    );
+    for k in 0..20 {
+        memory.set_enabled(regions[1234], k % 2 == 1).unwrap();
+    }
+    drop(view);
+    let after = views(&memory);
+    assert!(
+        after <= before + 4,
+        "view entries grew from {before} to {after} over 20 toggles"
+    );
+    let view = memory.address_space(space).unwrap().view();
+    let key = view.lookup(1234 * 0x2000).unwrap().region().census_key();
+    let why = memtree::lifecycle::diag::why_alive(memory.census(), key);
+    assert!(
+        why.iter()
+            .any(|c| c.contains("flat view of system ranges") && c.contains("region dev1234")),
+        "{why:?}"
+    );
+    drop(view);
+    let report = memory.teardown();
+    assert!(report.is_clean(), "{report}");
 }

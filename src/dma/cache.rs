@@ -122,16 +122,15 @@ impl MemoryRegionCache {
     fn resolve(&mut self) -> Result<(), DmaError> {
         check_range(self.addr, self.requested)?;
         let view = self.space.view_guard();
-        let Some(i) = view.lookup_index(self.addr) else {
+        let Some(r) = view.lookup(self.addr) else {
             return Err(self.space.unassigned(self.addr));
         };
-        let r = &view.ranges()[i];
         if is_direct(r, self.dir) {
             // A direct range always has host memory; be total anyway.
             if let (Some(host), Some(b)) =
                 (NonNull::new(r.host_at(self.addr)), ram_backend(r.region()))
             {
-                let len = direct_extent(&view, i, self.addr, self.requested, self.dir);
+                let len = direct_extent(&view, r, self.addr, self.requested, self.dir);
                 let ticket = self.space.shared.machine.dma.insert(&Entry {
                     kind: MappingKind::Cache,
                     dir: self.dir,

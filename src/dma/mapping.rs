@@ -500,24 +500,24 @@ pub(crate) fn avail_in(r: &FlatRange, addr: u64, want: u64) -> u64 {
     u64::try_from(rest).unwrap_or(u64::MAX).min(want)
 }
 
-/// Length of the direct window at `addr` in `view` (range index `i`),
+/// Length of the direct window at `addr` in `view` (in range `first`),
 /// extended across following ranges served contiguously by the same region
 /// and direct in `dir`, capped at `want`.
 #[inline]
 pub(crate) fn direct_extent(
     view: &FlatView,
-    i: usize,
+    first: &FlatRange,
     addr: u64,
     want: u64,
     dir: DmaDirection,
 ) -> u64 {
-    let ranges = view.ranges();
-    let first = &ranges[i];
     let mut got = avail_in(first, addr, want);
     let mut cur = first;
-    let mut j = i + 1;
     while got < want {
-        let Some(next) = ranges.get(j) else { break };
+        // A contiguous successor starts right after `cur`.
+        let Some(next) = cur.last().checked_add(1).and_then(|a| view.lookup(a)) else {
+            break;
+        };
         let contiguous = cur.last().checked_add(1) == Some(next.start())
             && Arc::ptr_eq(cur.region(), next.region())
             && u128::from(cur.offset_in_region()) + cur.len()
@@ -528,7 +528,6 @@ pub(crate) fn direct_extent(
         }
         got += avail_in(next, next.start(), want - got);
         cur = next;
-        j += 1;
     }
     got
 }
@@ -685,17 +684,16 @@ impl AddressSpace {
         dir: DmaDirection,
         attrs: MemTxAttrs,
     ) -> Result<DmaMapping<'_>, DmaError> {
-        let Some(i) = view.lookup_index(addr) else {
+        let Some(r) = view.lookup(addr) else {
             return Err(self.unassigned(addr));
         };
-        let r = &view.ranges()[i];
         if !is_direct(r, dir) {
             if let Some(m) = self.map_translated(r, addr, len, dir, attrs) {
                 return m;
             }
             return self.map_bounce(view, r, addr, len, dir, attrs);
         }
-        let got = direct_extent(view, i, addr, len, dir);
+        let got = direct_extent(view, r, addr, len, dir);
         self.map_direct(r, addr, addr, got, dir)
     }
 
@@ -772,11 +770,11 @@ impl AddressSpace {
         attrs: MemTxAttrs,
     ) -> Option<Result<DmaMapping<'_>, DmaError>> {
         crate::iommu::with_direct_target(r, addr, dir, attrs, |view, j, ta, max| {
-            let tr = &view.ranges()[j];
+            let tr = view.range(j)?;
             if !is_direct(tr, dir) {
                 return None;
             }
-            let got = direct_extent(view, j, ta, len.min(max), dir);
+            let got = direct_extent(view, tr, ta, len.min(max), dir);
             Some(self.map_direct(tr, ta, addr, got, dir))
         })
         .flatten()

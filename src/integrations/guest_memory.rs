@@ -302,11 +302,11 @@ impl AddressSpace {
 
 /// The runs of writable RAM of `view`, sorted and disjoint.
 fn ram_runs(view: &FlatView) -> Vec<Arc<RamRun>> {
-    let ranges = view.ranges();
+    let ranges: Vec<&crate::view::flatview::FlatRange> = view.iter().collect();
     let mut runs = Vec::new();
     let mut i = 0;
     while i < ranges.len() {
-        let range = &ranges[i];
+        let range = ranges[i];
         if !is_direct(range, DmaDirection::Bidirectional) {
             i += 1;
             continue;
@@ -314,7 +314,7 @@ fn ram_runs(view: &FlatView) -> Vec<Arc<RamRun>> {
         // The run: this range extended across the following ranges of the
         // same memory, as a DMA mapping is.
         let start = range.start();
-        let extent = direct_extent(view, i, start, u64::MAX, DmaDirection::Bidirectional);
+        let extent = direct_extent(view, range, start, u64::MAX, DmaDirection::Bidirectional);
         let last = start.saturating_add(extent - 1);
         while i < ranges.len() && ranges[i].last() <= last {
             i += 1;

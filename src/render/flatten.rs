@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use crate::topology::region::{RegionId, RegionKind, RegionNode, MAX_REGION_SIZE};
 use crate::topology::tree::Topology;
-use crate::view::flatview::{FlatRange, RangeAttrs, RegionType};
+use crate::view::flatview::{Edit, FlatRange, RangeAttrs, RegionType};
 
 /// Propagated flags along a render path.
 #[derive(Copy, Clone, Default, PartialEq, Eq, Debug)]
@@ -401,7 +401,10 @@ pub(crate) fn physical_root_visiting(
 
 /// Re-renders the address windows `affected` (in `root`'s coordinates, from
 /// the topology's change tracking) of `old`, the last render of `root`, and
-/// splices them into it: ranges outside the windows are shared with `old`.
+/// returns the edits that turn `old` into the new rendering: each replaces
+/// the old ranges of one window (by position) with the window's new ranges.
+/// Ranges outside the windows are not touched, so the view built from the
+/// edits ([`crate::flatview::FlatView::spliced`]) shares them with `old`.
 /// Returns `None` when the splice cannot be sure to equal a full render (an
 /// unmergeable range meets itself across a window edge: whether a full
 /// render would have cut it there depends on pieces the splice did not see),
@@ -410,14 +413,14 @@ pub(crate) fn physical_root_visiting(
 /// Each window is first widened to the edges of the old ranges it touches,
 /// so that no old range is cut; new ranges that continue across a window
 /// edge are joined there by QEMU's merge rule, which is all a full render
-/// does (merging is decided pairwise on adjacent addresses).
+/// does (merging is decided pairwise on adjacent addresses): the old range
+/// it joins then belongs to the edit too.
 pub(crate) fn splice(
     topo: &Topology,
     root: RegionId,
     old: &crate::view::flatview::FlatView,
     affected: &[(i128, i128)],
 ) -> Option<Spliced> {
-    let ranges = old.ranges();
     let top = MAX_REGION_SIZE as i128;
     let mut windows: Vec<(i128, i128)> = affected
         .iter()
@@ -441,110 +444,125 @@ pub(crate) fn splice(
             _ => joined.push((s, e)),
         }
     }
-    let mut out: Vec<FlatRange> = Vec::with_capacity(ranges.len() + 8);
+    let len = old.len();
+    let mut edits: Vec<Edit> = Vec::with_capacity(joined.len());
     let mut reached: Vec<RegionId> = Vec::new();
-    // Appends `r`, joining it to the previous range across a seam when a
-    // full render would have. `false` when that cannot be decided.
-    fn push_at_seam(out: &mut Vec<FlatRange>, r: FlatRange) -> bool {
-        if let Some(prev) = out.last_mut() {
-            if prev.continues_into(&r) {
-                if prev.attrs.unmergeable {
-                    return false;
-                }
-                prev.last = r.last;
-                return true;
-            }
-        }
-        out.push(r);
-        true
-    }
-    let mut i = 0usize;
-    let mut windows_out = Vec::with_capacity(joined.len());
+    let mut same = true;
+    // Old positions below this are consumed by an edit.
+    let mut consumed = 0usize;
     for &(s, e) in &joined {
-        while let Some(r) = ranges.get(i).filter(|r| i128::from(r.start) < s) {
-            out.push(r.share());
-            i += 1;
+        let mut a = old.count_below(s as u64).max(consumed);
+        let mut b = if e > u64::MAX as i128 {
+            len
+        } else {
+            old.count_below(e as u64)
         }
-        let old_from = i;
-        while ranges.get(i).is_some_and(|r| i128::from(r.start) < e) {
-            i += 1;
-        }
+        .max(a);
         let rendered = render_clipped(topo, root, (s, e));
         reached.extend(rendered.reached);
-        let (mut old_from, mut new_from) = (old_from, out.len());
-        let mut pieces = rendered.ranges.into_iter();
-        if let Some(first) = pieces.next() {
-            if !push_at_seam(&mut out, first) {
-                return None;
-            }
-            if out.len() == new_from {
-                // Joined to the range before the window (a copy of the old
-                // range just before it): that range changed too.
-                old_from -= 1;
-                new_from -= 1;
+        let mut new = rendered.ranges;
+        let mut merge_into_prev = false;
+        if let Some(first) = new.first() {
+            match edits.last_mut().filter(|p| p.old.end == a) {
+                // The range before the window is the previous edit's last.
+                Some(prev) => {
+                    if let Some(last) = prev.new.last_mut() {
+                        if last.continues_into(first) {
+                            if last.attrs.unmergeable {
+                                return None;
+                            }
+                            last.last = first.last;
+                            new.remove(0);
+                            merge_into_prev = true;
+                        }
+                    }
+                }
+                None => {
+                    if let Some(before) = a.checked_sub(1).and_then(|i| old.range(i)) {
+                        if before.continues_into(first) {
+                            if before.attrs.unmergeable {
+                                return None;
+                            }
+                            let mut joined = before.share();
+                            joined.last = first.last;
+                            new[0] = joined;
+                            a -= 1;
+                        }
+                    }
+                }
             }
         }
-        out.extend(pieces);
         // The old range right after the window may continue what the window
-        // rendered last.
-        if let Some(next) = ranges.get(i).filter(|r| i128::from(r.start) == e) {
-            if !push_at_seam(&mut out, next.share()) {
-                return None;
+        // rendered last (or what the previous edit did, if this window
+        // rendered nothing and joined it).
+        if let Some(next) = old.range(b).filter(|r| i128::from(r.start) == e) {
+            let last = if merge_into_prev && new.is_empty() {
+                edits.last_mut().and_then(|p| p.new.last_mut())
+            } else {
+                new.last_mut()
+            };
+            if let Some(last) = last {
+                if last.continues_into(next) {
+                    if last.attrs.unmergeable {
+                        return None;
+                    }
+                    last.last = next.last;
+                    b += 1;
+                }
             }
-            i += 1;
         }
-        windows_out.push(SplicedWindow {
-            old: old_from..i,
-            new: new_from.min(out.len())..out.len(),
-        });
+        if merge_into_prev {
+            let prev = edits.last_mut()?;
+            prev.old.end = b;
+            prev.new.extend(new);
+        } else {
+            edits.push(Edit { old: a..b, new });
+        }
+        consumed = b;
     }
-    out.extend(ranges[i..].iter().map(FlatRange::share));
+    for e in &edits {
+        let old_part: Vec<&FlatRange> = e.old.clone().filter_map(|i| old.range(i)).collect();
+        same &= old_part.len() == e.new.len()
+            && old_part.iter().zip(&e.new).all(|(x, y)| same_range(x, y));
+    }
     Some(Spliced {
-        ranges: out,
+        edits,
         reached,
-        windows: windows_out,
+        same,
     })
 }
 
-/// A splice: the new ranges, the regions the window renders reached, and
-/// which ranges of the old and the new view each window replaced (the rest
-/// are the same ranges in both, in the same order).
+/// A splice: the edits (sorted, disjoint old spans), the regions the window
+/// renders reached, and whether the edits change nothing.
 pub(crate) struct Spliced {
-    pub(crate) ranges: Vec<FlatRange>,
+    pub(crate) edits: Vec<Edit>,
     pub(crate) reached: Vec<RegionId>,
-    pub(crate) windows: Vec<SplicedWindow>,
+    pub(crate) same: bool,
 }
 
-impl Spliced {
-    /// Whether the splice rendered exactly what `old` holds.
-    pub(crate) fn same_as(&self, old: &[FlatRange]) -> bool {
-        self.ranges.len() == old.len()
-            && self.windows.iter().all(|w| {
-                matches!(
-                    (old.get(w.old.clone()), self.ranges.get(w.new.clone())),
-                    (Some(a), Some(b)) if same_ranges(a, b)
-                )
-            })
+/// Whether two ranges are the same rendering (same span, region, offset
+/// and attributes).
+fn same_range(x: &FlatRange, y: &FlatRange) -> bool {
+    x.start == y.start
+        && x.last == y.last
+        && x.offset_in_region == y.offset_in_region
+        && Arc::ptr_eq(&x.region, &y.region)
+        && x.attrs == y.attrs
+}
+
+/// Whether two range sequences are the same rendering.
+pub(crate) fn same_ranges<'a>(
+    a: impl IntoIterator<Item = &'a FlatRange>,
+    b: impl IntoIterator<Item = &'a FlatRange>,
+) -> bool {
+    let (mut a, mut b) = (a.into_iter(), b.into_iter());
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return true,
+            (Some(x), Some(y)) if same_range(x, y) => {}
+            _ => return false,
+        }
     }
-}
-
-/// Index ranges of the old and new ranges one window covers.
-pub(crate) struct SplicedWindow {
-    pub(crate) old: std::ops::Range<usize>,
-    pub(crate) new: std::ops::Range<usize>,
-}
-
-/// Whether two range lists are the same rendering (same spans, regions,
-/// offsets and attributes).
-pub(crate) fn same_ranges(a: &[FlatRange], b: &[FlatRange]) -> bool {
-    a.len() == b.len()
-        && a.iter().zip(b).all(|(x, y)| {
-            x.start == y.start
-                && x.last == y.last
-                && x.offset_in_region == y.offset_in_region
-                && Arc::ptr_eq(&x.region, &y.region)
-                && x.attrs == y.attrs
-        })
 }
 
 /// `MEMTREE_CHECK_INCREMENTAL=1`: every spliced view is compared with a full

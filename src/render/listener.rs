@@ -60,7 +60,7 @@ use crate::access::space::SpaceId;
 use crate::lifecycle::census::Census;
 use crate::topology::owner::{catch, panic_message, raise};
 use crate::topology::region::RegionId;
-use crate::view::flatview::{FlatRange, FlatView};
+use crate::view::flatview::{FlatRange, FlatView, SpliceSpans};
 
 /// Identity of a registered listener.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -309,6 +309,8 @@ pub(crate) struct Listeners {
     pub(crate) coalesced: HashMap<RegionId, Vec<Span>>,
     /// An ioeventfd was added or removed since the last commit.
     pub(crate) ioeventfd_pending: bool,
+    /// The regions whose ioeventfds changed since the last commit.
+    pub(crate) ioeventfd_regions: Vec<RegionId>,
     /// Global dirty logging is on.
     pub(crate) global_dirty_log: bool,
 }
@@ -366,6 +368,7 @@ impl Listeners {
         self.space_fds.clear();
         self.coalesced.clear();
         self.ioeventfd_pending = false;
+        self.ioeventfd_regions.clear();
         list
     }
 
@@ -376,6 +379,9 @@ impl Listeners {
         let at = list.partition_point(|e| e.key() <= fd.key());
         list.insert(at, fd);
         self.ioeventfd_pending = true;
+        if !self.ioeventfd_regions.contains(&region) {
+            self.ioeventfd_regions.push(region);
+        }
     }
 
     /// Removes the first matching ioeventfd; false if none matches.
@@ -391,6 +397,9 @@ impl Listeners {
             self.region_fds.remove(&region);
         }
         self.ioeventfd_pending = true;
+        if !self.ioeventfd_regions.contains(&region) {
+            self.ioeventfd_regions.push(region);
+        }
         true
     }
 
@@ -424,32 +433,89 @@ impl Listeners {
     ) -> Vec<(bool, SpaceFd)> {
         let mut new: Vec<SpaceFd> = Vec::new();
         if !self.region_fds.is_empty() {
-            for fr in view.ranges() {
-                let Some(fds) = self.region_fds.get(&fr.region().id()) else {
-                    continue;
-                };
-                let delta = i128::from(fr.start()) - i128::from(fr.offset_in_region());
-                let (rs, re) = (i128::from(fr.start()), i128::from(fr.last()) + 1);
-                for fd in fds {
-                    let s = i128::from(fd.addr) + delta;
-                    let e = s + i128::from(fd.size);
-                    // QEMU's addrrange_intersects: either contains the
-                    // other's start.
-                    let hit = (s <= rs && rs < e) || (rs <= s && s < re);
-                    let Ok(addr) = u64::try_from(s) else { continue };
-                    if hit {
-                        new.push(SpaceFd {
-                            addr,
-                            size: fd.size,
-                            data: fd.data,
-                            notifier: fd.notifier.clone(),
-                            region: fr.region().id(),
-                        });
-                    }
+            for fr in view.iter() {
+                if let Some(fds) = self.region_fds.get(&fr.region().id()) {
+                    fds_in_range(fr, fds, &mut new);
                 }
             }
             new.sort_by_key(SpaceFd::key);
         }
+        self.replace_space_fds(space, new)
+    }
+
+    /// [`Listeners::update_space_fds`] when only the ioeventfds of
+    /// `regions` changed and `view` is the one the space's set was computed
+    /// from: the other regions' entries are kept, and only the ranges of
+    /// `regions` are looked at ([`FlatView::ranges_of`]), so a commit that
+    /// only adds or removes ioeventfds costs what they touch.
+    pub(crate) fn update_space_fds_of(
+        &mut self,
+        space: SpaceId,
+        view: &FlatView,
+        regions: &[RegionId],
+    ) -> Vec<(bool, SpaceFd)> {
+        let mut new: Vec<SpaceFd> = self
+            .space_fds
+            .get(&space)
+            .map(|o| {
+                o.iter()
+                    .filter(|f| !regions.contains(&f.region))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for r in regions {
+            if let Some(fds) = self.region_fds.get(r) {
+                for fr in view.ranges_of(*r) {
+                    fds_in_range(fr, fds, &mut new);
+                }
+            }
+        }
+        new.sort_by_key(SpaceFd::key);
+        self.replace_space_fds(space, new)
+    }
+
+    /// [`Listeners::update_space_fds`] for a view `new` spliced from `old`,
+    /// the view the space's set was computed from, with no ioeventfd change:
+    /// the entries of the old ranges of each span give way to those of its
+    /// new ranges; the rest of the view is the same ranges.
+    pub(crate) fn update_space_fds_spliced(
+        &mut self,
+        space: SpaceId,
+        old: &FlatView,
+        new: &FlatView,
+        spans: &SpliceSpans,
+    ) -> Vec<(bool, SpaceFd)> {
+        if self.region_fds.is_empty() {
+            return self.replace_space_fds(space, Vec::new());
+        }
+        let (mut gone, mut came) = (Vec::new(), Vec::new());
+        for (o, n) in &spans.spans {
+            for (view, part, out) in [(old, o, &mut gone), (new, n, &mut came)] {
+                for fr in part.clone().filter_map(|i| view.range(i)) {
+                    if let Some(fds) = self.region_fds.get(&fr.region().id()) {
+                        fds_in_range(fr, fds, out);
+                    }
+                }
+            }
+        }
+        gone.sort_by_key(SpaceFd::key);
+        let mut next: Vec<SpaceFd> = Vec::new();
+        let mut g = gone.iter().peekable();
+        for f in self.space_fds.get(&space).map_or(&[][..], Vec::as_slice) {
+            while g.next_if(|x| x.key() < f.key()).is_some() {}
+            if g.next_if(|x| x.key() == f.key()).is_none() {
+                next.push(f.clone());
+            }
+        }
+        next.extend(came);
+        next.sort_by_key(SpaceFd::key);
+        self.replace_space_fds(space, next)
+    }
+
+    /// Stores `new` (sorted) as the space's set; the symmetric difference
+    /// with the previous one.
+    fn replace_space_fds(&mut self, space: SpaceId, new: Vec<SpaceFd>) -> Vec<(bool, SpaceFd)> {
         let old = match self.space_fds.get(&space) {
             Some(o) => o.as_slice(),
             None if new.is_empty() => return Vec::new(),
@@ -484,6 +550,29 @@ impl Listeners {
     /// The space's current ioeventfds.
     pub(crate) fn fds_of(&self, space: SpaceId) -> Vec<SpaceFd> {
         self.space_fds.get(&space).cloned().unwrap_or_default()
+    }
+}
+
+/// The ioeventfds of `fds` (the region of `fr`) that range `fr` shows,
+/// appended to `out` in address-space coordinates.
+fn fds_in_range(fr: &FlatRange, fds: &[IoEventFd], out: &mut Vec<SpaceFd>) {
+    let delta = i128::from(fr.start()) - i128::from(fr.offset_in_region());
+    let (rs, re) = (i128::from(fr.start()), i128::from(fr.last()) + 1);
+    for fd in fds {
+        let s = i128::from(fd.addr) + delta;
+        let e = s + i128::from(fd.size);
+        // QEMU's addrrange_intersects: either contains the other's start.
+        let hit = (s <= rs && rs < e) || (rs <= s && s < re);
+        let Ok(addr) = u64::try_from(s) else { continue };
+        if hit {
+            out.push(SpaceFd {
+                addr,
+                size: fd.size,
+                data: fd.data,
+                notifier: fd.notifier.clone(),
+                region: fr.region().id(),
+            });
+        }
     }
 }
 
@@ -602,21 +691,80 @@ impl SpaceCtx<'_> {
 
 /// Runs QEMU's two diff passes for one address space.
 pub(crate) fn diff_and_notify(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, new: &Arc<FlatView>) {
-    let listeners = cx.listeners;
-    if listeners.is_empty() {
+    if cx.listeners.is_empty() {
         return;
     }
+    let o: Vec<&FlatRange> = old.iter().collect();
+    let n: Vec<&FlatRange> = new.iter().collect();
+    deletions(cx, old, &o, &n);
+    nops_and_additions(cx, old, &o, &n);
+}
+
+/// The same callbacks as [`diff_and_notify`] for a view `new` spliced from
+/// `old`: only the edited spans are compared; every range outside them is
+/// the same range in both views, which the full diff would pair as a nop.
+pub(crate) fn diff_spliced_and_notify(
+    cx: &SpaceCtx<'_>,
+    old: &Arc<FlatView>,
+    new: &Arc<FlatView>,
+    spans: &SpliceSpans,
+) {
+    if cx.listeners.is_empty() {
+        return;
+    }
+    fn part<'v>(v: &'v FlatView, r: &std::ops::Range<usize>) -> Vec<&'v FlatRange> {
+        r.clone().filter_map(|i| v.range(i)).collect()
+    }
+    // Pass 1: the full diff deletes only inside the spans (outside them
+    // both walks advance in step over equal ranges).
+    for (o, n) in &spans.spans {
+        deletions(cx, old, &part(old, o), &part(new, n));
+    }
+    // Pass 2, forward in address order: a nop for each shared range, the
+    // span's own walk for each span.
+    let mut pos = 0usize;
+    let mut ranges = new.iter();
+    let nop = |b: &FlatRange| {
+        let s = Section {
+            space: cx.space,
+            space_name: cx.name,
+            range: b,
+            view: old,
+        };
+        for l in cx.listeners {
+            cx.catch.call(l, "region_nop", |l| l.region_nop(&s));
+        }
+    };
+    for (o, n) in &spans.spans {
+        while pos < n.start {
+            let Some(b) = ranges.next() else { break };
+            nop(b);
+            pos += 1;
+        }
+        nops_and_additions(cx, old, &part(old, o), &part(new, n));
+        for _ in n.clone() {
+            ranges.next();
+        }
+        pos = n.end;
+    }
+    for b in ranges {
+        nop(b);
+    }
+}
+
+/// QEMU's first pass over `o` (old) and `n` (new, both sorted): deletions,
+/// in reverse listener order.
+fn deletions(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, o: &[&FlatRange], n: &[&FlatRange]) {
+    let listeners = cx.listeners;
     let section = |range| Section {
         space: cx.space,
         space_name: cx.name,
         range,
         view: old,
     };
-    // Pass 1: deletions, in reverse listener order.
-    let (o, n) = (old.ranges(), new.ranges());
     let (mut i, mut j) = (0, 0);
     while i < o.len() || j < n.len() {
-        match (o.get(i), n.get(j)) {
+        match (o.get(i).copied(), n.get(j).copied()) {
             (Some(a), Some(b)) if same_range(a, b) => {
                 i += 1;
                 j += 1;
@@ -633,10 +781,20 @@ pub(crate) fn diff_and_notify(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, new: &Arc<
             (Some(_), None) | (None, None) => break,
         }
     }
-    // Pass 2: nops and additions, forward.
+}
+
+/// QEMU's second pass: nops (with log-mask changes) and additions, forward.
+fn nops_and_additions(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, o: &[&FlatRange], n: &[&FlatRange]) {
+    let listeners = cx.listeners;
+    let section = |range| Section {
+        space: cx.space,
+        space_name: cx.name,
+        range,
+        view: old,
+    };
     let (mut i, mut j) = (0, 0);
     while i < o.len() || j < n.len() {
-        match (o.get(i), n.get(j)) {
+        match (o.get(i).copied(), n.get(j).copied()) {
             (Some(a), Some(b)) if same_range(a, b) => {
                 let s = section(b);
                 for l in listeners {
@@ -726,7 +884,7 @@ pub(crate) fn replay(
             let _ = l.log_global_start();
         });
     }
-    for range in view.ranges() {
+    for range in view.iter() {
         let s = Section {
             space: cx.space,
             space_name: cx.name,

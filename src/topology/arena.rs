@@ -97,11 +97,6 @@ impl<T> Arena<T> {
         Some(value)
     }
 
-    /// Number of slots ever allocated: every index, live or stale, is below it.
-    pub(crate) fn slot_count(&self) -> usize {
-        self.slots.len()
-    }
-
     pub(crate) fn len(&self) -> usize {
         self.len
     }

@@ -106,7 +106,7 @@ use crate::topology::owner::{
 };
 use crate::topology::region::{Backing, RegionCore, RegionId, RegionInfo, RegionKind};
 use crate::topology::tree::{Topology, UnplugReport};
-use crate::view::flatview::FlatView;
+use crate::view::flatview::{FlatView, SpliceSpans};
 
 type Result<T> = std::result::Result<T, TopologyError>;
 
@@ -391,6 +391,8 @@ impl Machine {
             old: Arc<FlatView>,
             /// The view to publish, if it changed.
             new: Option<Arc<FlatView>>,
+            /// Where `new` differs from `old`, when it was spliced from it.
+            delta: Option<Arc<SpliceSpans>>,
             fds: Vec<(bool, listener::SpaceFd)>,
             listeners: Vec<Arc<dyn MemoryListener>>,
         }
@@ -399,6 +401,7 @@ impl Machine {
             let mut topo = guard.borrow_mut();
             let full = topo.pending;
             let fds_changed = std::mem::take(&mut topo.listeners.ioeventfd_pending);
+            let fd_regions = std::mem::take(&mut topo.listeners.ioeventfd_regions);
             topo.pending = false;
             let dirty = std::mem::take(&mut topo.dirty);
             let affected = std::mem::take(&mut topo.affected);
@@ -406,9 +409,12 @@ impl Machine {
             // The changed regions' arena slots as a bitmap: a cached view is
             // re-rendered iff it reached one of them. Testing by slot (not by
             // generation) can only err towards re-rendering.
-            let dirty_slots =
-                SlotBitmap::new(topo.regions.slot_count(), dirty.iter().map(|d| d.index));
+            let dirty_slots: Vec<u32> = dirty.iter().map(|d| d.index).collect();
             let mut fresh: HashMap<Option<RegionId>, Arc<FlatView>> = HashMap::new();
+            // Spliced views: the view each was spliced from and where the
+            // edits sit, for a listener diff of the edits alone.
+            let mut deltas: HashMap<Option<RegionId>, (Arc<FlatView>, Arc<SpliceSpans>)> =
+                HashMap::new();
             let mut steps = Vec::new();
             // A commit the space index can bound visits only the spaces it
             // can change; any other visits every space and rebuilds the
@@ -460,11 +466,7 @@ impl Machine {
                             let v = match phys {
                                 None => self.data.empty_view.clone(),
                                 Some(p) => match topo.views.get(&phys) {
-                                    Some(v)
-                                        if !v.reached_any(|r| dirty_slots.contains(r.index)) =>
-                                    {
-                                        v.clone()
-                                    }
+                                    Some(v) if !v.reached_any_slot(&dirty_slots) => v.clone(),
                                     cached => {
                                         // A view that reached a changed region
                                         // but has no window noted is rendered
@@ -473,7 +475,11 @@ impl Machine {
                                             .get(&p)
                                             .map(Vec::as_slice)
                                             .filter(|_| incremental);
-                                        self.rerender(&topo, p, cached, windows)
+                                        let (v, delta) = self.rerender(&topo, p, cached, windows);
+                                        if let (Some(d), Some(old)) = (delta, cached) {
+                                            deltas.insert(phys, (old.clone(), Arc::new(d)));
+                                        }
+                                        v
                                     }
                                 },
                             };
@@ -485,11 +491,28 @@ impl Machine {
                 } else {
                     None
                 };
-                let fds = if new.is_some() || fds_changed {
-                    let view = new.as_ref().unwrap_or(&old);
-                    topo.listeners.update_space_fds(id, view)
-                } else {
-                    Vec::new()
+                // The splice's spans serve the listener diff when this space
+                // published the view the splice started from.
+                let delta = new.as_ref().and_then(|_| {
+                    let phys = root.and_then(|r| render::physical_root(&topo, r));
+                    deltas
+                        .get(&phys)
+                        .filter(|(from, _)| Arc::ptr_eq(from, &old))
+                        .map(|(_, d)| d.clone())
+                });
+                let fds = match (&new, &delta) {
+                    (Some(view), Some(d)) if !fds_changed => {
+                        topo.listeners.update_space_fds_spliced(id, &old, view, d)
+                    }
+                    (Some(view), _) => topo.listeners.update_space_fds(id, view),
+                    // Only ioeventfds changed: only their regions' ranges
+                    // are looked at.
+                    // (The reference path recomputes them from the whole view.)
+                    (None, _) if fds_changed && topo.incremental => {
+                        topo.listeners.update_space_fds_of(id, &old, &fd_regions)
+                    }
+                    (None, _) if fds_changed => topo.listeners.update_space_fds(id, &old),
+                    (None, _) => Vec::new(),
                 };
                 let listeners = topo.listeners.of_space(id);
                 steps.push(Step {
@@ -498,6 +521,7 @@ impl Machine {
                     handle,
                     old,
                     new,
+                    delta,
                     fds,
                     listeners,
                 });
@@ -513,6 +537,7 @@ impl Machine {
                     handle,
                     old,
                     new: Some(empty),
+                    delta: None,
                     fds,
                     listeners,
                 });
@@ -563,7 +588,10 @@ impl Machine {
                 catch: &catch,
             };
             if let Some(new) = &step.new {
-                listener::diff_and_notify(&cx, &step.old, new);
+                match &step.delta {
+                    Some(d) => listener::diff_spliced_and_notify(&cx, &step.old, new, d),
+                    None => listener::diff_and_notify(&cx, &step.old, new),
+                }
                 step.handle.publish(new.clone());
             }
             if !step.fds.is_empty() {
@@ -599,14 +627,15 @@ impl Machine {
 
     /// A new view of physical root `p`: `old` (the last one) with the
     /// `windows` the edits can have changed re-rendered and spliced in, or a
-    /// full render when there is no old view or the splice refuses.
+    /// full render when there is no old view or the splice refuses. With a
+    /// splice, also where the new view differs from `old`.
     fn rerender(
         &self,
         topo: &Topology,
         p: RegionId,
         old: Option<&Arc<FlatView>>,
         windows: Option<&[(i128, i128)]>,
-    ) -> Arc<FlatView> {
+    ) -> (Arc<FlatView>, Option<SpliceSpans>) {
         let root_name = topo.node(p).map(|n| n.name().to_owned());
         // While global dirty tracking runs, every RAM range's log mask
         // carries MIGRATION, which the render itself does not compute
@@ -614,57 +643,61 @@ impl Machine {
         // ones would merge differently from a full render, so render whole.
         let global = topo.listeners.global_dirty_log;
         let windows = windows.filter(|_| !global);
-        let mut unchanged = false;
         let spliced = match (old, windows) {
-            (Some(old), Some(w)) => render::splice(topo, p, old, w).map(|s| {
-                unchanged = s.same_as(old.ranges());
-                let mut reached = old.reached();
-                reached.extend(s.reached);
-                (s.ranges, reached)
-            }),
+            (Some(old), Some(w)) => render::splice(topo, p, old, w).map(|s| (old, s)),
             _ => None,
         };
         // The reached list of a spliced view is a superset (the old one plus
         // the windows'): when it has grown well past the topology, a full
         // render trims it.
-        let spliced = spliced.filter(|(_, reached)| reached.len() <= 2 * topo.regions.len() + 64);
-        let (mut ranges, reached) = match spliced {
-            Some((ranges, reached)) => {
-                if render::check_incremental() {
-                    let full = render::render(topo, p);
-                    assert!(
-                        render::same_ranges(&ranges, &full.ranges),
-                        "incremental render of {root_name:?} differs from a full render:\nspliced {ranges:#?}\nfull {:#?}",
-                        full.ranges
-                    );
-                }
-                (ranges, reached)
+        let spliced = spliced.filter(|(old, s)| {
+            old.reached_count() + s.reached.len() <= 2 * topo.regions.len() + 64
+        });
+        if let Some((old, mut s)) = spliced {
+            // A splice identical to the last view keeps the last view: nothing
+            // is published and listeners hear nothing for this space.
+            if s.same {
+                old.extend_reached(s.reached);
+                return (old.clone(), None);
             }
-            None => {
-                let mut r = render::render(topo, p);
-                crate::dirty::attach(&mut r.ranges, global);
-                unchanged = old.is_some_and(|o| render::same_ranges(o.ranges(), &r.ranges));
-                (r.ranges, r.reached)
+            // How writes to each new range mark dirty pages (the ranges a
+            // splice keeps from the old view are attached already).
+            for e in &mut s.edits {
+                crate::dirty::attach(&mut e.new, global);
             }
-        };
-        // How writes to each range mark dirty pages (idempotent on ranges a
-        // splice kept from the old view).
-        crate::dirty::attach(&mut ranges, global);
-        // A render identical to the last one keeps the last view: nothing is
-        // published and listeners hear nothing for this space. (Its reached
-        // list stays exact or a superset, which only errs towards
-        // re-rendering.)
-        if let Some(old) = old.filter(|_| unchanged) {
-            old.set_reached(reached);
-            return old.clone();
+            let (view, spans) = FlatView::spliced(
+                old,
+                root_name.as_deref(),
+                s.edits,
+                s.reached,
+                Some(&self.data.census),
+            );
+            if render::check_incremental() {
+                let full = render::render(topo, p);
+                assert!(
+                    render::same_ranges(view.iter(), &full.ranges),
+                    "incremental render of {root_name:?} differs from a full render:\nspliced {view:#?}\nfull {:#?}",
+                    full.ranges
+                );
+            }
+            return (Arc::new(view), Some(spans));
         }
-        Arc::new(FlatView::new(
+        let mut r = render::render(topo, p);
+        crate::dirty::attach(&mut r.ranges, global);
+        // A render identical to the last one keeps the last view (its
+        // reached list is refreshed).
+        if let Some(old) = old.filter(|o| render::same_ranges(o.iter(), &r.ranges)) {
+            old.set_reached(r.reached);
+            return (old.clone(), None);
+        }
+        let view = FlatView::new(
             Some(p),
             root_name.as_deref(),
-            ranges,
-            reached,
+            r.ranges,
+            r.reached,
             Some(&self.data.census),
-        ))
+        );
+        (Arc::new(view), None)
     }
 
     /// Turns incremental rendering off (`false`: every view a commit reaches
@@ -689,12 +722,10 @@ impl Machine {
                     Some(p) => render::render(topo, p).ranges,
                     None => Vec::new(),
                 };
-                if !render::same_ranges(view.ranges(), &full) {
+                if !render::same_ranges(view.iter(), &full) {
                     return Err(format!(
                         "space {}: published {:#?}\nfull render {:#?}",
-                        space.name,
-                        view.ranges(),
-                        full
+                        space.name, view, full
                     ));
                 }
             }
@@ -1427,7 +1458,7 @@ impl Machine {
         };
         for span in spans {
             for (id, name, view, listeners) in &spaces {
-                for range in view.ranges().iter().filter(|r| r.region().id() == region) {
+                for range in view.ranges_of(region) {
                     let s = listener::Section {
                         space: *id,
                         space_name: name,
@@ -1574,7 +1605,7 @@ impl Machine {
             census: &self.data.census,
         };
         for (id, name, view, ls) in &spaces {
-            for range in view.ranges() {
+            for range in view.iter() {
                 if range.attrs().dirty_log_mask == 0
                     || region.is_some_and(|r| range.region().id() != r)
                 {
@@ -1722,27 +1753,4 @@ fn eventfd_for(
         data,
         notifier: notifier.clone(),
     })
-}
-
-/// A set of arena slot indices, for the commit's "did this view reach a
-/// changed region" test: one bit per slot, O(1) per probe.
-struct SlotBitmap(Vec<u64>);
-
-impl SlotBitmap {
-    fn new(slots: usize, set: impl Iterator<Item = u32>) -> SlotBitmap {
-        let mut words = vec![0u64; slots.div_ceil(64)];
-        for i in set {
-            if let Some(w) = words.get_mut(i as usize / 64) {
-                *w |= 1 << (i % 64);
-            }
-        }
-        SlotBitmap(words)
-    }
-
-    #[inline]
-    fn contains(&self, i: u32) -> bool {
-        self.0
-            .get(i as usize / 64)
-            .is_some_and(|w| w & (1 << (i % 64)) != 0)
-    }
 }
