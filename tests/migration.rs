@@ -726,6 +726,35 @@ mod during_migration {
         }
     }
 
+    /// R4: a cancel during the stop-and-copy round (a receiver stalling
+    /// while the source is paused) is honoured: the source is resumed and
+    /// the sender returns `Cancelled`.
+    #[test]
+    fn cancel_in_the_stop_and_copy_round_resumes_the_source() {
+        let (src, ss) = machine();
+        let h = src.address_space(ss).unwrap();
+        let cfg = SendConfig::default();
+        let cancel = cfg.cancel.clone();
+        let mut pauses = Vec::new();
+        let mut out = Vec::new();
+        let res = migration::send(&src, ss, &mut out, &cfg, |on| {
+            pauses.push(on);
+            if on {
+                // The last write before the writers stopped, then the cancel.
+                assert!(h.write(0x4000, b"last", A).is_ok());
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        assert!(matches!(res, Err(MigrationError::Cancelled)), "{res:?}");
+        assert_eq!(pauses, [true, false]);
+        assert!(!src.global_dirty_log());
+        let (dst, ds) = machine();
+        assert!(matches!(
+            migration::receive(&dst, ds, &out[..]),
+            Err(MigrationError::Cancelled)
+        ));
+    }
+
     /// R4: a stalled sender does not block `receive` for ever when the
     /// stream has a read timeout: the receive fails with the I/O error.
     #[test]
