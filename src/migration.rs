@@ -101,7 +101,11 @@
 //! [`MigrationError::LayoutMismatch`] and nothing changes; and each
 //! prepared block replaces its region's memory: in O(1) by moving its pages
 //! over the region's (`mremap`, Linux, private anonymous RAM whose region
-//! is host-page aligned in its block), otherwise by one copy. The import is
+//! is host-page aligned in its block), otherwise by copying the pages
+//! received with contents and zeroing the others in place (punched out of
+//! a memfd or file, so they cost no memory; written with zeros elsewhere).
+//! Each prepared block is freed once its region holds the import. The
+//! import is
 //! a write: every page of every region is marked dirty for the clients
 //! tracking it (QEMU treats incoming RAM as dirty).
 //!
@@ -982,6 +986,60 @@ fn swap_in(_: &RamRegion, _: &Incoming) -> bool {
     false
 }
 
+/// Replaces region `r`'s memory with `inc`'s by copying: the pages
+/// received with contents are copied, the zero pages are zeroed in place
+/// (a memfd or file: the range is punched out, which frees its pages;
+/// otherwise, or if the file refuses, written with zeros), so neither the
+/// prepared block's zero pages nor the region's are touched needlessly.
+fn copy_in(r: &RamRegion, inc: &mut Incoming) {
+    let block = r.backend.block();
+    let pages = r.pages();
+    let mut zeros: Vec<u8> = Vec::new();
+    let mut p = 0;
+    while p < pages {
+        let data = bit(&inc.data, p);
+        let mut q = p + 1;
+        while q < pages && q - p < RUN_PAGES && bit(&inc.data, q) == data {
+            q += 1;
+        }
+        let at = (p * TARGET_PAGE_SIZE) as usize;
+        let len = r.run_len(p, q - p);
+        let dst = r.offset + at as u64;
+        if data {
+            // In range: the region lies in its block.
+            let _ = block.write(dst, &inc.bytes(r.size)[at..at + len]);
+        } else if !punch_zeros(block, dst, len as u64) {
+            if zeros.is_empty() {
+                zeros = vec![0u8; RUN_BYTES];
+            }
+            let _ = block.write(dst, &zeros[..len]);
+        }
+        p = q;
+    }
+}
+
+/// Zeroes `[offset, offset + len)` of a file-backed block by punching it
+/// out of the file (the block maps its file from offset 0); `false` when
+/// the block has no file or the file refuses.
+#[cfg(all(target_os = "linux", not(miri)))]
+fn punch_zeros(block: &RamBlock, offset: u64, len: u64) -> bool {
+    use rustix::fs::FallocateFlags;
+    block.fd().is_some_and(|fd| {
+        rustix::fs::fallocate(
+            fd,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        )
+        .is_ok()
+    })
+}
+
+#[cfg(not(all(target_os = "linux", not(miri))))]
+fn punch_zeros(_: &RamBlock, _: u64, _: u64) -> bool {
+    false
+}
+
 /// Receives a stream written by [`send`] into the RAM of `space` (module
 /// docs): the machine's RAM changes only once the whole stream was
 /// received and verified.
@@ -1188,17 +1246,16 @@ pub fn receive<R: Read>(machine: &Machine, space: SpaceId, input: R) -> Result<R
     machine.transaction(|machine| -> Result<()> {
         check_layout(machine, space, &layout, "while the stream was received")?;
         let view = machine.address_space(space)?.view();
-        // Nothing below can fail.
-        for (ri, r) in layout.iter().enumerate() {
-            let inc = &mut incoming[ri];
-            if swap_in(r, inc) {
+        // Nothing below can fail. Each prepared block is freed as soon as
+        // its region holds the import: at most one region's worth of
+        // received pages is held twice.
+        for ((ri, r), mut inc) in layout.iter().enumerate().zip(incoming) {
+            if swap_in(r, &inc) {
                 stats.swapped += 1;
             } else {
-                let size = r.size;
-                let (block, offset) = (r.backend.block(), r.offset);
-                // In range: the region lies in its block.
-                let _ = block.write(offset, inc.bytes(size));
+                copy_in(r, &mut inc);
             }
+            drop(inc);
             // The import is a write like any other (QEMU treats incoming
             // RAM as dirty): the whole region, for every client tracking
             // it and every client tracking its block.

@@ -755,6 +755,54 @@ mod during_migration {
         ));
     }
 
+    /// R10: the copy path (memfd RAM, what vhost-user back-ends map)
+    /// copies the pages received with contents and zeroes the rest without
+    /// populating them: a sparse import into a 16 MiB memfd costs its
+    /// non-zero pages, and stale contents of the receiver's are gone.
+    #[test]
+    #[cfg_attr(miri, ignore = "memfd, fallocate")]
+    fn a_sparse_copy_into_memfd_ram_populates_only_its_non_zero_pages() {
+        use std::os::unix::fs::MetadataExt;
+        const BIG: u64 = 16 << 20;
+        let mk = || {
+            let memory = Memory::new();
+            let root = memory.new_container("system", 1 << 40, None).unwrap();
+            let be = memory
+                .new_backend("be", BIG, memtree::RamBacking::Memfd)
+                .unwrap();
+            let r = memory
+                .new_ram_from_backend("ram0", &be, 0, BIG, None)
+                .unwrap();
+            memory.add_subregion(root, 0, r).unwrap();
+            let s = memory.new_address_space("memory", root, None).unwrap();
+            (memory, s, be)
+        };
+        let (src, ss, _) = mk();
+        let h = src.address_space(ss).unwrap();
+        for i in 0..8u64 {
+            assert!(h.write(i << 20, &[i as u8 + 1; 100], A).is_ok());
+        }
+        let (stream, _) = stream_of(&src, ss);
+        let (dst, ds, be) = mk();
+        let hd = dst.address_space(ds).unwrap();
+        // Stale contents where the source has zeros.
+        assert!(hd.write(0x80_0000, &[0xee; 3 * 4096], A).is_ok());
+        let st = migration::receive(&dst, ds, &stream[..]).unwrap();
+        assert_eq!(st.swapped, 0);
+        // Measured before anything reads the memory (reading a hole of a
+        // memfd allocates it).
+        let fd = be.block().fd().unwrap().try_clone_to_owned().unwrap();
+        let allocated = std::fs::File::from(fd).metadata().unwrap().blocks() * 512;
+        assert!(
+            allocated <= 64 * 4096,
+            "8 non-zero pages received, {allocated} bytes of the memfd populated"
+        );
+        assert_eq!(
+            migration::checksums(&dst, ds).unwrap(),
+            migration::checksums(&src, ss).unwrap()
+        );
+    }
+
     /// R4: a stalled sender does not block `receive` for ever when the
     /// stream has a read timeout: the receive fails with the I/O error.
     #[test]
