@@ -101,7 +101,8 @@
 //! [`MigrationError::LayoutMismatch`] and nothing changes; and each
 //! prepared block replaces its region's memory: in O(1) by moving its pages
 //! over the region's (`mremap`, Linux, private anonymous RAM whose region
-//! is host-page aligned in its block), otherwise by copying the pages
+//! is host-page aligned in its block) when [`ReceiveConfig::move_pages`]
+//! asks for it, otherwise by copying the pages
 //! received with contents and zeroing the others in place (punched out of
 //! a memfd or file, so they cost no memory; written with zeros elsewhere).
 //! Each prepared block is freed once its region holds the import. The
@@ -114,9 +115,10 @@
 //! out through a public `host_addr()` and pinned the pages in the kernel
 //! (VFIO DMA maps, io_uring fixed buffers, RDMA registrations, `O_DIRECT`
 //! in flight) keeps the old ones, and `mlock`/`madvise`/`mbind` set on the
-//! destination are lost. The rule: receive into a machine before any such
-//! pin or policy is set up on its RAM (QEMU's incoming side likewise sets
-//! up its RAM before it runs the guest). A truncated,
+//! destination are lost. Hence the move is opt-in, and the rule for
+//! opting in: receive into a machine before any such pin or policy is set
+//! up on its RAM (QEMU's incoming side likewise sets up its RAM before it
+//! runs the guest). A truncated,
 //! corrupted or mismatched stream (magic, version, page size, layout,
 //! region or page out of range, unknown tag, checksum, digest) ends in a
 //! precise [`MigrationError`] and leaves the machine as it was.
@@ -881,7 +883,7 @@ pub struct ReceiveStats {
     /// Pages received (contents and zero flags).
     pub records: u64,
     /// Regions whose memory was replaced by moving the received pages in
-    /// (O(1)); the others were copied.
+    /// (O(1), [`ReceiveConfig::move_pages`]); the others were copied.
     pub swapped: usize,
     /// Per-region content checksums of the import (idstr, checksum), as
     /// verified against the sender's before the commit.
@@ -995,6 +997,7 @@ fn copy_in(r: &RamRegion, inc: &mut Incoming) {
     let block = r.backend.block();
     let pages = r.pages();
     let mut zeros: Vec<u8> = Vec::new();
+    let mut current: Vec<u8> = Vec::new();
     let mut p = 0;
     while p < pages {
         let data = bit(&inc.data, p);
@@ -1009,10 +1012,17 @@ fn copy_in(r: &RamRegion, inc: &mut Incoming) {
             // In range: the region lies in its block.
             let _ = block.write(dst, &inc.bytes(r.size)[at..at + len]);
         } else if !punch_zeros(block, dst, len as u64) {
-            if zeros.is_empty() {
-                zeros = vec![0u8; RUN_BYTES];
+            // Only the pages that are not zeros already are written:
+            // reading a never-written page of private anonymous memory
+            // maps the shared zero page and costs no memory.
+            zeros.resize(RUN_BYTES, 0);
+            current.resize(RUN_BYTES, 0);
+            let _ = block.read(dst, &mut current[..len]);
+            for (k, page) in current[..len].chunks(PAGE).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    let _ = block.write(dst + (k * PAGE) as u64, &zeros[..page.len()]);
+                }
             }
-            let _ = block.write(dst, &zeros[..len]);
         }
         p = q;
     }
@@ -1040,10 +1050,37 @@ fn punch_zeros(_: &RamBlock, _: u64, _: u64) -> bool {
     false
 }
 
+/// Receiver settings.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiveConfig {
+    /// Commit a region by moving the received pages over its memory where
+    /// possible (O(1), module docs) instead of copying them. Opt-in: the
+    /// move replaces the physical pages behind the region's host
+    /// addresses, so it is only right for a machine whose RAM no kernel
+    /// pin or memory policy refers to yet (module docs, "Receiver").
+    pub move_pages: bool,
+    /// Set to cancel (checked before every record): `receive` returns
+    /// [`MigrationError::Cancelled`] and the machine is unchanged. A read
+    /// blocked on a silent sender returns only with a read timeout on the
+    /// stream (module docs).
+    pub cancel: Arc<AtomicBool>,
+}
+
 /// Receives a stream written by [`send`] into the RAM of `space` (module
-/// docs): the machine's RAM changes only once the whole stream was
+/// docs) with the default [`ReceiveConfig`] (copying, not moving, the
+/// pages in): the machine's RAM changes only once the whole stream was
 /// received and verified.
 pub fn receive<R: Read>(machine: &Machine, space: SpaceId, input: R) -> Result<ReceiveStats> {
+    receive_with(machine, space, input, &ReceiveConfig::default())
+}
+
+/// [`receive`] with settings.
+pub fn receive_with<R: Read>(
+    machine: &Machine,
+    space: SpaceId,
+    input: R,
+    cfg: &ReceiveConfig,
+) -> Result<ReceiveStats> {
     let layout = ram_layout(machine, space)?;
     let mut i = In {
         r: std::io::BufReader::with_capacity(256 << 10, input),
@@ -1125,6 +1162,9 @@ pub fn receive<R: Read>(machine: &Machine, space: SpaceId, input: R) -> Result<R
     let mut digests = vec![0u8; 8 * RUN_PAGES as usize];
     let mut in_round = 0u64;
     let sums = loop {
+        if cfg.cancel.load(Ordering::Relaxed) {
+            return Err(MigrationError::Cancelled);
+        }
         let tag = i.u8("a record tag")?;
         match tag {
             TAG_DATA | TAG_ZERO => {
@@ -1250,7 +1290,7 @@ pub fn receive<R: Read>(machine: &Machine, space: SpaceId, input: R) -> Result<R
         // its region holds the import: at most one region's worth of
         // received pages is held twice.
         for ((ri, r), mut inc) in layout.iter().enumerate().zip(incoming) {
-            if swap_in(r, &inc) {
+            if cfg.move_pages && swap_in(r, &inc) {
                 stats.swapped += 1;
             } else {
                 copy_in(r, &mut inc);

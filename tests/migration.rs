@@ -349,7 +349,11 @@ fn regions_with_the_same_name_each_migrate_into_their_own() {
         (memory, space)
     };
     for ((rx, rx_space), moved) in [((&rx, rx_space), 2), ((&copied.0, copied.1), 0)] {
-        let got = migration::receive(rx, rx_space, &out[..]).unwrap();
+        let cfg = migration::ReceiveConfig {
+            move_pages: true,
+            ..Default::default()
+        };
+        let got = migration::receive_with(rx, rx_space, &out[..], &cfg).unwrap();
         if cfg!(target_os = "linux") {
             assert_eq!(got.swapped, moved);
         }
@@ -801,6 +805,32 @@ mod during_migration {
             migration::checksums(&dst, ds).unwrap(),
             migration::checksums(&src, ss).unwrap()
         );
+    }
+
+    /// R4: a receiver can be cancelled: it stops before the next record
+    /// and leaves the machine as it was.
+    #[test]
+    fn a_cancelled_receive_leaves_the_machine_unchanged() {
+        let (src, ss) = machine();
+        let h = src.address_space(ss).unwrap();
+        assert!(h.write(0, &[3; 8192], A).is_ok());
+        let (stream, _) = stream_of(&src, ss);
+        let (dst, ds) = machine();
+        let cfg = migration::ReceiveConfig::default();
+        let cancel = cfg.cancel.clone();
+        let input = ReadHook {
+            inner: &stream[..],
+            n: 0,
+            at: 100,
+            f: Some(Box::new(move || {
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed)
+            })),
+        };
+        let res = migration::receive_with(&dst, ds, input, &cfg);
+        assert!(matches!(res, Err(MigrationError::Cancelled)), "{res:?}");
+        let mut b = [0u8; 8];
+        assert!(dst.address_space(ds).unwrap().read(0, &mut b, A).is_ok());
+        assert_eq!(b, [0; 8]);
     }
 
     /// R4: a stalled sender does not block `receive` for ever when the
