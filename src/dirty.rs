@@ -6,7 +6,8 @@
 //! A [`DirtyClient`] is one consumer of "which pages were written": VGA (a
 //! display device watching its own frame buffer, [`crate::Machine::set_log`]),
 //! CODE (a translator's code cache), MIGRATION (global tracking, started and
-//! stopped with [`crate::Machine::global_dirty_log_start`] / `_stop`), and up
+//! stopped with [`crate::Machine::global_dirty_log_start`] / `_stop`,
+//! counted: on from the first user's start to the last user's stop), and up
 //! to five clients a program defines ([`DirtyClient::custom`]). A flat
 //! range's dirty-log mask is QEMU's `memory_region_get_dirty_log_mask`: the
 //! region's own clients, plus MIGRATION while global tracking runs when the
@@ -42,7 +43,10 @@
 //! for every client in the range's mask: dispatch (buffer, typed, rmw,
 //! cursor, shared handle), DMA mappings (on unmap, the length written),
 //! [`crate::dma::cache`] writes, the vm-memory view (see
-//! [`crate::integrations::guest_memory`]) and, through `log_sync`, KVM's own log.
+//! [`crate::integrations::guest_memory`]), a migration's import and,
+//! through `log_sync`, KVM's own log. The writes that do not go through a
+//! flat range mark for the union of the clients of every tracked range
+//! over their block.
 //! Marking is a relaxed `fetch_or`, skipped when the bit is already set, so
 //! a page written over and over costs one load after the first write.
 //!
