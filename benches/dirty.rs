@@ -223,7 +223,11 @@ fn migrate_over_socket(
     let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
     let t = Instant::now();
     let receiver = std::thread::spawn(move || {
-        let got = migration::receive(&rx_memory, rx_space, b).unwrap();
+        let cfg = migration::ReceiveConfig {
+            move_pages: true,
+            ..Default::default()
+        };
+        let got = migration::receive_with(&rx_memory, rx_space, b, &cfg).unwrap();
         (got.swapped, rx_memory)
     });
     let stats = migration::send(memory, space, &a, &SendConfig::default(), |_| {}).unwrap();

@@ -39,7 +39,13 @@ fn receive(addr: &str, mib: u64) -> Result<(), String> {
     } else {
         Box::new(std::os::unix::net::UnixStream::connect(addr).map_err(|e| e.to_string())?)
     };
-    let stats = migration::receive(&memory, space, stream).map_err(|e| e.to_string())?;
+    // A fresh machine: no kernel pin or memory policy refers to its RAM
+    // yet, so the received pages may be moved in rather than copied.
+    let cfg = migration::ReceiveConfig {
+        move_pages: true,
+        ..Default::default()
+    };
+    let stats = migration::receive_with(&memory, space, stream, &cfg).map_err(|e| e.to_string())?;
     println!("RECEIVED rounds={} records={}", stats.rounds, stats.records);
     for (name, sum) in migration::checksums(&memory, space).map_err(|e| e.to_string())? {
         println!("CHECKSUM {name} {sum:016x}");

@@ -6,7 +6,8 @@
 //! A [`DirtyClient`] is one consumer of "which pages were written": VGA (a
 //! display device watching its own frame buffer, [`crate::Machine::set_log`]),
 //! CODE (a translator's code cache), MIGRATION (global tracking, started and
-//! stopped with [`crate::Machine::global_dirty_log_start`] / `_stop`), and up
+//! stopped with [`crate::Machine::global_dirty_log_start`] / `_stop`,
+//! counted: on from the first user's start to the last user's stop), and up
 //! to five clients a program defines ([`DirtyClient::custom`]). A flat
 //! range's dirty-log mask is QEMU's `memory_region_get_dirty_log_mask`: the
 //! region's own clients, plus MIGRATION while global tracking runs when the
@@ -42,7 +43,10 @@
 //! for every client in the range's mask: dispatch (buffer, typed, rmw,
 //! cursor, shared handle), DMA mappings (on unmap, the length written),
 //! [`crate::dma::cache`] writes, the vm-memory view (see
-//! [`crate::integrations::guest_memory`]) and, through `log_sync`, KVM's own log.
+//! [`crate::integrations::guest_memory`]), a migration's import and,
+//! through `log_sync`, KVM's own log. The writes that do not go through a
+//! flat range mark for the union of the clients of every tracked range
+//! over their block.
 //! Marking is a relaxed `fetch_or`, skipped when the bit is already set, so
 //! a page written over and over costs one load after the first write.
 //!
@@ -98,11 +102,18 @@ impl DirtyClient {
 /// first use and freed with the block.
 pub(crate) struct BlockDirty {
     pages: u64,
-    /// The mask of the ranges last rendered over this block: what writes
-    /// that do not go through a flat range (DMA mappings, caches, the
-    /// vm-memory view) mark, so they follow tracking started after they
-    /// were made (QEMU computes the mask from the region at write time).
+    /// The union of the masks of every tracked flat range over this block,
+    /// in every view still alive: what writes that do not go through a
+    /// flat range (DMA mappings, caches, the vm-memory view) mark, so they
+    /// follow tracking started after they were made (QEMU computes the
+    /// mask from the region at write time). A client's bit is set while
+    /// `range_users` counts a range for it. It may name a client a while
+    /// longer (until the last view with such a range is reclaimed): an
+    /// extra mark is harmless, a missing one is not.
     live: std::sync::atomic::AtomicU8,
+    /// Per client, how many live [`RangeDirty`] over this block name it;
+    /// `live` is recomputed under this lock on every change.
+    range_users: parking_lot::Mutex<[u32; MAX_CLIENTS as usize]>,
     clients: [OnceLock<Box<[AtomicU64]>>; MAX_CLIENTS as usize],
 }
 
@@ -120,6 +131,7 @@ impl BlockDirty {
         BlockDirty {
             pages: size.div_ceil(TARGET_PAGE_SIZE),
             live: std::sync::atomic::AtomicU8::new(0),
+            range_users: parking_lot::Mutex::new([0; MAX_CLIENTS as usize]),
             clients: Default::default(),
         }
     }
@@ -236,8 +248,9 @@ fn set_bits(bits: &[AtomicU64], first: u64, last: u64) {
 }
 
 /// What a tracked flat range knows to mark its writes: the block's
-/// bitmaps, the mask, and where the range starts in the block.
-#[derive(Debug, Clone)]
+/// bitmaps, the mask, and where the range starts in the block. Each one
+/// alive (clones included) counts its mask into the block's `live` mask.
+#[derive(Debug)]
 pub(crate) struct RangeDirty {
     pub(crate) log: Arc<BlockDirty>,
     pub(crate) mask: u8,
@@ -250,6 +263,47 @@ pub(crate) struct RangeDirty {
     /// `log.pages`, copied here so the fast path reads no second cache
     /// line behind the `Arc`.
     pages: u64,
+}
+
+impl Clone for RangeDirty {
+    fn clone(&self) -> RangeDirty {
+        self.log.count_range_users(self.mask, true);
+        RangeDirty {
+            log: self.log.clone(),
+            mask: self.mask,
+            block_offset: self.block_offset,
+            single: self.single,
+            pages: self.pages,
+        }
+    }
+}
+
+impl Drop for RangeDirty {
+    fn drop(&mut self) {
+        self.log.count_range_users(self.mask, false);
+    }
+}
+
+impl BlockDirty {
+    /// One tracked range over this block with `mask` appears (`add`) or
+    /// goes; recomputes `live` from the counts.
+    fn count_range_users(&self, mask: u8, add: bool) {
+        let mut users = self.range_users.lock();
+        let mut live = 0u8;
+        for (c, n) in users.iter_mut().enumerate() {
+            if mask & (1 << c) != 0 {
+                *n = if add {
+                    n.saturating_add(1)
+                } else {
+                    n.saturating_sub(1)
+                };
+            }
+            if *n > 0 {
+                live |= 1 << c;
+            }
+        }
+        self.live.store(live, Ordering::Release);
+    }
 }
 
 /// Sets each range's effective dirty-log mask (QEMU's
@@ -273,11 +327,13 @@ pub(crate) fn attach(ranges: &mut [FlatRange], global: bool) {
             log.ensure(m.trailing_zeros() as u8);
             m &= m - 1;
         }
-        // After the bitmaps exist: `mark` skips a client without one.
-        log.live.store(mask, Ordering::Release);
         if mask == 0 {
             continue;
         }
+        // After the bitmaps exist (`mark` skips a client without one), and
+        // before the view is published: the new `RangeDirty` counts its
+        // clients into the block's `live` mask (dropping it uncounts).
+        log.count_range_users(mask, true);
         let single = (mask.count_ones() == 1)
             .then(|| log.bitmap(mask.trailing_zeros() as u8))
             .flatten()

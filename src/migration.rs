@@ -19,8 +19,9 @@
 //!
 //! # Sender ([`send`])
 //!
-//! 1. Header, then global dirty tracking starts (the MIGRATION client,
-//!    [`crate::dirty`]) and its bits are cleared.
+//! 1. Header, then the sender starts global dirty tracking (the MIGRATION
+//!    client, [`crate::dirty`]; counted, so a user that started it before
+//!    keeps it when the sender stops its own) and clears its bits.
 //! 2. Round 1 sends every page.
 //! 3. Each further round sends the pages dirtied since the previous one
 //!    ([`crate::Machine::take_dirty_ram`]), while writers keep running.
@@ -29,6 +30,15 @@
 //!    the writers, the last dirty pages and the per-region content
 //!    checksums are sent, and `pause(false)` is called: the downtime.
 //!
+//! The sender relies on two things it checks after every round's take of
+//! dirty pages (the last one while paused): global tracking stayed on
+//! without a gap since it started it (an unmatched
+//! [`crate::Machine::global_dirty_log_stop`] by anyone means writes went
+//! unseen: [`MigrationError::TrackingLost`]), and the RAM layout is the one
+//! the header announced (a region plugged, unplugged, replaced or resized
+//! would be left out or cut short: [`MigrationError::LayoutMismatch`], as
+//! QEMU fails a migration whose RAM block was resized).
+//!
 //! Pages travel in runs of up to [`RUN_PAGES`] consecutive pages, read from
 //! RAM with one copy and written to the stream with one large write; a page
 //! of zeros travels as a flag (QEMU's zero page), a run of them as one
@@ -36,15 +46,32 @@
 //! hash computed while the page is in cache) travels with it, and a
 //! region's content checksum is the wrapping sum of its pages' digests
 //! (mixed with their numbers), kept up to date as pages are sent: the
-//! `DONE` record costs no pass over memory, so verification adds nothing
-//! measurable to the downtime. [`checksums`] computes the same value from
-//! memory, for an independent comparison.
+//! `DONE` record costs no pass over memory. [`checksums`] computes the same
+//! value from memory, for an independent comparison.
+//!
+//! # What the checksums prove
+//!
+//! By default the `DONE` checksums are **transport integrity**: they are
+//! computed from the digests of the pages *sent*, and the receiver
+//! recomputes them from the pages it *received*, so they prove the stream
+//! arrived whole and unaltered ([`MigrationError::ContentMismatch`]), not
+//! that the source's memory at the stop equals the import. That second
+//! property rests on dirty tracking, which the sender checks instead (see
+//! above). [`SendConfig::verify_memory_at_stop`] makes them a memory check
+//! too: the sender then computes them from its memory while paused (one
+//! read pass over all RAM, added to the downtime), and a receiver whose
+//! import differs from the paused source fails.
 //!
 //! Cancelling ([`SendConfig::cancel`]) is checked before every round and
-//! every run: the sender writes a cancel record (if it can), stops tracking
-//! and returns [`MigrationError::Cancelled`]; the source never stopped (it
-//! is only paused inside the final round, which is not cancellable). Any
-//! error on the sender stops tracking too.
+//! every run, the stop-and-copy round's included (then the source is
+//! resumed with `pause(false)` first): the sender writes a cancel record
+//! (if it can), stops tracking and returns [`MigrationError::Cancelled`].
+//! Any error on the sender stops tracking too. A receiver that stops
+//! reading blocks the sender's writes, and a sender that stops writing
+//! blocks [`receive`]'s reads: give the streams timeouts
+//! (`set_write_timeout` / `set_read_timeout` on a socket) and a timed-out
+//! read or write ends the migration with [`MigrationError::Io`], the
+//! receiving machine unchanged and the source resumed.
 //!
 //! # Stream format (version 2, little-endian)
 //!
@@ -67,10 +94,31 @@
 //! zero page costs nothing), each page checked against its digest as it
 //! lands. The machine's RAM changes only after the `DONE` record arrived,
 //! every stream checksum matched, every page of every region was received
-//! and every region's content checksum equals the sender's. Then each
+//! and every region's content checksum equals the sender's. Then, inside
+//! one transaction (no edit lands in between), the layout is read again
+//! and must still be the one the stream was checked against (the same
+//! regions over the same blocks, sizes and addresses), else
+//! [`MigrationError::LayoutMismatch`] and nothing changes; and each
 //! prepared block replaces its region's memory: in O(1) by moving its pages
 //! over the region's (`mremap`, Linux, private anonymous RAM whose region
-//! is page aligned in its block), otherwise by one copy. A truncated,
+//! is host-page aligned in its block) when [`ReceiveConfig::move_pages`]
+//! asks for it, otherwise by copying the pages
+//! received with contents and zeroing the others in place (punched out of
+//! a memfd or file, so they cost no memory; written with zeros elsewhere).
+//! Each prepared block is freed once its region holds the import. The
+//! import is
+//! a write: every page of every region is marked dirty for the clients
+//! tracking it (QEMU treats incoming RAM as dirty).
+//!
+//! Moving pages replaces the physical pages behind the region's host
+//! addresses. Nothing in memtree holds them, but whoever took the address
+//! out through a public `host_addr()` and pinned the pages in the kernel
+//! (VFIO DMA maps, io_uring fixed buffers, RDMA registrations, `O_DIRECT`
+//! in flight) keeps the old ones, and `mlock`/`madvise`/`mbind` set on the
+//! destination are lost. Hence the move is opt-in, and the rule for
+//! opting in: receive into a machine before any such pin or policy is set
+//! up on its RAM (QEMU's incoming side likewise sets up its RAM before it
+//! runs the guest). A truncated,
 //! corrupted or mismatched stream (magic, version, page size, layout,
 //! region or page out of range, unknown tag, checksum, digest) ends in a
 //! precise [`MigrationError`] and leaves the machine as it was.
@@ -125,9 +173,16 @@ pub enum MigrationError {
     /// The stream is malformed or its checksum does not match.
     #[error("corrupted migration stream: {0}")]
     Corrupt(String),
-    /// The received contents differ from what the sender had.
-    #[error("region \"{0}\" does not match the sender's checksum after transfer")]
+    /// The received pages of a region do not add up to the checksum the
+    /// sender sent in `DONE` (module docs, "What the checksums prove").
+    #[error("region \"{0}\": the pages received do not match the sender's checksum")]
     ContentMismatch(String),
+    /// Global dirty tracking was turned off while the sender relied on it
+    /// (an unmatched [`crate::Machine::global_dirty_log_stop`]): writes may
+    /// have gone unseen, so the stream cannot be trusted to hold the
+    /// source's memory.
+    #[error("global dirty tracking was stopped during the migration")]
+    TrackingLost,
     /// The sender cancelled (or this side was cancelled).
     #[error("migration cancelled")]
     Cancelled,
@@ -217,6 +272,34 @@ pub fn ram_layout(machine: &Machine, space: SpaceId) -> Result<Vec<RamRegion>> {
         };
     }
     Ok(out)
+}
+
+/// Whether two layouts are the same memory: the same regions (by id) over
+/// the same blocks at the same offsets, with the same sizes, addresses and
+/// idstrs. A region replaced by another of the same name, size and address
+/// is a different layout.
+fn same_layout(a: &[RamRegion], b: &[RamRegion]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.region == y.region
+                && Arc::ptr_eq(&x.backend, &y.backend)
+                && x.offset == y.offset
+                && x.size == y.size
+                && x.addr == y.addr
+                && x.offset_in_region == y.offset_in_region
+                && x.idstr == y.idstr
+        })
+}
+
+/// Fails unless `space`'s RAM layout is still `layout`.
+fn check_layout(machine: &Machine, space: SpaceId, layout: &[RamRegion], when: &str) -> Result<()> {
+    if same_layout(layout, &ram_layout(machine, space)?) {
+        Ok(())
+    } else {
+        Err(MigrationError::LayoutMismatch(format!(
+            "RAM changed {when} (a region plugged, unplugged, replaced or resized)"
+        )))
+    }
 }
 
 const K1: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -369,8 +452,15 @@ pub struct SendConfig {
     pub stop_threshold_pages: u64,
     /// Stop and copy after this many rounds whatever the dirty set.
     pub max_rounds: u32,
-    /// Set to cancel (checked before every round and every run of pages).
+    /// Set to cancel (checked before every round and every run of pages,
+    /// the stop-and-copy round's included).
     pub cancel: Arc<AtomicBool>,
+    /// Compute the `DONE` checksums from the source's memory while it is
+    /// paused (one read pass over all RAM, added to the downtime) instead
+    /// of from the pages sent: the receiver then checks its import against
+    /// the paused source's memory, not only against the stream (module
+    /// docs, "What the checksums prove").
+    pub verify_memory_at_stop: bool,
 }
 
 impl Default for SendConfig {
@@ -379,6 +469,7 @@ impl Default for SendConfig {
             stop_threshold_pages: 512,
             max_rounds: 30,
             cancel: Arc::new(AtomicBool::new(false)),
+            verify_memory_at_stop: false,
         }
     }
 }
@@ -402,8 +493,10 @@ pub struct MigrationStats {
     pub downtime: Duration,
     /// Whole migration.
     pub total: Duration,
-    /// Per-region content checksums at the stop (idstr, checksum): what the
-    /// receiver verified.
+    /// Per-region checksums the `DONE` record carried (idstr, checksum):
+    /// of the pages sent, or of memory at the stop with
+    /// [`SendConfig::verify_memory_at_stop`] (module docs, "What the
+    /// checksums prove").
     pub checksums: Vec<(String, u64)>,
 }
 
@@ -433,11 +526,31 @@ impl<W: Write> Out<W> {
     }
 }
 
-/// Stops global tracking when the sender ends, however it ends.
-struct Tracking<'m>(&'m Machine);
+/// The sender's use of global tracking (counted: other users keep theirs),
+/// stopped when the sender ends, however it ends.
+struct Tracking<'m> {
+    machine: &'m Machine,
+    /// [`Machine::global_dirty_log_epoch`] when the sender started it.
+    epoch: Option<u64>,
+}
+impl Tracking<'_> {
+    /// Fails if tracking was off at any time since the sender started it.
+    fn check(&self) -> Result<()> {
+        if self.machine.global_dirty_log_epoch() == self.epoch {
+            Ok(())
+        } else {
+            Err(MigrationError::TrackingLost)
+        }
+    }
+}
 impl Drop for Tracking<'_> {
     fn drop(&mut self) {
-        let _ = self.0.global_dirty_log_stop();
+        // Tracking turned off meanwhile took the sender's count with it
+        // (all counts are gone when it turns off): stopping now would
+        // take the count of whoever started it again since.
+        if self.check().is_ok() {
+            let _ = self.machine.global_dirty_log_stop();
+        }
     }
 }
 
@@ -572,7 +685,10 @@ pub fn send<W: Write>(
     o.seal()?;
 
     machine.global_dirty_log_start()?;
-    let _tracking = Tracking(machine);
+    let tracking = Tracking {
+        machine,
+        epoch: machine.global_dirty_log_epoch(),
+    };
     // Round 1 sends everything: earlier bits mean nothing.
     machine.take_dirty_ram(space, DirtyClient::MIGRATION)?;
 
@@ -604,17 +720,30 @@ pub fn send<W: Write>(
             return Err(s.cancelled());
         }
         let mut dirty = machine.take_dirty_ram(space, DirtyClient::MIGRATION)?;
+        // After the take: what it returned was tracked without a gap, and
+        // covers every region that is to be migrated.
+        tracking.check()?;
+        check_layout(machine, space, &layout, "during the migration")?;
         let count: u64 = dirty.iter().map(|d| d.dirty.count()).sum();
         let last = count <= cfg.stop_threshold_pages || s.stats.rounds >= cfg.max_rounds;
         let t0 = Instant::now();
         if last {
             pause(true);
-            // Everything written up to the pause, merged.
-            match machine.take_dirty_ram(space, DirtyClient::MIGRATION) {
+            // Everything written up to the pause, merged; tracked without a
+            // gap and over the same RAM up to the pause.
+            let more = machine
+                .take_dirty_ram(space, DirtyClient::MIGRATION)
+                .map_err(MigrationError::from)
+                .and_then(|more| {
+                    tracking.check()?;
+                    check_layout(machine, space, &layout, "during the migration")?;
+                    Ok(more)
+                });
+            match more {
                 Ok(more) => dirty.extend(more),
                 Err(e) => {
                     pause(false);
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         }
@@ -638,7 +767,12 @@ pub fn send<W: Write>(
         pages.dedup();
         let mut result = Ok(());
         for (ri, first, c) in runs(&pages) {
-            if !last && cfg.cancel.load(Ordering::Relaxed) {
+            if cfg.cancel.load(Ordering::Relaxed) {
+                // A cancel in the stop-and-copy round (a receiver that
+                // stalls keeps the source paused) resumes the source.
+                if last {
+                    pause(false);
+                }
                 return Err(s.cancelled());
             }
             if let Err(e) = s.run(ri, first, c) {
@@ -662,7 +796,11 @@ pub fn send<W: Write>(
             s.end_round(round, sent)?;
             s.out.put(&[TAG_DONE])?;
             for (ri, r) in layout.iter().enumerate() {
-                let c = finish_region(s.sums[ri], r.size);
+                let c = if cfg.verify_memory_at_stop {
+                    region_checksum(r)
+                } else {
+                    finish_region(s.sums[ri], r.size)
+                };
                 s.stats.checksums.push((r.idstr.clone(), c));
                 s.out.put(&c.to_le_bytes())?;
             }
@@ -745,7 +883,7 @@ pub struct ReceiveStats {
     /// Pages received (contents and zero flags).
     pub records: u64,
     /// Regions whose memory was replaced by moving the received pages in
-    /// (O(1)); the others were copied.
+    /// (O(1), [`ReceiveConfig::move_pages`]); the others were copied.
     pub swapped: usize,
     /// Per-region content checksums of the import (idstr, checksum), as
     /// verified against the sender's before the commit.
@@ -802,7 +940,10 @@ fn swap_in(r: &RamRegion, inc: &Incoming) -> bool {
     use rustix::mm::MremapFlags;
     let block = r.backend.block();
     let len = r.size as usize;
-    let page = TARGET_PAGE_SIZE;
+    // The host's page, not the target's: the kernel rounds the length up
+    // to it, so a 4 KiB-multiple size on a 16 KiB or 64 KiB page host
+    // would replace memory past the region's end.
+    let page = rustix::param::page_size() as u64;
     if block.backing() != RamBacking::Anonymous
         || r.offset % page != 0
         || r.size % page != 0
@@ -822,9 +963,13 @@ fn swap_in(r: &RamRegion, inc: &Incoming) -> bool {
     // concurrent access (another thread, a KVM vCPU through its MMU
     // notifier) sees the old or the new page, never a hole.
     // `MREMAP_DONTUNMAP` leaves the source mapped (now empty), so
-    // `inc.block`'s `Drop` unmaps its own range and nothing else.
-    // Addresses are page aligned (mmap results plus a multiple of 4 KiB;
-    // a host with larger pages refuses with EINVAL and the caller copies).
+    // `inc.block`'s `Drop` unmaps its own range and nothing else. Pages a
+    // caller pinned in the kernel through the public `host_addr()` stay
+    // allocated to their pin (no use after free) but no longer back the
+    // region: the module docs state the rule that avoids it.
+    // Offset and length are multiples of the host page (checked above), so
+    // exactly `[dst, dst + size)` is replaced and nothing after it: the
+    // block's mapping starts on a host page (an mmap result).
     unsafe {
         let dst = block.host_addr().add(r.offset as usize);
         rustix::mm::mremap_fixed(
@@ -838,35 +983,104 @@ fn swap_in(r: &RamRegion, inc: &Incoming) -> bool {
     }
 }
 
-/// Asks for transparent huge pages on a prepared block (as QEMU does for
-/// guest RAM): receiving 1 GiB then takes 512 page faults, not 262144. A
-/// hint; refused or ignored, nothing changes but speed.
-#[cfg(all(target_os = "linux", not(miri)))]
-fn prefer_huge_pages(block: &RamBlock) {
-    // SAFETY: the range is exactly the block's own private mapping, which
-    // `block` keeps mapped for the call; MADV_HUGEPAGE changes how future
-    // faults are served, never the contents or the validity of the range.
-    let _ = unsafe {
-        rustix::mm::madvise(
-            block.host_addr().cast(),
-            block.size() as usize,
-            rustix::mm::Advice::LinuxHugepage,
-        )
-    };
-}
-
-#[cfg(not(all(target_os = "linux", not(miri))))]
-fn prefer_huge_pages(_: &RamBlock) {}
-
 #[cfg(not(all(target_os = "linux", not(miri))))]
 fn swap_in(_: &RamRegion, _: &Incoming) -> bool {
     false
 }
 
+/// Replaces region `r`'s memory with `inc`'s by copying: the pages
+/// received with contents are copied, the zero pages are zeroed in place
+/// (a memfd or file: the range is punched out, which frees its pages;
+/// otherwise, or if the file refuses, written with zeros), so neither the
+/// prepared block's zero pages nor the region's are touched needlessly.
+fn copy_in(r: &RamRegion, inc: &mut Incoming) {
+    let block = r.backend.block();
+    let pages = r.pages();
+    let mut zeros: Vec<u8> = Vec::new();
+    let mut current: Vec<u8> = Vec::new();
+    let mut p = 0;
+    while p < pages {
+        let data = bit(&inc.data, p);
+        let mut q = p + 1;
+        while q < pages && q - p < RUN_PAGES && bit(&inc.data, q) == data {
+            q += 1;
+        }
+        let at = (p * TARGET_PAGE_SIZE) as usize;
+        let len = r.run_len(p, q - p);
+        let dst = r.offset + at as u64;
+        if data {
+            // In range: the region lies in its block.
+            let _ = block.write(dst, &inc.bytes(r.size)[at..at + len]);
+        } else if !punch_zeros(block, dst, len as u64) {
+            // Only the pages that are not zeros already are written:
+            // reading a never-written page of private anonymous memory
+            // maps the shared zero page and costs no memory.
+            zeros.resize(RUN_BYTES, 0);
+            current.resize(RUN_BYTES, 0);
+            let _ = block.read(dst, &mut current[..len]);
+            for (k, page) in current[..len].chunks(PAGE).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    let _ = block.write(dst + (k * PAGE) as u64, &zeros[..page.len()]);
+                }
+            }
+        }
+        p = q;
+    }
+}
+
+/// Zeroes `[offset, offset + len)` of a file-backed block by punching it
+/// out of the file (the block maps its file from offset 0); `false` when
+/// the block has no file or the file refuses.
+#[cfg(all(target_os = "linux", not(miri)))]
+fn punch_zeros(block: &RamBlock, offset: u64, len: u64) -> bool {
+    use rustix::fs::FallocateFlags;
+    block.fd().is_some_and(|fd| {
+        rustix::fs::fallocate(
+            fd,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        )
+        .is_ok()
+    })
+}
+
+#[cfg(not(all(target_os = "linux", not(miri))))]
+fn punch_zeros(_: &RamBlock, _: u64, _: u64) -> bool {
+    false
+}
+
+/// Receiver settings.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiveConfig {
+    /// Commit a region by moving the received pages over its memory where
+    /// possible (O(1), module docs) instead of copying them. Opt-in: the
+    /// move replaces the physical pages behind the region's host
+    /// addresses, so it is only right for a machine whose RAM no kernel
+    /// pin or memory policy refers to yet (module docs, "Receiver").
+    pub move_pages: bool,
+    /// Set to cancel (checked before every record): `receive` returns
+    /// [`MigrationError::Cancelled`] and the machine is unchanged. A read
+    /// blocked on a silent sender returns only with a read timeout on the
+    /// stream (module docs).
+    pub cancel: Arc<AtomicBool>,
+}
+
 /// Receives a stream written by [`send`] into the RAM of `space` (module
-/// docs): the machine's RAM changes only once the whole stream was
+/// docs) with the default [`ReceiveConfig`] (copying, not moving, the
+/// pages in): the machine's RAM changes only once the whole stream was
 /// received and verified.
 pub fn receive<R: Read>(machine: &Machine, space: SpaceId, input: R) -> Result<ReceiveStats> {
+    receive_with(machine, space, input, &ReceiveConfig::default())
+}
+
+/// [`receive`] with settings.
+pub fn receive_with<R: Read>(
+    machine: &Machine,
+    space: SpaceId,
+    input: R,
+    cfg: &ReceiveConfig,
+) -> Result<ReceiveStats> {
     let layout = ram_layout(machine, space)?;
     let mut i = In {
         r: std::io::BufReader::with_capacity(256 << 10, input),
@@ -931,7 +1145,9 @@ pub fn receive<R: Read>(machine: &Machine, space: SpaceId, input: R) -> Result<R
             RamBacking::Anonymous,
         )
         .map_err(|e| MigrationError::Scratch(e.to_string()))?;
-        prefer_huge_pages(&block);
+        // No MADV_HUGEPAGE here: with THP in `madvise` mode each page
+        // received would fault in a whole huge page, and the move would
+        // carry that advice into the region for good.
         let words = r.pages().div_ceil(64) as usize;
         incoming.push(Incoming {
             block,
@@ -946,6 +1162,9 @@ pub fn receive<R: Read>(machine: &Machine, space: SpaceId, input: R) -> Result<R
     let mut digests = vec![0u8; 8 * RUN_PAGES as usize];
     let mut in_round = 0u64;
     let sums = loop {
+        if cfg.cancel.load(Ordering::Relaxed) {
+            return Err(MigrationError::Cancelled);
+        }
         let tag = i.u8("a record tag")?;
         match tag {
             TAG_DATA | TAG_ZERO => {
@@ -1060,19 +1279,38 @@ pub fn receive<R: Read>(machine: &Machine, space: SpaceId, input: R) -> Result<R
             return Err(MigrationError::ContentMismatch(r.idstr.clone()));
         }
     }
-    // Commit: nothing below can fail.
-    for (ri, r) in layout.iter().enumerate() {
-        let inc = &mut incoming[ri];
-        if swap_in(r, inc) {
-            stats.swapped += 1;
-        } else {
-            let size = r.size;
-            let (block, offset) = (r.backend.block(), r.offset);
-            // In range: the region lies in its block.
-            let _ = block.write(offset, inc.bytes(size));
+    // Commit, inside one transaction: it holds the topology lock, so no
+    // edit lands between the layout check and the last page written (the
+    // layout read before the stream may be stale: a region replaced,
+    // unplugged or resized meanwhile is not the memory prepared for).
+    machine.transaction(|machine| -> Result<()> {
+        check_layout(machine, space, &layout, "while the stream was received")?;
+        let view = machine.address_space(space)?.view();
+        // Nothing below can fail. Each prepared block is freed as soon as
+        // its region holds the import: at most one region's worth of
+        // received pages is held twice.
+        for ((ri, r), mut inc) in layout.iter().enumerate().zip(incoming) {
+            if cfg.move_pages && swap_in(r, &inc) {
+                stats.swapped += 1;
+            } else {
+                copy_in(r, &mut inc);
+            }
+            drop(inc);
+            // The import is a write like any other (QEMU treats incoming
+            // RAM as dirty): the whole region, for every client tracking
+            // it and every client tracking its block.
+            let mask = view
+                .ranges()
+                .iter()
+                .filter(|x| x.region().id() == r.region)
+                .fold(0u8, |m, x| m | x.attrs().dirty_log_mask);
+            let log = r.backend.block().dirty_log();
+            log.mark(mask, r.offset, r.size);
+            log.mark_live(r.offset, r.size);
+            stats.checksums.push((r.idstr.clone(), sums[ri]));
         }
-        stats.checksums.push((r.idstr.clone(), sums[ri]));
-    }
+        Ok(())
+    })?;
     Ok(stats)
 }
 

@@ -627,3 +627,51 @@ fn every_write_path_marks_both_pages_of_a_write_across_a_boundary() {
         );
     }
 }
+
+/// Writes that do not go through a flat range (DMA unmaps, region caches,
+/// the vm-memory view) mark with the clients of *every* range over the
+/// block (adversarial review R5): a logged frame buffer and plain RAM on
+/// one backend, the frame buffer's DMA and cache writes are marked for VGA
+/// whichever range was rendered last.
+#[test]
+fn writes_outside_a_range_mark_for_every_range_over_the_block() {
+    let m = Memory::new();
+    let root = m.new_container("system", 1 << 32, None).unwrap();
+    let be = m
+        .new_backend("be", 32 * PAGE, memtree::RamBacking::Anonymous)
+        .unwrap();
+    let vram = m
+        .new_ram_from_backend("vram", &be, 0, 16 * PAGE, None)
+        .unwrap();
+    let ram = m
+        .new_ram_from_backend("ram", &be, 16 * PAGE, 16 * PAGE, None)
+        .unwrap();
+    m.add_subregion(root, 0, vram).unwrap();
+    m.add_subregion(root, 0x100000, ram).unwrap();
+    let space = m.new_address_space("mem", root, None).unwrap();
+    m.set_log(vram, DirtyClient::VGA, true).unwrap();
+    let h = m.address_space(space).unwrap();
+    assert!(h.write(0, &[1; 4], A).is_ok());
+    assert!(m.get_dirty(vram, 0, PAGE, DirtyClient::VGA).unwrap());
+    let mut map = h.map(PAGE, PAGE, DmaDirection::FromDevice, A).unwrap();
+    map.write(0, &[9; 8]).unwrap();
+    map.unmap(8);
+    let cache = MemoryRegionCache::new(&h, 2 * PAGE, PAGE, DmaDirection::FromDevice).unwrap();
+    cache.write(0, &[1, 2]).unwrap();
+    assert!(
+        m.get_dirty(vram, PAGE, PAGE, DirtyClient::VGA).unwrap(),
+        "DMA write into the VGA-logged region not marked"
+    );
+    assert!(
+        m.get_dirty(vram, 2 * PAGE, PAGE, DirtyClient::VGA).unwrap(),
+        "cache write into the VGA-logged region not marked"
+    );
+    // Logging stopped and every view over the block re-rendered: writes
+    // outside a range no longer mark.
+    m.set_log(vram, DirtyClient::VGA, false).unwrap();
+    drop(cache);
+    let _ = m.snapshot_and_clear_dirty(vram, 0, 16 * PAGE, DirtyClient::VGA);
+    let cache = MemoryRegionCache::new(&h, 3 * PAGE, PAGE, DmaDirection::FromDevice).unwrap();
+    cache.write(0, &[1, 2]).unwrap();
+    assert!(!m.get_dirty(vram, 3 * PAGE, PAGE, DirtyClient::VGA).unwrap());
+}

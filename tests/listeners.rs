@@ -742,7 +742,10 @@ fn listeners_global_dirty_log_start_forward_stop_reverse_with_rollback() {
         .unwrap();
     take(&log);
     memory.global_dirty_log_start().unwrap();
+    // A second user only counts; its stop leaves tracking on.
     memory.global_dirty_log_start().unwrap();
+    memory.global_dirty_log_stop().unwrap();
+    assert!(memory.global_dirty_log());
     memory.global_dirty_log_stop().unwrap();
     assert_eq!(
         take(&log),

@@ -349,7 +349,11 @@ fn regions_with_the_same_name_each_migrate_into_their_own() {
         (memory, space)
     };
     for ((rx, rx_space), moved) in [((&rx, rx_space), 2), ((&copied.0, copied.1), 0)] {
-        let got = migration::receive(rx, rx_space, &out[..]).unwrap();
+        let cfg = migration::ReceiveConfig {
+            move_pages: true,
+            ..Default::default()
+        };
+        let got = migration::receive_with(rx, rx_space, &out[..], &cfg).unwrap();
         if cfg!(target_os = "linux") {
             assert_eq!(got.swapped, moved);
         }
@@ -446,4 +450,411 @@ fn fresh_receiver_of(total: u64) -> (Memory, SpaceId, Vec<(String, u64)>) {
     assert!(h.write(0x10, b"receiver's own data", A).is_ok());
     let before = migration::checksums(&memory, space).unwrap();
     (memory, space, before)
+}
+
+/// What happens to the machines while a migration runs: layout edits on
+/// either side, global tracking shared with other users, and the
+/// receiver's own dirty-log clients (adversarial review R1-R6).
+mod during_migration {
+    use std::io::{Read, Write};
+
+    use memtree::migration::{self, MigrationError, SendConfig};
+    use memtree::{DirtyClient, MemTxAttrs, Memory, SpaceId};
+
+    const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;
+    const SIZE: u64 = 256 * 1024;
+
+    fn machine() -> (Memory, SpaceId) {
+        let memory = Memory::new();
+        let root = memory.new_container("system", 1 << 40, None).unwrap();
+        let r = memory.new_ram("ram0", SIZE, None).unwrap();
+        memory.add_subregion(root, 0, r).unwrap();
+        let space = memory.new_address_space("memory", root, None).unwrap();
+        (memory, space)
+    }
+
+    fn stream_of(memory: &Memory, space: SpaceId) -> (Vec<u8>, Vec<(String, u64)>) {
+        let mut out = Vec::new();
+        let s = migration::send(memory, space, &mut out, &SendConfig::default(), |_| {}).unwrap();
+        (out, s.checksums)
+    }
+
+    /// Calls `f` once after `at` bytes were read.
+    struct ReadHook<'a, R> {
+        inner: R,
+        n: usize,
+        at: usize,
+        f: Option<Box<dyn FnOnce() + 'a>>,
+    }
+    impl<R: Read> Read for ReadHook<'_, R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.n >= self.at {
+                if let Some(f) = self.f.take() {
+                    f();
+                }
+            }
+            let k = buf.len().min(4096);
+            let got = self.inner.read(&mut buf[..k])?;
+            self.n += got;
+            Ok(got)
+        }
+    }
+
+    /// Runs `f` once after `at` bytes were written.
+    struct WriteHook<'a, W> {
+        inner: W,
+        n: usize,
+        at: usize,
+        f: Option<Box<dyn FnOnce() + 'a>>,
+    }
+    impl<W: Write> Write for WriteHook<'_, W> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let got = self.inner.write(buf)?;
+            self.n += got;
+            if self.n >= self.at {
+                if let Some(f) = self.f.take() {
+                    f();
+                }
+            }
+            Ok(got)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+    }
+
+    /// R1: the import is a write to RAM like any other: a display (VGA)
+    /// watching the region learns its memory changed.
+    #[test]
+    fn receive_marks_the_import_dirty_for_region_clients() {
+        let (src, ss) = machine();
+        let h = src.address_space(ss).unwrap();
+        assert!(h.write(0x1000, &[0xaa; 4096], A).is_ok());
+        let (stream, _) = stream_of(&src, ss);
+
+        let (dst, ds) = machine();
+        let r = dst.find_region("ram0").unwrap();
+        dst.set_log(r, DirtyClient::VGA, true).unwrap();
+        let _ = dst
+            .snapshot_and_clear_dirty(r, 0, SIZE, DirtyClient::VGA)
+            .unwrap();
+        migration::receive(&dst, ds, &stream[..]).unwrap();
+        assert!(
+            dst.get_dirty(r, 0x1000, 4096, DirtyClient::VGA).unwrap(),
+            "page 1 changed by the import but is not dirty for VGA"
+        );
+    }
+
+    /// R1: a machine that receives while it is itself globally tracked
+    /// (chained migration, dirty-rate sampling) reports the import.
+    #[test]
+    fn receive_marks_the_import_dirty_for_global_tracking() {
+        let (src, ss) = machine();
+        let h = src.address_space(ss).unwrap();
+        assert!(h.write(0x1000, &[0xaa; 4096], A).is_ok());
+        let (stream, _) = stream_of(&src, ss);
+        let (dst, ds) = machine();
+        dst.global_dirty_log_start().unwrap();
+        let _ = dst.take_dirty_ram(ds, DirtyClient::MIGRATION).unwrap();
+        migration::receive(&dst, ds, &stream[..]).unwrap();
+        let d = dst.take_dirty_ram(ds, DirtyClient::MIGRATION).unwrap();
+        let n: u64 = d.iter().map(|r| r.dirty.count()).sum();
+        assert_eq!(n, SIZE / 4096, "every imported page is dirty for MIGRATION");
+    }
+
+    /// R2: a region replaced while the stream is read (same name, size and
+    /// address) is not the region the import was prepared for: `receive`
+    /// fails rather than report a verified import the RAM does not hold.
+    #[test]
+    fn receive_fails_when_a_region_is_replaced_mid_stream() {
+        let (src, ss) = machine();
+        let h = src.address_space(ss).unwrap();
+        assert!(h.write(0x1000, &[0xaa; 4096], A).is_ok());
+        let (stream, sums) = stream_of(&src, ss);
+
+        let (dst, ds) = machine();
+        let root = dst.find_region("system").unwrap();
+        let old = dst.find_region("ram0").unwrap();
+        let d = &dst;
+        let input = ReadHook {
+            inner: &stream[..],
+            n: 0,
+            at: 100,
+            f: Some(Box::new(move || {
+                d.del_subregion(root, old).unwrap();
+                let new = d.new_ram("ram0", SIZE, None).unwrap();
+                d.add_subregion(root, 0, new).unwrap();
+            })),
+        };
+        let res = migration::receive(&dst, ds, input);
+        assert!(
+            matches!(res, Err(MigrationError::LayoutMismatch(_))),
+            "{res:?}"
+        );
+        assert_ne!(migration::checksums(&dst, ds).unwrap(), sums);
+    }
+
+    /// R2: a region shrunk while the stream is read: the commit must not
+    /// write the old, larger size over what follows it in its block.
+    #[test]
+    fn receive_fails_when_a_region_shrinks_mid_stream() {
+        let (src, ss) = machine();
+        let h = src.address_space(ss).unwrap();
+        assert!(h.write(0, &[0xaa; SIZE as usize], A).is_ok());
+        let (stream, _) = stream_of(&src, ss);
+
+        let (dst, ds) = machine();
+        let r = dst.find_region("ram0").unwrap();
+        let d = &dst;
+        let input = ReadHook {
+            inner: &stream[..],
+            n: 0,
+            at: 100,
+            f: Some(Box::new(move || {
+                d.set_size(r, u128::from(SIZE / 2)).unwrap();
+            })),
+        };
+        let res = migration::receive(&dst, ds, input);
+        assert!(
+            matches!(res, Err(MigrationError::LayoutMismatch(_))),
+            "{res:?}"
+        );
+        let mut b = [0u8; 16];
+        let hd = dst.address_space(ds).unwrap();
+        assert!(hd.read(0, &mut b, A).is_ok());
+        assert_eq!(b, [0; 16], "the machine's RAM changed");
+    }
+
+    /// R3a: global tracking is counted: a user that started it before the
+    /// migration still has it when `send` returns.
+    #[test]
+    fn send_leaves_global_tracking_another_user_started() {
+        let (src, ss) = machine();
+        src.global_dirty_log_start().unwrap(); // another user
+        let _ = stream_of(&src, ss);
+        assert!(
+            src.global_dirty_log(),
+            "send stopped global tracking that another user started"
+        );
+        src.global_dirty_log_stop().unwrap();
+        assert!(!src.global_dirty_log());
+    }
+
+    /// R3b: tracking stopped by anyone during the migration means writes
+    /// went unseen: `send` fails instead of letting the receiver accept a
+    /// stale import.
+    #[test]
+    fn send_fails_when_tracking_is_lost_mid_migration() {
+        let (src, ss) = machine();
+        let h = src.address_space(ss).unwrap();
+        assert!(h.write(0, &[0x55; SIZE as usize], A).is_ok());
+        let s = &src;
+        let mut out = WriteHook {
+            inner: Vec::new(),
+            n: 0,
+            at: 64,
+            f: Some(Box::new(move || {
+                s.global_dirty_log_stop().unwrap(); // an unmatched stop
+                assert!(h.write(0x2000, b"late write", A).is_ok());
+            })),
+        };
+        let res = migration::send(&src, ss, &mut out, &SendConfig::default(), |_| {});
+        assert!(matches!(res, Err(MigrationError::TrackingLost)), "{res:?}");
+        let (dst, ds) = machine();
+        assert!(
+            migration::receive(&dst, ds, &out.inner[..]).is_err(),
+            "the receiver accepted a stream its sender failed"
+        );
+    }
+
+    /// R3b (optional verification): with `verify_memory_at_stop`, the
+    /// `DONE` checksums are computed from the paused source's memory, so a
+    /// page whose last write the stream missed fails the import.
+    #[test]
+    fn memory_checksum_at_stop_matches_a_clean_import() {
+        let (src, ss) = machine();
+        let h = src.address_space(ss).unwrap();
+        assert!(h.write(0x3000, &[7; 9000], A).is_ok());
+        let mut out = Vec::new();
+        let cfg = SendConfig {
+            verify_memory_at_stop: true,
+            ..SendConfig::default()
+        };
+        let st = migration::send(&src, ss, &mut out, &cfg, |_| {}).unwrap();
+        assert_eq!(st.checksums, migration::checksums(&src, ss).unwrap());
+        let (dst, ds) = machine();
+        migration::receive(&dst, ds, &out[..]).unwrap();
+        assert_eq!(
+            migration::checksums(&dst, ds).unwrap(),
+            migration::checksums(&src, ss).unwrap()
+        );
+    }
+
+    /// R6: RAM plugged or resized while `send` runs is not silently left
+    /// behind: the migration fails (QEMU's `ram_mig_ram_block_resized`).
+    #[test]
+    fn send_fails_when_ram_is_plugged_or_resized_mid_migration() {
+        let memory = Memory::new();
+        let root = memory.new_container("system", 1 << 40, None).unwrap();
+        let be = memory
+            .new_backend("be", 2 * SIZE, memtree::RamBacking::Anonymous)
+            .unwrap();
+        let r = memory
+            .new_ram_from_backend("ram0", &be, 0, SIZE, None)
+            .unwrap();
+        memory.add_subregion(root, 0, r).unwrap();
+        let ss = memory.new_address_space("memory", root, None).unwrap();
+        let h = memory.address_space(ss).unwrap();
+        assert!(h.write(0, &[0x55; SIZE as usize], A).is_ok());
+        for plug in [false, true] {
+            let m = &memory;
+            let mut out = WriteHook {
+                inner: Vec::new(),
+                n: 0,
+                at: 64,
+                f: Some(Box::new(move || {
+                    if plug {
+                        let dimm = m.new_ram("dimm", SIZE, None).unwrap();
+                        m.add_subregion(root, 1 << 30, dimm).unwrap();
+                    } else {
+                        m.set_size(r, u128::from(2 * SIZE)).unwrap();
+                    }
+                })),
+            };
+            let res = migration::send(&memory, ss, &mut out, &SendConfig::default(), |_| {});
+            assert!(
+                matches!(res, Err(MigrationError::LayoutMismatch(_))),
+                "plug {plug}: {res:?}"
+            );
+            assert!(!memory.global_dirty_log());
+        }
+    }
+
+    /// R4: a cancel during the stop-and-copy round (a receiver stalling
+    /// while the source is paused) is honoured: the source is resumed and
+    /// the sender returns `Cancelled`.
+    #[test]
+    fn cancel_in_the_stop_and_copy_round_resumes_the_source() {
+        let (src, ss) = machine();
+        let h = src.address_space(ss).unwrap();
+        let cfg = SendConfig::default();
+        let cancel = cfg.cancel.clone();
+        let mut pauses = Vec::new();
+        let mut out = Vec::new();
+        let res = migration::send(&src, ss, &mut out, &cfg, |on| {
+            pauses.push(on);
+            if on {
+                // The last write before the writers stopped, then the cancel.
+                assert!(h.write(0x4000, b"last", A).is_ok());
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        assert!(matches!(res, Err(MigrationError::Cancelled)), "{res:?}");
+        assert_eq!(pauses, [true, false]);
+        assert!(!src.global_dirty_log());
+        let (dst, ds) = machine();
+        assert!(matches!(
+            migration::receive(&dst, ds, &out[..]),
+            Err(MigrationError::Cancelled)
+        ));
+    }
+
+    /// R10: the copy path (memfd RAM, what vhost-user back-ends map)
+    /// copies the pages received with contents and zeroes the rest without
+    /// populating them: a sparse import into a 16 MiB memfd costs its
+    /// non-zero pages, and stale contents of the receiver's are gone.
+    #[test]
+    #[cfg_attr(miri, ignore = "memfd, fallocate")]
+    fn a_sparse_copy_into_memfd_ram_populates_only_its_non_zero_pages() {
+        use std::os::unix::fs::MetadataExt;
+        const BIG: u64 = 16 << 20;
+        let mk = || {
+            let memory = Memory::new();
+            let root = memory.new_container("system", 1 << 40, None).unwrap();
+            let be = memory
+                .new_backend("be", BIG, memtree::RamBacking::Memfd)
+                .unwrap();
+            let r = memory
+                .new_ram_from_backend("ram0", &be, 0, BIG, None)
+                .unwrap();
+            memory.add_subregion(root, 0, r).unwrap();
+            let s = memory.new_address_space("memory", root, None).unwrap();
+            (memory, s, be)
+        };
+        let (src, ss, _) = mk();
+        let h = src.address_space(ss).unwrap();
+        for i in 0..8u64 {
+            assert!(h.write(i << 20, &[i as u8 + 1; 100], A).is_ok());
+        }
+        let (stream, _) = stream_of(&src, ss);
+        let (dst, ds, be) = mk();
+        let hd = dst.address_space(ds).unwrap();
+        // Stale contents where the source has zeros.
+        assert!(hd.write(0x80_0000, &[0xee; 3 * 4096], A).is_ok());
+        let st = migration::receive(&dst, ds, &stream[..]).unwrap();
+        assert_eq!(st.swapped, 0);
+        // Measured before anything reads the memory (reading a hole of a
+        // memfd allocates it).
+        let fd = be.block().fd().unwrap().try_clone_to_owned().unwrap();
+        let allocated = std::fs::File::from(fd).metadata().unwrap().blocks() * 512;
+        assert!(
+            allocated <= 64 * 4096,
+            "8 non-zero pages received, {allocated} bytes of the memfd populated"
+        );
+        assert_eq!(
+            migration::checksums(&dst, ds).unwrap(),
+            migration::checksums(&src, ss).unwrap()
+        );
+    }
+
+    /// R4: a receiver can be cancelled: it stops before the next record
+    /// and leaves the machine as it was.
+    #[test]
+    fn a_cancelled_receive_leaves_the_machine_unchanged() {
+        let (src, ss) = machine();
+        let h = src.address_space(ss).unwrap();
+        assert!(h.write(0, &[3; 8192], A).is_ok());
+        let (stream, _) = stream_of(&src, ss);
+        let (dst, ds) = machine();
+        let cfg = migration::ReceiveConfig::default();
+        let cancel = cfg.cancel.clone();
+        let input = ReadHook {
+            inner: &stream[..],
+            n: 0,
+            at: 100,
+            f: Some(Box::new(move || {
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed)
+            })),
+        };
+        let res = migration::receive_with(&dst, ds, input, &cfg);
+        assert!(matches!(res, Err(MigrationError::Cancelled)), "{res:?}");
+        let mut b = [0u8; 8];
+        assert!(dst.address_space(ds).unwrap().read(0, &mut b, A).is_ok());
+        assert_eq!(b, [0; 8]);
+    }
+
+    /// R4: a stalled sender does not block `receive` for ever when the
+    /// stream has a read timeout: the receive fails with the I/O error.
+    #[test]
+    fn receive_fails_on_a_stalled_sender_with_a_read_timeout() {
+        let (src, ss) = machine();
+        let (stream, _) = stream_of(&src, ss);
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        a.write_all(&stream[..stream.len() / 2]).unwrap();
+        let t = std::thread::spawn(move || {
+            let (dst, ds) = machine();
+            migration::receive(&dst, ds, b)
+        });
+        let started = std::time::Instant::now();
+        while !t.is_finished() && started.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let done = t.is_finished();
+        drop(a);
+        let res = t.join().unwrap();
+        assert!(done, "receive still blocked 5 s after the sender stalled");
+        assert!(matches!(res, Err(MigrationError::Io(_))), "{res:?}");
+    }
 }

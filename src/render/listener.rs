@@ -313,6 +313,12 @@ pub(crate) struct Listeners {
     pub(crate) ioeventfd_regions: Vec<RegionId>,
     /// Global dirty logging is on.
     pub(crate) global_dirty_log: bool,
+    /// Users of global dirty logging (started and not yet stopped): it
+    /// is on while this is nonzero.
+    pub(crate) global_dirty_users: u64,
+    /// How many times global dirty logging was turned off: a user that
+    /// saw the same value twice knows tracking ran without a gap between.
+    pub(crate) global_dirty_stops: u64,
 }
 
 impl Listeners {

@@ -1479,11 +1479,15 @@ impl Machine {
 
     // ---- global dirty logging ------------------------------------------------
 
-    /// Starts global dirty tracking: `log_global_start` on every listener in
-    /// ascending priority; if one refuses, the ones already started get
-    /// `log_global_stop` (in reverse) and the start fails. Starting twice is
-    /// a no-op. Then every view is re-rendered so that RAM ranges carry the
-    /// MIGRATION bit (`log_start` on listeners, [`crate::dirty`]).
+    /// Starts global dirty tracking for one more user. Counted like QEMU's
+    /// `global_dirty_tracking` reasons: the first user's start turns it on
+    /// (`log_global_start` on every listener in ascending priority; if one
+    /// refuses, the ones already started get `log_global_stop` in reverse
+    /// and the start fails and counts no user), then every view is
+    /// re-rendered so that RAM ranges carry the MIGRATION bit (`log_start`
+    /// on listeners, [`crate::dirty`]); a later user's start only counts.
+    /// Every successful start must be matched by one
+    /// [`Machine::global_dirty_log_stop`].
     pub fn global_dirty_log_start(&self) -> Result<()> {
         let _defer = Deferral::enter();
         let guard = self.control.lock();
@@ -1495,6 +1499,9 @@ impl Machine {
                 return Err(TopologyError::ListenerReentry);
             }
             if topo.listeners.global_dirty_log {
+                drop(topo);
+                let mut topo = guard.borrow_mut();
+                topo.listeners.global_dirty_users += 1;
                 return Ok(());
             }
             topo.listeners.snapshot()
@@ -1521,15 +1528,20 @@ impl Machine {
             }
         }
         drop(scope);
-        guard.borrow_mut().listeners.global_dirty_log = true;
+        {
+            let mut topo = guard.borrow_mut();
+            topo.listeners.global_dirty_log = true;
+            topo.listeners.global_dirty_users = 1;
+        }
         // QEMU: the MIGRATION bit enters the masks by a re-render.
         self.rerender_all(&guard);
         Ok(())
     }
 
-    /// Stops global dirty tracking: every view is re-rendered without the
-    /// MIGRATION bit (`log_stop`), then `log_global_stop` on every listener
-    /// in descending priority. Stopping when not started is a no-op.
+    /// One user of global dirty tracking stops. The last user's stop turns
+    /// it off: every view is re-rendered without the MIGRATION bit
+    /// (`log_stop`), then `log_global_stop` on every listener in descending
+    /// priority. Stopping when no user started is a no-op.
     pub fn global_dirty_log_stop(&self) -> Result<()> {
         let _defer = Deferral::enter();
         let guard = self.control.lock();
@@ -1540,9 +1552,15 @@ impl Machine {
             if topo.in_commit {
                 return Err(TopologyError::ListenerReentry);
             }
-            if !std::mem::take(&mut topo.listeners.global_dirty_log) {
+            if !topo.listeners.global_dirty_log {
                 return Ok(());
             }
+            topo.listeners.global_dirty_users = topo.listeners.global_dirty_users.saturating_sub(1);
+            if topo.listeners.global_dirty_users > 0 {
+                return Ok(());
+            }
+            topo.listeners.global_dirty_log = false;
+            topo.listeners.global_dirty_stops += 1;
             topo.listeners.snapshot()
         };
         // QEMU: re-render (log_stop of MIGRATION) before log_global_stop.
@@ -1628,6 +1646,17 @@ impl Machine {
     /// Whether global dirty tracking is on.
     pub fn global_dirty_log(&self) -> bool {
         self.read(|t| t.listeners.global_dirty_log)
+    }
+
+    /// While global dirty tracking is on, how many times it was turned off
+    /// before (`None` while it is off): two equal values mean it ran
+    /// without a gap in between, so no write went unmarked.
+    pub fn global_dirty_log_epoch(&self) -> Option<u64> {
+        self.read(|t| {
+            t.listeners
+                .global_dirty_log
+                .then_some(t.listeners.global_dirty_stops)
+        })
     }
 
     // ---- queries ---------------------------------------------------------------
