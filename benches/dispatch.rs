@@ -263,7 +263,7 @@ fn timed_reads(space: &AddressSpace, addrs: &[u64], n: usize) -> Vec<u64> {
     for i in 0..n {
         let a = addrs[i & 4095];
         let t = Instant::now();
-        black_box(space.load_u32_le(a, A));
+        let _ = black_box(space.load_u32_le(a, A));
         out.push(t.elapsed().as_nanos() as u64);
     }
     out.sort_unstable();

@@ -59,7 +59,8 @@ pub mod scale;
 pub use vm_memory;
 
 pub use access::attrs::{
-    AccessKind, AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps, UnimplementedDevice,
+    AccessKind, AccessSizes, Endianness, MemTxAttrs, MemTxError, MemTxResult, MmioOps,
+    UnimplementedDevice,
 };
 pub use access::dispatch::{Endian, Primitive};
 pub use access::ram::{RamBacking, RamBlock};

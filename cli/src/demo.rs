@@ -287,6 +287,9 @@ pub enum DemoError {
     /// Writing the output failed.
     #[error("cannot write output")]
     Output(#[from] fmt::Error),
+    /// An access the demo expects to succeed failed (a bug in the demo).
+    #[error("memory access failed: {0}")]
+    Access(#[from] memtree::MemTxError),
 }
 
 fn status(r: MemTxResult) -> &'static str {
@@ -436,7 +439,7 @@ pub fn run(out: &mut impl Write) -> Result<LeakReport, DemoError> {
         status(r)
     )?;
     for &b in b"hi!\n" {
-        io.store_u8(SERIAL_PORT, b, a);
+        io.store_u8(SERIAL_PORT, b, a).into_result()?;
     }
     let (lsr, r) = io.load_u8(SERIAL_PORT + 5, a);
     writeln!(

@@ -21,7 +21,40 @@ use std::ops::{BitOr, BitOrAssign};
 
 /// Result of a memory transaction (`MemTxResult`); the bits of the pieces of
 /// a split access are ORed together.
+///
+/// It is `#[must_use]`: a store to unmapped memory whose result is dropped
+/// is a warning, as it is a silent bus error on real hardware. Convert it to
+/// a [`Result`] with [`MemTxResult::into_result`] (or `?` after it) to
+/// propagate failures; the error side, [`MemTxError`], is never "OK".
+///
+/// ```
+/// use memtree::{MemTxAttrs, Memory};
+///
+/// let memory = Memory::new();
+/// let root = memory.new_container("system", 1 << 32, None).unwrap();
+/// let space = memory.new_address_space("memory", root, None).unwrap();
+/// let handle = memory.address_space(space).unwrap();
+/// // Nothing is mapped at 0x1000: the store is a decode error.
+/// let result = handle.store_u32_le(0x1000, 1, MemTxAttrs::UNSPECIFIED);
+/// assert_eq!(result.to_string(), "decode error");
+/// let error = result.into_result().unwrap_err();
+/// assert!(error.contains(memtree::MemTxResult::DECODE_ERROR));
+/// ```
+///
+/// Ignoring it is refused under `#![deny(unused_must_use)]`:
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// use memtree::{MemTxAttrs, Memory};
+///
+/// let memory = Memory::new();
+/// let root = memory.new_container("system", 1 << 32, None).unwrap();
+/// let space = memory.new_address_space("memory", root, None).unwrap();
+/// let handle = memory.address_space(space).unwrap();
+/// handle.store_u32_le(0x1000, 1, MemTxAttrs::UNSPECIFIED);
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Hash)]
+#[must_use = "a memory transaction can fail (unmapped address, device error): check it or call `into_result()`"]
 pub struct MemTxResult(u8);
 
 impl MemTxResult {
@@ -47,6 +80,101 @@ impl MemTxResult {
     /// The raw bits (`MEMTX_*` values).
     pub fn bits(self) -> u8 {
         self.0
+    }
+
+    /// `Ok(())` when no error bit is set, else the error bits as a
+    /// [`MemTxError`].
+    pub fn into_result(self) -> Result<(), MemTxError> {
+        match std::num::NonZeroU8::new(self.0) {
+            None => Ok(()),
+            Some(bits) => Err(MemTxError(bits)),
+        }
+    }
+
+    /// `Ok(value)` when no error bit is set, else the error bits: turns a
+    /// load's `(value, result)` pair into a [`Result`].
+    pub fn with_value<T>(self, value: T) -> Result<T, MemTxError> {
+        self.into_result().map(|()| value)
+    }
+}
+
+/// Names of the error bits, in bit order, for `Display`.
+const ERROR_BIT_NAMES: [(u8, &str); 3] = [
+    (1 << 0, "device error"),
+    (1 << 1, "decode error"),
+    (1 << 2, "access error"),
+];
+
+/// Writes the set bits of `bits` as `"decode error"` or, when several are
+/// set, `"device error | decode error"`; unknown bits as hex.
+fn fmt_bits(bits: u8, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    if bits == 0 {
+        return f.write_str("ok");
+    }
+    let mut first = true;
+    let mut rest = bits;
+    for (bit, name) in ERROR_BIT_NAMES {
+        if bits & bit != 0 {
+            if !first {
+                f.write_str(" | ")?;
+            }
+            f.write_str(name)?;
+            first = false;
+            rest &= !bit;
+        }
+    }
+    if rest != 0 {
+        if !first {
+            f.write_str(" | ")?;
+        }
+        write!(f, "unknown error bits {rest:#x}")?;
+    }
+    Ok(())
+}
+
+impl std::fmt::Display for MemTxResult {
+    /// `"ok"`, or the error bits set, e.g. `"decode error"` or
+    /// `"device error | access error"`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fmt_bits(self.0, f)
+    }
+}
+
+impl std::error::Error for MemTxResult {}
+
+/// A failed memory transaction: a [`MemTxResult`] with at least one error
+/// bit set (from [`MemTxResult::into_result`] and the `try_*` loads).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub struct MemTxError(std::num::NonZeroU8);
+
+impl MemTxError {
+    /// The transaction result this error carries (never [`MemTxResult::OK`]).
+    pub fn result(self) -> MemTxResult {
+        MemTxResult(self.0.get())
+    }
+
+    /// Whether every bit of `other` is set in this error.
+    pub fn contains(self, other: MemTxResult) -> bool {
+        self.result().contains(other)
+    }
+
+    /// The raw bits (`MEMTX_*` values), never 0.
+    pub fn bits(self) -> u8 {
+        self.0.get()
+    }
+}
+
+impl std::fmt::Display for MemTxError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fmt_bits(self.0.get(), f)
+    }
+}
+
+impl std::error::Error for MemTxError {}
+
+impl From<MemTxError> for MemTxResult {
+    fn from(error: MemTxError) -> MemTxResult {
+        error.result()
     }
 }
 
