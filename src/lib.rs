@@ -29,6 +29,7 @@
 //! ```
 
 #![warn(missing_debug_implementations)]
+#![deny(missing_docs)]
 
 // Control plane: the region tree and its edits, one writer at a time.
 pub mod topology;
@@ -64,7 +65,7 @@ pub use access::attrs::{
 };
 pub use access::dispatch::{Endian, Primitive};
 pub use access::ram::{RamBacking, RamBlock};
-pub use access::space::{AddressSpace, SpaceId};
+pub use access::space::{AddressSpace, CurrentView, SpaceId};
 pub use dirty::{DirtyClient, DirtySnapshot, TARGET_PAGE_SIZE};
 pub use dma::backend::MemoryBackend;
 pub use dma::mapping::{DmaDirection, DmaError, DmaMapping};

@@ -513,7 +513,7 @@ fn bswap_sized(value: u64, size: u32) -> u64 {
     }
 }
 
-/// QEMU `memory_region_access_valid` (§4.3).
+/// QEMU `memory_region_access_valid` (`system/memory.c`).
 ///
 /// In order:
 /// 0. (memtree) a size other than 1, 2, 4 or 8 is rejected — QEMU's `MemOp`
@@ -557,7 +557,7 @@ fn access_valid_with(
     size <= valid.max && size >= valid.min
 }
 
-/// QEMU `memory_access_size` (§4.2 step 4): the size of the next piece of a
+/// QEMU `memory_access_size` (`system/physmem.c`): the size of the next piece of a
 /// buffer access of `len` remaining bytes at region offset `addr`.
 ///
 /// max = `valid.max` (4 if unset); unless `impl_.unaligned`, max is capped by
@@ -579,7 +579,7 @@ pub fn access_size(valid: AccessSizes, impl_: AccessSizes, len: u64, addr: u64) 
     (1u64 << (63 - l.leading_zeros())) as u32
 }
 
-/// `access_with_adjusted_size` (§4.4) for one direction. `value` is in the
+/// `access_with_adjusted_size` (`system/memory.c`) for one direction. `value` is in the
 /// device's significance order (already endian-adjusted for writes); for
 /// reads the result is returned in `value`.
 fn access_with_adjusted_size(
@@ -622,7 +622,7 @@ fn access_with_adjusted_size(
     result
 }
 
-/// QEMU `memory_region_dispatch_read` (§4.4) minus alias forwarding.
+/// QEMU `memory_region_dispatch_read` (`system/memory.c`) minus alias forwarding.
 ///
 /// Returns `(value, result)`. An access rejected by [`access_valid`] returns
 /// `(0, DECODE_ERROR)` without calling the device. Otherwise the device is
@@ -695,7 +695,7 @@ fn dispatch_read_general(
     (value, r)
 }
 
-/// QEMU `memory_region_dispatch_write` (§4.4) minus alias forwarding and
+/// QEMU `memory_region_dispatch_write` (`system/memory.c`) minus alias forwarding and
 /// ioeventfds.
 ///
 /// An access rejected by [`access_valid`] is dropped and returns

@@ -1,5 +1,5 @@
 //! Guest accesses: QEMU's `address_space_read/write` and `ld*/st*` over the
-//! data plane (qemu-memory-semantics.md §4).
+//! data plane (QEMU `system/physmem.c`).
 //!
 //! Every access loads the address space's published [`FlatView`] **once**
 //! ([`AddressSpace::view_guard`]: an arc-swap load, no reference-count
@@ -34,7 +34,7 @@
 //!   past a small MMIO region), and the piece is dispatched with
 //!   [`access::dispatch_read`]/[`access::dispatch_write`] in **host** byte
 //!   order, so the buffer holds the bytes in the device's declared order
-//!   (§4.4, "`size_memop(l)` carries host endianness").
+//!   (QEMU passes `size_memop(l)` without an endianness flag, i.e. host order).
 //! * Holes of the view are unassigned memory: reads give 0 and
 //!   [`MemTxResult::DECODE_ERROR`], writes are dropped with `DECODE_ERROR`.
 //!   The port-I/O root ([`crate::RegionKind::IoRoot`]) is a terminating region,

@@ -122,8 +122,8 @@ impl AddressSpace {
     /// The currently published flat view for the duration of one access,
     /// without touching its reference count in the common case.
     #[inline]
-    pub fn view_guard(&self) -> arc_swap::Guard<Arc<FlatView>> {
-        self.shared.view.load()
+    pub fn view_guard(&self) -> CurrentView {
+        CurrentView(self.shared.view.load())
     }
 
     /// The guest's byte order.
@@ -165,4 +165,35 @@ pub(crate) struct SpaceNode {
     pub(crate) handle: AddressSpace,
     /// Creation sequence number: QEMU's global address-space list order.
     pub(crate) seq: u64,
+}
+
+/// The flat view an address space published, borrowed for one access
+/// ([`AddressSpace::view_guard`]): derefs to the [`FlatView`].
+///
+/// Loading it usually touches no reference count; hold it only for the
+/// duration of an access (holding it pins that view's memory, and holding
+/// more than a few at once on one thread makes further loads count
+/// references). For a view to keep, use [`AddressSpace::view`] or [`CurrentView::to_arc`].
+pub struct CurrentView(arc_swap::Guard<Arc<FlatView>>);
+
+impl CurrentView {
+    /// A counted reference to the same view, to keep past the access.
+    pub fn to_arc(&self) -> Arc<FlatView> {
+        Arc::clone(&self.0)
+    }
+}
+
+impl std::ops::Deref for CurrentView {
+    type Target = FlatView;
+    fn deref(&self) -> &FlatView {
+        &self.0
+    }
+}
+
+impl fmt::Debug for CurrentView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("CurrentView")
+            .field(&self.0.root_name())
+            .finish()
+    }
 }

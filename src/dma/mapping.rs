@@ -1,6 +1,6 @@
 //! DMA: mapping guest ranges for direct access, bounce buffers, map clients
-//! (QEMU's `address_space_map` / `address_space_unmap`,
-//! qemu-memory-semantics.md §5.1–§5.3, master semantics).
+//! (QEMU's `address_space_map` / `address_space_unmap` in `system/physmem.c`,
+//! as on QEMU's master branch).
 //!
 //! [`AddressSpace::map`] returns a [`DmaMapping`], an RAII guard over a guest
 //! range:
@@ -22,7 +22,7 @@
 //!   space's current view when it is unmapped (with unspecified attributes,
 //!   as QEMU does). When the limit is reached, `map` fails with
 //!   [`DmaError::NoBounceSpace`]; [`AddressSpace::register_map_client`]
-//!   registers a one-shot callback run when bounce space frees (§5.3).
+//!   registers a one-shot callback run when bounce space frees.
 //!
 //! # Map clients
 //!
@@ -163,6 +163,7 @@ impl DmaDirection {
 
 /// Why a mapping, cache or access was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DmaError {
     /// A mapping of zero bytes was requested.
     #[error("cannot map zero bytes")]

@@ -98,8 +98,11 @@ impl ObjectKind {
 /// One live object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CensusEntry {
+    /// The object's key (unique for the census's lifetime).
     pub key: ObjectKey,
+    /// What kind of object it is.
     pub kind: ObjectKind,
+    /// Its name (not unique).
     pub name: String,
     /// Objects this one holds strongly.
     pub holds: BTreeSet<ObjectKey>,
@@ -108,8 +111,11 @@ pub struct CensusEntry {
 /// A finalization event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finalized {
+    /// The finalized object's key.
     pub key: ObjectKey,
+    /// What kind of object it was.
     pub kind: ObjectKind,
+    /// Its name.
     pub name: String,
 }
 

@@ -1,5 +1,5 @@
-//! Memory listeners: QEMU's `MemoryListener` (qemu-memory-semantics.md §6),
-//! with ioeventfds (§6.4) and coalesced MMIO ranges (§6.5).
+//! Memory listeners: QEMU's `MemoryListener` (`include/exec/memory.h`,
+//! `system/memory.c`), with ioeventfds and coalesced MMIO ranges.
 //!
 //! A listener registered on an address space is told, at every commit that
 //! changes that space's flat view, which ranges were removed, kept and added.
@@ -671,7 +671,8 @@ pub(crate) fn diff_and_notify(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, new: &Arc<
 }
 
 /// Sends an ioeventfd difference: `eventfd_del` forward, `eventfd_add` in
-/// reverse (QEMU's order, §6.2).
+/// reverse listener order (QEMU's order: removals run from the last
+/// listener to the first, additions from the first to the last).
 pub(crate) fn notify_fds(cx: &SpaceCtx<'_>, view: &Arc<FlatView>, changes: &[(bool, SpaceFd)]) {
     for (adding, fd) in changes {
         let s = fd_section(cx.space, cx.name, fd, view);

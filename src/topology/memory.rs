@@ -1156,7 +1156,7 @@ impl Machine {
     // ---- listeners -----------------------------------------------------------
 
     /// Registers a listener on an address space and replays the space's
-    /// current state to it (§6.2): `begin`, per range `region_add`, coalesced
+    /// current state to it (QEMU `listener_add_address_space`): `begin`, per range `region_add`, coalesced
     /// adds and `log_start`, then `eventfd_add` for every ioeventfd, `commit`.
     /// A panic of the listener is re-raised after the whole replay (the
     /// listener stays registered: module docs, "Panics").
