@@ -280,6 +280,7 @@ pub fn build() -> Result<DemoMachine, TopologyError> {
 
 /// Why the demo stopped.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DemoError {
     /// The model refused an edit (a bug in the demo).
     #[error("{0}")]
