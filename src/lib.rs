@@ -72,6 +72,7 @@ pub use dma::mapping::{DmaDirection, DmaError, DmaMapping};
 pub use lifecycle::census::{Census, ObjectKey, ObjectKind};
 pub use lifecycle::diag::LeakReport;
 pub use render::listener::{EventNotifier, EventfdSection, ListenerId, MemoryListener, Section};
+pub use topology::census_ids::CensusId;
 pub use topology::error::TopologyError;
 pub use topology::memory::{Machine, Memory, MemoryRef, Transaction, WeakMemory};
 pub use topology::owner::{OwnerId, OwnerLabel};

@@ -266,6 +266,12 @@ impl Census {
         self.inner.lock().live.get(&key).map(|e| e.name.clone())
     }
 
+    /// The entry of a live object, `None` once it is finalized.
+    pub fn entry(&self, key: ObjectKey) -> Option<CensusEntry> {
+        self.sync();
+        self.inner.lock().live.get(&key).cloned()
+    }
+
     /// Whether `key` is still alive.
     pub fn is_live(&self, key: ObjectKey) -> bool {
         self.sync();

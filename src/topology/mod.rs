@@ -9,6 +9,7 @@
 //!   (what the data plane may keep) and their control-plane nodes.
 //! * `arena`: generation-checked slot arenas behind the ids.
 //! * [`error`]: the error of every edit, [`TopologyError`](crate::TopologyError).
+//! * [`census_ids`]: from a region, owner or space id to its census entry.
 //!
 //! Invariants: one writer at a time (the `Memory` lock); an edit either
 //! completes or leaves the tree as it was; ids are generation-checked, so a
@@ -22,6 +23,7 @@
 //! them.
 
 pub(crate) mod arena;
+pub mod census_ids;
 pub mod error;
 pub mod memory;
 pub mod owner;
