@@ -1,7 +1,7 @@
 //! The public API's contracts for a device author: census entries reached
 //! from ids, and what a teardown with live handles reports and keeps.
 
-use memtree::{Memory, ObjectKind, TopologyError};
+use memtree::{Memory, ObjectKey, ObjectKind, TopologyError};
 
 #[test]
 fn census_entry_is_reached_from_each_kind_of_id() {
@@ -59,4 +59,122 @@ fn census_entry_is_reached_from_each_kind_of_id() {
     );
     assert!(!memory.census().is_live(region_entry.key));
     assert!(memory.teardown().is_clean());
+}
+
+/// A machine with RAM of every lifecycle shape: mapped, owned by a device,
+/// never mapped, and two regions on one shared backend (one mapped). Returns
+/// the census keys of the memory behind each, by region name.
+fn machine_with_every_ram_shape() -> (Memory, memtree::SpaceId, Vec<(&'static str, ObjectKey)>) {
+    let memory = Memory::new();
+    let system = memory.new_container("system", 1 << 32, None).unwrap();
+    let dev = memory.new_owner("dev0", None).unwrap();
+    let mapped = memory.new_ram("pc.ram", 0x1000, None).unwrap();
+    memory.add_subregion(system, 0, mapped).unwrap();
+    let owned = memory.new_ram("dev0-ram", 0x1000, Some(dev)).unwrap();
+    let lonely = memory.new_ram("never-mapped", 0x1000, None).unwrap();
+    let backend = memory
+        .new_backend("shared", 0x2000, memtree::RamBacking::Anonymous)
+        .unwrap();
+    let shared_a = memory
+        .new_ram_from_backend("shared-a", &backend, 0, 0x1000, None)
+        .unwrap();
+    let shared_b = memory
+        .new_ram_from_backend("shared-b", &backend, 0x1000, 0x1000, Some(dev))
+        .unwrap();
+    memory.add_subregion(system, 0x10_0000, shared_b).unwrap();
+    drop(backend);
+    let space = memory.new_address_space("memory", system, None).unwrap();
+    let mut keys = Vec::new();
+    for (name, id) in [
+        ("pc.ram", mapped),
+        ("dev0-ram", owned),
+        ("never-mapped", lonely),
+        ("shared-a", shared_a),
+    ] {
+        keys.push((name, memory.backend_census_key(id).unwrap().unwrap()));
+    }
+    (memory, space, keys)
+}
+
+#[test]
+fn teardown_report_names_the_outside_handle_and_frees_what_it_does_not_need() {
+    let (memory, space, keys) = machine_with_every_ram_shape();
+    let census = memory.census().clone();
+    let handle = memory.address_space(space).unwrap();
+    let space_key = handle.census_key();
+    let report = memory.teardown();
+
+    // Only the handle's own state survives: teardown published the empty
+    // view into it, so no region or memory is needed by it.
+    let survivors: Vec<_> = report.survivors.iter().map(|(e, _)| e.key).collect();
+    assert_eq!(survivors, vec![space_key], "{report}");
+    let (_, chains) = &report.survivors[0];
+    assert_eq!(
+        chains,
+        &vec![
+            "held by an AddressSpace handle outside memtree (from Memory::address_space for \"memory\", or a SpaceCursor of it)"
+                .to_owned()
+        ]
+    );
+    assert!(
+        !report.to_string().contains("held by address-space"),
+        "{report}"
+    );
+    for (name, key) in &keys {
+        assert!(!census.is_live(*key), "memory of {name} survived teardown");
+    }
+    // The handle still works: every access is unassigned.
+    let error = handle
+        .try_load::<u32>(0, memtree::Endian::Little, memtree::MemTxAttrs::UNSPECIFIED)
+        .unwrap_err();
+    assert!(error.contains(memtree::MemTxResult::DECODE_ERROR));
+    drop(handle);
+    assert!(memtree::lifecycle::diag::leak_report(&census).is_clean());
+}
+
+#[test]
+fn teardown_report_names_a_held_view_and_keeps_only_what_it_maps() {
+    let (memory, space, keys) = machine_with_every_ram_shape();
+    let census = memory.census().clone();
+    let handle = memory.address_space(space).unwrap();
+    let view = handle.view();
+    drop(handle);
+    let report = memory.teardown();
+
+    let by_kind = |kind: ObjectKind| -> Vec<String> {
+        report
+            .survivors
+            .iter()
+            .filter(|(e, _)| e.kind == kind)
+            .map(|(e, _)| e.name.clone())
+            .collect()
+    };
+    // The view maps pc.ram and shared-b: those regions, their memory and
+    // owner stay; dev0-ram, the never-mapped RAM and shared-a are freed.
+    assert_eq!(by_kind(ObjectKind::FlatView).len(), 1, "{report}");
+    let mut regions = by_kind(ObjectKind::Region);
+    regions.sort();
+    assert_eq!(regions, ["pc.ram", "shared-b"], "{report}");
+    let mut backends = by_kind(ObjectKind::Backend);
+    backends.sort();
+    assert_eq!(backends, ["pc.ram", "shared"], "{report}");
+    assert!(by_kind(ObjectKind::AddressSpace).is_empty(), "{report}");
+    // shared-b is dev0's: a mapped region keeps its device (its callbacks
+    // and state may run for an access through the view).
+    assert_eq!(by_kind(ObjectKind::Owner), ["dev0"], "{report}");
+    for (name, key) in &keys {
+        // shared-a's memory is the backend shared-b maps.
+        let needed = matches!(*name, "pc.ram" | "shared-a");
+        assert_eq!(census.is_live(*key), needed, "memory of {name}");
+    }
+    let holder =
+        "held by an Arc<FlatView> outside memtree (from AddressSpace::view() of \"memory\")";
+    for (e, chains) in &report.survivors {
+        assert!(!chains.is_empty());
+        for c in chains {
+            assert!(c.starts_with(holder), "{} {}: {c}", e.kind.as_str(), e.name);
+        }
+    }
+    drop(view);
+    assert!(memtree::lifecycle::diag::leak_report(&census).is_clean());
 }

@@ -657,10 +657,21 @@ impl Machine {
     fn teardown(&self) -> (LeakReport, Option<Payload>) {
         let defer = Deferral::enter();
         let guard = self.control.lock();
+        let mut view_spaces = std::collections::BTreeMap::new();
         {
             let mut topo = guard.borrow_mut();
             if std::mem::replace(&mut topo.torn_down, true) {
                 return (LeakReport::default(), None);
+            }
+            // Which spaces published each view, for the leak report to
+            // name who a surviving view came from.
+            for (_, space) in topo.spaces_in_order() {
+                if let Some(key) = space.handle.view().census_key() {
+                    view_spaces
+                        .entry(key)
+                        .or_insert_with(Vec::new)
+                        .push(space.name.to_string());
+                }
             }
             topo.clear();
             topo.depth = 0;
@@ -684,7 +695,7 @@ impl Machine {
         drop(guard);
         let panic = defer.finish();
         (
-            crate::lifecycle::diag::leak_report(&self.data.census),
+            crate::lifecycle::diag::leak_report_naming(&self.data.census, &view_spaces),
             panic,
         )
     }
