@@ -34,7 +34,7 @@ const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;
 fn one_ram(size: u64) -> (Memory, RegionId, SpaceId, AddressSpace) {
     let memory = Memory::new();
     let root = memory.new_container("system", 1 << 40, None).unwrap();
-    let ram = memory.new_ram("ram", size, None).unwrap();
+    let ram = memory.new_ram("ram", u128::from(size), None).unwrap();
     memory.add_subregion(root, 0, ram).unwrap();
     let space = memory.new_address_space("memory", root, None).unwrap();
     let h = memory.address_space(space).unwrap();

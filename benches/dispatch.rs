@@ -62,7 +62,9 @@ fn memtree_space(regions: &[(u64, u64)]) -> (Memory, AddressSpace) {
     let system = memory.new_container("system", 1 << 64, None).unwrap();
     let t = memory.begin();
     for (i, &(start, size)) in regions.iter().enumerate() {
-        let r = memory.new_ram(&format!("ram{i}"), size, None).unwrap();
+        let r = memory
+            .new_ram(&format!("ram{i}"), u128::from(size), None)
+            .unwrap();
         memory.add_subregion(system, start, r).unwrap();
     }
     t.commit();

@@ -178,3 +178,38 @@ fn teardown_report_names_a_held_view_and_keeps_only_what_it_maps() {
     drop(view);
     assert!(memtree::lifecycle::diag::leak_report(&census).is_clean());
 }
+
+#[test]
+fn region_sizes_are_u128_and_host_memory_of_2_pow_64_is_refused() {
+    let memory = Memory::new();
+    let whole = memory.new_container("whole", 1 << 64, None).unwrap();
+    assert_eq!(memory.region_info(whole).unwrap().size, 1 << 64);
+    assert!(matches!(
+        memory.new_container("too-big", (1 << 64) + 1, None),
+        Err(TopologyError::SizeTooLarge(_))
+    ));
+    // The same u128 size type for RAM: 2^64 bytes of host memory cannot
+    // exist, which is an error, not a truncation to 0.
+    for result in [
+        memory.new_ram("ram", 1 << 64, None),
+        memory.new_rom("rom", 1 << 64, None),
+        memory.new_ram_device("ramd", 1 << 64, None),
+    ] {
+        assert!(
+            matches!(result, Err(TopologyError::Allocation { .. })),
+            "{result:?}"
+        );
+    }
+    let ram = memory.new_ram("ram", 0x1000, None).unwrap();
+    assert_eq!(memory.region_info(ram).unwrap().size, 0x1000);
+}
+
+#[test]
+fn endian_requests_resolve_against_the_target_order() {
+    use memtree::{Endian, Endianness};
+    for target in [Endianness::Little, Endianness::Big] {
+        assert_eq!(Endian::Native.resolve(target), target);
+        assert_eq!(Endian::from(target).resolve(Endianness::Little), target);
+        assert_eq!(Endian::from(target).resolve(Endianness::Big), target);
+    }
+}

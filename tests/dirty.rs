@@ -455,7 +455,7 @@ fn a_region_moved_keeps_its_bits_and_a_resized_one_loses_those_past_its_end() {
 fn snapshot_rounds_to_64_pages_and_reads_back_by_range() {
     let memory = Memory::new();
     let root = memory.new_container("root", 1 << 32, None).unwrap();
-    let ram = memory.new_ram("ram", 256 * PAGE, None).unwrap();
+    let ram = memory.new_ram("ram", u128::from(256 * PAGE), None).unwrap();
     memory.add_subregion(root, 0, ram).unwrap();
     let space = memory.new_address_space("memory", root, None).unwrap();
     let h = memory.address_space(space).unwrap();

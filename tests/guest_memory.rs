@@ -156,7 +156,7 @@ fn vm_memory_clone_outlives_unplug() {
     memory.add_subregion(system, 0, boot).unwrap();
     let dimm = memory.new_owner("dimm0", None).unwrap();
     let ram = memory
-        .new_ram_with(&name, size, Some(dimm), RamBacking::Memfd)
+        .new_ram_with(&name, u128::from(size), Some(dimm), RamBacking::Memfd)
         .unwrap();
     memory.add_subregion(system, 0x1000_0000, ram).unwrap();
     let sid = memory.new_address_space("memory", system, None).unwrap();

@@ -18,7 +18,9 @@ fn machine(total: u64) -> (Memory, SpaceId) {
     let memory = Memory::new();
     let root = memory.new_container("system", 1 << 40, None).unwrap();
     for i in 0..4u64 {
-        let r = memory.new_ram(&format!("ram{i}"), total / 4, None).unwrap();
+        let r = memory
+            .new_ram(&format!("ram{i}"), u128::from(total / 4), None)
+            .unwrap();
         memory.add_subregion(root, i << 30, r).unwrap();
     }
     let space = memory.new_address_space("memory", root, None).unwrap();
@@ -305,9 +307,9 @@ fn regions_with_the_same_name_each_migrate_into_their_own() {
     let build = |first: u64, second: u64, second_at: u64| {
         let memory = Memory::new();
         let root = memory.new_container("system", 1 << 40, None).unwrap();
-        let a = memory.new_ram("ram", first, None).unwrap();
+        let a = memory.new_ram("ram", u128::from(first), None).unwrap();
         memory.add_subregion(root, 0, a).unwrap();
-        let b = memory.new_ram("ram", second, None).unwrap();
+        let b = memory.new_ram("ram", u128::from(second), None).unwrap();
         memory.add_subregion(root, second_at, b).unwrap();
         let space = memory.new_address_space("memory", root, None).unwrap();
         (memory, space)

@@ -201,7 +201,7 @@ pub fn build() -> Result<DemoMachine, TopologyError> {
     let (system_as, io_as, nic_as, nic, bus_master_alias) = m.transaction(|m| {
         let system = m.new_container("system", 1 << 64, None)?;
         // RAM, shown through two aliases.
-        let ram = m.new_ram_with("pc.ram", RAM_SIZE, None, RamBacking::Anonymous)?;
+        let ram = m.new_ram_with("pc.ram", u128::from(RAM_SIZE), None, RamBacking::Anonymous)?;
         let below = m.new_alias("ram-below-4g", ram, 0, u128::from(RAM_BELOW_4G), None)?;
         m.add_subregion(system, 0, below)?;
         let above = m.new_alias(

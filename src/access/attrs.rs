@@ -218,7 +218,10 @@ impl MemTxAttrs {
     };
 }
 
-/// Byte order of a device or of a requested access.
+/// A fixed byte order: a device's, a target's, or the one an access through
+/// a [`FlatView`](crate::FlatView) is done in. The order a guest access
+/// requests, which may be the target's, is an [`Endian`](crate::Endian)
+/// (see the [`access` module docs](crate::access)).
 ///
 /// QEMU's `DEVICE_NATIVE_ENDIAN` means the *target's* endianness; it is not
 /// represented here — the code creating the device resolves it from the

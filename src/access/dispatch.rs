@@ -94,7 +94,10 @@ use crate::access::space::{AddressSpace, SpaceShared};
 use crate::topology::region::{Backing, RegionKind};
 use crate::view::flatview::{FlatRange, FlatView};
 
-/// Byte order requested by a typed access.
+/// Byte order requested by a typed access through an address space or a
+/// cursor: a fixed order, or `Native`, the target's. A device's or target's
+/// own order is an [`Endianness`], which has no `Native` (see the
+/// [`access` module docs](crate::access)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Endian {
     /// Least significant byte first (QEMU `_le` variants).
@@ -105,8 +108,18 @@ pub enum Endian {
     Native,
 }
 
+impl From<Endianness> for Endian {
+    fn from(order: Endianness) -> Endian {
+        match order {
+            Endianness::Little => Endian::Little,
+            Endianness::Big => Endian::Big,
+        }
+    }
+}
+
 impl Endian {
-    fn resolve(self, target: Endianness) -> Endianness {
+    /// The fixed order this request means for a guest of order `target`.
+    pub fn resolve(self, target: Endianness) -> Endianness {
         match self {
             Endian::Little => Endianness::Little,
             Endian::Big => Endianness::Big,

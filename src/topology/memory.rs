@@ -798,7 +798,7 @@ impl Machine {
     }
 
     /// RAM backed by fresh anonymous host memory.
-    pub fn new_ram(&self, name: &str, size: u64, owner: Option<OwnerId>) -> Result<RegionId> {
+    pub fn new_ram(&self, name: &str, size: u128, owner: Option<OwnerId>) -> Result<RegionId> {
         self.new_ram_with(name, size, owner, RamBacking::Anonymous)
     }
 
@@ -806,11 +806,11 @@ impl Machine {
     pub fn new_ram_with(
         &self,
         name: &str,
-        size: u64,
+        size: u128,
         owner: Option<OwnerId>,
         backing: RamBacking,
     ) -> Result<RegionId> {
-        let block = self.backend(name, size, backing)?;
+        let block = self.backend(name, host_size(name, size)?, backing)?;
         self.new_ram_from_backend(name, &block, 0, size, owner)
     }
 
@@ -820,9 +820,10 @@ impl Machine {
         name: &str,
         backend: &Arc<MemoryBackend>,
         offset: u64,
-        size: u64,
+        size: u128,
         owner: Option<OwnerId>,
     ) -> Result<RegionId> {
+        let size = host_size(name, size)?;
         if !backend.is_of(&self.data.dma) {
             return Err(TopologyError::ForeignBackend {
                 region: name.to_owned(),
@@ -849,7 +850,7 @@ impl Machine {
     }
 
     /// ROM: RAM that guest writes cannot change.
-    pub fn new_rom(&self, name: &str, size: u64, owner: Option<OwnerId>) -> Result<RegionId> {
+    pub fn new_rom(&self, name: &str, size: u128, owner: Option<OwnerId>) -> Result<RegionId> {
         let id = self.new_ram(name, size, owner)?;
         self.set_readonly(id, true)?;
         Ok(id)
@@ -859,9 +860,10 @@ impl Machine {
     pub fn new_ram_device(
         &self,
         name: &str,
-        size: u64,
+        size: u128,
         owner: Option<OwnerId>,
     ) -> Result<RegionId> {
+        let size = host_size(name, size)?;
         let block = self.backend(name, size, RamBacking::Anonymous)?;
         let backing = Backing::RamDevice { block, offset: 0 };
         let config = RegionCore::ops_config_for(RegionKind::RamDevice, &backing);
@@ -883,10 +885,11 @@ impl Machine {
     pub fn new_rom_device(
         &self,
         name: &str,
-        size: u64,
+        size: u128,
         ops: Arc<dyn MmioOps>,
         owner: Option<OwnerId>,
     ) -> Result<RegionId> {
+        let size = host_size(name, size)?;
         let block = self.backend(name, size, RamBacking::Anonymous)?;
         let backing = Backing::RomDevice { block, ops };
         let config = RegionCore::ops_config_for(RegionKind::RomDevice, &backing);
@@ -1602,6 +1605,15 @@ impl Machine {
     pub fn region_count(&self) -> usize {
         self.read(|t| t.regions.len())
     }
+}
+
+/// A region size as a host memory size: region sizes are `u128` (a
+/// container can span 2^64 bytes), host memory stops below 2^64.
+fn host_size(name: &str, size: u128) -> Result<u64> {
+    u64::try_from(size).map_err(|_| TopologyError::Allocation {
+        region: name.to_owned(),
+        message: format!("{size:#x} bytes of host memory cannot exist (RAM is smaller than 2^64)"),
+    })
 }
 
 fn wrong_kind(t: &Topology, id: RegionId, expected: &'static str) -> TopologyError {
