@@ -323,6 +323,48 @@ impl AccessSizes {
 /// [`Machine`](crate::Machine). Finalization work that needs the machine
 /// belongs in the owner's finalizer ([`Machine::set_finalizer`](crate::Machine::set_finalizer)),
 /// which runs after the edit has released the topology.
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::sync::Arc;
+/// use memtree::{Endian, Endianness, MemTxAttrs, MemTxResult, Memory, MmioOps};
+///
+/// /// One scratch register at offset 0 (4-byte accesses by default, see
+/// /// `impl_sizes`); everything else is an error.
+/// #[derive(Default)]
+/// struct Scratch(AtomicU64);
+///
+/// impl MmioOps for Scratch {
+///     fn read(&self, addr: u64, _size: u32, _attrs: MemTxAttrs) -> Result<u64, MemTxResult> {
+///         match addr {
+///             0 => Ok(self.0.load(Ordering::Relaxed)),
+///             _ => Err(MemTxResult::DEVICE_ERROR),
+///         }
+///     }
+///     fn write(&self, addr: u64, data: u64, _size: u32, _attrs: MemTxAttrs) -> MemTxResult {
+///         if addr != 0 {
+///             return MemTxResult::DEVICE_ERROR;
+///         }
+///         self.0.store(data, Ordering::Relaxed);
+///         MemTxResult::OK
+///     }
+///     fn endianness(&self) -> Endianness {
+///         Endianness::Little
+///     }
+/// }
+///
+/// let memory = Memory::new();
+/// let system = memory.new_container("system", 1 << 32, None).unwrap();
+/// let dev = memory.new_mmio("scratch", 0x100, Arc::new(Scratch::default()), None).unwrap();
+/// memory.add_subregion(system, 0xfe00_0000, dev).unwrap();
+/// let id = memory.new_address_space("memory", system, None).unwrap();
+/// let bus = memory.address_space(id).unwrap();
+/// let a = MemTxAttrs::UNSPECIFIED;
+/// bus.store::<u32>(0xfe00_0000, 42, Endian::Little, a).into_result().unwrap();
+/// assert_eq!(bus.try_load::<u32>(0xfe00_0000, Endian::Little, a), Ok(42));
+/// let error = bus.try_load::<u32>(0xfe00_0008, Endian::Little, a).unwrap_err();
+/// assert!(error.contains(MemTxResult::DEVICE_ERROR));
+/// ```
 pub trait MmioOps: Send + Sync + 'static {
     /// Read `size` bytes at `addr` (QEMU `read_with_attrs`).
     ///

@@ -799,6 +799,22 @@ impl Deref for ViewCellRef {
 /// A caller-owned access handle that caches its address space's current
 /// view between accesses (see the [module docs](crate::access::dispatch)). `Send`,
 /// not shared: one per vCPU or DMA worker.
+///
+/// ```
+/// use memtree::{Endian, MemTxAttrs, Memory};
+///
+/// let memory = Memory::new();
+/// let system = memory.new_container("system", 1 << 32, None).unwrap();
+/// let ram = memory.new_ram("ram", 0x1000, None).unwrap();
+/// memory.add_subregion(system, 0, ram).unwrap();
+/// let id = memory.new_address_space("memory", system, None).unwrap();
+/// let mut vcpu = memory.address_space(id).unwrap().cursor();
+/// let a = MemTxAttrs::UNSPECIFIED;
+/// for i in 0..4u64 {
+///     vcpu.store::<u64>(i * 8, i, Endian::Native, a).into_result().unwrap();
+/// }
+/// assert_eq!(vcpu.try_load::<u64>(24, Endian::Native, a), Ok(3));
+/// ```
 pub struct SpaceCursor {
     pub(crate) cache: Cache<ViewCellRef, Arc<FlatView>>,
     /// The handle (DMA mappings made through the cursor borrow it).

@@ -72,6 +72,29 @@ impl Drop for SpaceShared {
 }
 
 /// The data-plane handle of an address space. Cheap to clone; `Send + Sync`.
+///
+/// ```
+/// use memtree::{Endian, MemTxAttrs, Memory};
+///
+/// let memory = Memory::new();
+/// let system = memory.new_container("system", 1 << 32, None).unwrap();
+/// let ram = memory.new_ram("ram", 0x1000, None).unwrap();
+/// memory.add_subregion(system, 0x4000, ram).unwrap();
+/// let id = memory.new_address_space("memory", system, None).unwrap();
+/// let bus = memory.address_space(id).unwrap();
+/// let a = MemTxAttrs::UNSPECIFIED;
+///
+/// // Clones share the published view; any thread may access through them.
+/// let worker = bus.clone();
+/// std::thread::spawn(move || {
+///     worker.store::<u32>(0x4010, 0x1234_5678, Endian::Little, a).into_result().unwrap();
+/// })
+/// .join()
+/// .unwrap();
+/// assert_eq!(bus.try_load::<u32>(0x4010, Endian::Little, a), Ok(0x1234_5678));
+/// // Outside every region: a decode error, never a panic.
+/// assert!(bus.try_load::<u32>(0x10, Endian::Little, a).is_err());
+/// ```
 #[derive(Clone)]
 pub struct AddressSpace {
     pub(crate) shared: Arc<SpaceShared>,

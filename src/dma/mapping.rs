@@ -582,6 +582,28 @@ struct BounceHold {
 /// Access is by bounds-checked copies ([`read`](Self::read),
 /// [`write`](Self::write)); no Rust reference into guest memory is handed
 /// out. Dropping the guard is [`unmap`](Self::unmap) with the full length.
+///
+/// ```
+/// use memtree::{DmaDirection, MemTxAttrs, Memory};
+///
+/// let memory = Memory::new();
+/// let system = memory.new_container("system", 1 << 32, None).unwrap();
+/// let ram = memory.new_ram("ram", 0x1_0000, None).unwrap();
+/// memory.add_subregion(system, 0, ram).unwrap();
+/// let id = memory.new_address_space("memory", system, None).unwrap();
+/// let bus = memory.address_space(id).unwrap();
+/// let a = MemTxAttrs::UNSPECIFIED;
+///
+/// // A device writes a buffer into guest RAM...
+/// let mut dma = bus.map(0x2000, 16, DmaDirection::FromDevice, a).unwrap();
+/// assert!(!dma.is_bounce(), "RAM is mapped directly");
+/// dma.write(0, b"packet from NIC!").unwrap();
+/// drop(dma); // unmap: the bytes are the guest's, dirty pages marked
+///
+/// let mut seen = [0u8; 16];
+/// bus.read(0x2000, &mut seen, a).into_result().unwrap();
+/// assert_eq!(&seen, b"packet from NIC!");
+/// ```
 pub struct DmaMapping<'a> {
     space: &'a AddressSpace,
     /// Host address of the first byte of a direct mapping (unused for a

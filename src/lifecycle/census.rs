@@ -131,6 +131,30 @@ struct Registry {
 
 /// The registry. One per machine ([`crate::Memory`]); shared by `Arc` with
 /// every object that registers in it.
+///
+/// ```
+/// use memtree::{DmaDirection, MemTxAttrs, Memory, ObjectKind};
+///
+/// let memory = Memory::new();
+/// let system = memory.new_container("system", 1 << 32, None).unwrap();
+/// let nic = memory.new_owner("nic0", None).unwrap();
+/// let buffer = memory.new_ram("nic0-buffer", 0x1000, Some(nic)).unwrap();
+/// memory.add_subregion(system, 0, buffer).unwrap();
+/// let id = memory.new_address_space("memory", system, None).unwrap();
+/// let bus = memory.address_space(id).unwrap();
+///
+/// // The memory behind the buffer, by id: no search by name.
+/// let key = memory.backend_census_key(buffer).unwrap().unwrap();
+/// let census = memory.census().clone();
+/// assert_eq!(census.entry(key).unwrap().kind, ObjectKind::Backend);
+///
+/// // A mapping outlives the unplug; the census says who holds the memory.
+/// let dma = bus.map(0, 64, DmaDirection::ToDevice, MemTxAttrs::UNSPECIFIED).unwrap();
+/// memory.unplug(nic).unwrap();
+/// assert!(census.explain(key)[0].starts_with("held by mapping"));
+/// drop(dma);
+/// assert!(!census.is_live(key));
+/// ```
 pub struct Census {
     inner: Mutex<Registry>,
     /// Objects registered lazily (DMA mappings, see [`crate::dma::mapping`]): synced

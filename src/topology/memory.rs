@@ -111,6 +111,28 @@ use crate::view::flatview::FlatView;
 type Result<T> = std::result::Result<T, TopologyError>;
 
 /// The memory system shared by [`Memory`], [`MemoryRef`] and transactions.
+///
+/// Every edit is a method of `Machine`; [`Memory`] and [`MemoryRef`]
+/// dereference to it. Edits inside a [`Transaction`] publish together:
+///
+/// ```
+/// use memtree::Memory;
+///
+/// let memory = Memory::new();
+/// let system = memory.new_container("system", 1 << 32, None).unwrap();
+/// let space = memory.new_address_space("memory", system, None).unwrap();
+/// let low = memory.new_ram("low", 0x1000, None).unwrap();
+/// let high = memory.new_ram("high", 0x1000, None).unwrap();
+/// {
+///     let tx = memory.begin();
+///     tx.add_subregion(system, 0, low).unwrap();
+///     tx.add_subregion(system, 0x8000, high).unwrap();
+///     tx.commit(); // one render, one publication
+/// }
+/// let view = memory.address_space(space).unwrap().view();
+/// assert_eq!(view.ranges().len(), 2);
+/// assert_eq!(memory.region_info(high).unwrap().addr, 0x8000);
+/// ```
 pub struct Machine {
     pub(crate) control: ReentrantMutex<RefCell<Topology>>,
     data: Arc<MachineData>,
@@ -118,6 +140,25 @@ pub struct Machine {
 
 /// The owning handle of a machine's memory system. Not `Clone`: see the
 /// module docs. Dropping it tears the machine down.
+///
+/// ```
+/// use memtree::{MemTxAttrs, Memory};
+///
+/// // Build: a system container with 1 MiB of RAM, and its address space.
+/// let memory = Memory::new();
+/// let system = memory.new_container("system", 1 << 64, None).unwrap();
+/// let ram = memory.new_ram("pc.ram", 0x10_0000, None).unwrap();
+/// memory.add_subregion(system, 0, ram).unwrap();
+/// let space = memory.new_address_space("memory", system, None).unwrap();
+///
+/// // Access through the data-plane handle.
+/// let bus = memory.address_space(space).unwrap();
+/// bus.write(0x100, b"hi", MemTxAttrs::UNSPECIFIED).into_result().unwrap();
+/// drop(bus);
+///
+/// // Tear down: nothing may survive.
+/// assert!(memory.teardown().is_clean());
+/// ```
 pub struct Memory {
     machine: Arc<Machine>,
 }
