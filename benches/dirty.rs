@@ -34,7 +34,7 @@ const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;
 fn one_ram(size: u64) -> (Memory, RegionId, SpaceId, AddressSpace) {
     let memory = Memory::new();
     let root = memory.new_container("system", 1 << 40, None).unwrap();
-    let ram = memory.new_ram("ram", size, None).unwrap();
+    let ram = memory.new_ram("ram", u128::from(size), None).unwrap();
     memory.add_subregion(root, 0, ram).unwrap();
     let space = memory.new_address_space("memory", root, None).unwrap();
     let h = memory.address_space(space).unwrap();
@@ -121,9 +121,9 @@ fn dirty_write_interleaved(_: &mut Criterion) {
             for _ in 0..BATCH {
                 addr = (addr + 4096 + if len == 4 { 4 } else { 0 }) & (SIZE - 1);
                 if len == 4 {
-                    black_box(cur.store::<u32>(black_box(addr), 7, Endian::Little, A));
+                    let _ = black_box(cur.store::<u32>(black_box(addr), 7, Endian::Little, A));
                 } else {
-                    black_box(cur.write(black_box(addr), &buf, A));
+                    let _ = black_box(cur.write(black_box(addr), &buf, A));
                 }
             }
             times[mode].push(t.elapsed().as_nanos() as f64 / BATCH as f64);

@@ -62,7 +62,9 @@ fn memtree_space(regions: &[(u64, u64)]) -> (Memory, AddressSpace) {
     let system = memory.new_container("system", 1 << 64, None).unwrap();
     let t = memory.begin();
     for (i, &(start, size)) in regions.iter().enumerate() {
-        let r = memory.new_ram(&format!("ram{i}"), size, None).unwrap();
+        let r = memory
+            .new_ram(&format!("ram{i}"), u128::from(size), None)
+            .unwrap();
         memory.add_subregion(system, start, r).unwrap();
     }
     t.commit();
@@ -263,7 +265,7 @@ fn timed_reads(space: &AddressSpace, addrs: &[u64], n: usize) -> Vec<u64> {
     for i in 0..n {
         let a = addrs[i & 4095];
         let t = Instant::now();
-        black_box(space.load_u32_le(a, A));
+        let _ = black_box(space.load_u32_le(a, A));
         out.push(t.elapsed().as_nanos() as u64);
     }
     out.sort_unstable();

@@ -119,7 +119,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("baseline_read8_ownerless_ram", |b| {
         b.iter(|| {
             let mut buf = [0u8; 8];
-            space.read(black_box(0x100), &mut buf, A);
+            let _ = space.read(black_box(0x100), &mut buf, A);
             buf
         })
     });

@@ -47,7 +47,8 @@ fn read_u32(c: &mut Criterion) {
     let s = pagetable::setup(12, 512);
     s.map(3, 0x20_0000, IommuPerm::ReadWrite);
     let a = MemTxAttrs::UNSPECIFIED;
-    s.system
+    let _ = s
+        .system
         .store::<u32>(0x20_0010, 0x1234_5678, Endian::Little, a);
     assert_eq!(s.dma.load::<u32>(0x3010, Endian::Little, a).0, 0x1234_5678);
 

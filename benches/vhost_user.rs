@@ -134,7 +134,7 @@ fn memtree_rig(
     let memory = Memory::new();
     let system = memory.new_container("system", 1 << 40, None).unwrap();
     let ram = memory
-        .new_ram_with("pc.ram", RAM, None, RamBacking::Memfd)
+        .new_ram_with("pc.ram", u128::from(RAM), None, RamBacking::Memfd)
         .unwrap();
     memory.add_subregion(system, 0, ram).unwrap();
     let sid = memory.new_address_space("memory", system, None).unwrap();

@@ -136,15 +136,17 @@ fn main() {
     let message = b"hello from guest RAM, copied by DMA";
     assert!(cpu.write(0x1000, message, a).is_ok());
     let reg = |off: u64, v: u64| {
-        assert!(cpu
-            .store::<u64>(0xfe00_0000 + off, v, Endian::Little, a)
-            .is_ok())
+        cpu.store::<u64>(0xfe00_0000 + off, v, Endian::Little, a)
+            .into_result()
+            .expect("register store")
     };
     reg(REG_SRC, 0x1000);
     reg(REG_DST, 0x8_0000);
     reg(REG_LEN, message.len() as u64);
     reg(REG_DOORBELL, 1);
-    let (status, _) = cpu.load::<u64>(0xfe00_0000 + REG_STATUS, Endian::Little, a);
+    let status = cpu
+        .try_load::<u64>(0xfe00_0000 + REG_STATUS, Endian::Little, a)
+        .expect("status reads");
     assert_eq!(status, 1);
     let mut copy = vec![0u8; message.len()];
     assert!(cpu.read(0x8_0000, &mut copy, a).is_ok());
@@ -158,7 +160,9 @@ fn main() {
     // A DMA into a hole is an error the device reports in its status.
     reg(REG_DST, 0x4000_0000);
     reg(REG_DOORBELL, 1);
-    let (status, _) = cpu.load::<u64>(0xfe00_0000 + REG_STATUS, Endian::Little, a);
+    let status = cpu
+        .try_load::<u64>(0xfe00_0000 + REG_STATUS, Endian::Little, a)
+        .expect("status reads");
     assert_eq!(status, 2);
     println!("DMA to an unmapped address: status {status} (error), no panic");
 

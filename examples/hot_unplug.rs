@@ -49,6 +49,13 @@ fn main() {
         .unwrap();
     memory.add_subregion(system, 0xc000_0000, buffer).unwrap();
     memory.add_subregion(system, 0xc001_0000, regs).unwrap();
+    // The census key of the buffer's memory, taken while the NIC is
+    // plugged, stays valid for as long as that memory lives (the region id
+    // goes stale at unplug).
+    let buffer_key = memory
+        .backend_census_key(buffer)
+        .unwrap()
+        .expect("a RAM region has host memory");
 
     // A packet arrives in the NIC's buffer.
     let packet: Vec<u8> = (0..1500u32).map(|i| (i % 251) as u8).collect();
@@ -87,20 +94,23 @@ fn main() {
         copy.len()
     );
 
-    // Why is that memory alive? The census says.
+    // Why is that memory alive? The census says, from the key taken above.
     let survivor = memory
         .census()
-        .live()
-        .into_iter()
-        .find(|e| e.kind == ObjectKind::Backend && e.name == "nic0-buffer")
+        .entry(buffer_key)
         .expect("the buffer's memory is alive while mapped");
-    for line in memory.census().explain(survivor.key) {
+    assert_eq!(survivor.kind, ObjectKind::Backend);
+    for line in memory.census().explain(buffer_key) {
         println!("  memory nic0-buffer: {line}");
     }
+    assert!(
+        memory.census_entry(buffer).is_err(),
+        "the id is stale after unplug"
+    );
 
     // Unmap: the last pin goes, the memory is freed.
     drop(mapping);
-    assert!(!memory.census().is_live(survivor.key));
+    assert!(!memory.census().is_live(buffer_key));
     println!("mapping dropped: memory nic0-buffer freed");
 
     drop(bus);

@@ -24,7 +24,7 @@ fn machine(mib: u64) -> (Memory, SpaceId) {
     let root = memory.new_container("system", 1 << 40, None).unwrap();
     for i in 0..4u64 {
         let r = memory
-            .new_ram(&format!("ram{i}"), (mib << 20) / 4, None)
+            .new_ram(&format!("ram{i}"), u128::from((mib << 20) / 4), None)
             .unwrap();
         memory.add_subregion(root, i << 30, r).unwrap();
     }

@@ -104,38 +104,42 @@ fn main() {
 
     // The guest drives it.
     let a = MemTxAttrs::UNSPECIFIED;
-    let (id, r) = bus.load::<u32>(0xfe00_0000 + REG_ID, Endian::Little, a);
-    assert!(r.is_ok());
+    let id = bus
+        .try_load::<u32>(0xfe00_0000 + REG_ID, Endian::Little, a)
+        .expect("the id register reads");
     println!("device id register: {id:#x}");
     for _ in 0..3 {
-        assert!(bus
-            .store::<u32>(0xfe00_0000 + REG_KICK, 1, Endian::Little, a)
-            .is_ok());
+        bus.store::<u32>(0xfe00_0000 + REG_KICK, 1, Endian::Little, a)
+            .into_result()
+            .expect("kick");
     }
-    let (count, _) = bus.load::<u32>(0xfe00_0000 + REG_COUNTER, Endian::Little, a);
+    let count = bus
+        .try_load::<u32>(0xfe00_0000 + REG_COUNTER, Endian::Little, a)
+        .expect("the counter reads");
     assert_eq!(count, 3);
     // A 16-bit store is widened/split by memtree to the device's 4-byte
     // implementation size.
-    assert!(bus
-        .store::<u16>(0xfe00_0000 + REG_SCRATCH, 0xbeef, Endian::Little, a)
-        .is_ok());
-    let (scratch, _) = bus.load::<u32>(0xfe00_0000 + REG_SCRATCH, Endian::Little, a);
+    bus.store::<u16>(0xfe00_0000 + REG_SCRATCH, 0xbeef, Endian::Little, a)
+        .into_result()
+        .expect("16-bit store");
+    let scratch = bus
+        .try_load::<u32>(0xfe00_0000 + REG_SCRATCH, Endian::Little, a)
+        .expect("scratch reads");
     println!("counter after 3 kicks: {count}; scratch after a 16-bit store: {scratch:#x}");
     // Reading a write-only register is an access error, not a panic.
-    let (_, r) = bus.load::<u32>(0xfe00_0000 + REG_KICK, Endian::Little, a);
-    assert!(!r.is_ok());
-    println!("read of the write-only register: {r:?}");
+    let error = bus
+        .try_load::<u32>(0xfe00_0000 + REG_KICK, Endian::Little, a)
+        .expect_err("the kick register is write-only");
+    println!("read of the write-only register: {error}");
 
-    // What holds the device? The census answers.
-    let key = memory
-        .census()
-        .live()
-        .into_iter()
-        .find(|e| e.name == "counter0");
-    if let Some(e) = key {
-        for line in memtree::lifecycle::diag::why_alive(memory.census(), e.key) {
-            println!("counter0: {line}");
-        }
+    // What holds the device? The census answers, from the owner's id.
+    let entry = memory.census_entry(owner).expect("the owner is plugged");
+    println!("census entry of the device: {} {:?}", entry.key, entry.name);
+    for line in memory.why_alive(owner).expect("the owner is plugged") {
+        println!("counter0: {line}");
+    }
+    for line in memory.why_alive(regs).expect("the region is mapped") {
+        println!("counter0-regs: {line}");
     }
 
     // Unplug: the region leaves the view in one commit, the finalizer runs.
@@ -146,8 +150,12 @@ fn main() {
     );
     assert!(report.outstanding.is_empty());
     assert!(finalized.load(Ordering::SeqCst), "finalizer ran at unplug");
-    let (_, r) = bus.load::<u32>(0xfe00_0000 + REG_ID, Endian::Little, a);
-    assert!(!r.is_ok(), "the registers are gone from the guest's view");
+    let error = bus
+        .try_load::<u32>(0xfe00_0000 + REG_ID, Endian::Little, a)
+        .expect_err("the registers are gone from the guest's view");
+    assert!(error.contains(MemTxResult::DECODE_ERROR));
+    // The owner id is stale now: asking the census through it is an error.
+    assert!(memory.census_entry(owner).is_err());
     // The device model still has its state (it holds an Arc of it).
     assert_eq!(state.counter.load(Ordering::Relaxed), 3);
 

@@ -1,5 +1,5 @@
 //! Dirty memory tracking: QEMU's dirty-log clients and bitmaps
-//! (qemu-memory-semantics.md §7).
+//! (QEMU `system/physmem.c`, `include/exec/ram_addr.h`).
 //!
 //! # Clients
 //!

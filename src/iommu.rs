@@ -1,5 +1,5 @@
 //! IOMMU memory regions: translation, IOTLB notifiers and the IOTLB cache
-//! (qemu-memory-semantics.md §4.8 and §8).
+//! (QEMU `IOMMUMemoryRegion`, `address_space_translate_iommu`).
 //!
 //! An IOMMU region ([`RegionKind::Iommu`](crate::RegionKind::Iommu)) is a terminating region whose
 //! accesses are not served by the region itself: every access is first
@@ -246,6 +246,7 @@ pub struct IotlbEvent {
 
 /// Why an event was not delivered or a notifier not registered.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum IommuError {
     /// The IOMMU refused the notifier (`notify_flag_changed` failed).
     Refused(String),

@@ -29,6 +29,7 @@
 //! ```
 
 #![warn(missing_debug_implementations)]
+#![deny(missing_docs)]
 
 // Control plane: the region tree and its edits, one writer at a time.
 pub mod topology;
@@ -59,17 +60,19 @@ pub mod scale;
 pub use vm_memory;
 
 pub use access::attrs::{
-    AccessKind, AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps, UnimplementedDevice,
+    AccessKind, AccessSizes, Endianness, MemTxAttrs, MemTxError, MemTxResult, MmioOps,
+    UnimplementedDevice,
 };
 pub use access::dispatch::{Endian, Primitive};
 pub use access::ram::{RamBacking, RamBlock};
-pub use access::space::{AddressSpace, SpaceId};
+pub use access::space::{AddressSpace, CurrentView, SpaceId};
 pub use dirty::{DirtyClient, DirtySnapshot, TARGET_PAGE_SIZE};
 pub use dma::backend::MemoryBackend;
 pub use dma::mapping::{DmaDirection, DmaError, DmaMapping};
 pub use lifecycle::census::{Census, ObjectKey, ObjectKind};
 pub use lifecycle::diag::LeakReport;
 pub use render::listener::{EventNotifier, EventfdSection, ListenerId, MemoryListener, Section};
+pub use topology::census_ids::CensusId;
 pub use topology::error::TopologyError;
 pub use topology::memory::{Machine, Memory, MemoryRef, Transaction, WeakMemory};
 pub use topology::owner::{OwnerId, OwnerLabel};

@@ -151,6 +151,7 @@ const RUN_BYTES: usize = PAGE * RUN_PAGES as usize;
 
 /// Why a migration failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum MigrationError {
     /// The stream failed.
     #[error("migration stream I/O error: {0}")]
@@ -166,7 +167,12 @@ pub enum MigrationError {
     UnsupportedVersion(u32),
     /// The sender's target page size differs.
     #[error("page size mismatch: stream has {theirs}, this machine uses {ours}")]
-    PageSizeMismatch { ours: u32, theirs: u32 },
+    PageSizeMismatch {
+        /// This side's page size.
+        ours: u32,
+        /// The peer's page size.
+        theirs: u32,
+    },
     /// The sender's RAM layout differs from the receiver's.
     #[error("RAM layout mismatch: {0}")]
     LayoutMismatch(String),

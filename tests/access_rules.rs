@@ -236,7 +236,7 @@ fn rule_impl_max_splits_big_endian() {
     );
     // Unset impl.max means 4: an 8-byte access still splits.
     let dev = Fake::new(BE).valid(1, 8, false);
-    dispatch_read(&dev, 0, 8, BE, A);
+    let _ = dispatch_read(&dev, 0, 8, BE, A);
     assert_eq!(dev.calls().len(), 2);
 }
 
@@ -272,7 +272,7 @@ fn rule_write_smaller_than_impl_min_zero_extended() {
 
     // Bits of `data` above the access size are not sent.
     let dev = Fake::new(LE).valid(1, 8, false).imp(8, 8, false);
-    dispatch_write(&dev, 0, 0xffff_ff12, 1, LE, A);
+    let _ = dispatch_write(&dev, 0, 0xffff_ff12, 1, LE, A);
     assert_eq!(dev.calls(), vec![(W, 0, 8, 0x12)]);
 }
 
@@ -288,14 +288,14 @@ fn rule_endianness_swap_when_request_differs() {
         let dev = Fake::new(LE).valid(1, 8, false).imp(1, 8, false);
         assert_eq!(dispatch_read(&dev, 0, size, LE, A).0, dev_val);
         assert_eq!(dispatch_read(&dev, 0, size, BE, A).0, swapped);
-        dispatch_write(&dev, 0, swapped, size, BE, A);
+        let _ = dispatch_write(&dev, 0, swapped, size, BE, A);
         assert_eq!(dev.calls().last().unwrap().3, dev_val);
     }
     for endian in [LE, BE] {
         let dev = Fake::new(endian).valid(1, 8, false).imp(1, 8, false);
         assert_eq!(dispatch_read(&dev, 3, 1, LE, A).0, 0x13);
         assert_eq!(dispatch_read(&dev, 3, 1, BE, A).0, 0x13);
-        dispatch_write(&dev, 3, 0x5a, 1, if endian == LE { BE } else { LE }, A);
+        let _ = dispatch_write(&dev, 3, 0x5a, 1, if endian == LE { BE } else { LE }, A);
         assert_eq!(dev.calls().last().unwrap().3, 0x5a);
     }
     // Same endianness: never swapped.
@@ -461,4 +461,27 @@ proptest! {
         prop_assert!(n == 0 || n.is_power_of_two());
         prop_assert!(u64::from(n) <= len);
     }
+}
+
+#[test]
+fn memtx_result_displays_its_bits_and_converts_to_result() {
+    use memtree::MemTxError;
+    assert_eq!(MemTxResult::OK.to_string(), "ok");
+    assert_eq!(MemTxResult::DECODE_ERROR.to_string(), "decode error");
+    let both = MemTxResult::DEVICE_ERROR | MemTxResult::ACCESS_ERROR;
+    assert_eq!(both.to_string(), "device error | access error");
+    assert_eq!(MemTxResult::OK.into_result(), Ok(()));
+    let error: MemTxError = both.into_result().unwrap_err();
+    assert_eq!(error.to_string(), "device error | access error");
+    assert!(error.contains(MemTxResult::ACCESS_ERROR));
+    assert_eq!(MemTxResult::from(error), both);
+    assert_eq!(MemTxResult::OK.with_value(5u8), Ok(5));
+    assert_eq!(
+        MemTxResult::DECODE_ERROR
+            .with_value(5u8)
+            .map_err(|e| e.bits()),
+        Err(2)
+    );
+    let boxed: Box<dyn std::error::Error> = Box::new(error);
+    assert_eq!(boxed.to_string(), "device error | access error");
 }

@@ -79,7 +79,7 @@ fn run(seed: u64, steps: usize) {
             }
             3 => {
                 let size = rng.pick(&[1u64, 0x1000, 0x2000]);
-                if let Ok(id) = mem.new_ram(&format!("r{step}"), size, None) {
+                if let Ok(id) = mem.new_ram(&format!("r{step}"), u128::from(size), None) {
                     regions.push(id);
                 }
             }

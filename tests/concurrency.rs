@@ -631,7 +631,7 @@ fn concurrency_dma_mappings_race_device_unplug() {
             // Filled before it is mapped: nobody sees it half-filled.
             backend.write(0, &vec![k; SIZE as usize]).unwrap();
             let ram = memory
-                .new_ram_from_backend("nic.ram", &backend, 0, SIZE, Some(dev))
+                .new_ram_from_backend("nic.ram", &backend, 0, u128::from(SIZE), Some(dev))
                 .unwrap();
             drop(backend);
             memory.add_subregion(system, BASE, ram).unwrap();
@@ -706,7 +706,9 @@ fn concurrency_dma_mappings_of_the_same_bytes_are_not_a_data_race() {
         .address_space(memory.new_address_space("memory", system, None).unwrap())
         .unwrap();
     let dev = memory.new_owner("nic", None).unwrap();
-    let ram = memory.new_ram("nic.ram", SIZE, Some(dev)).unwrap();
+    let ram = memory
+        .new_ram("nic.ram", u128::from(SIZE), Some(dev))
+        .unwrap();
     memory.add_subregion(system, BASE, ram).unwrap();
     let mapped = std::sync::Barrier::new(3);
     std::thread::scope(|s| {

@@ -222,7 +222,7 @@ fn dma_unmap_marks_the_length_written_and_caches_mark_their_writes() {
         .unwrap();
     m.memory.set_log(m.ram, DirtyClient::VGA, true).unwrap();
     map.write(0, &[9; 8]).unwrap();
-    map.unmap(PAGE + 1);
+    let _ = map.unmap(PAGE + 1);
     assert_eq!(
         dirty_pages(&m.memory, m.ram, DirtyClient::VGA),
         vec![PAGE, 2 * PAGE]
@@ -455,7 +455,7 @@ fn a_region_moved_keeps_its_bits_and_a_resized_one_loses_those_past_its_end() {
 fn snapshot_rounds_to_64_pages_and_reads_back_by_range() {
     let memory = Memory::new();
     let root = memory.new_container("root", 1 << 32, None).unwrap();
-    let ram = memory.new_ram("ram", 256 * PAGE, None).unwrap();
+    let ram = memory.new_ram("ram", u128::from(256 * PAGE), None).unwrap();
     memory.add_subregion(root, 0, ram).unwrap();
     let space = memory.new_address_space("memory", root, None).unwrap();
     let h = memory.address_space(space).unwrap();
@@ -609,7 +609,7 @@ fn every_write_path_marks_both_pages_of_a_write_across_a_boundary() {
                     .map(b - 16, 2 * PAGE, DmaDirection::FromDevice, A)
                     .unwrap();
                 let ok = map.write(0, &[5; 32]).is_ok();
-                map.unmap(32);
+                let _ = map.unmap(32);
                 ok
             }),
         ),
@@ -641,10 +641,10 @@ fn writes_outside_a_range_mark_for_every_range_over_the_block() {
         .new_backend("be", 32 * PAGE, memtree::RamBacking::Anonymous)
         .unwrap();
     let vram = m
-        .new_ram_from_backend("vram", &be, 0, 16 * PAGE, None)
+        .new_ram_from_backend("vram", &be, 0, u128::from(16 * PAGE), None)
         .unwrap();
     let ram = m
-        .new_ram_from_backend("ram", &be, 16 * PAGE, 16 * PAGE, None)
+        .new_ram_from_backend("ram", &be, 16 * PAGE, u128::from(16 * PAGE), None)
         .unwrap();
     m.add_subregion(root, 0, vram).unwrap();
     m.add_subregion(root, 0x100000, ram).unwrap();
@@ -655,7 +655,7 @@ fn writes_outside_a_range_mark_for_every_range_over_the_block() {
     assert!(m.get_dirty(vram, 0, PAGE, DirtyClient::VGA).unwrap());
     let mut map = h.map(PAGE, PAGE, DmaDirection::FromDevice, A).unwrap();
     map.write(0, &[9; 8]).unwrap();
-    map.unmap(8);
+    map.unmap(8).into_result().unwrap();
     let cache = MemoryRegionCache::new(&h, 2 * PAGE, PAGE, DmaDirection::FromDevice).unwrap();
     cache.write(0, &[1, 2]).unwrap();
     assert!(

@@ -128,7 +128,7 @@ fn machine() -> Machine {
 
 impl Machine {
     fn ram(&self, name: &str, addr: u64, size: u64) -> RegionId {
-        let r = self.memory.new_ram(name, size, None).unwrap();
+        let r = self.memory.new_ram(name, u128::from(size), None).unwrap();
         self.memory.add_subregion(self.system, addr, r).unwrap();
         r
     }

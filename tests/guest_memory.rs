@@ -58,7 +58,7 @@ fn guest_memory_snapshot_maps_writable_ram_only() {
         0xdead_beef,
         "across the alias seam"
     );
-    space.write(0x2000, b"memtree", A);
+    space.write(0x2000, b"memtree", A).into_result().unwrap();
     let mut got = [0u8; 7];
     gm.read_slice(&mut got, GuestAddress(0x2000)).unwrap();
     assert_eq!(&got, b"memtree");
@@ -96,7 +96,7 @@ fn guest_memory_snapshot_keeps_unplugged_device_memory_until_dropped() {
     memory.add_subregion(system, 0x8000_0000, shm).unwrap();
     let sid = memory.new_address_space("memory", system, None).unwrap();
     let space = memory.address_space(sid).unwrap();
-    space.write(0x8000_0010, &[7; 4], A);
+    space.write(0x8000_0010, &[7; 4], A).into_result().unwrap();
 
     let gm = space.guest_memory();
     let report = memory.unplug(dev).unwrap();
@@ -156,13 +156,19 @@ fn vm_memory_clone_outlives_unplug() {
     memory.add_subregion(system, 0, boot).unwrap();
     let dimm = memory.new_owner("dimm0", None).unwrap();
     let ram = memory
-        .new_ram_with(&name, size, Some(dimm), RamBacking::Memfd)
+        .new_ram_with(&name, u128::from(size), Some(dimm), RamBacking::Memfd)
         .unwrap();
     memory.add_subregion(system, 0x1000_0000, ram).unwrap();
     let sid = memory.new_address_space("memory", system, None).unwrap();
     let space = memory.address_space(sid).unwrap();
-    space.write(0x1000_0100, &0xfeed_f00d_u32.to_le_bytes(), A);
-    space.write(0x1000_0000 + size - 4, b"last", A);
+    space
+        .write(0x1000_0100, &0xfeed_f00d_u32.to_le_bytes(), A)
+        .into_result()
+        .unwrap();
+    space
+        .write(0x1000_0000 + size - 4, b"last", A)
+        .into_result()
+        .unwrap();
 
     let view = space.guest_memory();
     let collection_clone: GuestRam = (*view).clone();
@@ -307,7 +313,10 @@ fn guest_address_space_sees_hotplug() {
     let owner = memory.new_owner("dimm1", None).unwrap();
     let ram = memory.new_ram("dimm1.ram", 0x10_0000, Some(owner)).unwrap();
     memory.add_subregion(system, DIMM, ram).unwrap();
-    space.write(DIMM + 0x40, &0xc0ff_ee00_u32.to_le_bytes(), A);
+    space
+        .write(DIMM + 0x40, &0xc0ff_ee00_u32.to_le_bytes(), A)
+        .into_result()
+        .unwrap();
     assert_eq!(device.read_u32(DIMM + 0x40), Some(0xc0ff_ee00));
     assert!(device.write_u32(DIMM + 0x80, 0x5555_aaaa));
     assert_eq!(
@@ -402,7 +411,7 @@ fn guest_address_space_hotplug_while_a_thread_reads() {
     memory.add_subregion(system, 0, boot).unwrap();
     let sid = memory.new_address_space("memory", system, None).unwrap();
     let space = memory.address_space(sid).unwrap();
-    space.write(0x10, &[9; 4], A);
+    space.write(0x10, &[9; 4], A).into_result().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     // Reads that found the DIMM, reads that found nothing there.
     let seen = Arc::new(AtomicU64::new(0));

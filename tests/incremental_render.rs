@@ -173,9 +173,9 @@ fn build(seed: u64, incremental: bool) -> World {
             2 => {
                 // RAM that may hold subregions (a terminating container).
                 containers.push(i);
-                memory.new_ram(&name, rng.size(), None).unwrap()
+                memory.new_ram(&name, u128::from(rng.size()), None).unwrap()
             }
-            _ => memory.new_ram(&name, rng.size(), None).unwrap(),
+            _ => memory.new_ram(&name, u128::from(rng.size()), None).unwrap(),
         };
         regions.push(id);
     }

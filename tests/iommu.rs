@@ -202,13 +202,21 @@ fn print_matches_q35_intel_iommu_disabled_dump() {
 fn translation_obeys_every_permission() {
     let s = setup(12, 64);
     s.system
-        .store::<u32>(0x20_0000, 0x1111_1111, Endian::Little, A);
+        .store::<u32>(0x20_0000, 0x1111_1111, Endian::Little, A)
+        .into_result()
+        .unwrap();
     s.system
-        .store::<u32>(0x21_0000, 0x2222_2222, Endian::Little, A);
+        .store::<u32>(0x21_0000, 0x2222_2222, Endian::Little, A)
+        .into_result()
+        .unwrap();
     s.system
-        .store::<u32>(0x22_0000, 0x3333_3333, Endian::Little, A);
+        .store::<u32>(0x22_0000, 0x3333_3333, Endian::Little, A)
+        .into_result()
+        .unwrap();
     s.system
-        .store::<u32>(0x23_0000, 0x4444_4444, Endian::Little, A);
+        .store::<u32>(0x23_0000, 0x4444_4444, Endian::Little, A)
+        .into_result()
+        .unwrap();
     s.map(0, 0x20_0000, IommuPerm::ReadWrite);
     s.map(1, 0x21_0000, IommuPerm::Read);
     s.map(2, 0x22_0000, IommuPerm::Write);
@@ -244,7 +252,9 @@ fn page_sizes_from_4k_to_1g() {
         s.map(1, 0, IommuPerm::ReadWrite);
         let off = 0xabc8u64 & (page - 1);
         s.system
-            .store::<u32>(off, 0x5a5a_0000 | shift, Endian::Little, A);
+            .store::<u32>(off, 0x5a5a_0000 | shift, Endian::Little, A)
+            .into_result()
+            .unwrap();
         let (v, r) = s.dma.load::<u32>(page + off, Endian::Little, A);
         assert!(r.is_ok(), "shift {shift}");
         assert_eq!(v, 0x5a5a_0000 | shift);
@@ -270,9 +280,15 @@ fn accesses_split_at_translation_boundaries() {
     // 16 bytes before and 16 after the 0x2000 boundary.
     assert!(s.dma.write(0x1ff0, &data, A).is_ok());
     let mut back = [0u8; 16];
-    s.system.read(0x30_0ff0, &mut back, A);
+    s.system
+        .read(0x30_0ff0, &mut back, A)
+        .into_result()
+        .unwrap();
     assert_eq!(&back[..], &data[..16]);
-    s.system.read(0x50_0000, &mut back, A);
+    s.system
+        .read(0x50_0000, &mut back, A)
+        .into_result()
+        .unwrap();
     assert_eq!(&back[..], &data[16..]);
     let mut all = [0u8; 32];
     assert!(s.dma.read(0x1ff0, &mut all, A).is_ok());
@@ -336,8 +352,12 @@ fn attrs_choose_the_iommu_index() {
     let d = OffsetIommu::new(0x10_0000, 1 << 32, IommuPerm::ReadWrite);
     d.set_target(&sys);
     let (dev, _) = iommu_space(&memory, "dev", d);
-    sys.store::<u32>(0x10_0000, 1, Endian::Little, A);
-    sys.store::<u32>(0x20_0000, 2, Endian::Little, A);
+    sys.store::<u32>(0x10_0000, 1, Endian::Little, A)
+        .into_result()
+        .unwrap();
+    sys.store::<u32>(0x20_0000, 2, Endian::Little, A)
+        .into_result()
+        .unwrap();
     let secure = MemTxAttrs { secure: true, ..A };
     assert_eq!(dev.load::<u32>(0, Endian::Little, A).0, 1);
     assert_eq!(dev.load::<u32>(0, Endian::Little, secure).0, 2);
@@ -539,8 +559,14 @@ fn notifier_refusal_and_flag_changes() {
 #[test]
 fn iotlb_cache_is_invalidated_by_notifications() {
     let s = setup(12, 8);
-    s.system.store::<u32>(0x30_0000, 1, Endian::Little, A);
-    s.system.store::<u32>(0x31_0000, 2, Endian::Little, A);
+    s.system
+        .store::<u32>(0x30_0000, 1, Endian::Little, A)
+        .into_result()
+        .unwrap();
+    s.system
+        .store::<u32>(0x31_0000, 2, Endian::Little, A)
+        .into_result()
+        .unwrap();
     s.map(1, 0x30_0000, IommuPerm::Read);
     let hub = s.device.hub().clone();
     assert_eq!(s.dma.load::<u32>(0x1000, Endian::Little, A).0, 1);
@@ -556,10 +582,15 @@ fn iotlb_cache_is_invalidated_by_notifications() {
     // The guest changes the entry without invalidating: the cached
     // translation stays in use (the device's contract: notify after change).
     s.system
-        .store::<u64>(TABLE_BASE + 8, 0x31_0000 | 1, Endian::Little, A);
+        .store::<u64>(TABLE_BASE + 8, 0x31_0000 | 1, Endian::Little, A)
+        .into_result()
+        .unwrap();
     assert_eq!(s.dma.load::<u32>(0x1000, Endian::Little, A).0, 1);
     // Invalidation register: UNMAP + MAP notifications drop the cache.
-    s.system.store::<u64>(0xfee0_0000, 1, Endian::Little, A);
+    s.system
+        .store::<u64>(0xfee0_0000, 1, Endian::Little, A)
+        .into_result()
+        .unwrap();
     assert_eq!(s.dma.load::<u32>(0x1000, Endian::Little, A).0, 2);
 }
 
@@ -569,7 +600,10 @@ fn iotlb_cache_is_invalidated_by_notifications() {
 #[test]
 fn unmap_between_two_accesses_makes_the_second_fault() {
     let s = setup(12, 8);
-    s.system.store::<u32>(0x30_0010, 7, Endian::Little, A);
+    s.system
+        .store::<u32>(0x30_0010, 7, Endian::Little, A)
+        .into_result()
+        .unwrap();
     s.map(2, 0x30_0000, IommuPerm::ReadWrite);
     let mut cur = s.dma.cursor();
     // Warm: every access kind hits the cache after the first.
@@ -647,7 +681,10 @@ fn warm_entry_follows_a_change_of_the_target_view() {
         }
     }
     let s = setup(12, 8);
-    s.system.store::<u32>(0x40_0000, 3, Endian::Little, A);
+    s.system
+        .store::<u32>(0x40_0000, 3, Endian::Little, A)
+        .into_result()
+        .unwrap();
     s.map(4, 0x40_0000, IommuPerm::ReadWrite);
     let mut cur = s.dma.cursor();
     assert_eq!(s.dma.load::<u32>(0x4000, Endian::Little, A).0, 3);
@@ -674,8 +711,12 @@ fn warm_entry_follows_a_change_of_the_target_view() {
 #[test]
 fn bypass_switching_many_devices_in_one_transaction() {
     let (memory, root, sys) = system();
-    sys.store::<u32>(0x1000, 0xb1, Endian::Little, A);
-    sys.store::<u32>(0x2000, 0x7a, Endian::Little, A);
+    sys.store::<u32>(0x1000, 0xb1, Endian::Little, A)
+        .into_result()
+        .unwrap();
+    sys.store::<u32>(0x2000, 0x7a, Endian::Little, A)
+        .into_result()
+        .unwrap();
     let mut devs = Vec::new();
     for i in 0..16 {
         let root_i = memory
@@ -730,7 +771,10 @@ fn bypass_switching_many_devices_in_one_transaction() {
 fn dma_through_iommu_maps_ram_directly_and_outlives_an_unmap() {
     let s = setup(12, 8);
     s.map(1, 0x30_0000, IommuPerm::ReadWrite);
-    s.system.store::<u32>(0x30_0010, 0xc0de, Endian::Little, A);
+    s.system
+        .store::<u32>(0x30_0010, 0xc0de, Endian::Little, A)
+        .into_result()
+        .unwrap();
     let mut m = s
         .dma
         .map(0x1010, 0x2000, memtree::DmaDirection::Bidirectional, A)
@@ -756,7 +800,10 @@ fn dma_through_iommu_maps_ram_directly_and_outlives_an_unmap() {
         MemTxResult::DECODE_ERROR
     );
     m.write(4, &0xfeedu32.to_le_bytes()).unwrap();
-    s.system.store::<u32>(0x30_0010, 0xabcd, Endian::Little, A);
+    s.system
+        .store::<u32>(0x30_0010, 0xabcd, Endian::Little, A)
+        .into_result()
+        .unwrap();
     m.read(0, &mut b).unwrap();
     assert_eq!(
         u32::from_le_bytes(b),
@@ -817,7 +864,7 @@ fn unplug_and_unmap_while_mapped() {
         s.dma.load::<u32>(0x1010, Endian::Little, A).1,
         MemTxResult::DECODE_ERROR
     );
-    m.unmap(0);
+    let _ = m.unmap(0);
 
     // A device-bound (FromDevice) bounce mapping whose page is unmapped
     // while it is out: the write-back at unmap is translated anew, denied,
@@ -834,7 +881,10 @@ fn unplug_and_unmap_while_mapped() {
 
     // A direct mapping out across the unplug of the IOMMU's device.
     s.map(1, 0x30_0000, IommuPerm::ReadWrite);
-    s.system.store::<u32>(0x30_0010, 0xc0de, Endian::Little, A);
+    s.system
+        .store::<u32>(0x30_0010, 0xc0de, Endian::Little, A)
+        .into_result()
+        .unwrap();
     assert!(s.dma.load::<u32>(0x1010, Endian::Little, A).1.is_ok());
     let dma2 = s.dma.clone();
     let mut direct = dma2
@@ -921,7 +971,9 @@ fn commits_visit_only_changed_spaces_and_every_view_stays_exact() {
                     let off = if rng.below(2) == 0 { 0 } else { 0x1000 };
                     m.new_alias(&name, t, off, rng.size(), None).unwrap()
                 }
-                _ => m.new_ram(&name, rng.size() as u64, None).unwrap(),
+                _ => m
+                    .new_ram(&name, u128::from(rng.size() as u64), None)
+                    .unwrap(),
             };
             regions.push(id);
         }
@@ -977,7 +1029,7 @@ mod prop {
             let s = setup(12, 16);
             // Fill the RAM the pages map to with a pattern.
             let pattern: Vec<u8> = (0..0x40_000u32).map(|i| (i * 7 + 3) as u8).collect();
-            s.system.write(0x40_0000, &pattern, A);
+            s.system.write(0x40_0000, &pattern, A).into_result().unwrap();
             for (i, (page, perm)) in ptes.iter().enumerate() {
                 s.map(i as u64, 0x40_0000 + page * 0x1000, IommuPerm::from_bits(*perm));
             }
@@ -1028,8 +1080,14 @@ fn vm_memory_iommu_memory_translates_through_memtree() {
     let s = setup(12, 16);
     s.map(2, 0x30_0000, IommuPerm::ReadWrite);
     s.map(3, 0x32_0000, IommuPerm::Read);
-    s.system.store::<u32>(0x30_0040, 0xabcd, Endian::Little, A);
-    s.system.store::<u32>(0x31_0040, 0x1234, Endian::Little, A);
+    s.system
+        .store::<u32>(0x30_0040, 0xabcd, Endian::Little, A)
+        .into_result()
+        .unwrap();
+    s.system
+        .store::<u32>(0x31_0040, 0x1234, Endian::Little, A)
+        .into_result()
+        .unwrap();
     let core = s.dma.view().lookup(0).unwrap().region().clone();
     let adapter = VmMemoryIommu::new(&core, 0, &s.system).unwrap();
     let ram = (*s.system.guest_memory()).clone();

@@ -120,7 +120,7 @@ fn kvm_guest_runs_on_memtree_slots_and_devices() {
     let iid = memory.new_address_space("I/O", io_root, None).unwrap();
     let space = memory.address_space(sid).unwrap();
     let io_space = memory.address_space(iid).unwrap();
-    space.write(0x1000, GUEST, A);
+    space.write(0x1000, GUEST, A).into_result().unwrap();
 
     let slots = Arc::new(KvmMemorySlots::new(&kvm, vm.clone()));
     let lid = memory.register_listener(sid, slots.clone()).unwrap();
@@ -374,7 +374,7 @@ fn kvm_log_sync_reports_exactly_the_pages_the_guest_wrote() {
     memory.add_subregion(system, 0, ram).unwrap();
     let sid = memory.new_address_space("memory", system, None).unwrap();
     let space = memory.address_space(sid).unwrap();
-    space.write(0x1000, DIRTY_GUEST, A);
+    space.write(0x1000, DIRTY_GUEST, A).into_result().unwrap();
     let slots = Arc::new(KvmMemorySlots::new(&kvm, vm.clone()));
     let lid = memory.register_listener(sid, slots.clone()).unwrap();
     assert!(slots.logging_slots().is_empty(), "no client tracks yet");

@@ -392,7 +392,10 @@ fn lifecycle_dma_into_unplugged_device_ram_keeps_only_memory() {
         .unwrap();
     memory.add_subregion(system, 0x8000, y_ram).unwrap();
     memory.add_subregion(system, 0xa000, y_regs).unwrap();
-    x_space.write(0x8000, &[0xab; 0x2000], A);
+    x_space
+        .write(0x8000, &[0xab; 0x2000], A)
+        .into_result()
+        .unwrap();
 
     let m = x_space
         .map(0x8000, 0x2000, DmaDirection::ToDevice, A)

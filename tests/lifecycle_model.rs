@@ -682,7 +682,7 @@ fn step<'a>(
             };
             // A refused MMIO region drops its device state: that may panic.
             let r = guard(|| match kind {
-                Kind::Ram => m.new_ram(&name, PAGE, oid),
+                Kind::Ram => m.new_ram(&name, u128::from(PAGE), oid),
                 Kind::Mmio => m.new_mmio(&name, u128::from(PAGE), Arc::new(Regs(probe)), oid),
                 Kind::Container => m.new_container(&name, u128::from(2 * PAGE), oid),
             });

@@ -18,7 +18,9 @@ fn machine(total: u64) -> (Memory, SpaceId) {
     let memory = Memory::new();
     let root = memory.new_container("system", 1 << 40, None).unwrap();
     for i in 0..4u64 {
-        let r = memory.new_ram(&format!("ram{i}"), total / 4, None).unwrap();
+        let r = memory
+            .new_ram(&format!("ram{i}"), u128::from(total / 4), None)
+            .unwrap();
         memory.add_subregion(root, i << 30, r).unwrap();
     }
     let space = memory.new_address_space("memory", root, None).unwrap();
@@ -305,9 +307,9 @@ fn regions_with_the_same_name_each_migrate_into_their_own() {
     let build = |first: u64, second: u64, second_at: u64| {
         let memory = Memory::new();
         let root = memory.new_container("system", 1 << 40, None).unwrap();
-        let a = memory.new_ram("ram", first, None).unwrap();
+        let a = memory.new_ram("ram", u128::from(first), None).unwrap();
         memory.add_subregion(root, 0, a).unwrap();
-        let b = memory.new_ram("ram", second, None).unwrap();
+        let b = memory.new_ram("ram", u128::from(second), None).unwrap();
         memory.add_subregion(root, second_at, b).unwrap();
         let space = memory.new_address_space("memory", root, None).unwrap();
         (memory, space)
@@ -467,7 +469,7 @@ mod during_migration {
     fn machine() -> (Memory, SpaceId) {
         let memory = Memory::new();
         let root = memory.new_container("system", 1 << 40, None).unwrap();
-        let r = memory.new_ram("ram0", SIZE, None).unwrap();
+        let r = memory.new_ram("ram0", u128::from(SIZE), None).unwrap();
         memory.add_subregion(root, 0, r).unwrap();
         let space = memory.new_address_space("memory", root, None).unwrap();
         (memory, space)
@@ -582,7 +584,7 @@ mod during_migration {
             at: 100,
             f: Some(Box::new(move || {
                 d.del_subregion(root, old).unwrap();
-                let new = d.new_ram("ram0", SIZE, None).unwrap();
+                let new = d.new_ram("ram0", u128::from(SIZE), None).unwrap();
                 d.add_subregion(root, 0, new).unwrap();
             })),
         };
@@ -700,7 +702,7 @@ mod during_migration {
             .new_backend("be", 2 * SIZE, memtree::RamBacking::Anonymous)
             .unwrap();
         let r = memory
-            .new_ram_from_backend("ram0", &be, 0, SIZE, None)
+            .new_ram_from_backend("ram0", &be, 0, u128::from(SIZE), None)
             .unwrap();
         memory.add_subregion(root, 0, r).unwrap();
         let ss = memory.new_address_space("memory", root, None).unwrap();
@@ -714,7 +716,7 @@ mod during_migration {
                 at: 64,
                 f: Some(Box::new(move || {
                     if plug {
-                        let dimm = m.new_ram("dimm", SIZE, None).unwrap();
+                        let dimm = m.new_ram("dimm", u128::from(SIZE), None).unwrap();
                         m.add_subregion(root, 1 << 30, dimm).unwrap();
                     } else {
                         m.set_size(r, u128::from(2 * SIZE)).unwrap();
@@ -775,7 +777,7 @@ mod during_migration {
                 .new_backend("be", BIG, memtree::RamBacking::Memfd)
                 .unwrap();
             let r = memory
-                .new_ram_from_backend("ram0", &be, 0, BIG, None)
+                .new_ram_from_backend("ram0", &be, 0, u128::from(BIG), None)
                 .unwrap();
             memory.add_subregion(root, 0, r).unwrap();
             let s = memory.new_address_space("memory", root, None).unwrap();

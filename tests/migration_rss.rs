@@ -24,7 +24,7 @@ fn a_sparse_import_costs_its_non_zero_pages() {
     let mk = || -> (Memory, SpaceId) {
         let memory = Memory::new();
         let root = memory.new_container("system", 1 << 40, None).unwrap();
-        let r = memory.new_ram("ram0", BIG, None).unwrap();
+        let r = memory.new_ram("ram0", u128::from(BIG), None).unwrap();
         memory.add_subregion(root, 0, r).unwrap();
         let s = memory.new_address_space("memory", root, None).unwrap();
         (memory, s)

@@ -190,7 +190,12 @@ fn rig(d: &Daemon) -> Rig {
     let system = memory.new_container("system", 1 << 40, None).unwrap();
     let board = memory.new_owner("board", None).unwrap();
     let ram = memory
-        .new_ram_with("pc.ram", RAM_SIZE, Some(board), RamBacking::Memfd)
+        .new_ram_with(
+            "pc.ram",
+            u128::from(RAM_SIZE),
+            Some(board),
+            RamBacking::Memfd,
+        )
         .unwrap();
     memory.add_subregion(system, 0, ram).unwrap();
     let sid = memory.new_address_space("memory", system, None).unwrap();
@@ -361,7 +366,12 @@ fn vhost_user_hotplug_ram() {
     let dimm = rig.memory.new_owner("dimm0", None).unwrap();
     let dimm_ram = rig
         .memory
-        .new_ram_with("dimm0.ram", DIMM_SIZE, Some(dimm), RamBacking::Memfd)
+        .new_ram_with(
+            "dimm0.ram",
+            u128::from(DIMM_SIZE),
+            Some(dimm),
+            RamBacking::Memfd,
+        )
         .unwrap();
     rig.memory
         .add_subregion(rig.system, DIMM_GPA, dimm_ram)
@@ -519,7 +529,12 @@ fn vhost_user_hotplug_ram() {
     let dimm2 = rig.memory.new_owner("dimm2", None).unwrap();
     let r2 = rig
         .memory
-        .new_ram_with("dimm2.ram", DIMM_SIZE, Some(dimm2), RamBacking::Memfd)
+        .new_ram_with(
+            "dimm2.ram",
+            u128::from(DIMM_SIZE),
+            Some(dimm2),
+            RamBacking::Memfd,
+        )
         .unwrap();
     rig.memory.add_subregion(rig.system, DIMM_GPA, r2).unwrap();
     rig.fe.check().unwrap();

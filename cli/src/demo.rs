@@ -201,7 +201,7 @@ pub fn build() -> Result<DemoMachine, TopologyError> {
     let (system_as, io_as, nic_as, nic, bus_master_alias) = m.transaction(|m| {
         let system = m.new_container("system", 1 << 64, None)?;
         // RAM, shown through two aliases.
-        let ram = m.new_ram_with("pc.ram", RAM_SIZE, None, RamBacking::Anonymous)?;
+        let ram = m.new_ram_with("pc.ram", u128::from(RAM_SIZE), None, RamBacking::Anonymous)?;
         let below = m.new_alias("ram-below-4g", ram, 0, u128::from(RAM_BELOW_4G), None)?;
         m.add_subregion(system, 0, below)?;
         let above = m.new_alias(
@@ -280,6 +280,7 @@ pub fn build() -> Result<DemoMachine, TopologyError> {
 
 /// Why the demo stopped.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DemoError {
     /// The model refused an edit (a bug in the demo).
     #[error("{0}")]
@@ -287,6 +288,9 @@ pub enum DemoError {
     /// Writing the output failed.
     #[error("cannot write output")]
     Output(#[from] fmt::Error),
+    /// An access the demo expects to succeed failed (a bug in the demo).
+    #[error("memory access failed: {0}")]
+    Access(#[from] memtree::MemTxError),
 }
 
 fn status(r: MemTxResult) -> &'static str {
@@ -436,7 +440,7 @@ pub fn run(out: &mut impl Write) -> Result<LeakReport, DemoError> {
         status(r)
     )?;
     for &b in b"hi!\n" {
-        io.store_u8(SERIAL_PORT, b, a);
+        io.store_u8(SERIAL_PORT, b, a).into_result()?;
     }
     let (lsr, r) = io.load_u8(SERIAL_PORT + 5, a);
     writeln!(

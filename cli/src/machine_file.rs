@@ -567,8 +567,7 @@ fn build(
         };
         let span = r.name.span();
         let created = if backed && opts.allocate {
-            let size64 = size as u64;
-            if size64 == 0 {
+            if size == 0 {
                 return l.err(
                     size_field.span(),
                     format!("{name:?}: RAM size must not be zero"),
@@ -581,10 +580,10 @@ fn build(
                     } else {
                         RamBacking::Anonymous
                     };
-                    m.new_ram_with(name, size64, owner, backing)
+                    m.new_ram_with(name, size, owner, backing)
                 }
-                RegionKind::RamDevice => m.new_ram_device(name, size64, owner),
-                _ => m.new_rom_device(name, size64, ops()?, owner),
+                RegionKind::RamDevice => m.new_ram_device(name, size, owner),
+                _ => m.new_rom_device(name, size, ops()?, owner),
             }
         } else {
             match kind {

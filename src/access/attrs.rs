@@ -21,7 +21,40 @@ use std::ops::{BitOr, BitOrAssign};
 
 /// Result of a memory transaction (`MemTxResult`); the bits of the pieces of
 /// a split access are ORed together.
+///
+/// It is `#[must_use]`: a store to unmapped memory whose result is dropped
+/// is a warning, as it is a silent bus error on real hardware. Convert it to
+/// a [`Result`] with [`MemTxResult::into_result`] (or `?` after it) to
+/// propagate failures; the error side, [`MemTxError`], is never "OK".
+///
+/// ```
+/// use memtree::{MemTxAttrs, Memory};
+///
+/// let memory = Memory::new();
+/// let root = memory.new_container("system", 1 << 32, None).unwrap();
+/// let space = memory.new_address_space("memory", root, None).unwrap();
+/// let handle = memory.address_space(space).unwrap();
+/// // Nothing is mapped at 0x1000: the store is a decode error.
+/// let result = handle.store_u32_le(0x1000, 1, MemTxAttrs::UNSPECIFIED);
+/// assert_eq!(result.to_string(), "decode error");
+/// let error = result.into_result().unwrap_err();
+/// assert!(error.contains(memtree::MemTxResult::DECODE_ERROR));
+/// ```
+///
+/// Ignoring it is refused under `#![deny(unused_must_use)]`:
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// use memtree::{MemTxAttrs, Memory};
+///
+/// let memory = Memory::new();
+/// let root = memory.new_container("system", 1 << 32, None).unwrap();
+/// let space = memory.new_address_space("memory", root, None).unwrap();
+/// let handle = memory.address_space(space).unwrap();
+/// handle.store_u32_le(0x1000, 1, MemTxAttrs::UNSPECIFIED);
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Hash)]
+#[must_use = "a memory transaction can fail (unmapped address, device error): check it or call `into_result()`"]
 pub struct MemTxResult(u8);
 
 impl MemTxResult {
@@ -47,6 +80,101 @@ impl MemTxResult {
     /// The raw bits (`MEMTX_*` values).
     pub fn bits(self) -> u8 {
         self.0
+    }
+
+    /// `Ok(())` when no error bit is set, else the error bits as a
+    /// [`MemTxError`].
+    pub fn into_result(self) -> Result<(), MemTxError> {
+        match std::num::NonZeroU8::new(self.0) {
+            None => Ok(()),
+            Some(bits) => Err(MemTxError(bits)),
+        }
+    }
+
+    /// `Ok(value)` when no error bit is set, else the error bits: turns a
+    /// load's `(value, result)` pair into a [`Result`].
+    pub fn with_value<T>(self, value: T) -> Result<T, MemTxError> {
+        self.into_result().map(|()| value)
+    }
+}
+
+/// Names of the error bits, in bit order, for `Display`.
+const ERROR_BIT_NAMES: [(u8, &str); 3] = [
+    (1 << 0, "device error"),
+    (1 << 1, "decode error"),
+    (1 << 2, "access error"),
+];
+
+/// Writes the set bits of `bits` as `"decode error"` or, when several are
+/// set, `"device error | decode error"`; unknown bits as hex.
+fn fmt_bits(bits: u8, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    if bits == 0 {
+        return f.write_str("ok");
+    }
+    let mut first = true;
+    let mut rest = bits;
+    for (bit, name) in ERROR_BIT_NAMES {
+        if bits & bit != 0 {
+            if !first {
+                f.write_str(" | ")?;
+            }
+            f.write_str(name)?;
+            first = false;
+            rest &= !bit;
+        }
+    }
+    if rest != 0 {
+        if !first {
+            f.write_str(" | ")?;
+        }
+        write!(f, "unknown error bits {rest:#x}")?;
+    }
+    Ok(())
+}
+
+impl std::fmt::Display for MemTxResult {
+    /// `"ok"`, or the error bits set, e.g. `"decode error"` or
+    /// `"device error | access error"`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fmt_bits(self.0, f)
+    }
+}
+
+impl std::error::Error for MemTxResult {}
+
+/// A failed memory transaction: a [`MemTxResult`] with at least one error
+/// bit set (from [`MemTxResult::into_result`] and the `try_*` loads).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub struct MemTxError(std::num::NonZeroU8);
+
+impl MemTxError {
+    /// The transaction result this error carries (never [`MemTxResult::OK`]).
+    pub fn result(self) -> MemTxResult {
+        MemTxResult(self.0.get())
+    }
+
+    /// Whether every bit of `other` is set in this error.
+    pub fn contains(self, other: MemTxResult) -> bool {
+        self.result().contains(other)
+    }
+
+    /// The raw bits (`MEMTX_*` values), never 0.
+    pub fn bits(self) -> u8 {
+        self.0.get()
+    }
+}
+
+impl std::fmt::Display for MemTxError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fmt_bits(self.0.get(), f)
+    }
+}
+
+impl std::error::Error for MemTxError {}
+
+impl From<MemTxError> for MemTxResult {
+    fn from(error: MemTxError) -> MemTxResult {
+        error.result()
     }
 }
 
@@ -90,7 +218,10 @@ impl MemTxAttrs {
     };
 }
 
-/// Byte order of a device or of a requested access.
+/// A fixed byte order: a device's, a target's, or the one an access through
+/// a [`FlatView`](crate::FlatView) is done in. The order a guest access
+/// requests, which may be the target's, is an [`Endian`](crate::Endian)
+/// (see the [`access` module docs](crate::access)).
 ///
 /// QEMU's `DEVICE_NATIVE_ENDIAN` means the *target's* endianness; it is not
 /// represented here — the code creating the device resolves it from the
@@ -192,6 +323,48 @@ impl AccessSizes {
 /// [`Machine`](crate::Machine). Finalization work that needs the machine
 /// belongs in the owner's finalizer ([`Machine::set_finalizer`](crate::Machine::set_finalizer)),
 /// which runs after the edit has released the topology.
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::sync::Arc;
+/// use memtree::{Endian, Endianness, MemTxAttrs, MemTxResult, Memory, MmioOps};
+///
+/// /// One scratch register at offset 0 (4-byte accesses by default, see
+/// /// `impl_sizes`); everything else is an error.
+/// #[derive(Default)]
+/// struct Scratch(AtomicU64);
+///
+/// impl MmioOps for Scratch {
+///     fn read(&self, addr: u64, _size: u32, _attrs: MemTxAttrs) -> Result<u64, MemTxResult> {
+///         match addr {
+///             0 => Ok(self.0.load(Ordering::Relaxed)),
+///             _ => Err(MemTxResult::DEVICE_ERROR),
+///         }
+///     }
+///     fn write(&self, addr: u64, data: u64, _size: u32, _attrs: MemTxAttrs) -> MemTxResult {
+///         if addr != 0 {
+///             return MemTxResult::DEVICE_ERROR;
+///         }
+///         self.0.store(data, Ordering::Relaxed);
+///         MemTxResult::OK
+///     }
+///     fn endianness(&self) -> Endianness {
+///         Endianness::Little
+///     }
+/// }
+///
+/// let memory = Memory::new();
+/// let system = memory.new_container("system", 1 << 32, None).unwrap();
+/// let dev = memory.new_mmio("scratch", 0x100, Arc::new(Scratch::default()), None).unwrap();
+/// memory.add_subregion(system, 0xfe00_0000, dev).unwrap();
+/// let id = memory.new_address_space("memory", system, None).unwrap();
+/// let bus = memory.address_space(id).unwrap();
+/// let a = MemTxAttrs::UNSPECIFIED;
+/// bus.store::<u32>(0xfe00_0000, 42, Endian::Little, a).into_result().unwrap();
+/// assert_eq!(bus.try_load::<u32>(0xfe00_0000, Endian::Little, a), Ok(42));
+/// let error = bus.try_load::<u32>(0xfe00_0008, Endian::Little, a).unwrap_err();
+/// assert!(error.contains(MemTxResult::DEVICE_ERROR));
+/// ```
 pub trait MmioOps: Send + Sync + 'static {
     /// Read `size` bytes at `addr` (QEMU `read_with_attrs`).
     ///
@@ -385,7 +558,7 @@ fn bswap_sized(value: u64, size: u32) -> u64 {
     }
 }
 
-/// QEMU `memory_region_access_valid` (§4.3).
+/// QEMU `memory_region_access_valid` (`system/memory.c`).
 ///
 /// In order:
 /// 0. (memtree) a size other than 1, 2, 4 or 8 is rejected — QEMU's `MemOp`
@@ -429,7 +602,7 @@ fn access_valid_with(
     size <= valid.max && size >= valid.min
 }
 
-/// QEMU `memory_access_size` (§4.2 step 4): the size of the next piece of a
+/// QEMU `memory_access_size` (`system/physmem.c`): the size of the next piece of a
 /// buffer access of `len` remaining bytes at region offset `addr`.
 ///
 /// max = `valid.max` (4 if unset); unless `impl_.unaligned`, max is capped by
@@ -451,7 +624,7 @@ pub fn access_size(valid: AccessSizes, impl_: AccessSizes, len: u64, addr: u64) 
     (1u64 << (63 - l.leading_zeros())) as u32
 }
 
-/// `access_with_adjusted_size` (§4.4) for one direction. `value` is in the
+/// `access_with_adjusted_size` (`system/memory.c`) for one direction. `value` is in the
 /// device's significance order (already endian-adjusted for writes); for
 /// reads the result is returned in `value`.
 fn access_with_adjusted_size(
@@ -494,7 +667,7 @@ fn access_with_adjusted_size(
     result
 }
 
-/// QEMU `memory_region_dispatch_read` (§4.4) minus alias forwarding.
+/// QEMU `memory_region_dispatch_read` (`system/memory.c`) minus alias forwarding.
 ///
 /// Returns `(value, result)`. An access rejected by [`access_valid`] returns
 /// `(0, DECODE_ERROR)` without calling the device. Otherwise the device is
@@ -567,7 +740,7 @@ fn dispatch_read_general(
     (value, r)
 }
 
-/// QEMU `memory_region_dispatch_write` (§4.4) minus alias forwarding and
+/// QEMU `memory_region_dispatch_write` (`system/memory.c`) minus alias forwarding and
 /// ioeventfds.
 ///
 /// An access rejected by [`access_valid`] is dropped and returns

@@ -1,5 +1,5 @@
 //! Guest accesses: QEMU's `address_space_read/write` and `ld*/st*` over the
-//! data plane (qemu-memory-semantics.md §4).
+//! data plane (QEMU `system/physmem.c`).
 //!
 //! Every access loads the address space's published [`FlatView`] **once**
 //! ([`AddressSpace::view_guard`]: an arc-swap load, no reference-count
@@ -34,7 +34,7 @@
 //!   past a small MMIO region), and the piece is dispatched with
 //!   [`access::dispatch_read`]/[`access::dispatch_write`] in **host** byte
 //!   order, so the buffer holds the bytes in the device's declared order
-//!   (§4.4, "`size_memop(l)` carries host endianness").
+//!   (QEMU passes `size_memop(l)` without an endianness flag, i.e. host order).
 //! * Holes of the view are unassigned memory: reads give 0 and
 //!   [`MemTxResult::DECODE_ERROR`], writes are dropped with `DECODE_ERROR`.
 //!   The port-I/O root ([`crate::RegionKind::IoRoot`]) is a terminating region,
@@ -86,15 +86,18 @@ use std::sync::Arc;
 use arc_swap::{ArcSwap, Cache};
 
 use crate::access::attrs::{
-    self as access, AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps, OpsConfig,
-    UnassignedOps,
+    self as access, AccessSizes, Endianness, MemTxAttrs, MemTxError, MemTxResult, MmioOps,
+    OpsConfig, UnassignedOps,
 };
 use crate::access::ram;
 use crate::access::space::{AddressSpace, SpaceShared};
 use crate::topology::region::{Backing, RegionKind};
 use crate::view::flatview::{FlatRange, FlatView};
 
-/// Byte order requested by a typed access.
+/// Byte order requested by a typed access through an address space or a
+/// cursor: a fixed order, or `Native`, the target's. A device's or target's
+/// own order is an [`Endianness`], which has no `Native` (see the
+/// [`access` module docs](crate::access)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Endian {
     /// Least significant byte first (QEMU `_le` variants).
@@ -105,8 +108,18 @@ pub enum Endian {
     Native,
 }
 
+impl From<Endianness> for Endian {
+    fn from(order: Endianness) -> Endian {
+        match order {
+            Endianness::Little => Endian::Little,
+            Endianness::Big => Endian::Big,
+        }
+    }
+}
+
 impl Endian {
-    fn resolve(self, target: Endianness) -> Endianness {
+    /// The fixed order this request means for a guest of order `target`.
+    pub fn resolve(self, target: Endianness) -> Endianness {
         match self {
             Endian::Little => Endianness::Little,
             Endian::Big => Endianness::Big,
@@ -499,6 +512,18 @@ impl FlatView {
         load_slow(range, addr, order, attrs)
     }
 
+    /// [`FlatView::load`] as a [`Result`]: the value, or the error bits.
+    #[inline]
+    pub fn try_load<T: Primitive>(
+        &self,
+        addr: u64,
+        order: Endianness,
+        attrs: MemTxAttrs,
+    ) -> Result<T, MemTxError> {
+        let (value, result) = self.load(addr, order, attrs);
+        result.with_value(value)
+    }
+
     /// Typed store of `value` at `addr` in byte order `order` (QEMU
     /// `address_space_st*`): never split; see the
     /// [module docs](crate::access::dispatch).
@@ -600,7 +625,7 @@ fn store_slow<T: Primitive>(
 }
 
 macro_rules! typed_accessors {
-    ($( $t:ty: $load:ident $load_le:ident $load_be:ident $store:ident $store_le:ident $store_be:ident; )*) => {
+    ($( $t:ty: $load:ident $load_le:ident $load_be:ident $try_load:ident $try_load_le:ident $try_load_be:ident $store:ident $store_le:ident $store_be:ident; )*) => {
         impl AddressSpace {$(
             #[doc = concat!("Native-endian `", stringify!($t), "` load (QEMU `address_space_ld*`).")]
             #[inline]
@@ -616,6 +641,21 @@ macro_rules! typed_accessors {
             #[inline]
             pub fn $load_be(&self, addr: u64, attrs: MemTxAttrs) -> ($t, MemTxResult) {
                 self.load::<$t>(addr, Endian::Big, attrs)
+            }
+            #[doc = concat!("Native-endian `", stringify!($t), "` load as a [`Result`] (see [`AddressSpace::try_load`]).")]
+            #[inline]
+            pub fn $try_load(&self, addr: u64, attrs: MemTxAttrs) -> Result<$t, MemTxError> {
+                self.try_load::<$t>(addr, Endian::Native, attrs)
+            }
+            #[doc = concat!("Little-endian `", stringify!($t), "` load as a [`Result`].")]
+            #[inline]
+            pub fn $try_load_le(&self, addr: u64, attrs: MemTxAttrs) -> Result<$t, MemTxError> {
+                self.try_load::<$t>(addr, Endian::Little, attrs)
+            }
+            #[doc = concat!("Big-endian `", stringify!($t), "` load as a [`Result`].")]
+            #[inline]
+            pub fn $try_load_be(&self, addr: u64, attrs: MemTxAttrs) -> Result<$t, MemTxError> {
+                self.try_load::<$t>(addr, Endian::Big, attrs)
             }
             #[doc = concat!("Native-endian `", stringify!($t), "` store (QEMU `address_space_st*`).")]
             #[inline]
@@ -637,10 +677,10 @@ macro_rules! typed_accessors {
 }
 
 typed_accessors! {
-    u8: load_u8 load_u8_le load_u8_be store_u8 store_u8_le store_u8_be;
-    u16: load_u16 load_u16_le load_u16_be store_u16 store_u16_le store_u16_be;
-    u32: load_u32 load_u32_le load_u32_be store_u32 store_u32_le store_u32_be;
-    u64: load_u64 load_u64_le load_u64_be store_u64 store_u64_le store_u64_be;
+    u8: load_u8 load_u8_le load_u8_be try_load_u8 try_load_u8_le try_load_u8_be store_u8 store_u8_le store_u8_be;
+    u16: load_u16 load_u16_le load_u16_be try_load_u16 try_load_u16_le try_load_u16_be store_u16 store_u16_le store_u16_be;
+    u32: load_u32 load_u32_le load_u32_be try_load_u32 try_load_u32_le try_load_u32_be store_u32 store_u32_le store_u32_be;
+    u64: load_u64 load_u64_le load_u64_be try_load_u64 try_load_u64_le try_load_u64_be store_u64 store_u64_le store_u64_be;
 }
 
 impl AddressSpace {
@@ -676,6 +716,35 @@ impl AddressSpace {
     ) -> (T, MemTxResult) {
         let order = order.resolve(self.target_endian());
         self.view_guard().load(addr, order, attrs)
+    }
+
+    /// [`AddressSpace::load`] as a [`Result`]: the value, or the error bits
+    /// (an unmapped address is a [`MemTxResult::DECODE_ERROR`]).
+    ///
+    /// ```
+    /// use memtree::{Endian, MemTxAttrs, MemTxResult, Memory};
+    ///
+    /// let memory = Memory::new();
+    /// let root = memory.new_container("system", 1 << 32, None).unwrap();
+    /// let ram = memory.new_ram("ram", 0x1000, None).unwrap();
+    /// memory.add_subregion(root, 0, ram).unwrap();
+    /// let space = memory.new_address_space("memory", root, None).unwrap();
+    /// let handle = memory.address_space(space).unwrap();
+    /// let attrs = MemTxAttrs::UNSPECIFIED;
+    /// handle.store::<u32>(0x10, 7, Endian::Little, attrs).into_result().unwrap();
+    /// assert_eq!(handle.try_load::<u32>(0x10, Endian::Little, attrs), Ok(7));
+    /// let error = handle.try_load::<u32>(0x2000, Endian::Little, attrs).unwrap_err();
+    /// assert!(error.contains(MemTxResult::DECODE_ERROR));
+    /// ```
+    #[inline]
+    pub fn try_load<T: Primitive>(
+        &self,
+        addr: u64,
+        order: Endian,
+        attrs: MemTxAttrs,
+    ) -> Result<T, MemTxError> {
+        let (value, result) = self.load(addr, order, attrs);
+        result.with_value(value)
     }
 
     /// Typed store in the given byte order ([`Endian::Native`] = the guest's).
@@ -736,6 +805,22 @@ impl Deref for ViewCellRef {
 /// A caller-owned access handle that caches its address space's current
 /// view between accesses (see the [module docs](crate::access::dispatch)). `Send`,
 /// not shared: one per vCPU or DMA worker.
+///
+/// ```
+/// use memtree::{Endian, MemTxAttrs, Memory};
+///
+/// let memory = Memory::new();
+/// let system = memory.new_container("system", 1 << 32, None).unwrap();
+/// let ram = memory.new_ram("ram", 0x1000, None).unwrap();
+/// memory.add_subregion(system, 0, ram).unwrap();
+/// let id = memory.new_address_space("memory", system, None).unwrap();
+/// let mut vcpu = memory.address_space(id).unwrap().cursor();
+/// let a = MemTxAttrs::UNSPECIFIED;
+/// for i in 0..4u64 {
+///     vcpu.store::<u64>(i * 8, i, Endian::Native, a).into_result().unwrap();
+/// }
+/// assert_eq!(vcpu.try_load::<u64>(24, Endian::Native, a), Ok(3));
+/// ```
 pub struct SpaceCursor {
     pub(crate) cache: Cache<ViewCellRef, Arc<FlatView>>,
     /// The handle (DMA mappings made through the cursor borrow it).
@@ -842,6 +927,18 @@ impl SpaceCursor {
             }
         }
         load_slow(range, addr, order, attrs)
+    }
+
+    /// [`SpaceCursor::load`] as a [`Result`]: the value, or the error bits.
+    #[inline]
+    pub fn try_load<T: Primitive>(
+        &mut self,
+        addr: u64,
+        order: Endian,
+        attrs: MemTxAttrs,
+    ) -> Result<T, MemTxError> {
+        let (value, result) = self.load(addr, order, attrs);
+        result.with_value(value)
     }
 
     /// [`AddressSpace::store`] through the cached view.

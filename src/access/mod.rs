@@ -10,6 +10,22 @@
 //!   the data plane holds, and [`SpaceId`](crate::SpaceId).
 //! * [`ram`]: host RAM blocks and the race-free guest copies into them.
 //!
+//! # Byte order: two types, two meanings
+//!
+//! * [`Endianness`](crate::Endianness) (`Little`, `Big`) is a **fixed** byte
+//!   order: a device's declared order ([`MmioOps::endianness`](crate::MmioOps::endianness)),
+//!   a target's order ([`Memory::with_target_endian`](crate::Memory::with_target_endian)),
+//!   the order a [`FlatView`](crate::FlatView) access is done in (a view does
+//!   not know its guest). It has no "native" variant on purpose: QEMU's
+//!   `DEVICE_NATIVE_ENDIAN` is resolved to the target's order by whoever
+//!   builds the device, so a device's order is always known.
+//! * [`Endian`](crate::Endian) (`Little`, `Big`, `Native`) is the order a
+//!   guest access **requests** through an address space or cursor, where
+//!   `Native` means that space's target order (QEMU's `ld*`/`st*` without
+//!   suffix). [`Endian::resolve`](crate::Endian::resolve) turns it into an
+//!   `Endianness`; every `Endianness` converts into the `Endian` of the same
+//!   order.
+//!
 //! Invariants: an access runs against one published view from start to end
 //! and takes no lock; device callbacks may re-enter the control plane.
 //!

@@ -96,6 +96,7 @@ pub enum RamBacking {
 
 /// Errors of [`RamBlock`] and [`RamSlice`] operations.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RamError {
     /// `offset + len` exceeds the size of the block (or overflows `u64`).
     #[error("access of {len:#x} bytes at offset {offset:#x} is outside RAM of size {size:#x}")]

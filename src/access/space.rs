@@ -72,6 +72,29 @@ impl Drop for SpaceShared {
 }
 
 /// The data-plane handle of an address space. Cheap to clone; `Send + Sync`.
+///
+/// ```
+/// use memtree::{Endian, MemTxAttrs, Memory};
+///
+/// let memory = Memory::new();
+/// let system = memory.new_container("system", 1 << 32, None).unwrap();
+/// let ram = memory.new_ram("ram", 0x1000, None).unwrap();
+/// memory.add_subregion(system, 0x4000, ram).unwrap();
+/// let id = memory.new_address_space("memory", system, None).unwrap();
+/// let bus = memory.address_space(id).unwrap();
+/// let a = MemTxAttrs::UNSPECIFIED;
+///
+/// // Clones share the published view; any thread may access through them.
+/// let worker = bus.clone();
+/// std::thread::spawn(move || {
+///     worker.store::<u32>(0x4010, 0x1234_5678, Endian::Little, a).into_result().unwrap();
+/// })
+/// .join()
+/// .unwrap();
+/// assert_eq!(bus.try_load::<u32>(0x4010, Endian::Little, a), Ok(0x1234_5678));
+/// // Outside every region: a decode error, never a panic.
+/// assert!(bus.try_load::<u32>(0x10, Endian::Little, a).is_err());
+/// ```
 #[derive(Clone)]
 pub struct AddressSpace {
     pub(crate) shared: Arc<SpaceShared>,
@@ -122,8 +145,8 @@ impl AddressSpace {
     /// The currently published flat view for the duration of one access,
     /// without touching its reference count in the common case.
     #[inline]
-    pub fn view_guard(&self) -> arc_swap::Guard<Arc<FlatView>> {
-        self.shared.view.load()
+    pub fn view_guard(&self) -> CurrentView {
+        CurrentView(self.shared.view.load())
     }
 
     /// The guest's byte order.
@@ -165,4 +188,35 @@ pub(crate) struct SpaceNode {
     pub(crate) handle: AddressSpace,
     /// Creation sequence number: QEMU's global address-space list order.
     pub(crate) seq: u64,
+}
+
+/// The flat view an address space published, borrowed for one access
+/// ([`AddressSpace::view_guard`]): derefs to the [`FlatView`].
+///
+/// Loading it usually touches no reference count; hold it only for the
+/// duration of an access (holding it pins that view's memory, and holding
+/// more than a few at once on one thread makes further loads count
+/// references). For a view to keep, use [`AddressSpace::view`] or [`CurrentView::to_arc`].
+pub struct CurrentView(arc_swap::Guard<Arc<FlatView>>);
+
+impl CurrentView {
+    /// A counted reference to the same view, to keep past the access.
+    pub fn to_arc(&self) -> Arc<FlatView> {
+        Arc::clone(&self.0)
+    }
+}
+
+impl std::ops::Deref for CurrentView {
+    type Target = FlatView;
+    fn deref(&self) -> &FlatView {
+        &self.0
+    }
+}
+
+impl fmt::Debug for CurrentView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("CurrentView")
+            .field(&self.0.root_name())
+            .finish()
+    }
 }

@@ -1,4 +1,4 @@
-//! Cached access to one guest range (QEMU's `MemoryRegionCache`, §5.5) and
+//! Cached access to one guest range (QEMU's `MemoryRegionCache`) and
 //! region lookup that pins its result (QEMU's `memory_region_find`).
 //!
 //! # MemoryRegionCache

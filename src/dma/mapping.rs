@@ -1,6 +1,6 @@
 //! DMA: mapping guest ranges for direct access, bounce buffers, map clients
-//! (QEMU's `address_space_map` / `address_space_unmap`,
-//! qemu-memory-semantics.md §5.1–§5.3, master semantics).
+//! (QEMU's `address_space_map` / `address_space_unmap` in `system/physmem.c`,
+//! as on QEMU's master branch).
 //!
 //! [`AddressSpace::map`] returns a [`DmaMapping`], an RAII guard over a guest
 //! range:
@@ -35,7 +35,7 @@
 //!   space's current view when it is unmapped (with unspecified attributes,
 //!   as QEMU does). When the limit is reached, `map` fails with
 //!   [`DmaError::NoBounceSpace`]; [`AddressSpace::register_map_client`]
-//!   registers a one-shot callback run when bounce space frees (§5.3).
+//!   registers a one-shot callback run when bounce space frees.
 //!
 //! # Map clients
 //!
@@ -176,6 +176,7 @@ impl DmaDirection {
 
 /// Why a mapping, cache or access was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DmaError {
     /// A mapping of zero bytes was requested.
     #[error("cannot map zero bytes")]
@@ -593,6 +594,28 @@ struct BounceHold {
 /// Access is by bounds-checked copies ([`read`](Self::read),
 /// [`write`](Self::write)); no Rust reference into guest memory is handed
 /// out. Dropping the guard is [`unmap`](Self::unmap) with the full length.
+///
+/// ```
+/// use memtree::{DmaDirection, MemTxAttrs, Memory};
+///
+/// let memory = Memory::new();
+/// let system = memory.new_container("system", 1 << 32, None).unwrap();
+/// let ram = memory.new_ram("ram", 0x1_0000, None).unwrap();
+/// memory.add_subregion(system, 0, ram).unwrap();
+/// let id = memory.new_address_space("memory", system, None).unwrap();
+/// let bus = memory.address_space(id).unwrap();
+/// let a = MemTxAttrs::UNSPECIFIED;
+///
+/// // A device writes a buffer into guest RAM...
+/// let mut dma = bus.map(0x2000, 16, DmaDirection::FromDevice, a).unwrap();
+/// assert!(!dma.is_bounce(), "RAM is mapped directly");
+/// dma.write(0, b"packet from NIC!").unwrap();
+/// drop(dma); // unmap: the bytes are the guest's, dirty pages marked
+///
+/// let mut seen = [0u8; 16];
+/// bus.read(0x2000, &mut seen, a).into_result().unwrap();
+/// assert_eq!(&seen, b"packet from NIC!");
+/// ```
 pub struct DmaMapping<'a> {
     space: &'a AddressSpace,
     /// Host address of the first byte of a direct mapping (unused for a
@@ -1180,7 +1203,9 @@ impl Drop for DmaMapping<'_> {
     #[inline]
     fn drop(&mut self) {
         let len = self.len;
-        self.release(len);
+        // A drop has nobody to report a bounce write-back failure to:
+        // `unmap` is the form that returns it.
+        let _ = self.release(len);
     }
 }
 

@@ -201,7 +201,8 @@ pub struct Explanation {
     pub space: String,
     /// Its root region (`None` if the root was removed).
     pub root: Option<String>,
-    /// The region rendering starts from (§2.5 physical root); `None` means
+    /// The region rendering starts from (the physical root: the space's root
+    /// with enabled whole-region aliases followed); `None` means
     /// the empty view.
     pub physical_root: Option<String>,
     /// How the physical root was found from the root, one step a line.
@@ -328,7 +329,7 @@ pub fn explain(machine: &Machine, space: SpaceId, addr: u64) -> Result<Explanati
     })
 }
 
-/// The steps of the physical-root walk (§2.5), in words.
+/// The steps of the physical-root walk, in words.
 fn root_walk(topo: &Topology, root: RegionId) -> Vec<String> {
     let mut steps = Vec::new();
     let mut id = root;

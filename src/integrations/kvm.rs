@@ -396,19 +396,22 @@ pub fn dispatch_exit(
     io: Option<&mut SpaceCursor>,
 ) -> ExitAction {
     let a = MemTxAttrs::UNSPECIFIED;
+    // A vCPU has no bus error to receive on these exits: a failed access
+    // (nothing mapped, device error) leaves `data` as the bus filled it, as
+    // QEMU's KVM exit path ignores the transaction result.
     match exit {
         VcpuExit::MmioRead(addr, data) => {
-            memory.read(addr, data, a);
+            let _ = memory.read(addr, data, a);
             ExitAction::Resume
         }
         VcpuExit::MmioWrite(addr, data) => {
-            memory.write(addr, data, a);
+            let _ = memory.write(addr, data, a);
             ExitAction::Resume
         }
         VcpuExit::IoIn(port, data) => {
             match io {
                 Some(io) => {
-                    io.read(u64::from(port), data, a);
+                    let _ = io.read(u64::from(port), data, a);
                 }
                 None => data.fill(0xff),
             }
@@ -416,7 +419,7 @@ pub fn dispatch_exit(
         }
         VcpuExit::IoOut(port, data) => {
             if let Some(io) = io {
-                io.write(u64::from(port), data, a);
+                let _ = io.write(u64::from(port), data, a);
             }
             ExitAction::Resume
         }

@@ -98,8 +98,11 @@ impl ObjectKind {
 /// One live object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CensusEntry {
+    /// The object's key (unique for the census's lifetime).
     pub key: ObjectKey,
+    /// What kind of object it is.
     pub kind: ObjectKind,
+    /// Its name (not unique).
     pub name: String,
     /// Objects this one holds strongly.
     pub holds: BTreeSet<ObjectKey>,
@@ -108,8 +111,11 @@ pub struct CensusEntry {
 /// A finalization event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finalized {
+    /// The finalized object's key.
     pub key: ObjectKey,
+    /// What kind of object it was.
     pub kind: ObjectKind,
+    /// Its name.
     pub name: String,
 }
 
@@ -125,6 +131,30 @@ struct Registry {
 
 /// The registry. One per machine ([`crate::Memory`]); shared by `Arc` with
 /// every object that registers in it.
+///
+/// ```
+/// use memtree::{DmaDirection, MemTxAttrs, Memory, ObjectKind};
+///
+/// let memory = Memory::new();
+/// let system = memory.new_container("system", 1 << 32, None).unwrap();
+/// let nic = memory.new_owner("nic0", None).unwrap();
+/// let buffer = memory.new_ram("nic0-buffer", 0x1000, Some(nic)).unwrap();
+/// memory.add_subregion(system, 0, buffer).unwrap();
+/// let id = memory.new_address_space("memory", system, None).unwrap();
+/// let bus = memory.address_space(id).unwrap();
+///
+/// // The memory behind the buffer, by id: no search by name.
+/// let key = memory.backend_census_key(buffer).unwrap().unwrap();
+/// let census = memory.census().clone();
+/// assert_eq!(census.entry(key).unwrap().kind, ObjectKind::Backend);
+///
+/// // A mapping outlives the unplug; the census says who holds the memory.
+/// let dma = bus.map(0, 64, DmaDirection::ToDevice, MemTxAttrs::UNSPECIFIED).unwrap();
+/// memory.unplug(nic).unwrap();
+/// assert!(census.explain(key)[0].starts_with("held by mapping"));
+/// drop(dma);
+/// assert!(!census.is_live(key));
+/// ```
 pub struct Census {
     inner: Mutex<Registry>,
     /// Objects registered lazily (DMA mappings, see [`crate::dma::mapping`]): synced
@@ -258,6 +288,12 @@ impl Census {
     /// The name of a live object (does not sync the lazy source).
     pub fn name_of(&self, key: ObjectKey) -> Option<String> {
         self.inner.lock().live.get(&key).map(|e| e.name.clone())
+    }
+
+    /// The entry of a live object, `None` once it is finalized.
+    pub fn entry(&self, key: ObjectKey) -> Option<CensusEntry> {
+        self.sync();
+        self.inner.lock().live.get(&key).cloned()
     }
 
     /// Whether `key` is still alive.

@@ -59,7 +59,10 @@ impl fmt::Display for LeakReport {
             for c in chains {
                 writeln!(f, "    {c}")?;
             }
-            if chains.iter().all(|c| !c.contains(" -> ")) {
+            if chains
+                .iter()
+                .all(|c| !c.contains(" -> ") && !c.contains("outside memtree"))
+            {
                 writeln!(
                     f,
                     "    (a root: held by a handle outside memtree, e.g. a mapping or address-space handle)"
@@ -165,13 +168,31 @@ pub fn why_alive(census: &Census, key: ObjectKey) -> Vec<String> {
 /// Every live object except the topology, with its holder chains, and
 /// every panic the census recorded. Clean when nothing but the topology is
 /// alive and nothing panicked.
+///
+/// A chain whose root is an address space's handle state or a flat view
+/// starts with the holder outside memtree that keeps that root (an
+/// `AddressSpace` handle, an `Arc<FlatView>`), never with the survivor
+/// itself.
 pub fn leak_report(census: &Census) -> LeakReport {
+    leak_report_naming(census, &BTreeMap::new())
+}
+
+/// [`leak_report`], naming the address spaces that published each view
+/// (`view_spaces`: view key → space names), as teardown knows them.
+pub(crate) fn leak_report_naming(
+    census: &Census,
+    view_spaces: &BTreeMap<ObjectKey, Vec<String>>,
+) -> LeakReport {
     let survivors = census
         .live()
         .into_iter()
         .filter(|e| e.kind != ObjectKind::Topology)
         .map(|e| {
-            let chains = census.explain(e.key);
+            let chains = census
+                .holder_chains(e.key, 16)
+                .iter()
+                .map(|chain| leak_chain(chain, view_spaces))
+                .collect();
             (e, chains)
         })
         .collect();
@@ -179,6 +200,60 @@ pub fn leak_report(census: &Census) -> LeakReport {
         survivors,
         panics: census.panics(),
     }
+}
+
+/// The holder outside memtree of a root the census cannot see past: user
+/// code holds address-space handles and views, memtree never does once the
+/// machine is gone.
+fn outside_holder(
+    root: &CensusEntry,
+    view_spaces: &BTreeMap<ObjectKey, Vec<String>>,
+) -> Option<String> {
+    match root.kind {
+        ObjectKind::AddressSpace => Some(format!(
+            "an AddressSpace handle outside memtree (from Memory::address_space for \"{}\", or a SpaceCursor of it)",
+            root.name
+        )),
+        ObjectKind::FlatView => Some(match view_spaces.get(&root.key) {
+            Some(spaces) if !spaces.is_empty() => {
+                let names: Vec<String> = spaces.iter().map(|n| format!("\"{n}\"")).collect();
+                format!(
+                    "an Arc<FlatView> outside memtree (from AddressSpace::view() of {})",
+                    names.join(" or ")
+                )
+            }
+            _ => "an Arc<FlatView> outside memtree (from AddressSpace::view(), a SpaceCursor or CurrentView::to_arc)".to_owned(),
+        }),
+        _ => None,
+    }
+}
+
+/// One chain in the leak report's words: `held by <root holder> -> ... ->
+/// survivor`, with the outside holder first when the root has one; a
+/// survivor that is itself such a root is `held by <outside holder>`.
+fn leak_chain(chain: &[CensusEntry], view_spaces: &BTreeMap<ObjectKey, Vec<String>>) -> String {
+    let mut s = String::from("held by ");
+    let outside = chain
+        .first()
+        .and_then(|root| outside_holder(root, view_spaces));
+    let shown = match &outside {
+        Some(holder) => {
+            s.push_str(holder);
+            if chain.len() == 1 {
+                return s;
+            }
+            s.push_str(" -> ");
+            chain
+        }
+        None => chain,
+    };
+    for (i, e) in shown.iter().enumerate() {
+        if i > 0 {
+            s.push_str(" -> ");
+        }
+        let _ = write!(s, "{} {} \"{}\"", e.kind.as_str(), e.key, e.name);
+    }
+    s
 }
 
 fn shape(kind: ObjectKind) -> &'static str {

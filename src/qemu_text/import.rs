@@ -140,32 +140,50 @@ pub struct Imported {
 /// Why a dump could not be imported. Lines are 1-based lines of the dump
 /// named in the message.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ImportError {
     /// A region line is missing: the dump is not an `info mtree -D` dump.
     #[error("tree dump line {line}: a region is hidden above this line (indentation skips a level); import needs an `info mtree -D` dump, which prints disabled regions")]
-    HiddenRegion { line: usize },
+    HiddenRegion {
+        /// The dump line (1-based).
+        line: usize,
+    },
     /// An alias whose target has no `memory-region:` section.
     #[error("tree dump line {line}: alias \"{alias}\" targets \"{target}\", but the dump has no `memory-region: {target}` section")]
     UnknownAliasTarget {
+        /// The dump line (1-based).
         line: usize,
+        /// The alias's name.
         alias: String,
+        /// The target name it gives.
         target: String,
     },
     /// No assignment of same-named targets to aliases fits the dump.
     #[error("tree dump line {line}: alias \"{alias}\": no region named \"{target}\" fits as its target (every choice makes an alias contain itself or puts its window outside the target)")]
     NoConsistentAliasTarget {
+        /// The dump line (1-based).
         line: usize,
+        /// The alias's name.
         alias: String,
+        /// The target name it gives.
         target: String,
     },
     /// Aliases that (through their targets) contain themselves.
     #[error("tree dump line {line}: alias \"{alias}\" is part of an alias cycle")]
-    AliasLoop { line: usize, alias: String },
+    AliasLoop {
+        /// The dump line (1-based).
+        line: usize,
+        /// An alias of the cycle.
+        alias: String,
+    },
     /// The model refused an edit implied by the dump.
     #[error("tree dump line {line}: cannot build region \"{region}\": {source}")]
     Model {
+        /// The dump line (1-based).
         line: usize,
+        /// The region being built.
         region: String,
+        /// Why the model refused it.
         #[source]
         source: TopologyError,
     },
@@ -174,13 +192,21 @@ pub enum ImportError {
         "flat dump line {line}: address space \"{name}\" (root \"{root}\") is not in the tree dump"
     )]
     UnknownSpace {
+        /// The dump line (1-based).
         line: usize,
+        /// The address space's name.
         name: String,
+        /// Its root region's name.
         root: String,
     },
     /// A block of the owner dump matches no block of the tree dump.
     #[error("owner dump line {line}: {message}")]
-    OwnerMismatch { line: usize, message: String },
+    OwnerMismatch {
+        /// The dump line (1-based).
+        line: usize,
+        /// What does not match.
+        message: String,
+    },
 }
 
 /// Imports a parsed `info mtree -D` dump; see the module docs.

@@ -118,7 +118,9 @@ pub enum OwnerRef {
 pub enum OwnerDecor {
     /// ` owner:{...}`, optionally followed by ` parent:{...}`.
     Owner {
+        /// The owner.
         owner: OwnerRef,
+        /// Its parent, when printed.
         parent: Option<OwnerRef>,
     },
     /// Only ` parent:{...}`.
@@ -130,7 +132,9 @@ pub enum OwnerDecor {
 /// The `@TARGET TSTART-TEND` part of an alias line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AliasTarget {
+    /// The target region's name.
     pub target_name: String,
+    /// Where the alias starts inside the target, as printed.
     pub target_start: u64,
     /// Inclusive, as printed.
     pub target_last: u64,
@@ -145,15 +149,23 @@ pub struct TreeLine {
     pub start: u64,
     /// As printed (inclusive).
     pub last: u64,
+    /// The region's priority.
     pub priority: i32,
+    /// Printed with the `nv-` prefix.
     pub nonvolatile: bool,
+    /// The region type tag (`ram`, `i/o`, ...).
     pub ty: TypeTag,
+    /// The region's name.
     pub name: String,
+    /// For an alias: its target part.
     pub alias: Option<AliasTarget>,
+    /// Printed with ` [disabled]`.
     pub disabled: bool,
     /// Had a `[DETECTED OVERFLOW!] ` prefix.
     pub overflow: bool,
+    /// The owner decoration (`-o` dumps).
     pub owner: Option<OwnerDecor>,
+    /// The subregion lines, in printed order.
     pub children: Vec<TreeLine>,
 }
 
@@ -162,46 +174,63 @@ pub struct TreeLine {
 pub struct AsGroup {
     /// Line of the first `address-space:` header.
     pub line: usize,
+    /// The address spaces' names, in printed order.
     pub names: Vec<String>,
+    /// Their shared root region tree.
     pub root: TreeLine,
 }
 
 /// A `memory-region: NAME` block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegionBlock {
+    /// Line of the `memory-region:` header.
     pub line: usize,
+    /// The region's name.
     pub name: String,
+    /// Its tree.
     pub root: TreeLine,
 }
 
 /// A parsed tree view; groups and regions each in file order.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TreeDump {
+    /// The address-space groups.
     pub groups: Vec<AsGroup>,
+    /// The `memory-region:` blocks (alias targets).
     pub regions: Vec<RegionBlock>,
 }
 
 /// One ` AS "NAME", root: ROOT[, alias TARGET]` line of a flat view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlatAs {
+    /// The address space's name.
     pub name: String,
+    /// Its root region's name.
     pub root: String,
+    /// The alias target printed after the root, if any.
     pub alias: Option<String>,
 }
 
 /// One range line of a flat view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlatLine {
+    /// 1-based line number in the input.
     pub line: usize,
+    /// As printed.
     pub start: u64,
     /// Inclusive, as printed.
     pub last: u64,
+    /// The region's priority.
     pub priority: i32,
+    /// Printed with the `nv-` prefix.
     pub nonvolatile: bool,
+    /// The region type tag.
     pub ty: TypeTag,
+    /// The region's name.
     pub name: String,
     /// Offset into the region (`@OFFSET`), 0 if not printed.
     pub offset: u64,
+    /// The owner decoration (`-o` dumps).
     pub owner: Option<OwnerDecor>,
     /// Accelerator suffixes such as `KVM`.
     pub accel: Vec<String>,
@@ -210,8 +239,11 @@ pub struct FlatLine {
 /// One `FlatView #N` block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlatBlock {
+    /// Line of the `FlatView #N` header.
     pub line: usize,
+    /// The `N` of the header.
     pub number: u32,
+    /// The address spaces that share the view.
     pub spaces: Vec<FlatAs>,
     /// `None` for `Root memory region: (none)`.
     pub root: Option<String>,
@@ -222,6 +254,7 @@ pub struct FlatBlock {
 /// A parsed flat view.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct FlatDump {
+    /// The `FlatView` blocks, in file order.
     pub views: Vec<FlatBlock>,
 }
 
@@ -229,7 +262,9 @@ pub struct FlatDump {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("line {line}: {message}")]
 pub struct ParseError {
+    /// The 1-based line.
     pub line: usize,
+    /// What is wrong with it.
     pub message: String,
 }
 

@@ -4,7 +4,7 @@
 //! Pure: [`print_tree`] and [`print_flat`] read the topology under the
 //! machine's writer lock (no edit, no render) and write into any
 //! [`fmt::Write`]. Every *block* is byte-identical to what QEMU 7.2 prints
-//! for the same machine (qemu-memory-semantics.md §3.1–§3.3).
+//! for the same machine (`mtree_info` in QEMU's `system/memory.c`).
 //!
 //! # Block order (deterministic; QEMU uses hash order)
 //!

@@ -1,5 +1,5 @@
 //! Rendering: region tree → flat view, with QEMU's exact semantics
-//! (qemu-memory-semantics.md §2).
+//! (QEMU `system/memory.c`: `generate_memory_topology`).
 //!
 //! [`render`] is a pure function of the topology: it takes no lock, does no
 //! I/O and cannot fail (the topology's own invariants — no alias loops, no
@@ -16,7 +16,8 @@
 //! *coalesced* intervals (adjacent covered intervals are joined), so filling
 //! the gaps of a clip costs O((g + 1) log n) for the g gaps it fills, however
 //! many ranges already lie inside it. The pieces themselves are appended to a
-//! vector, sorted once at the end and merged (§2.4). A render is therefore
+//! vector, sorted once at the end and merged by QEMU's merge rule
+//! (`simplify`). A render is therefore
 //! O(v + p log p) for v regions visited and p pieces produced.
 //!
 //! Arithmetic is in `i128`, like QEMU's `Int128`, because alias offsets can
@@ -88,7 +89,9 @@ enum Task<'t> {
     },
 }
 
-/// Renders the tree under `root` (a physical root, §2.5) into flat ranges.
+/// Renders the tree under `root` (a physical root: the region reached from
+/// the space's root by following enabled aliases that map it whole) into
+/// flat ranges.
 pub(crate) fn render(topo: &Topology, root: RegionId) -> Rendered {
     render_clipped(topo, root, (0, MAX_REGION_SIZE as i128))
 }
@@ -305,7 +308,9 @@ fn attrs_for(node: &RegionNode, flags: PathFlags) -> RangeAttrs {
     }
 }
 
-/// QEMU's merge rule (§2.4), then conversion to `FlatRange`s. `pieces` are
+/// QEMU's merge rule (`flatview_simplify`: two adjacent ranges join when
+/// they continue the same region at consecutive offsets with equal
+/// attributes), then conversion to `FlatRange`s. `pieces` are
 /// sorted and disjoint. (Within one render a region's dirty-log mask and
 /// romd mode are the same for all its pieces, so comparing the region and
 /// the path flags is QEMU's comparison.)
@@ -343,7 +348,7 @@ fn simplify(pieces: Vec<Piece<'_>>) -> Vec<FlatRange> {
     out
 }
 
-/// QEMU's physical-root walk (§2.5): the region whose rendering an address
+/// QEMU's physical-root walk (`memory_region_get_flatview_root`): the region whose rendering an address
 /// space rooted at `root` shares. `None` means the empty view.
 pub(crate) fn physical_root(topo: &Topology, root: RegionId) -> Option<RegionId> {
     physical_root_visiting(topo, root, |_| {})

@@ -1,5 +1,5 @@
-//! Memory listeners: QEMU's `MemoryListener` (qemu-memory-semantics.md §6),
-//! with ioeventfds (§6.4) and coalesced MMIO ranges (§6.5).
+//! Memory listeners: QEMU's `MemoryListener` (`include/exec/memory.h`,
+//! `system/memory.c`), with ioeventfds and coalesced MMIO ranges.
 //!
 //! A listener registered on an address space is told, at every commit that
 //! changes that space's flat view, which ranges were removed, kept and added.
@@ -174,6 +174,31 @@ impl fmt::Debug for EventfdSection<'_> {
 
 /// Callbacks; every one defaults to doing nothing. Implementations use
 /// interior mutability: callbacks take `&self`.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use memtree::{Memory, MemoryListener, Section};
+///
+/// /// Records the guest ranges a hypervisor would map.
+/// #[derive(Default)]
+/// struct Slots(Mutex<Vec<(u64, u128)>>);
+///
+/// impl MemoryListener for Slots {
+///     fn region_add(&self, section: &Section<'_>) {
+///         let range = section.range;
+///         self.0.lock().unwrap().push((range.start(), range.len()));
+///     }
+/// }
+///
+/// let memory = Memory::new();
+/// let system = memory.new_container("system", 1 << 32, None).unwrap();
+/// let space = memory.new_address_space("memory", system, None).unwrap();
+/// let slots = Arc::new(Slots::default());
+/// memory.register_listener(space, slots.clone()).unwrap();
+/// let ram = memory.new_ram("ram", 0x1000, None).unwrap();
+/// memory.add_subregion(system, 0x10_0000, ram).unwrap();
+/// assert_eq!(*slots.0.lock().unwrap(), [(0x10_0000, 0x1000)]);
+/// ```
 #[allow(unused_variables)]
 pub trait MemoryListener: Send + Sync {
     /// Ordering key: lower runs first for forward callbacks.
@@ -835,7 +860,8 @@ fn nops_and_additions(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, o: &[&FlatRange], 
 }
 
 /// Sends an ioeventfd difference: `eventfd_del` forward, `eventfd_add` in
-/// reverse (QEMU's order, §6.2).
+/// reverse listener order (QEMU's order: removals run from the last
+/// listener to the first, additions from the first to the last).
 pub(crate) fn notify_fds(cx: &SpaceCtx<'_>, view: &Arc<FlatView>, changes: &[(bool, SpaceFd)]) {
     for (adding, fd) in changes {
         let s = fd_section(cx.space, cx.name, fd, view);

@@ -111,6 +111,28 @@ use crate::view::flatview::{FlatView, SpliceSpans};
 type Result<T> = std::result::Result<T, TopologyError>;
 
 /// The memory system shared by [`Memory`], [`MemoryRef`] and transactions.
+///
+/// Every edit is a method of `Machine`; [`Memory`] and [`MemoryRef`]
+/// dereference to it. Edits inside a [`Transaction`] publish together:
+///
+/// ```
+/// use memtree::Memory;
+///
+/// let memory = Memory::new();
+/// let system = memory.new_container("system", 1 << 32, None).unwrap();
+/// let space = memory.new_address_space("memory", system, None).unwrap();
+/// let low = memory.new_ram("low", 0x1000, None).unwrap();
+/// let high = memory.new_ram("high", 0x1000, None).unwrap();
+/// {
+///     let tx = memory.begin();
+///     tx.add_subregion(system, 0, low).unwrap();
+///     tx.add_subregion(system, 0x8000, high).unwrap();
+///     tx.commit(); // one render, one publication
+/// }
+/// let view = memory.address_space(space).unwrap().view();
+/// assert_eq!(view.ranges().len(), 2);
+/// assert_eq!(memory.region_info(high).unwrap().addr, 0x8000);
+/// ```
 pub struct Machine {
     pub(crate) control: ReentrantMutex<RefCell<Topology>>,
     data: Arc<MachineData>,
@@ -121,6 +143,25 @@ pub struct Machine {
 
 /// The owning handle of a machine's memory system. Not `Clone`: see the
 /// module docs. Dropping it tears the machine down.
+///
+/// ```
+/// use memtree::{MemTxAttrs, Memory};
+///
+/// // Build: a system container with 1 MiB of RAM, and its address space.
+/// let memory = Memory::new();
+/// let system = memory.new_container("system", 1 << 64, None).unwrap();
+/// let ram = memory.new_ram("pc.ram", 0x10_0000, None).unwrap();
+/// memory.add_subregion(system, 0, ram).unwrap();
+/// let space = memory.new_address_space("memory", system, None).unwrap();
+///
+/// // Access through the data-plane handle.
+/// let bus = memory.address_space(space).unwrap();
+/// bus.write(0x100, b"hi", MemTxAttrs::UNSPECIFIED).into_result().unwrap();
+/// drop(bus);
+///
+/// // Tear down: nothing may survive.
+/// assert!(memory.teardown().is_clean());
+/// ```
 pub struct Memory {
     machine: Arc<Machine>,
 }
@@ -739,10 +780,21 @@ impl Machine {
     fn teardown(&self) -> (LeakReport, Option<Payload>) {
         let defer = Deferral::enter();
         let guard = self.control.lock();
+        let mut view_spaces = std::collections::BTreeMap::new();
         {
             let mut topo = guard.borrow_mut();
             if std::mem::replace(&mut topo.torn_down, true) {
                 return (LeakReport::default(), None);
+            }
+            // Which spaces published each view, for the leak report to
+            // name who a surviving view came from.
+            for (_, space) in topo.spaces_in_order() {
+                if let Some(key) = space.handle.view().census_key() {
+                    view_spaces
+                        .entry(key)
+                        .or_insert_with(Vec::new)
+                        .push(space.name.to_string());
+                }
             }
             topo.clear();
             topo.depth = 0;
@@ -766,7 +818,7 @@ impl Machine {
         drop(guard);
         let panic = defer.finish();
         (
-            crate::lifecycle::diag::leak_report(&self.data.census),
+            crate::lifecycle::diag::leak_report_naming(&self.data.census, &view_spaces),
             panic,
         )
     }
@@ -869,7 +921,7 @@ impl Machine {
     }
 
     /// RAM backed by fresh anonymous host memory.
-    pub fn new_ram(&self, name: &str, size: u64, owner: Option<OwnerId>) -> Result<RegionId> {
+    pub fn new_ram(&self, name: &str, size: u128, owner: Option<OwnerId>) -> Result<RegionId> {
         self.new_ram_with(name, size, owner, RamBacking::Anonymous)
     }
 
@@ -877,11 +929,11 @@ impl Machine {
     pub fn new_ram_with(
         &self,
         name: &str,
-        size: u64,
+        size: u128,
         owner: Option<OwnerId>,
         backing: RamBacking,
     ) -> Result<RegionId> {
-        let block = self.backend(name, size, backing)?;
+        let block = self.backend(name, host_size(name, size)?, backing)?;
         self.new_ram_from_backend(name, &block, 0, size, owner)
     }
 
@@ -891,9 +943,10 @@ impl Machine {
         name: &str,
         backend: &Arc<MemoryBackend>,
         offset: u64,
-        size: u64,
+        size: u128,
         owner: Option<OwnerId>,
     ) -> Result<RegionId> {
+        let size = host_size(name, size)?;
         if !backend.is_of(&self.data.dma) {
             return Err(TopologyError::ForeignBackend {
                 region: name.to_owned(),
@@ -920,7 +973,7 @@ impl Machine {
     }
 
     /// ROM: RAM that guest writes cannot change.
-    pub fn new_rom(&self, name: &str, size: u64, owner: Option<OwnerId>) -> Result<RegionId> {
+    pub fn new_rom(&self, name: &str, size: u128, owner: Option<OwnerId>) -> Result<RegionId> {
         let id = self.new_ram(name, size, owner)?;
         self.set_readonly(id, true)?;
         Ok(id)
@@ -930,9 +983,10 @@ impl Machine {
     pub fn new_ram_device(
         &self,
         name: &str,
-        size: u64,
+        size: u128,
         owner: Option<OwnerId>,
     ) -> Result<RegionId> {
+        let size = host_size(name, size)?;
         let block = self.backend(name, size, RamBacking::Anonymous)?;
         let backing = Backing::RamDevice { block, offset: 0 };
         let config = RegionCore::ops_config_for(RegionKind::RamDevice, &backing);
@@ -954,10 +1008,11 @@ impl Machine {
     pub fn new_rom_device(
         &self,
         name: &str,
-        size: u64,
+        size: u128,
         ops: Arc<dyn MmioOps>,
         owner: Option<OwnerId>,
     ) -> Result<RegionId> {
+        let size = host_size(name, size)?;
         let block = self.backend(name, size, RamBacking::Anonymous)?;
         let backing = Backing::RomDevice { block, ops };
         let config = RegionCore::ops_config_for(RegionKind::RomDevice, &backing);
@@ -1238,7 +1293,7 @@ impl Machine {
     // ---- listeners -----------------------------------------------------------
 
     /// Registers a listener on an address space and replays the space's
-    /// current state to it (§6.2): `begin`, per range `region_add`, coalesced
+    /// current state to it (QEMU `listener_add_address_space`): `begin`, per range `region_add`, coalesced
     /// adds and `log_start`, then `eventfd_add` for every ioeventfd, `commit`.
     /// A panic of the listener is re-raised after the whole replay (the
     /// listener stays registered: module docs, "Panics").
@@ -1702,6 +1757,15 @@ impl Machine {
     pub fn region_count(&self) -> usize {
         self.read(|t| t.regions.len())
     }
+}
+
+/// A region size as a host memory size: region sizes are `u128` (a
+/// container can span 2^64 bytes), host memory stops below 2^64.
+fn host_size(name: &str, size: u128) -> Result<u64> {
+    u64::try_from(size).map_err(|_| TopologyError::Allocation {
+        region: name.to_owned(),
+        message: format!("{size:#x} bytes of host memory cannot exist (RAM is smaller than 2^64)"),
+    })
 }
 
 fn wrong_kind(t: &Topology, id: RegionId, expected: &'static str) -> TopologyError {

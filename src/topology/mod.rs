@@ -9,6 +9,19 @@
 //!   (what the data plane may keep) and their control-plane nodes.
 //! * `arena`: generation-checked slot arenas behind the ids.
 //! * [`error`]: the error of every edit, [`TopologyError`](crate::TopologyError).
+//! * [`census_ids`]: from a region, owner or space id to its census entry.
+//!
+//! # Sizes
+//!
+//! A region's size is a `u128` everywhere the API states one (every
+//! `Machine::new_*` region constructor, [`Machine::set_size`](crate::Machine::set_size),
+//! [`RegionInfo::size`](crate::RegionInfo::size)), like QEMU's `Int128`:
+//! a region may span the whole 64-bit address space, 2^64 bytes, which no
+//! `u64` holds; more than 2^64 is [`TopologyError::SizeTooLarge`](crate::TopologyError::SizeTooLarge).
+//! Host memory is smaller: a RAM, ROM, RAM-device or ROM-device region of
+//! 2^64 bytes is refused with [`TopologyError::Allocation`](crate::TopologyError::Allocation),
+//! and the sizes of host memory itself (a [`MemoryBackend`](crate::MemoryBackend),
+//! offsets into it) and of guest accesses are `u64`.
 //!
 //! Invariants: one writer at a time (the `Memory` lock); an edit either
 //! completes or leaves the tree as it was; ids are generation-checked, so a
@@ -22,6 +35,7 @@
 //! them.
 
 pub(crate) mod arena;
+pub mod census_ids;
 pub mod error;
 pub mod memory;
 pub mod owner;

@@ -103,24 +103,32 @@ pub enum Backing {
     None,
     /// Host memory; `offset` is where the region starts inside the block.
     Ram {
+        /// The host memory.
         block: Arc<MemoryBackend>,
+        /// Where the region starts inside `block`.
         offset: u64,
     },
     /// Device memory accessed by exact-width host loads and stores.
     RamDevice {
+        /// The device memory.
         block: Arc<MemoryBackend>,
+        /// Where the region starts inside `block`.
         offset: u64,
     },
     /// ROM device: RAM for reads in romd mode, ops for everything else.
     RomDevice {
+        /// The ROM's host memory (read directly in romd mode).
         block: Arc<MemoryBackend>,
+        /// The device's callbacks.
         ops: Arc<dyn MmioOps>,
     },
     /// Device callbacks.
     Mmio(Arc<dyn MmioOps>),
     /// An IOMMU: the translating device and its notifier hub.
     Iommu {
+        /// The device that translates.
         device: Arc<dyn crate::iommu::Iommu>,
+        /// Its IOTLB notifiers and cache.
         hub: Arc<crate::iommu::IommuHub>,
     },
 }
@@ -407,19 +415,34 @@ impl RegionNode {
 /// [`crate::Machine::region_info`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegionInfo {
+    /// The region.
     pub id: RegionId,
+    /// Its name (not unique).
     pub name: String,
+    /// What it is.
     pub kind: RegionKind,
+    /// Its size in bytes (up to 2^64).
     pub size: u128,
+    /// Its offset inside its container (0 when not mapped).
     pub addr: u64,
+    /// Its priority among its container's subregions.
     pub priority: i32,
+    /// Whether it takes part in rendering.
     pub enabled: bool,
+    /// Whether guest writes are refused (ROM).
     pub readonly: bool,
+    /// Whether its contents survive power loss (reported, not enforced).
     pub nonvolatile: bool,
+    /// For a ROM device: whether reads go straight to its memory.
     pub romd_mode: bool,
+    /// The container it is mapped in, if any.
     pub container: Option<RegionId>,
+    /// Its subregions, in priority order.
     pub subregions: Vec<RegionId>,
+    /// For an alias: the region it shows.
     pub alias_target: Option<RegionId>,
+    /// For an alias: where in the target it starts.
     pub alias_offset: u64,
+    /// Its owner, if any.
     pub owner: Option<OwnerId>,
 }

@@ -11,7 +11,8 @@
 //!
 //! * Ranges are sorted by `start`, non-empty, disjoint, and inside
 //!   `[0, 2^64)`; `last` is inclusive so a range can end at `u64::MAX`.
-//! * Adjacent ranges that QEMU's merge rule would join are joined (§2.4).
+//! * Adjacent ranges that QEMU's merge rule would join are joined (same
+//!   region at consecutive offsets, equal attributes: `flatview_simplify`).
 //! * A range holds its region's [`RegionCore`] strongly; for directly
 //!   readable RAM it also caches the host address of `start`, valid as long as
 //!   the range (and so the core and its backend) is alive.

@@ -51,6 +51,7 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// Errors of the driver.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DriverError {
     /// A guest-memory access failed (nothing there, or not RAM).
     #[error("guest memory access at {gpa:#x}+{len:#x} failed")]

@@ -89,6 +89,7 @@ const MAX_FDS_PER_MESSAGE: usize = 8;
 /// Errors of the vhost-user front-end. Cloneable: an error recorded in a
 /// listener callback is kept and handed to the next caller.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum VhostUserError {
     /// The socket could not be opened.
     #[error("cannot connect to vhost-user back-end at {path}: {message}")]
