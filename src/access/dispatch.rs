@@ -85,13 +85,13 @@ use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Cache};
 
-use crate::access::attrs::{
+use crate::access::space::{AddressSpace, SpaceShared};
+use crate::host::ram;
+use crate::region::attrs::{
     self as access, AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps, OpsConfig,
     UnassignedOps,
 };
-use crate::access::ram;
-use crate::access::space::{AddressSpace, SpaceShared};
-use crate::topology::region::{Backing, RegionKind};
+use crate::region::region_core::{Backing, RegionKind};
 use crate::view::flatview::{FlatRange, FlatView};
 
 /// Byte order requested by a typed access.
@@ -357,7 +357,7 @@ fn read_piece(
     rest: &mut [u8],
     attrs: MemTxAttrs,
 ) -> (usize, MemTxResult) {
-    if let Some(done) = range.and_then(|r| crate::iommu::read_piece(r, addr, rest, attrs)) {
+    if let Some(done) = range.and_then(|r| crate::access::iommu::read_piece(r, addr, rest, attrs)) {
         return done;
     }
     let (t, mr_addr, cap) = target(range, addr);
@@ -377,7 +377,8 @@ fn write_piece(
     rest: &[u8],
     attrs: MemTxAttrs,
 ) -> (usize, MemTxResult) {
-    if let Some(done) = range.and_then(|r| crate::iommu::write_piece(r, addr, rest, attrs)) {
+    if let Some(done) = range.and_then(|r| crate::access::iommu::write_piece(r, addr, rest, attrs))
+    {
         return done;
     }
     let (t, mr_addr, cap) = target(range, addr);
@@ -562,7 +563,7 @@ fn load_slow<T: Primitive>(
             );
         }
     }
-    if let Some(done) = range.and_then(|r| crate::iommu::load::<T>(r, addr, order, attrs)) {
+    if let Some(done) = range.and_then(|r| crate::access::iommu::load::<T>(r, addr, order, attrs)) {
         return done;
     }
     let (t, mr_addr, _) = target(range, addr);
@@ -591,7 +592,9 @@ fn store_slow<T: Primitive>(
             return MemTxResult::OK;
         }
     }
-    if let Some(done) = range.and_then(|r| crate::iommu::store::<T>(r, addr, value, order, attrs)) {
+    if let Some(done) =
+        range.and_then(|r| crate::access::iommu::store::<T>(r, addr, value, order, attrs))
+    {
         return done;
     }
     let (t, mr_addr, _) = target(range, addr);

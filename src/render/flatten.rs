@@ -25,8 +25,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::topology::region::{RegionId, RegionKind, RegionNode, MAX_REGION_SIZE};
-use crate::topology::tree::Topology;
+use crate::region::ids::RegionId;
+use crate::region::region_core::{RegionGraph, RegionKind, RegionNode, MAX_REGION_SIZE};
 use crate::view::flatview::{FlatRange, RangeAttrs, RegionType};
 
 /// Propagated flags along a render path.
@@ -55,7 +55,7 @@ pub(crate) struct Rendered {
 }
 
 struct Renderer<'t> {
-    topo: &'t Topology,
+    topo: &'t dyn RegionGraph,
     /// Covered addresses: disjoint, non-adjacent intervals, start -> end
     /// (exclusive; an end can be 2^64).
     covered: BTreeMap<u64, u128>,
@@ -89,7 +89,7 @@ enum Task<'t> {
 }
 
 /// Renders the tree under `root` (a physical root, §2.5) into flat ranges.
-pub(crate) fn render(topo: &Topology, root: RegionId) -> Rendered {
+pub(crate) fn render(topo: &dyn RegionGraph, root: RegionId) -> Rendered {
     render_clipped(topo, root, (0, MAX_REGION_SIZE as i128))
 }
 
@@ -97,7 +97,7 @@ pub(crate) fn render(topo: &Topology, root: RegionId) -> Rendered {
 /// `root`. Every address inside the window gets what a full render gives it
 /// (the walk decides each address independently of the others); pieces are
 /// cut at the window's edges.
-fn render_clipped(topo: &Topology, root: RegionId, window: (i128, i128)) -> Rendered {
+fn render_clipped(topo: &dyn RegionGraph, root: RegionId, window: (i128, i128)) -> Rendered {
     let mut r = Renderer {
         topo,
         covered: BTreeMap::new(),
@@ -345,7 +345,7 @@ fn simplify(pieces: Vec<Piece<'_>>) -> Vec<FlatRange> {
 
 /// QEMU's physical-root walk (§2.5): the region whose rendering an address
 /// space rooted at `root` shares. `None` means the empty view.
-pub(crate) fn physical_root(topo: &Topology, root: RegionId) -> Option<RegionId> {
+pub(crate) fn physical_root(topo: &dyn RegionGraph, root: RegionId) -> Option<RegionId> {
     let mut id = root;
     loop {
         let node = topo.node(id)?;
@@ -399,7 +399,7 @@ pub(crate) fn physical_root(topo: &Topology, root: RegionId) -> Option<RegionId>
 /// edge are joined there by QEMU's merge rule, which is all a full render
 /// does (merging is decided pairwise on adjacent addresses).
 pub(crate) fn splice(
-    topo: &Topology,
+    topo: &dyn RegionGraph,
     root: RegionId,
     old: &crate::view::flatview::FlatView,
     affected: &[(i128, i128)],

@@ -29,7 +29,7 @@
 //! * `log_sync` / `log_clear` are not part of a commit: they run from
 //!   [`crate::Machine::dirty_log_sync`], `snapshot_and_clear_dirty` and
 //!   `take_dirty_ram`, per space (creation order), per logging range
-//!   (address order), forward ([`crate::dirty`]).
+//!   (address order), forward ([`crate::host::dirty_bitmap`]).
 //! * Sections are in address-space coordinates, and carry the view published
 //!   when the callback runs (during a commit's diff that is still the old view).
 //!
@@ -56,10 +56,10 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::access::space::SpaceId;
 use crate::lifecycle::census::Census;
-use crate::topology::owner::{catch, panic_message, raise};
-use crate::topology::region::RegionId;
+use crate::lifecycle::deferral::{catch, panic_message, raise};
+use crate::region::ids::RegionId;
+use crate::region::ids::SpaceId;
 use crate::view::flatview::{FlatRange, FlatView};
 
 /// Identity of a registered listener.
@@ -553,7 +553,7 @@ pub(crate) fn notify_coalesced(
 
 /// Calls listener callbacks one at a time, catching a panic of each: the
 /// panic is recorded in the census (which listener, which callback) and
-/// kept for the caller of the machine operation (`crate::topology::owner::raise`),
+/// kept for the caller of the machine operation (`crate::lifecycle::deferral::raise`),
 /// and the caller of `call` carries on with the next callback, so every
 /// listener still gets its whole sequence and memtree's views stay
 /// consistent.

@@ -90,21 +90,23 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::{ReentrantMutex, ReentrantMutexGuard};
 
-use crate::access::attrs::{Endianness, MmioOps};
-use crate::access::ram::RamBacking;
-use crate::access::space::{AddressSpace, MachineData, SpaceId};
-use crate::dma::backend::MemoryBackend;
+use crate::access::space::{AddressSpace, MachineData};
+use crate::host::backend::MemoryBackend;
+use crate::host::ram::RamBacking;
 use crate::lifecycle::census::Census;
+use crate::lifecycle::deferral::{defer_drop, defer_drop_recorded, Deferral, Payload};
 use crate::lifecycle::diag::LeakReport;
+use crate::region::attrs::{Endianness, MmioOps};
+use crate::region::ids::OwnerId;
+use crate::region::ids::RegionId;
+use crate::region::ids::SpaceId;
+use crate::region::owner_core::{Finalizer, OwnerLabel};
+use crate::region::region_core::{Backing, RegionCore, RegionInfo, RegionKind};
 use crate::render::flatten as render;
 use crate::render::listener::{
     self, EventNotifier, IoEventFd, ListenerId, MemoryListener, SpaceCtx,
 };
 use crate::topology::error::TopologyError;
-use crate::topology::owner::{
-    defer_drop, defer_drop_recorded, Deferral, Finalizer, OwnerId, OwnerLabel, Payload,
-};
-use crate::topology::region::{Backing, RegionCore, RegionId, RegionInfo, RegionKind};
 use crate::topology::tree::{Topology, UnplugReport};
 use crate::view::flatview::FlatView;
 
@@ -204,7 +206,7 @@ impl Memory {
     /// A new, empty memory system for a guest of the given byte order.
     pub fn with_target_endian(target_endian: Endianness) -> Memory {
         let census = Arc::new(Census::new());
-        let dma = Arc::new(crate::dma::mapping_table::MappingTable::new());
+        let dma = Arc::new(crate::host::mapping_table::MappingTable::new());
         census.set_source(dma.clone());
         let data = Arc::new(MachineData {
             census: census.clone(),
@@ -414,7 +416,7 @@ impl Machine {
             for (id, name, root, handle) in spaces {
                 let old = handle.view();
                 let new = if full {
-                    let phys = root.and_then(|r| render::physical_root(&topo, r));
+                    let phys = root.and_then(|r| render::physical_root(&*topo, r));
                     let view = match fresh.get(&phys) {
                         Some(v) => v.clone(),
                         None => {
@@ -591,14 +593,14 @@ impl Machine {
             }
             None => {
                 let mut r = render::render(topo, p);
-                crate::dirty::attach(&mut r.ranges, global);
+                crate::view::dirty_marks::attach(&mut r.ranges, global);
                 unchanged = old.is_some_and(|o| render::same_ranges(o.ranges(), &r.ranges));
                 (r.ranges, r.reached)
             }
         };
         // How writes to each range mark dirty pages (idempotent on ranges a
         // splice kept from the old view).
-        crate::dirty::attach(&mut ranges, global);
+        crate::view::dirty_marks::attach(&mut ranges, global);
         // A render identical to the last one keeps the last view: nothing is
         // published and listeners hear nothing for this space. (Its reached
         // list stays exact or a superset, which only errs towards
@@ -911,7 +913,7 @@ impl Machine {
     }
 
     /// An IOMMU region of `size` bytes translated by `device`, whose
-    /// notifiers live in `hub` (see `crate::iommu`). Renders and prints like
+    /// notifiers live in `hub` (see `crate::access::iommu`). Renders and prints like
     /// MMIO (QEMU `memory_region_init_iommu`).
     ///
     /// # Errors
@@ -922,8 +924,8 @@ impl Machine {
         &self,
         name: &str,
         size: u128,
-        device: Arc<dyn crate::iommu::Iommu>,
-        hub: Arc<crate::iommu::IommuHub>,
+        device: Arc<dyn crate::access::iommu::Iommu>,
+        hub: Arc<crate::access::iommu::IommuHub>,
         owner: Option<OwnerId>,
     ) -> Result<RegionId> {
         if hub.is_attached() {
@@ -1095,7 +1097,7 @@ impl Machine {
     /// Resizes a region. RAM cannot grow past its backend.
     pub fn set_size(&self, id: RegionId, size: u128) -> Result<()> {
         self.edit(|t| t.set_size(id, size))?;
-        crate::dirty::after_resize(self, id, size);
+        crate::topology::dirty_log::after_resize(self, id, size);
         Ok(())
     }
 
@@ -1401,7 +1403,7 @@ impl Machine {
     /// ascending priority; if one refuses, the ones already started get
     /// `log_global_stop` (in reverse) and the start fails. Starting twice is
     /// a no-op. Then every view is re-rendered so that RAM ranges carry the
-    /// MIGRATION bit (`log_start` on listeners, [`crate::dirty`]).
+    /// MIGRATION bit (`log_start` on listeners, [`crate::host::dirty_bitmap`]).
     pub fn global_dirty_log_start(&self) -> Result<()> {
         let _defer = Deferral::enter();
         let guard = self.control.lock();
@@ -1493,7 +1495,7 @@ impl Machine {
     /// Calls `f` on every listener, for every range of every address space
     /// whose dirty-log mask is nonzero (and which `region` serves, if
     /// given), with callbacks guarded as during a commit. For
-    /// `crate::dirty`'s sync and clear.
+    /// `crate::host::dirty_bitmap`'s sync and clear.
     pub(crate) fn each_logging_section(
         &self,
         region: Option<RegionId>,

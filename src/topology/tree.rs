@@ -13,7 +13,7 @@
 //!   back to that region (checked by [`Topology::would_loop`] on every edit
 //!   that adds a link).
 //! * A region is in at most one container, and a mapped region's core is held
-//!   by its container's core (see [`crate::topology::region`]).
+//!   by its container's core (see [`crate::region::region_core`]).
 //! * `dirty` names every region changed since the last commit; a cached view
 //!   none of whose reached regions is dirty is still exact.
 //! * `affected` holds, per region, the intervals (in the coordinates of a
@@ -26,7 +26,7 @@
 //! * No code memtree does not own runs while the topology is borrowed:
 //!   anything an edit releases that may hold device state (region nodes
 //!   and cores, a refused region's backing, replaced finalizers) goes to
-//!   `crate::topology::owner::defer_drop` and drops when the machine operation ends,
+//!   `crate::lifecycle::deferral::defer_drop` and drops when the machine operation ends,
 //!   and device configuration hooks are read before the borrow.
 //! * `unplug` costs O(regions of the unplugged devices + regions of the
 //!   machine) (the alias scan), not O(n x siblings): dying regions are
@@ -35,17 +35,22 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::access::attrs::OpsConfig;
-use crate::access::space::{AddressSpace, MachineData, SpaceId, SpaceNode};
+use crate::access::space::{AddressSpace, MachineData, SpaceNode};
 use crate::lifecycle::census::{ObjectKey, ObjectKind};
+use crate::lifecycle::deferral::{defer_drop, defer_drop_recorded};
+use crate::region::attrs::OpsConfig;
+use crate::region::ids::OwnerId;
+use crate::region::ids::RegionId;
+use crate::region::ids::SpaceId;
+use crate::region::owner_core::{OwnerCore, OwnerLabel};
+use crate::region::region_core::{
+    Backing, RegionCore, RegionGraph, RegionInfo, RegionKind, RegionNode,
+};
 use crate::render::flatten;
 use crate::render::listener::Listeners;
 use crate::topology::arena::Arena;
 use crate::topology::error::TopologyError;
-use crate::topology::owner::{
-    defer_drop, defer_drop_recorded, OwnerCore, OwnerId, OwnerLabel, OwnerNode,
-};
-use crate::topology::region::{Backing, RegionCore, RegionId, RegionInfo, RegionKind, RegionNode};
+use crate::topology::owner::OwnerNode;
 use crate::view::flatview::FlatView;
 
 type Result<T> = std::result::Result<T, TopologyError>;
@@ -114,6 +119,12 @@ impl Drop for Topology {
     /// state.)
     fn drop(&mut self) {
         self.machine.census.finalize(self.census_key);
+    }
+}
+
+impl RegionGraph for Topology {
+    fn node(&self, id: RegionId) -> Option<&RegionNode> {
+        Topology::node(self, id)
     }
 }
 
@@ -385,7 +396,7 @@ impl Topology {
         owner: Option<OwnerId>,
         alias: Option<(RegionId, u64)>,
     ) -> Result<Option<Arc<OwnerCore>>> {
-        if size > crate::topology::region::MAX_REGION_SIZE {
+        if size > crate::region::region_core::MAX_REGION_SIZE {
             return Err(TopologyError::SizeTooLarge(size));
         }
         let owner_core = match owner {
@@ -684,7 +695,7 @@ impl Topology {
     }
 
     pub(crate) fn set_size(&mut self, id: RegionId, size: u128) -> Result<()> {
-        if size > crate::topology::region::MAX_REGION_SIZE {
+        if size > crate::region::region_core::MAX_REGION_SIZE {
             return Err(TopologyError::SizeTooLarge(size));
         }
         let n = self.get(id)?;

@@ -17,7 +17,8 @@
 use std::sync::Arc;
 
 use crate::lifecycle::census::{Census, ObjectKey, ObjectKind};
-use crate::topology::region::{Backing, RegionCore, RegionId, RegionKind};
+use crate::region::ids::RegionId;
+use crate::region::region_core::{Backing, RegionCore, RegionKind};
 
 /// The type QEMU prints for a region (`memory_region_type`, QEMU 7.2 rules).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -93,8 +94,8 @@ pub struct FlatRange {
     /// memory (RAM, or a ROM device in romd mode); null otherwise.
     pub(crate) host: *mut u8,
     /// How writes mark dirty pages: `None` while no client tracks the range
-    /// (set at render by `crate::dirty::attach`).
-    pub(crate) dirty: Option<crate::dirty::RangeDirty>,
+    /// (set at render by `crate::view::dirty_marks::attach`).
+    pub(crate) dirty: Option<crate::host::dirty_bitmap::RangeDirty>,
 }
 
 // SAFETY: `host` points into the memory backend held (through `region`) by
@@ -246,9 +247,10 @@ pub struct FlatView {
     /// table, see [`crate::view::range_index::RangeIndex`]). Built once in `new`.
     starts: crate::view::range_index::RangeIndex,
     /// This view's writable RAM for vm-memory, built on first use by
-    /// `AddressSpace::guest_memory` and dropped with the view.
+    /// `AddressSpace::guest_memory` and dropped with the view. Opaque here
+    /// (the view does not know the integration that fills it).
     #[cfg(all(feature = "vm-memory", unix))]
-    pub(crate) guest_ram: std::sync::OnceLock<crate::integrations::guest_memory::GuestRamCache>,
+    pub(crate) guest_ram: std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl FlatView {

@@ -46,10 +46,10 @@ use std::sync::{Arc, OnceLock, Weak};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
-use crate::access::attrs::{Endianness, MemTxAttrs, MemTxResult};
 use crate::access::dispatch::Primitive;
 use crate::access::space::{AddressSpace, SpaceShared};
-use crate::topology::region::{Backing, RegionCore};
+use crate::region::attrs::{Endianness, MemTxAttrs, MemTxResult};
+use crate::region::region_core::{Backing, RegionCore};
 use crate::view::flatview::{FlatRange, FlatView};
 
 /// Permissions of a translation, or the access asked for (QEMU
@@ -565,8 +565,8 @@ impl IommuHub {
                 entry: cropped,
             };
             called += 1;
-            if let Err(p) = crate::topology::owner::catch(|| (n.notify)(&ev)) {
-                panic.get_or_insert(crate::topology::owner::panic_message(&p));
+            if let Err(p) = crate::lifecycle::deferral::catch(|| (n.notify)(&ev)) {
+                panic.get_or_insert(crate::lifecycle::deferral::panic_message(&p));
             }
         }
         match panic {
@@ -607,7 +607,7 @@ impl IommuHub {
             .checked_next_power_of_two()
             .unwrap_or(1 << 63);
         let steps = (u128::from(last) - u128::from(start & !(step - 1))) / u128::from(step) + 1;
-        let walked = crate::topology::owner::catch(std::panic::AssertUnwindSafe(|| {
+        let walked = crate::lifecycle::deferral::catch(std::panic::AssertUnwindSafe(|| {
             if device.replay(idx, start, last, &mut sink) {
                 return Ok(());
             }
@@ -634,9 +634,9 @@ impl IommuHub {
         match walked {
             Ok(Ok(())) => Ok(count),
             Ok(Err(e)) => Err(e),
-            Err(p) => Err(IommuError::Panicked(crate::topology::owner::panic_message(
-                &p,
-            ))),
+            Err(p) => Err(IommuError::Panicked(
+                crate::lifecycle::deferral::panic_message(&p),
+            )),
         }
     }
 
@@ -672,7 +672,7 @@ impl IommuHub {
     ) -> IotlbEntry {
         self.misses.fetch_add(1, Ordering::Relaxed);
         let generation = self.generation.load(Ordering::Acquire);
-        let e = match crate::topology::owner::catch(std::panic::AssertUnwindSafe(|| {
+        let e = match crate::lifecycle::deferral::catch(std::panic::AssertUnwindSafe(|| {
             device.translate(addr, access, idx)
         })) {
             Ok(e) if e.is_well_formed() && e.covers(addr) => e,
@@ -698,8 +698,8 @@ impl IommuHub {
 }
 
 fn catch_dev<R>(f: impl FnOnce() -> R) -> Result<R, IommuError> {
-    crate::topology::owner::catch(std::panic::AssertUnwindSafe(f))
-        .map_err(|p| IommuError::Panicked(crate::topology::owner::panic_message(&p)))
+    crate::lifecycle::deferral::catch(std::panic::AssertUnwindSafe(f))
+        .map_err(|p| IommuError::Panicked(crate::lifecycle::deferral::panic_message(&p)))
 }
 
 /// `entry` restricted to `[start, last]`, or `None` if they do not overlap.
