@@ -1,9 +1,26 @@
 //! The ids of the control plane's objects: regions, owners, address spaces.
 //!
 //! An id is `(index, generation)` into its machine's arena (see
-//! `crate::topology::arena`): a stale id fails every lookup cleanly.
+//! `crate::topology::arena`), plus the tag of the machine that made it:
+//! a stale id fails every lookup cleanly, and an id used with another
+//! machine is refused ([`TopologyError::ForeignId`](crate::TopologyError::ForeignId))
+//! before it reaches any slot. The tag is one `u32` compared on every
+//! lookup; ids stay `Copy`, 12 bytes, `Hash` and `Ord`.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A fresh machine tag (never 0, which `ListenerId`s of no machine carry).
+/// Tags repeat only after 2^32 - 1 machines were created in one process.
+pub(crate) fn next_machine_tag() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    loop {
+        let tag = NEXT.fetch_add(1, Ordering::Relaxed);
+        if tag != 0 {
+            return tag;
+        }
+    }
+}
 
 /// Identity of a region: an index into the topology arena plus a generation,
 /// so a stale id (of a destroyed region) is detected instead of aliasing a new
@@ -12,6 +29,8 @@ use std::fmt;
 pub struct RegionId {
     pub(crate) index: u32,
     pub(crate) generation: u32,
+    /// The tag of the machine whose arena the id indexes.
+    pub(crate) machine: u32,
 }
 
 impl fmt::Debug for RegionId {
@@ -25,6 +44,8 @@ impl fmt::Debug for RegionId {
 pub struct OwnerId {
     pub(crate) index: u32,
     pub(crate) generation: u32,
+    /// The tag of the machine whose arena the id indexes.
+    pub(crate) machine: u32,
 }
 
 impl fmt::Debug for OwnerId {
@@ -38,6 +59,8 @@ impl fmt::Debug for OwnerId {
 pub struct SpaceId {
     pub(crate) index: u32,
     pub(crate) generation: u32,
+    /// The tag of the machine whose arena the id indexes.
+    pub(crate) machine: u32,
 }
 
 impl fmt::Debug for SpaceId {

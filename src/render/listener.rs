@@ -64,7 +64,7 @@ use crate::view::flatview::{FlatRange, FlatView};
 
 /// Identity of a registered listener.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ListenerId(pub(crate) u64);
+pub struct ListenerId(pub(crate) u64, pub(crate) u32);
 
 /// QEMU's `MEMORY_LISTENER_PRIORITY_MIN`.
 pub const PRIORITY_MIN: u32 = 0;
@@ -301,6 +301,8 @@ pub(crate) type Span = (u64, u128);
 pub(crate) struct Listeners {
     pub(crate) list: Vec<Registered>,
     next: u64,
+    /// The machine's tag, carried by every `ListenerId` (see `crate::region::ids`).
+    pub(crate) machine: u32,
     /// ioeventfds per region, sorted by [`IoEventFd::key`].
     pub(crate) region_fds: HashMap<RegionId, Vec<IoEventFd>>,
     /// The ioeventfds each address space showed at its last update, sorted.
@@ -314,6 +316,14 @@ pub(crate) struct Listeners {
 }
 
 impl Listeners {
+    /// No listeners yet; ids made for the machine tagged `machine`.
+    pub(crate) fn for_machine(machine: u32) -> Listeners {
+        Listeners {
+            machine,
+            ..Listeners::default()
+        }
+    }
+
     /// Registers `listener` with its `priority` (asked by the caller before
     /// it borrowed the topology: it is the listener's code).
     pub(crate) fn insert(
@@ -323,7 +333,7 @@ impl Listeners {
         priority: u32,
     ) -> ListenerId {
         self.next += 1;
-        let id = ListenerId(self.next);
+        let id = ListenerId(self.next, self.machine);
         let at = self.list.partition_point(|r| r.priority <= priority);
         self.list.insert(
             at,

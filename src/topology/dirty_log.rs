@@ -168,7 +168,7 @@ impl crate::Machine {
         id: RegionId,
     ) -> Result<(Arc<crate::region::region_core::RegionCore>, u64)> {
         self.read(|t| {
-            let n = t.node(id).ok_or(crate::TopologyError::NoSuchRegion(id))?;
+            let n = t.get(id)?;
             if region_block(&n.core).is_none() {
                 return Err(crate::TopologyError::WrongKind {
                     region: n.name().to_owned(),

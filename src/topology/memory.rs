@@ -1204,7 +1204,8 @@ impl Machine {
     /// Unregisters a listener, replaying its space's state as deletions:
     /// per range `log_stop`, coalesced dels and `region_del`, then
     /// `eventfd_del` for every ioeventfd. Unknown ids (already unregistered,
-    /// or of a destroyed space) are ignored.
+    /// or of a destroyed space) are ignored; an id of another machine is
+    /// [`TopologyError::ForeignId`].
     pub fn unregister_listener(&self, id: ListenerId) -> Result<()> {
         let _defer = Deferral::enter();
         let guard = self.control.lock();
@@ -1215,6 +1216,7 @@ impl Machine {
             if topo.in_commit {
                 return Err(TopologyError::ListenerReentry);
             }
+            topo.check_tag("listener", &id, id.1)?;
             let Some(reg) = topo.listeners.remove(id) else {
                 return Ok(());
             };
@@ -1563,7 +1565,11 @@ impl Machine {
             t.regions
                 .iter()
                 .find(|(_, n)| n.name() == name)
-                .map(|((index, generation), _)| RegionId { index, generation })
+                .map(|((index, generation), _)| RegionId {
+                    index,
+                    generation,
+                    machine: t.tag,
+                })
         })
     }
 
@@ -1574,7 +1580,11 @@ impl Machine {
             t.regions
                 .iter()
                 .filter(|(_, n)| n.name() == name)
-                .map(|((index, generation), _)| RegionId { index, generation })
+                .map(|((index, generation), _)| RegionId {
+                    index,
+                    generation,
+                    machine: t.tag,
+                })
                 .collect()
         })
     }

@@ -107,6 +107,8 @@ pub(crate) struct Topology {
     /// The machine has been torn down (teardown runs once).
     pub(crate) torn_down: bool,
     pub(crate) machine: Arc<MachineData>,
+    /// This machine's tag, carried by every id it makes (`crate::region::ids`).
+    pub(crate) tag: u32,
     pub(crate) census_key: ObjectKey,
     /// Spaces destroyed since the last commit: their handles get the empty
     /// view at commit, after their listeners saw every range deleted.
@@ -133,6 +135,7 @@ impl Topology {
         let census_key = machine
             .census
             .register(ObjectKind::Topology, "topology", None);
+        let tag = crate::region::ids::next_machine_tag();
         Topology {
             regions: Arena::default(),
             owners: Arena::default(),
@@ -145,11 +148,12 @@ impl Topology {
             incremental: true,
             pending: false,
             views: HashMap::new(),
-            listeners: Listeners::default(),
+            listeners: Listeners::for_machine(tag),
             depth: 0,
             in_commit: false,
             torn_down: false,
             machine,
+            tag,
             census_key,
             destroyed_spaces: Vec::new(),
         }
@@ -157,27 +161,54 @@ impl Topology {
 
     // ---- lookups -------------------------------------------------------
 
+    /// `ForeignId` unless `id_machine` is this machine's tag.
+    pub(crate) fn check_tag(
+        &self,
+        kind: &'static str,
+        id: &dyn std::fmt::Debug,
+        id_machine: u32,
+    ) -> Result<()> {
+        if id_machine == self.tag {
+            return Ok(());
+        }
+        Err(TopologyError::ForeignId {
+            kind,
+            id: format!("{id:?}"),
+            id_machine,
+            machine: self.tag,
+        })
+    }
+
+    /// `None` for a stale id and for an id of another machine (which never
+    /// reaches a slot of this arena).
     pub(crate) fn node(&self, id: RegionId) -> Option<&RegionNode> {
+        if id.machine != self.tag {
+            return None;
+        }
         self.regions.get(id.index, id.generation)
     }
 
     pub(crate) fn node_mut(&mut self, id: RegionId) -> Result<&mut RegionNode> {
+        self.check_tag("region", &id, id.machine)?;
         self.regions
             .get_mut(id.index, id.generation)
             .ok_or(TopologyError::NoSuchRegion(id))
     }
 
     pub(crate) fn get(&self, id: RegionId) -> Result<&RegionNode> {
+        self.check_tag("region", &id, id.machine)?;
         self.node(id).ok_or(TopologyError::NoSuchRegion(id))
     }
 
     pub(crate) fn owner(&self, id: OwnerId) -> Result<&OwnerNode> {
+        self.check_tag("owner", &id, id.machine)?;
         self.owners
             .get(id.index, id.generation)
             .ok_or(TopologyError::NoSuchOwner(id))
     }
 
     pub(crate) fn space(&self, id: SpaceId) -> Result<&SpaceNode> {
+        self.check_tag("address space", &id, id.machine)?;
         self.spaces
             .get(id.index, id.generation)
             .ok_or(TopologyError::NoSuchSpace(id))
@@ -188,7 +219,16 @@ impl Topology {
         let mut v: Vec<(SpaceId, &SpaceNode)> = self
             .spaces
             .iter()
-            .map(|((index, generation), n)| (SpaceId { index, generation }, n))
+            .map(|((index, generation), n)| {
+                (
+                    SpaceId {
+                        index,
+                        generation,
+                        machine: self.tag,
+                    },
+                    n,
+                )
+            })
             .collect();
         v.sort_by_key(|(_, n)| n.seq);
         v
@@ -198,7 +238,11 @@ impl Topology {
     pub(crate) fn region_ids(&self) -> Vec<RegionId> {
         self.regions
             .iter()
-            .map(|((index, generation), _)| RegionId { index, generation })
+            .map(|((index, generation), _)| RegionId {
+                index,
+                generation,
+                machine: self.tag,
+            })
             .collect()
     }
 
@@ -290,7 +334,11 @@ impl Topology {
             self.owner(p)?;
         }
         let (index, generation) = self.owners.next_id();
-        let id = OwnerId { index, generation };
+        let id = OwnerId {
+            index,
+            generation,
+            machine: self.tag,
+        };
         let core = Arc::new(OwnerCore::new(id, name, &self.machine.census));
         self.machine
             .census
@@ -342,7 +390,11 @@ impl Topology {
             }
         };
         let (index, generation) = self.regions.next_id();
-        let id = RegionId { index, generation };
+        let id = RegionId {
+            index,
+            generation,
+            machine: self.tag,
+        };
         let core = Arc::new(RegionCore::new(
             id,
             name,
@@ -771,6 +823,9 @@ impl Topology {
     /// usable, not here.
     /// Returns the region's owner, if the region existed.
     fn remove_node_keeping_owner_list(&mut self, id: RegionId) -> Option<Option<OwnerId>> {
+        if id.machine != self.tag {
+            return None;
+        }
         let node = self.regions.remove(id.index, id.generation)?;
         self.alias_sources.remove(&id);
         if let Some(t) = node.alias_target {
@@ -801,7 +856,11 @@ impl Topology {
             self.owner(o)?;
         }
         let (index, generation) = self.spaces.next_id();
-        let id = SpaceId { index, generation };
+        let id = SpaceId {
+            index,
+            generation,
+            machine: self.tag,
+        };
         let handle = AddressSpace::new(name, id, &self.machine, self.machine.empty_view.clone());
         self.machine
             .census
@@ -825,6 +884,7 @@ impl Topology {
     }
 
     pub(crate) fn destroy_space(&mut self, id: SpaceId) -> Result<()> {
+        self.check_tag("address space", &id, id.machine)?;
         let node = self
             .spaces
             .remove(id.index, id.generation)
@@ -897,7 +957,11 @@ impl Topology {
             .regions
             .iter()
             .filter(|(_, n)| n.alias_target.is_some_and(|t| region_set.contains(&t)))
-            .map(|((index, generation), _)| RegionId { index, generation })
+            .map(|((index, generation), _)| RegionId {
+                index,
+                generation,
+                machine: self.tag,
+            })
             .filter(|id| !region_set.contains(id))
             .collect();
         for a in aliases {
@@ -961,7 +1025,11 @@ impl Topology {
             .owners
             .iter()
             .filter(|(_, n)| n.parent.is_none())
-            .map(|((index, generation), _)| OwnerId { index, generation })
+            .map(|((index, generation), _)| OwnerId {
+                index,
+                generation,
+                machine: self.tag,
+            })
             .collect();
         for o in roots {
             let _ = self.unplug(o);
