@@ -49,7 +49,7 @@ use parking_lot::Mutex;
 use crate::access::dispatch::Primitive;
 use crate::access::space::{AddressSpace, SpaceShared};
 use crate::region::attrs::{Endianness, MemTxAttrs, MemTxResult};
-use crate::region::region_core::{Backing, RegionCore};
+use crate::region::region_core::{Backing, IommuBacking, RegionCore};
 use crate::view::flatview::{FlatRange, FlatView};
 
 /// Permissions of a translation, or the access asked for (QEMU
@@ -762,21 +762,38 @@ impl AddressSpace {
     }
 }
 
+/// What an IOMMU region's [`IommuBacking`] holds (the only type this
+/// module puts there).
+pub(crate) struct IommuParts {
+    pub(crate) device: Arc<dyn Iommu>,
+    pub(crate) hub: Arc<IommuHub>,
+}
+
+impl IommuParts {
+    /// The backing of an IOMMU region.
+    pub(crate) fn into_backing(self) -> Backing {
+        Backing::Iommu(IommuBacking(Arc::new(self)))
+    }
+}
+
+/// The device and hub of an IOMMU region, `None` for other kinds.
+#[inline]
+fn iommu_parts(core: &RegionCore) -> Option<&IommuParts> {
+    match core.backing() {
+        Backing::Iommu(b) => b.0.downcast_ref(),
+        _ => None,
+    }
+}
+
 impl RegionCore {
     /// The notifier hub of an IOMMU region, `None` for other kinds.
     pub fn iommu_hub(&self) -> Option<&Arc<IommuHub>> {
-        match self.backing() {
-            Backing::Iommu { hub, .. } => Some(hub),
-            _ => None,
-        }
+        iommu_parts(self).map(|p| &p.hub)
     }
 
     /// The device of an IOMMU region, `None` for other kinds.
     pub fn iommu_device(&self) -> Option<&Arc<dyn Iommu>> {
-        match self.backing() {
-            Backing::Iommu { device, .. } => Some(device),
-            _ => None,
-        }
+        iommu_parts(self).map(|p| &p.device)
     }
 }
 
@@ -816,9 +833,7 @@ fn with_translation_at<R>(
     f: impl FnOnce(&IotlbEntry, u64) -> R,
 ) -> Option<R> {
     let core = r.region();
-    let Backing::Iommu { device, hub } = core.backing() else {
-        return None;
-    };
+    let IommuParts { device, hub } = iommu_parts(core)?;
     let mr_addr = (addr - r.start()).wrapping_add(r.offset_in_region());
     if !core.is_live() {
         return Some(f(&IotlbEntry::denied(mr_addr, 0xfff), mr_addr));

@@ -20,9 +20,10 @@
 //! which releases backing, subregion cores and owner core in that order.
 //! An `OwnerCore` holds no region.
 //!
-//! Layering: may use `host` and `lifecycle` only. One upward edge is left
-//! (`Backing::Iommu` names `access::iommu`'s `Iommu` and `IommuHub`),
-//! listed in `tests/layering.rs`.
+//! Layering: may use `host` and `lifecycle` only (checked by
+//! `tests/layering.rs`). What an upper layer keeps in a region core is
+//! type-erased here: an IOMMU region's device and hub (`IommuBacking`,
+//! filled and read by `crate::access::iommu`).
 
 pub mod attrs;
 pub mod ids;

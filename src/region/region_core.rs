@@ -105,11 +105,23 @@ pub enum Backing {
     },
     /// Device callbacks.
     Mmio(Arc<dyn MmioOps>),
-    /// An IOMMU: the translating device and its notifier hub.
-    Iommu {
-        device: Arc<dyn crate::access::iommu::Iommu>,
-        hub: Arc<crate::access::iommu::IommuHub>,
-    },
+    /// An IOMMU: the translating device and its notifier hub (opaque at
+    /// this layer, see [`IommuBacking`]).
+    Iommu(IommuBacking),
+}
+
+/// An IOMMU region's translating device and notifier hub. Their types are
+/// the access path's (`crate::access::iommu`: a translation names its
+/// target `AddressSpace`), a layer above the region core, so the core holds
+/// them type-erased; `access::iommu` alone fills it and reads it back
+/// ([`RegionCore::iommu_device`], [`RegionCore::iommu_hub`]).
+#[derive(Clone)]
+pub struct IommuBacking(pub(crate) Arc<dyn std::any::Any + Send + Sync>);
+
+impl fmt::Debug for IommuBacking {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IommuBacking")
+    }
 }
 
 impl fmt::Debug for Backing {

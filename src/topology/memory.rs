@@ -939,10 +939,11 @@ impl Machine {
             name,
             RegionKind::Iommu,
             size,
-            Backing::Iommu {
+            crate::access::iommu::IommuParts {
                 device,
                 hub: hub.clone(),
-            },
+            }
+            .into_backing(),
             owner,
             None,
         )?;
