@@ -24,8 +24,7 @@
 use std::sync::Arc;
 
 use crate::region::attrs::{MmioOps, UnimplementedDevice};
-use crate::region::ids::RegionId;
-use crate::region::ids::SpaceId;
+use crate::region::ids::{RegionId, SpaceId};
 use crate::region::region_core::RegionKind;
 use crate::render::listener::EventNotifier;
 use crate::topology::error::TopologyError;

@@ -23,8 +23,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::region::ids::RegionId;
-use crate::region::ids::SpaceId;
+use crate::region::ids::{RegionId, SpaceId};
 use crate::region::region_core::RegionKind;
 use crate::render::flatten as render;
 use crate::topology::error::TopologyError;

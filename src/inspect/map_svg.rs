@@ -31,8 +31,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 use crate::inspect::lookup::{self, Candidate, Fate};
-use crate::region::ids::RegionId;
-use crate::region::ids::SpaceId;
+use crate::region::ids::{RegionId, SpaceId};
 use crate::region::region_core::RegionKind;
 use crate::topology::error::TopologyError;
 use crate::topology::memory::Machine;

@@ -109,9 +109,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
 use crate::qemu_text::parse::{FlatDump, OwnerDecor, OwnerRef, TreeDump, TreeLine, TypeTag};
-use crate::region::ids::OwnerId;
-use crate::region::ids::RegionId;
-use crate::region::ids::SpaceId;
+use crate::region::ids::{OwnerId, RegionId, SpaceId};
 use crate::region::owner_core::OwnerLabel;
 use crate::region::region_core::RegionKind;
 use crate::topology::error::TopologyError;

@@ -58,8 +58,7 @@ use std::sync::Arc;
 
 use crate::lifecycle::census::Census;
 use crate::lifecycle::deferral::{catch, panic_message, raise};
-use crate::region::ids::RegionId;
-use crate::region::ids::SpaceId;
+use crate::region::ids::{RegionId, SpaceId};
 use crate::view::flatview::{FlatRange, FlatView};
 
 /// Identity of a registered listener.

@@ -5,9 +5,7 @@
 //! only): none in the public API. Panicking inside a device callback or a
 //! listener propagates to the caller like any Rust panic.
 
-use crate::region::ids::OwnerId;
-use crate::region::ids::RegionId;
-use crate::region::ids::SpaceId;
+use crate::region::ids::{OwnerId, RegionId, SpaceId};
 
 /// A topology operation that was refused. The topology is unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

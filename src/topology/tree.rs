@@ -39,9 +39,7 @@ use crate::access::space::{AddressSpace, MachineData, SpaceNode};
 use crate::lifecycle::census::{ObjectKey, ObjectKind};
 use crate::lifecycle::deferral::{defer_drop, defer_drop_recorded};
 use crate::region::attrs::OpsConfig;
-use crate::region::ids::OwnerId;
-use crate::region::ids::RegionId;
-use crate::region::ids::SpaceId;
+use crate::region::ids::{OwnerId, RegionId, SpaceId};
 use crate::region::owner_core::{OwnerCore, OwnerLabel};
 use crate::region::region_core::{
     Backing, RegionCore, RegionGraph, RegionInfo, RegionKind, RegionNode,
