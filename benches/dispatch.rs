@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use memtree::access::attrs::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
+use memtree::region::attrs::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
 use memtree::{AddressSpace, Endian, Memory, RegionId};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use memtree::dma::cache::MemoryRegionCache;
-use memtree::dma::mapping::DmaDirection;
+use memtree::host::mapping_info::DmaDirection;
 use memtree::{Endianness, MemTxAttrs, MemTxResult, Memory, MmioOps};
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;

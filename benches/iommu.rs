@@ -18,7 +18,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use memtree::iommu::{Iommu, IommuHub, IommuPerm, IotlbEntry, WeakAddressSpace};
+use memtree::access::iommu::{Iommu, IommuHub, IommuPerm, IotlbEntry, WeakAddressSpace};
 use memtree::{Endian, MemTxAttrs, Memory, RegionId};
 use vm_memory::iommu::{Error as VmError, IotlbIterator};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, IommuMemory, Iotlb, Permissions};

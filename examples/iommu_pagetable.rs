@@ -19,10 +19,10 @@
 
 use std::sync::Arc;
 
-use memtree::access::attrs::{AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps};
-use memtree::iommu::{
+use memtree::access::iommu::{
     Iommu, IommuHub, IommuPerm, IotlbEntry, IotlbEvent, IotlbEventKind, WeakAddressSpace,
 };
+use memtree::region::attrs::{AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps};
 use memtree::{AddressSpace, Endian};
 
 /// The page-table IOMMU; see the module docs.

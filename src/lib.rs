@@ -31,27 +31,31 @@
 #![warn(missing_debug_implementations)]
 #![deny(missing_docs)]
 
-// Control plane: the region tree and its edits, one writer at a time.
-pub mod topology;
-// Rendering the tree into views and telling listeners what changed.
-pub mod render;
+// From the bottom up (ARCHITECTURE.md, "Layering"; `tests/layering.rs`).
+// Who holds what, foreign panics, deferred drops.
+pub mod lifecycle;
+// Host memory: RAM blocks, backends, the mapping table, dirty bitmaps.
+pub mod host;
+// The data plane's shared objects: ids, region and owner cores, device ops.
+pub mod region;
 // Data plane: the immutable published views.
 pub mod view;
-// Data plane: accesses through an address space.
+// Data plane: accesses through an address space, IOMMU translation.
 pub mod access;
-// DMA: mappings, the mapping table, caches and memory backends.
+// DMA: mappings and caches.
 pub mod dma;
-// Who holds what, and what survived teardown.
-pub mod dirty;
-pub mod iommu;
-pub mod lifecycle;
-pub mod migration;
-// Explaining and drawing a machine.
-pub mod inspect;
+// Rendering the tree into views and telling listeners what changed.
+pub mod render;
+// Control plane: the region tree and its edits, one writer at a time.
+pub mod topology;
+// Users of the whole core.
 pub mod integrations;
+pub mod migration;
 #[cfg(feature = "qemu-text")]
 pub mod qemu_text;
 pub mod scale;
+// Explaining and drawing a machine.
+pub mod inspect;
 
 /// The vm-memory crate memtree's [`integrations::guest_memory`] interop is built with
 /// (feature `vm-memory`): name its types through this path so that they
@@ -59,23 +63,25 @@ pub mod scale;
 #[cfg(all(feature = "vm-memory", unix))]
 pub use vm_memory;
 
-pub use access::attrs::{
+pub use access::dispatch::{Endian, Primitive};
+pub use access::space::{AddressSpace, CurrentView};
+pub use dma::mapping::{DmaDirection, DmaError, DmaMapping};
+pub use host::backend::MemoryBackend;
+pub use host::dirty_bitmap::{DirtyClient, TARGET_PAGE_SIZE};
+pub use host::ram::{RamBacking, RamBlock};
+pub use lifecycle::census::{Census, ObjectKey, ObjectKind};
+pub use lifecycle::diag::LeakReport;
+pub use region::attrs::{
     AccessKind, AccessSizes, Endianness, MemTxAttrs, MemTxError, MemTxResult, MmioOps,
     UnimplementedDevice,
 };
-pub use access::dispatch::{Endian, Primitive};
-pub use access::ram::{RamBacking, RamBlock};
-pub use access::space::{AddressSpace, CurrentView, SpaceId};
-pub use dirty::{DirtyClient, DirtySnapshot, TARGET_PAGE_SIZE};
-pub use dma::backend::MemoryBackend;
-pub use dma::mapping::{DmaDirection, DmaError, DmaMapping};
-pub use lifecycle::census::{Census, ObjectKey, ObjectKind};
-pub use lifecycle::diag::LeakReport;
+pub use region::ids::{OwnerId, RegionId, SpaceId};
+pub use region::owner_core::OwnerLabel;
+pub use region::region_core::{RegionCore, RegionInfo, RegionKind};
 pub use render::listener::{EventNotifier, EventfdSection, ListenerId, MemoryListener, Section};
 pub use topology::census_ids::CensusId;
+pub use topology::dirty_log::DirtySnapshot;
 pub use topology::error::TopologyError;
 pub use topology::memory::{Machine, Memory, MemoryRef, Transaction, WeakMemory};
-pub use topology::owner::{OwnerId, OwnerLabel};
-pub use topology::region::{RegionCore, RegionId, RegionInfo, RegionKind};
 pub use topology::tree::UnplugReport;
 pub use view::flatview::{FlatRange, FlatView, RangeAttrs, RegionType};

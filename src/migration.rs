@@ -20,7 +20,7 @@
 //! # Sender ([`send`])
 //!
 //! 1. Header, then the sender starts global dirty tracking (the MIGRATION
-//!    client, [`crate::dirty`]; counted, so a user that started it before
+//!    client, [`crate::host::dirty_bitmap`]; counted, so a user that started it before
 //!    keeps it when the sender stops its own) and clears its bits.
 //! 2. Round 1 sends every page.
 //! 3. Each further round sends the pages dirtied since the previous one
@@ -129,10 +129,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::access::ram::{RamBacking, RamBlock};
-use crate::dirty::{DirtyClient, TARGET_PAGE_SIZE};
-use crate::dma::backend::MemoryBackend;
-use crate::topology::region::{Backing, RegionId, RegionKind};
+use crate::host::backend::MemoryBackend;
+use crate::host::dirty_bitmap::{DirtyClient, TARGET_PAGE_SIZE};
+use crate::host::ram::{RamBacking, RamBlock};
+use crate::region::ids::RegionId;
+use crate::region::region_core::{Backing, RegionKind};
 use crate::{Machine, SpaceId, TopologyError};
 
 const MAGIC: &[u8; 8] = b"MTMIGRAT";

@@ -23,12 +23,12 @@
 
 use std::sync::Arc;
 
-use crate::access::attrs::{MmioOps, UnimplementedDevice};
-use crate::access::space::SpaceId;
+use crate::region::attrs::{MmioOps, UnimplementedDevice};
+use crate::region::ids::{RegionId, SpaceId};
+use crate::region::region_core::RegionKind;
 use crate::render::listener::EventNotifier;
 use crate::topology::error::TopologyError;
 use crate::topology::memory::Machine;
-use crate::topology::region::{RegionId, RegionKind};
 
 /// Size of guest RAM (a model region: no host memory behind it).
 pub const RAM_SIZE: u64 = 64 << 30;

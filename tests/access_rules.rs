@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use memtree::access::attrs::*;
+use memtree::region::attrs::*;
 use proptest::prelude::*;
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;

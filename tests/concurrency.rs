@@ -26,9 +26,9 @@ use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use memtree::access::attrs::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
-use memtree::dma::mapping::DmaDirection;
+use memtree::host::mapping_info::DmaDirection;
 use memtree::lifecycle::census::{Census, ObjectKey, ObjectKind};
+use memtree::region::attrs::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
 use memtree::render::listener::{MemoryListener, Section};
 use memtree::{Endian, Memory, RegionId, WeakMemory};
 

@@ -17,9 +17,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use memtree::access::attrs::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
 use memtree::dma::cache::MemoryRegionCache;
-use memtree::dma::mapping::{DmaDirection, DmaError};
+use memtree::dma::mapping::DmaError;
+use memtree::host::mapping_info::DmaDirection;
+use memtree::region::attrs::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
 use memtree::{AddressSpace, Memory, RamBacking, RegionId};
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use memtree::dma::cache::MemoryRegionCache;
-use memtree::dma::mapping::DmaDirection;
+use memtree::host::mapping_info::DmaDirection;
 use memtree::{
     DirtyClient, Endian, MemTxAttrs, Memory, MemoryListener, RegionId, Section, SpaceId,
     UnimplementedDevice, TARGET_PAGE_SIZE,

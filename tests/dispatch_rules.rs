@@ -3,10 +3,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use memtree::access::attrs::{
+use memtree::region::attrs::{
     AccessKind, AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps,
 };
-use memtree::topology::region::Backing;
+use memtree::region::region_core::Backing;
 use memtree::{AddressSpace, Endian, Memory, RegionId};
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;

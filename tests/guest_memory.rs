@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
-use memtree::access::attrs::MemTxAttrs;
 use memtree::integrations::guest_memory::GuestRam;
 use memtree::lifecycle::census::ObjectKind;
+use memtree::region::attrs::MemTxAttrs;
 use memtree::vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion,
 };

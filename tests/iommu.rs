@@ -5,7 +5,7 @@ mod pagetable;
 
 use std::sync::Arc;
 
-use memtree::iommu::{
+use memtree::access::iommu::{
     Iommu, IommuError, IommuHub, IommuNotifier, IommuPerm, IotlbEntry, IotlbEvent, IotlbEventKind,
     NotifierFlags, WeakAddressSpace,
 };
@@ -105,7 +105,10 @@ fn iommu_space(
     (memory.address_space(id).unwrap(), hub)
 }
 
-fn recorder() -> (Arc<Mutex<Vec<IotlbEvent>>>, Arc<memtree::iommu::NotifyFn>) {
+fn recorder() -> (
+    Arc<Mutex<Vec<IotlbEvent>>>,
+    Arc<memtree::access::iommu::NotifyFn>,
+) {
     let log = Arc::new(Mutex::new(Vec::new()));
     let l = log.clone();
     (
@@ -750,7 +753,7 @@ fn bypass_switching_many_devices_in_one_transaction() {
     });
     for (s, _, _) in &devs {
         assert_eq!(s.load::<u32>(0x1000, Endian::Little, A).0, 0x7a);
-        assert!(memtree::iommu::is_translated(&s.view(), 0x1000));
+        assert!(memtree::access::iommu::is_translated(&s.view(), 0x1000));
     }
     memory.transaction(|m| {
         for (_, bypass, iommu) in &devs {
@@ -1075,7 +1078,7 @@ mod prop {
 #[cfg(all(feature = "vm-memory", unix))]
 #[test]
 fn vm_memory_iommu_memory_translates_through_memtree() {
-    use memtree::iommu::vm_memory_adapter::VmMemoryIommu;
+    use memtree::access::iommu::vm_memory_adapter::VmMemoryIommu;
     use memtree::vm_memory::{Bytes, GuestAddress, IommuMemory};
     let s = setup(12, 16);
     s.map(2, 0x30_0000, IommuPerm::ReadWrite);

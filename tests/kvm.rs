@@ -6,8 +6,8 @@
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use memtree::access::attrs::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
 use memtree::integrations::kvm::{dispatch_exit, ExitAction, KvmMemorySlots};
+use memtree::region::attrs::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
 use memtree::{DirtyClient, Memory, RamBacking};
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use memtree::dma::mapping::DmaDirection;
+use memtree::host::mapping_info::DmaDirection;
 use memtree::lifecycle::census::Finalized;
 use memtree::{
     lifecycle::diag, AccessSizes, DmaError, Endianness, MemTxAttrs, MemTxResult, Memory, MmioOps,

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
 use memtree::dma::cache::{MemoryRegionCache, SectionRef};
-use memtree::dma::mapping::DmaDirection;
+use memtree::host::mapping_info::DmaDirection;
 use memtree::{
     lifecycle::diag, AccessSizes, DmaMapping, Endianness, FlatView, MemTxAttrs, MemTxResult,
     Memory, MemoryListener, MmioOps, ObjectKind, OwnerId, RegionId, Section, TopologyError,

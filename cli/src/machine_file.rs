@@ -77,7 +77,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use toml::Spanned;
 
-use memtree::topology::region::MAX_REGION_SIZE;
+use memtree::region::region_core::MAX_REGION_SIZE;
 use memtree::{
     AccessSizes, Endianness, Machine, MemTxAttrs, MemTxResult, Memory, MmioOps, OwnerId,
     OwnerLabel, RamBacking, RegionId, RegionKind, SpaceId, TopologyError,

@@ -85,13 +85,13 @@ use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Cache};
 
-use crate::access::attrs::{
+use crate::access::space::{AddressSpace, SpaceShared};
+use crate::host::ram;
+use crate::region::attrs::{
     self as access, AccessSizes, Endianness, MemTxAttrs, MemTxError, MemTxResult, MmioOps,
     OpsConfig, UnassignedOps,
 };
-use crate::access::ram;
-use crate::access::space::{AddressSpace, SpaceShared};
-use crate::topology::region::{Backing, RegionKind};
+use crate::region::region_core::{Backing, RegionKind};
 use crate::view::flatview::{FlatRange, FlatView};
 
 /// Byte order requested by a typed access through an address space or a
@@ -370,7 +370,7 @@ fn read_piece(
     rest: &mut [u8],
     attrs: MemTxAttrs,
 ) -> (usize, MemTxResult) {
-    if let Some(done) = range.and_then(|r| crate::iommu::read_piece(r, addr, rest, attrs)) {
+    if let Some(done) = range.and_then(|r| crate::access::iommu::read_piece(r, addr, rest, attrs)) {
         return done;
     }
     let (t, mr_addr, cap) = target(range, addr);
@@ -390,7 +390,8 @@ fn write_piece(
     rest: &[u8],
     attrs: MemTxAttrs,
 ) -> (usize, MemTxResult) {
-    if let Some(done) = range.and_then(|r| crate::iommu::write_piece(r, addr, rest, attrs)) {
+    if let Some(done) = range.and_then(|r| crate::access::iommu::write_piece(r, addr, rest, attrs))
+    {
         return done;
     }
     let (t, mr_addr, cap) = target(range, addr);
@@ -587,7 +588,7 @@ fn load_slow<T: Primitive>(
             );
         }
     }
-    if let Some(done) = range.and_then(|r| crate::iommu::load::<T>(r, addr, order, attrs)) {
+    if let Some(done) = range.and_then(|r| crate::access::iommu::load::<T>(r, addr, order, attrs)) {
         return done;
     }
     let (t, mr_addr, _) = target(range, addr);
@@ -616,7 +617,9 @@ fn store_slow<T: Primitive>(
             return MemTxResult::OK;
         }
     }
-    if let Some(done) = range.and_then(|r| crate::iommu::store::<T>(r, addr, value, order, attrs)) {
+    if let Some(done) =
+        range.and_then(|r| crate::access::iommu::store::<T>(r, addr, value, order, attrs))
+    {
         return done;
     }
     let (t, mr_addr, _) = target(range, addr);
@@ -827,7 +830,7 @@ pub struct SpaceCursor {
     pub(crate) space: AddressSpace,
     target_endian: Endianness,
     /// The last IOTLB entry typed accesses used (see `crate::iommu`).
-    iotlb: Option<crate::iommu::CursorIotlb>,
+    iotlb: Option<crate::access::iommu::CursorIotlb>,
 }
 
 impl std::fmt::Debug for SpaceCursor {
@@ -905,12 +908,12 @@ impl SpaceCursor {
             let size = u64::from(T::SIZE);
             // An IOMMU range is not RAM: `attrs.memory` takes the slow path.
             let hit = (!attrs.memory).then(|| {
-                crate::iommu::cursor_hit(
+                crate::access::iommu::cursor_hit(
                     &mut self.iotlb,
                     view,
                     r,
                     addr,
-                    crate::iommu::IommuPerm::Read,
+                    crate::access::iommu::IommuPerm::Read,
                     attrs,
                     |tr, ta, avail| {
                         (avail >= size).then(|| {
@@ -964,12 +967,12 @@ impl SpaceCursor {
             let size = u64::from(T::SIZE);
             // An IOMMU range is not RAM: `attrs.memory` takes the slow path.
             let hit = (!attrs.memory).then(|| {
-                crate::iommu::cursor_hit(
+                crate::access::iommu::cursor_hit(
                     &mut self.iotlb,
                     view,
                     r,
                     addr,
-                    crate::iommu::IommuPerm::Write,
+                    crate::access::iommu::IommuPerm::Write,
                     attrs,
                     |tr, ta, avail| {
                         (avail >= size).then(|| {

@@ -1,14 +1,12 @@
 //! Data plane: accesses through an address space.
 //!
-//! * [`attrs`]: transaction attributes and results
-//!   ([`MemTxAttrs`](crate::MemTxAttrs), [`MemTxResult`](crate::MemTxResult)),
-//!   [`MmioOps`](crate::MmioOps) (a device's callbacks and its access-size
-//!   rules), endianness.
 //! * [`dispatch`]: reads, writes, typed loads and stores with QEMU's
 //!   splitting, endianness, unassigned, ROM and ROM-device rules.
 //! * [`space`]: [`AddressSpace`](crate::AddressSpace), the cloneable handle
-//!   the data plane holds, and [`SpaceId`](crate::SpaceId).
-//! * [`ram`]: host RAM blocks and the race-free guest copies into them.
+//!   the data plane holds, and the machine's immutable data.
+//! * [`iommu`]: IOMMU regions, translation, IOTLB notifiers.
+//! * [`bounce`]: bounce-buffer accounting and map clients of an address
+//!   space (what DMA mappings reserve and wait for).
 //!
 //! # Byte order: two types, two meanings
 //!
@@ -29,11 +27,10 @@
 //! Invariants: an access runs against one published view from start to end
 //! and takes no lock; device callbacks may re-enter the control plane.
 //!
-//! Layering: `attrs` and `ram` are leaves (only `dirty`); `dispatch` and
-//! `space` use `view`, `dma`, `lifecycle`, `iommu`; back-edges are listed in
-//! ARCHITECTURE.md (checked by `tests/layering.rs`).
+//! Layering: may use `view`, `region`, `host`, `lifecycle` (checked by
+//! `tests/layering.rs`).
 
-pub mod attrs;
+pub mod bounce;
 pub mod dispatch;
-pub mod ram;
+pub mod iommu;
 pub mod space;

@@ -22,24 +22,10 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::access::attrs::Endianness;
 use crate::lifecycle::census::{Census, ObjectKey, ObjectKind};
-use crate::topology::owner::OwnerId;
-use crate::topology::region::RegionId;
+use crate::region::attrs::Endianness;
+use crate::region::ids::{OwnerId, RegionId, SpaceId};
 use crate::view::flatview::FlatView;
-
-/// Identity of an address space in the topology (index + generation).
-#[derive(Copy, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SpaceId {
-    pub(crate) index: u32,
-    pub(crate) generation: u32,
-}
-
-impl fmt::Debug for SpaceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SpaceId({}v{})", self.index, self.generation)
-    }
-}
 
 /// Immutable machine-wide data the data plane needs.
 pub(crate) struct MachineData {
@@ -51,7 +37,7 @@ pub(crate) struct MachineData {
     pub(crate) empty_view: Arc<FlatView>,
     /// Outstanding DMA mappings, caches and sections (diagnostics; also the
     /// census's lazy source).
-    pub(crate) dma: Arc<crate::dma::mapping_table::MappingTable>,
+    pub(crate) dma: Arc<crate::host::mapping_table::MappingTable>,
 }
 
 pub(crate) struct SpaceShared {
@@ -62,7 +48,7 @@ pub(crate) struct SpaceShared {
     pub(crate) census_key: ObjectKey,
     /// Bytes of bounce buffer in use by outstanding DMA mappings, and the
     /// limit (QEMU's per-AS `max_bounce_buffer_size`, default 4096).
-    pub(crate) bounce: crate::dma::mapping::BounceState,
+    pub(crate) bounce: crate::access::bounce::BounceState,
 }
 
 impl Drop for SpaceShared {
@@ -118,8 +104,8 @@ impl AddressSpace {
                 view: ArcSwap::new(view),
                 machine: machine.clone(),
                 census_key,
-                bounce: crate::dma::mapping::BounceState::with_census(
-                    crate::dma::mapping::DEFAULT_MAX_BOUNCE,
+                bounce: crate::access::bounce::BounceState::with_census(
+                    crate::access::bounce::DEFAULT_MAX_BOUNCE,
                     machine.census.clone(),
                 ),
             }),

@@ -41,16 +41,16 @@ use std::fmt;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use crate::access::attrs::{MemTxAttrs, MemTxResult};
 use crate::access::space::{AddressSpace, MachineData};
-use crate::dma::backend::MemoryBackend;
 use crate::dma::mapping::{
-    avail_in, check_bounds, check_range, direct_extent, is_direct, ram_backend, DmaDirection,
-    DmaError, MappingId, MappingKind,
+    avail_in, check_bounds, check_range, direct_extent, is_direct, ram_backend, DmaError,
 };
-use crate::dma::mapping_table::{Entry, Ticket};
+use crate::host::backend::MemoryBackend;
+use crate::host::mapping_info::{DmaDirection, MappingId, MappingKind};
+use crate::host::mapping_table::{Entry, Ticket};
 use crate::lifecycle::census::ObjectKey;
-use crate::topology::region::RegionCore;
+use crate::region::attrs::{MemTxAttrs, MemTxResult};
+use crate::region::region_core::RegionCore;
 
 struct Direct {
     host: NonNull<u8>,
@@ -72,11 +72,11 @@ pub struct MemoryRegionCache {
 }
 
 // SAFETY: `host` points into memory kept mapped by the held backend; the
-// cache only performs guest-memory copies through it (`crate::access::ram`), like
+// cache only performs guest-memory copies through it (`crate::host::ram`), like
 // `RamBlock`'s own `&self` methods, which are `Send + Sync`.
 unsafe impl Send for MemoryRegionCache {}
 // SAFETY: as above: shared access performs only raw copies into and out of
-// guest memory, whose concurrent use is documented in `crate::access::ram`.
+// guest memory, whose concurrent use is documented in `crate::host::ram`.
 unsafe impl Sync for MemoryRegionCache {}
 
 impl fmt::Debug for MemoryRegionCache {
@@ -223,7 +223,7 @@ impl MemoryRegionCache {
                 // `buf` is a Rust buffer, not
                 // guest memory.
                 unsafe {
-                    crate::access::ram::copy_from_guest(
+                    crate::host::ram::copy_from_guest(
                         d.host.as_ptr().add(offset as usize),
                         buf.as_mut_ptr(),
                         buf.len(),
@@ -256,7 +256,7 @@ impl MemoryRegionCache {
                 // SAFETY: as in `read`, copy reversed; a direct cache for
                 // writing only resolves to writable RAM.
                 unsafe {
-                    crate::access::ram::copy_to_guest(
+                    crate::host::ram::copy_to_guest(
                         buf.as_ptr(),
                         d.host.as_ptr().add(offset as usize),
                         buf.len(),
@@ -279,7 +279,7 @@ impl MemoryRegionCache {
             // SAFETY: as in `read`: `offset + N <= len` bytes of kept host
             // memory.
             return Ok(unsafe {
-                crate::access::ram::load_guest::<N>(d.host.as_ptr().add(offset as usize))
+                crate::host::ram::load_guest::<N>(d.host.as_ptr().add(offset as usize))
             });
         }
         let mut b = [0u8; N];
@@ -294,7 +294,7 @@ impl MemoryRegionCache {
             check_bounds(offset, N, self.len)?;
             // SAFETY: as in `write`: `offset + N <= len` bytes of kept,
             // writable host memory.
-            unsafe { crate::access::ram::store_guest(d.host.as_ptr().add(offset as usize), bytes) };
+            unsafe { crate::host::ram::store_guest(d.host.as_ptr().add(offset as usize), bytes) };
             d.mark_dirty(offset, N as u64);
             return Ok(());
         }
@@ -304,7 +304,7 @@ impl MemoryRegionCache {
 
 impl Direct {
     /// Marks what a write through the cache touched, for the clients
-    /// tracking the memory now (`crate::dirty`).
+    /// tracking the memory now (`crate::host::dirty_bitmap`).
     #[inline]
     fn mark_dirty(&self, offset: u64, len: u64) {
         self.held

@@ -74,7 +74,7 @@
 //!   holds them) and the memory stays valid until the mapping is dropped.
 //!   The mapping pins the memory with its entry in the machine's mapping
 //!   table rather than with an `Arc`, so map and unmap cost no locked
-//!   instruction at all (see [`crate::dma::mapping_table`], "Entries that pin
+//!   instruction at all (see [`crate::host::mapping_table`], "Entries that pin
 //!   memory"). Ownerless memory is not machine-lifetime memory: like a
 //!   device's, it is freed when its last user (view, mapping, cache,
 //!   snapshot, KVM slot) goes.
@@ -86,7 +86,7 @@
 //! Mappings (of RAM and bounce buffers), caches
 //! ([`crate::dma::cache::MemoryRegionCache`]) and sections
 //! ([`crate::dma::cache::SectionRef`]) are recorded in the machine's mapping table
-//! ([`crate::dma::mapping_table`]) with plain stores into the recording thread's
+//! ([`crate::host::mapping_table`]) with plain stores into the recording thread's
 //! shard: no lock, no locked instruction, no allocation. The census
 //! registers them as [`crate::lifecycle::census::ObjectKind::Mapping`] objects lazily,
 //! whenever anybody asks the census anything, so `census.explain(backend)` says
@@ -118,61 +118,26 @@
 //!
 //! Unmapping a direct mapping made for writing marks its first
 //! `access_len` bytes dirty for the clients tracking the memory at that
-//! moment (QEMU's `invalidate_and_set_dirty`, [`crate::dirty`]); a bounce
+//! moment (QEMU's `invalidate_and_set_dirty`, [`crate::host::dirty_bitmap`]); a bounce
 //! buffer's write-back marks through dispatch.
 
 use std::fmt;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-
-use crate::access::attrs::{MemTxAttrs, MemTxResult};
+use crate::access::bounce::Reservation;
 use crate::access::dispatch::SpaceCursor;
 use crate::access::space::AddressSpace;
-use crate::dma::backend::MemoryBackend;
-use crate::dma::mapping_table::{Entry, MappingTable, Ticket};
-use crate::lifecycle::census::{Census, ObjectKey};
-use crate::topology::region::{Backing, RegionCore};
+use crate::host::backend::MemoryBackend;
+use crate::host::mapping_table::{Entry, MappingTable, Ticket};
+use crate::lifecycle::census::ObjectKey;
+use crate::region::attrs::{MemTxAttrs, MemTxResult};
+use crate::region::region_core::{Backing, RegionCore};
 use crate::view::flatview::{FlatRange, FlatView};
 
-/// QEMU's default per-address-space bounce-buffer limit.
-pub const DEFAULT_MAX_BOUNCE: u64 = 4096;
-
-/// Which way data moves, seen from the device doing DMA.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
-pub enum DmaDirection {
-    /// The device reads guest memory (QEMU `is_write = false`): bounce
-    /// buffers are prefilled, nothing is written back.
-    ToDevice,
-    /// The device writes guest memory (`is_write = true`): bounce buffers
-    /// start zeroed and are written back at unmap.
-    FromDevice,
-    /// Both: prefilled and written back. Direct only where both directions
-    /// are direct.
-    Bidirectional,
-}
-
-impl DmaDirection {
-    /// Whether the device reads guest memory through the mapping.
-    pub fn reads(self) -> bool {
-        matches!(self, DmaDirection::ToDevice | DmaDirection::Bidirectional)
-    }
-
-    /// Whether the device writes guest memory through the mapping.
-    pub fn writes(self) -> bool {
-        matches!(self, DmaDirection::FromDevice | DmaDirection::Bidirectional)
-    }
-
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            DmaDirection::ToDevice => "to-device",
-            DmaDirection::FromDevice => "from-device",
-            DmaDirection::Bidirectional => "bidirectional",
-        }
-    }
-}
+pub use crate::access::bounce::{MapClientId, DEFAULT_MAX_BOUNCE};
+pub use crate::host::mapping_info::{DmaDirection, MappingId, MappingInfo, MappingKind};
 
 /// Why a mapping, cache or access was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -227,249 +192,6 @@ pub enum DmaError {
     /// A cached access that goes through device callbacks failed.
     #[error("transaction failed: {0:?}")]
     Transaction(MemTxResult),
-}
-
-/// Diagnostic identity of a recorded mapping, cache or section (unique per
-/// machine, never reused): the number of the table shard that recorded it
-/// (one per recording thread, see [`crate::dma::mapping_table`]) and a sequence
-/// number in that shard. Displayed as `shard.seq`.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MappingId {
-    shard: u32,
-    seq: u64,
-}
-
-impl MappingId {
-    pub(crate) fn new(shard: u32, seq: u64) -> MappingId {
-        MappingId { shard, seq }
-    }
-}
-
-impl fmt::Display for MappingId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.shard, self.seq)
-    }
-}
-
-/// Identity of a registered map client.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
-pub struct MapClientId(u64);
-
-type MapClient = Box<dyn FnOnce() + Send>;
-
-// ---------------------------------------------------------------------------
-// Bounce accounting and map clients (one per address space)
-// ---------------------------------------------------------------------------
-
-/// Bounce-buffer accounting and map clients of one address space.
-pub(crate) struct BounceState {
-    pub(crate) in_use: AtomicU64,
-    pub(crate) limit: AtomicU64,
-    clients: Mutex<Vec<(MapClientId, MapClient)>>,
-    next_client: AtomicU64,
-    /// Where a map client's panic caught while the thread was already
-    /// unwinding is recorded (it cannot be re-raised).
-    census: Option<Arc<Census>>,
-}
-
-impl fmt::Debug for BounceState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BounceState")
-            .field("in_use", &self.in_use())
-            .field("limit", &self.limit.load(Ordering::Relaxed))
-            .field("clients", &self.clients.lock().len())
-            .finish()
-    }
-}
-
-impl BounceState {
-    pub(crate) fn new(limit: u64) -> BounceState {
-        BounceState {
-            in_use: AtomicU64::new(0),
-            limit: AtomicU64::new(limit),
-            clients: Mutex::new(Vec::new()),
-            next_client: AtomicU64::new(1),
-            census: None,
-        }
-    }
-
-    /// A bounce state whose clients' panics while unwinding are recorded in
-    /// `census`.
-    pub(crate) fn with_census(limit: u64, census: Arc<Census>) -> BounceState {
-        BounceState {
-            census: Some(census),
-            ..BounceState::new(limit)
-        }
-    }
-
-    /// Bytes currently reserved.
-    pub(crate) fn in_use(&self) -> u64 {
-        self.in_use.load(Ordering::Acquire)
-    }
-
-    /// Reserves up to `want` bytes; returns how many (0 = none free).
-    fn reserve(&self, want: u64) -> u64 {
-        let mut cur = self.in_use.load(Ordering::Acquire);
-        loop {
-            let limit = self.limit.load(Ordering::Acquire);
-            let alloc = limit.saturating_sub(cur).min(want);
-            if alloc == 0 {
-                return 0;
-            }
-            match self.in_use.compare_exchange_weak(
-                cur,
-                cur + alloc,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return alloc,
-                Err(now) => cur = now,
-            }
-        }
-    }
-
-    fn has_room(&self) -> bool {
-        self.in_use() < self.limit.load(Ordering::Acquire)
-    }
-
-    /// Releases `n` bytes and tells every waiting client (also while the
-    /// thread unwinds from a panic: a client waiting for space must not
-    /// wait for an event that may never come).
-    fn release(&self, n: u64) {
-        self.in_use.fetch_sub(n, Ordering::AcqRel);
-        self.notify();
-    }
-
-    /// Runs (and removes) every registered client, outside the lock; does
-    /// nothing on a thread already running map clients (the clients stay
-    /// registered for the next event: see "Map clients" in the module
-    /// docs).
-    fn notify(&self) {
-        if RUNNING_MAP_CLIENTS.get() > 0 {
-            return;
-        }
-        let fired = std::mem::take(&mut *self.clients.lock());
-        if fired.is_empty() {
-            return;
-        }
-        let mut run = ClientRun {
-            state: self,
-            pending: fired.into_iter(),
-        };
-        RUNNING_MAP_CLIENTS.set(RUNNING_MAP_CLIENTS.get() + 1);
-        for (_, f) in run.pending.by_ref() {
-            if std::thread::panicking() {
-                // A second panic now would abort the process: catch it and
-                // record it (the caller already gets the first one).
-                if let Err(p) = crate::topology::owner::catch(f) {
-                    if let Some(census) = &self.census {
-                        census.record_panic(format!(
-                            "a DMA map client panicked while the thread was unwinding: {}",
-                            crate::topology::owner::panic_message(&p)
-                        ));
-                    }
-                }
-            } else {
-                f();
-            }
-        }
-    }
-}
-
-thread_local! {
-    /// How many `notify` calls are running map clients on this thread (0 or
-    /// 1: a nested `notify` returns at once).
-    static RUNNING_MAP_CLIENTS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
-}
-
-/// The clients one `notify` took and has not run yet. Dropped when the run
-/// ends, normally or by a client's panic: clients left over go back to the
-/// front of the list, in order, and the thread is no longer running clients.
-struct ClientRun<'a> {
-    state: &'a BounceState,
-    pending: std::vec::IntoIter<(MapClientId, MapClient)>,
-}
-
-impl Drop for ClientRun<'_> {
-    fn drop(&mut self) {
-        RUNNING_MAP_CLIENTS.set(RUNNING_MAP_CLIENTS.get() - 1);
-        if !self.pending.as_slice().is_empty() {
-            let mut clients = self.state.clients.lock();
-            let later = std::mem::take(&mut *clients);
-            clients.extend(self.pending.by_ref());
-            clients.extend(later);
-        }
-    }
-}
-
-/// Bounce space reserved by a mapping under construction: released on drop
-/// unless [`kept`](Self::keep) (a prefill that panics releases it).
-struct Reservation<'a> {
-    state: &'a BounceState,
-    len: u64,
-}
-
-impl Reservation<'_> {
-    /// The mapping now owns the space.
-    fn keep(self) {
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        self.state.release(self.len);
-    }
-}
-
-// ---------------------------------------------------------------------------
-// What the machine-wide table of mappings reports (crate::dma::mapping_table)
-// ---------------------------------------------------------------------------
-
-/// What a recorded entry describes.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub enum MappingKind {
-    /// A direct DMA mapping of RAM (holds the memory).
-    DirectRam,
-    /// A bounce-buffered DMA mapping (holds the region, so the device).
-    Bounce,
-    /// A [`crate::dma::cache::MemoryRegionCache`] of RAM (holds the memory).
-    Cache,
-    /// A [`crate::dma::cache::SectionRef`] from [`AddressSpace::find`] (holds the
-    /// region).
-    Section,
-    /// A `GuestRamRegion`, one region of the rust-vmm view of an address
-    /// space's RAM (`AddressSpace::guest_memory`, feature `vm-memory`;
-    /// holds the memory for as long as any clone of the view holds it).
-    GuestMemory,
-}
-
-impl MappingKind {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            MappingKind::DirectRam => "dma",
-            MappingKind::Bounce => "bounce",
-            MappingKind::Cache => "cache",
-            MappingKind::Section => "section",
-            MappingKind::GuestMemory => "vm-memory-region",
-        }
-    }
-}
-
-/// One recorded mapping, cache or section, as
-/// [`AddressSpace::outstanding_mappings`] reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MappingInfo {
-    /// Diagnostic id.
-    pub id: MappingId,
-    /// What it is.
-    pub kind: MappingKind,
-    /// Its census key, once the census has registered it.
-    pub census_key: Option<ObjectKey>,
-    /// Human-readable label, e.g. `dma pci 0x1000+0x200 from-device`.
-    pub label: String,
-    /// The census key of what it holds (a backend or a region).
-    pub holds: ObjectKey,
 }
 
 // ---------------------------------------------------------------------------
@@ -567,15 +289,15 @@ enum Hold<'a> {
     /// RAM (of a region with or without an owner): the mapping's entry in
     /// `table` (the
     /// machine's, borrowed from the handle), which pins the memory (see
-    /// [`crate::dma::mapping_table`]). `table` is derivable from `space`; it is
+    /// [`crate::host::mapping_table`]). `table` is derivable from `space`; it is
     /// kept so that unmap does not chase three pointers to reach it.
     Memory {
         table: &'a MappingTable,
         ticket: Ticket,
         /// For a mapping that writes: the memory's dirty bitmaps and the
         /// mapping's offset in the memory, marked at unmap for the length
-        /// written (`crate::dirty`). Valid while the entry pins the memory.
-        dirty: Option<(NonNull<crate::dirty::BlockDirty>, u64)>,
+        /// written (`crate::host::dirty_bitmap`). Valid while the entry pins the memory.
+        dirty: Option<(NonNull<crate::host::dirty_bitmap::BlockDirty>, u64)>,
     },
     /// A bounce buffer: the region (and so the device).
     Bounce(Box<BounceHold>),
@@ -630,8 +352,8 @@ pub struct DmaMapping<'a> {
 
 // SAFETY: the raw host pointer points into memory kept mapped by the
 // mapping's entry in the machine's mapping table, which pins it (the memory
-// is freed only after the entry is removed, see `crate::dma::mapping_table`); the
-// guard only performs guest-memory copies through it (`crate::access::ram`), like
+// is freed only after the entry is removed, see `crate::host::mapping_table`); the
+// guard only performs guest-memory copies through it (`crate::host::ram`), like
 // `RamBlock`'s own methods, which are `Send + Sync`.
 unsafe impl Send for DmaMapping<'_> {}
 // SAFETY: as above; `&DmaMapping` only allows reads (raw copies out of
@@ -792,7 +514,7 @@ impl AddressSpace {
         dir: DmaDirection,
         attrs: MemTxAttrs,
     ) -> Option<Result<DmaMapping<'_>, DmaError>> {
-        crate::iommu::with_direct_target(r, addr, dir, attrs, |view, j, ta, max| {
+        crate::access::iommu::with_direct_target(r, addr, dir, attrs, |view, j, ta, max| {
             let tr = view.range(j)?;
             if !is_direct(tr, dir) {
                 return None;
@@ -1033,7 +755,7 @@ impl<'a> DmaMapping<'a> {
     /// Host address of the first byte: direct memory, or the bounce buffer.
     /// Valid for [`len`](Self::len) bytes while the guard lives; never create
     /// Rust references from it into guest memory (the guest-memory
-    /// functions of [`crate::access::ram`] or atomics only).
+    /// functions of [`crate::host::ram`] or atomics only).
     pub fn as_ptr(&self) -> *const u8 {
         match &self.hold {
             Hold::Bounce(b) => b.buf.as_ptr(),
@@ -1056,7 +778,7 @@ impl<'a> DmaMapping<'a> {
                 // lives (pinned by its table entry); `buf` is a Rust buffer,
                 // never guest memory, so the ranges do not overlap.
                 unsafe {
-                    crate::access::ram::copy_from_guest(
+                    crate::host::ram::copy_from_guest(
                         self.host.as_ptr().add(offset as usize),
                         buf.as_mut_ptr(),
                         buf.len(),
@@ -1087,7 +809,7 @@ impl<'a> DmaMapping<'a> {
                 // SAFETY: as in `read`, with the copy reversed; direct
                 // mappings for writing are only made of writable RAM.
                 unsafe {
-                    crate::access::ram::copy_to_guest(
+                    crate::host::ram::copy_to_guest(
                         buf.as_ptr(),
                         self.host.as_ptr().add(offset as usize),
                         buf.len(),
@@ -1159,13 +881,13 @@ impl<'a> DmaMapping<'a> {
         // The mapping is dropped by an unwinding panic: a device callback
         // that panicked now would abort the process. Its panic is caught,
         // recorded, and the write-back reported failed.
-        match crate::topology::owner::catch(write_back) {
+        match crate::lifecycle::deferral::catch(write_back) {
             Ok(result) => result,
             Err(p) => {
                 self.space.shared.machine.census.record_panic(format!(
                     "a device panicked in a DMA bounce write-back at {:#x} while the thread was unwinding: {}",
                     self.addr,
-                    crate::topology::owner::panic_message(&p)
+                    crate::lifecycle::deferral::panic_message(&p)
                 ));
                 MemTxResult::ACCESS_ERROR
             }
@@ -1212,6 +934,7 @@ impl Drop for DmaMapping<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::access::bounce::BounceState;
 
     #[test]
     fn dma_cursor_map_behaves_like_the_shared_handle_map() {

@@ -23,11 +23,11 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::access::space::SpaceId;
+use crate::region::ids::{RegionId, SpaceId};
+use crate::region::region_core::RegionKind;
 use crate::render::flatten as render;
 use crate::topology::error::TopologyError;
 use crate::topology::memory::Machine;
-use crate::topology::region::{RegionId, RegionKind};
 use crate::topology::tree::Topology;
 
 /// Most visits spent on subtrees rendering would skip (clipped or disabled):
@@ -363,7 +363,7 @@ fn root_walk(topo: &Topology, root: RegionId) -> Vec<String> {
                 _ => None,
             },
             RegionKind::Container => {
-                let enabled: Vec<(RegionId, &crate::topology::region::RegionNode)> = node
+                let enabled: Vec<(RegionId, &crate::region::region_core::RegionNode)> = node
                     .subregions
                     .iter()
                     .filter_map(|&s| topo.node(s).map(|n| (s, n)))

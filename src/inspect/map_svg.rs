@@ -30,11 +30,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 
-use crate::access::space::SpaceId;
 use crate::inspect::lookup::{self, Candidate, Fate};
+use crate::region::ids::{RegionId, SpaceId};
+use crate::region::region_core::RegionKind;
 use crate::topology::error::TopologyError;
 use crate::topology::memory::Machine;
-use crate::topology::region::{RegionId, RegionKind};
 use crate::topology::tree::Topology;
 use crate::view::flatview::RegionType;
 

@@ -34,7 +34,7 @@
 //! # Dirty tracking
 //!
 //! A region's vm-memory bitmap (`GuestMemoryRegion::B`) is
-//! [`crate::dirty::RamDirtyBitmap`]: every write vm-memory makes through a
+//! [`crate::host::dirty_bitmap::RamDirtyBitmap`]: every write vm-memory makes through a
 //! `VolatileSlice` or a `Bytes` method marks the pages it touched for the
 //! clients tracking that memory at the moment of the write (tracking
 //! started or stopped after the collection was handed out included). A
@@ -102,9 +102,10 @@ use vm_memory::{
 };
 
 use crate::access::space::AddressSpace;
-use crate::dma::backend::MemoryBackend;
-use crate::dma::mapping::{direct_extent, is_direct, ram_backend, DmaDirection, MappingKind};
-use crate::dma::mapping_table::{Entry, MappingTable, Ticket};
+use crate::dma::mapping::{direct_extent, is_direct, ram_backend};
+use crate::host::backend::MemoryBackend;
+use crate::host::mapping_info::{DmaDirection, MappingKind};
+use crate::host::mapping_table::{Entry, MappingTable, Ticket};
 use crate::view::flatview::FlatView;
 
 /// The writable RAM of one flat view, as a vm-memory collection. Cloning it
@@ -140,8 +141,8 @@ pub struct GuestRamRegion {
     table: Arc<MappingTable>,
     /// This region's entry in `table`, removed by `Drop`.
     ticket: Ticket,
-    /// Marks what vm-memory writes (`crate::dirty`).
-    dirty: crate::dirty::RamDirtyBitmap,
+    /// Marks what vm-memory writes (`crate::host::dirty_bitmap`).
+    dirty: crate::host::dirty_bitmap::RamDirtyBitmap,
 }
 
 impl GuestRamRegion {
@@ -193,7 +194,7 @@ impl std::fmt::Debug for GuestRamRegion {
 }
 
 impl GuestMemoryRegion for GuestRamRegion {
-    type B = crate::dirty::RamDirtyBitmap;
+    type B = crate::host::dirty_bitmap::RamDirtyBitmap;
 
     fn len(&self) -> GuestUsize {
         self.run.len
@@ -231,7 +232,7 @@ impl GuestMemoryRegion for GuestRamRegion {
         // whichever clone of the collection or `Arc` the region was reached
         // through. memtree never creates Rust references into guest memory:
         // its own accesses, like the slice's, are raw-pointer copies (the
-        // concurrency rules of those copies are `crate::access::ram`'s).
+        // concurrency rules of those copies are `crate::host::ram`'s).
         // The bitmap slice marks the pages vm-memory writes through it.
         Ok(unsafe {
             VolatileSlice::with_bitmap(
@@ -253,10 +254,17 @@ impl AddressSpace {
     /// every `Arc` and every clone of it keeps the memory it maps alive.
     pub fn guest_memory(&self) -> Arc<GuestRam> {
         let view = self.view_guard();
-        let cache = view.guest_ram.get_or_init(|| GuestRamCache {
-            runs: ram_runs(&view),
-            handed_out: Mutex::new(Weak::new()),
+        let slot = view.guest_ram.get_or_init(|| {
+            Box::new(GuestRamCache {
+                runs: ram_runs(&view),
+                handed_out: Mutex::new(Weak::new()),
+            })
         });
+        // Only this function fills the slot, always with a `GuestRamCache`;
+        // were it ever something else, an uncached collection is still right.
+        let Some(cache) = slot.downcast_ref::<GuestRamCache>() else {
+            return Arc::new(self.regions_of(&ram_runs(&view)));
+        };
         let mut handed_out = cache.handed_out.lock();
         if let Some(ram) = handed_out.upgrade() {
             return ram;
@@ -285,7 +293,7 @@ impl AddressSpace {
                         holds: run.backend.census_key(),
                     }),
                     table: table.clone(),
-                    dirty: crate::dirty::RamDirtyBitmap::new(
+                    dirty: crate::host::dirty_bitmap::RamDirtyBitmap::new(
                         run.backend.block().dirty_log().clone(),
                         run.offset,
                     ),

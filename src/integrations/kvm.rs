@@ -45,10 +45,10 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VmFd};
 use parking_lot::Mutex;
 
-use crate::access::attrs::MemTxAttrs;
 use crate::access::dispatch::SpaceCursor;
-use crate::dma::backend::MemoryBackend;
 use crate::dma::mapping::ram_backend;
+use crate::host::backend::MemoryBackend;
+use crate::region::attrs::MemTxAttrs;
 use crate::render::listener::{MemoryListener, Section, PRIORITY_ACCEL};
 use crate::view::flatview::FlatRange;
 
@@ -185,7 +185,7 @@ impl KvmMemorySlots {
         // a backend the installed slot keeps (`Installed::_memory`) until
         // this same call deletes the slot with size 0; KVM accesses it only
         // as guest memory, which memtree already treats as shared with
-        // other writers (raw copies only, see `crate::access::ram`).
+        // other writers (raw copies only, see `crate::host::ram`).
         unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| e.to_string())
     }
 }

@@ -11,9 +11,9 @@
 //! any other user (mappings, views), so the census explains it and unplug
 //! waits for it.
 //!
-//! Layering: the top; may use every core folder. Core folders use
-//! `guest_memory` only for the cached vm-memory view (back-edges listed in
-//! ARCHITECTURE.md, checked by `tests/layering.rs`).
+//! Layering: the top; may use every core folder, and no core folder uses
+//! it (the vm-memory cache of a view is an opaque slot of the view;
+//! checked by `tests/layering.rs`).
 
 #[cfg(all(feature = "vm-memory", unix))]
 pub mod guest_memory;

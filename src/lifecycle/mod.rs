@@ -2,6 +2,9 @@
 //!
 //! * [`census`]: [`Census`](crate::Census), every live object (regions,
 //!   owners, views, mappings, backends, handles) and who holds it.
+//! * `deferral` (crate-private): `catch`/`raise` around code memtree does
+//!   not own, and the queue of drops and finalizers a machine operation
+//!   runs when it ends.
 //! * [`diag`]: census reports, holder chains, and
 //!   [`LeakReport`](crate::LeakReport), what survived a teardown.
 //!
@@ -12,4 +15,5 @@
 //! `tests/layering.rs`).
 
 pub mod census;
+pub(crate) mod deferral;
 pub mod diag;

@@ -108,12 +108,12 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
-use crate::access::space::SpaceId;
 use crate::qemu_text::parse::{FlatDump, OwnerDecor, OwnerRef, TreeDump, TreeLine, TypeTag};
+use crate::region::ids::{OwnerId, RegionId, SpaceId};
+use crate::region::owner_core::OwnerLabel;
+use crate::region::region_core::RegionKind;
 use crate::topology::error::TopologyError;
 use crate::topology::memory::{Machine, Memory};
-use crate::topology::owner::{OwnerId, OwnerLabel};
-use crate::topology::region::{RegionId, RegionKind};
 use crate::topology::tree::Topology;
 use crate::view::flatview::RegionType;
 

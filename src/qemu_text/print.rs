@@ -49,9 +49,10 @@ use std::collections::{HashMap, HashSet};
 use std::fmt::{self, Write};
 use std::sync::Arc;
 
+use crate::region::ids::RegionId;
+use crate::region::owner_core::OwnerLabel;
+use crate::region::region_core::{RegionKind, RegionNode};
 use crate::topology::memory::Machine;
-use crate::topology::owner::OwnerLabel;
-use crate::topology::region::{RegionId, RegionKind, RegionNode};
 use crate::topology::tree::Topology;
 use crate::view::flatview::{FlatView, RegionType};
 

@@ -26,8 +26,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::topology::region::{RegionId, RegionKind, RegionNode, MAX_REGION_SIZE};
-use crate::topology::tree::Topology;
+use crate::region::ids::RegionId;
+use crate::region::region_core::{RegionGraph, RegionKind, RegionNode, MAX_REGION_SIZE};
 use crate::view::flatview::{Edit, FlatRange, RangeAttrs, RegionType};
 
 /// Propagated flags along a render path.
@@ -56,7 +56,7 @@ pub(crate) struct Rendered {
 }
 
 struct Renderer<'t> {
-    topo: &'t Topology,
+    topo: &'t dyn RegionGraph,
     /// Covered addresses: disjoint, non-adjacent intervals, start -> end
     /// (exclusive; an end can be 2^64).
     covered: BTreeMap<u64, u128>,
@@ -92,7 +92,7 @@ enum Task<'t> {
 /// Renders the tree under `root` (a physical root: the region reached from
 /// the space's root by following enabled aliases that map it whole) into
 /// flat ranges.
-pub(crate) fn render(topo: &Topology, root: RegionId) -> Rendered {
+pub(crate) fn render(topo: &dyn RegionGraph, root: RegionId) -> Rendered {
     render_clipped(topo, root, (0, MAX_REGION_SIZE as i128))
 }
 
@@ -100,7 +100,7 @@ pub(crate) fn render(topo: &Topology, root: RegionId) -> Rendered {
 /// `root`. Every address inside the window gets what a full render gives it
 /// (the walk decides each address independently of the others); pieces are
 /// cut at the window's edges.
-fn render_clipped(topo: &Topology, root: RegionId, window: (i128, i128)) -> Rendered {
+fn render_clipped(topo: &dyn RegionGraph, root: RegionId, window: (i128, i128)) -> Rendered {
     let mut r = Renderer {
         topo,
         covered: BTreeMap::new(),
@@ -350,7 +350,7 @@ fn simplify(pieces: Vec<Piece<'_>>) -> Vec<FlatRange> {
 
 /// QEMU's physical-root walk (`memory_region_get_flatview_root`): the region whose rendering an address
 /// space rooted at `root` shares. `None` means the empty view.
-pub(crate) fn physical_root(topo: &Topology, root: RegionId) -> Option<RegionId> {
+pub(crate) fn physical_root(topo: &dyn RegionGraph, root: RegionId) -> Option<RegionId> {
     physical_root_visiting(topo, root, |_| {})
 }
 
@@ -358,7 +358,7 @@ pub(crate) fn physical_root(topo: &Topology, root: RegionId) -> Option<RegionId>
 /// walk reads (the walk also reads the flags, position and size of the
 /// subregions of each container it visits).
 pub(crate) fn physical_root_visiting(
-    topo: &Topology,
+    topo: &dyn RegionGraph,
     root: RegionId,
     mut visit: impl FnMut(RegionId),
 ) -> Option<RegionId> {
@@ -421,7 +421,7 @@ pub(crate) fn physical_root_visiting(
 /// does (merging is decided pairwise on adjacent addresses): the old range
 /// it joins then belongs to the edit too.
 pub(crate) fn splice(
-    topo: &Topology,
+    topo: &dyn RegionGraph,
     root: RegionId,
     old: &crate::view::flatview::FlatView,
     affected: &[(i128, i128)],

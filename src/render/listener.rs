@@ -29,7 +29,7 @@
 //! * `log_sync` / `log_clear` are not part of a commit: they run from
 //!   [`crate::Machine::dirty_log_sync`], `snapshot_and_clear_dirty` and
 //!   `take_dirty_ram`, per space (creation order), per logging range
-//!   (address order), forward ([`crate::dirty`]).
+//!   (address order), forward ([`crate::host::dirty_bitmap`]).
 //! * Sections are in address-space coordinates, and carry the view published
 //!   when the callback runs (during a commit's diff that is still the old view).
 //!
@@ -56,15 +56,14 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::access::space::SpaceId;
 use crate::lifecycle::census::Census;
-use crate::topology::owner::{catch, panic_message, raise};
-use crate::topology::region::RegionId;
+use crate::lifecycle::deferral::{catch, panic_message, raise};
+use crate::region::ids::{RegionId, SpaceId};
 use crate::view::flatview::{FlatRange, FlatView, SpliceSpans};
 
 /// Identity of a registered listener.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ListenerId(pub(crate) u64);
+pub struct ListenerId(pub(crate) u64, pub(crate) u32);
 
 /// QEMU's `MEMORY_LISTENER_PRIORITY_MIN`.
 pub const PRIORITY_MIN: u32 = 0;
@@ -326,6 +325,8 @@ pub(crate) type Span = (u64, u128);
 pub(crate) struct Listeners {
     pub(crate) list: Vec<Registered>,
     next: u64,
+    /// The machine's tag, carried by every `ListenerId` (see `crate::region::ids`).
+    pub(crate) machine: u32,
     /// ioeventfds per region, sorted by [`IoEventFd::key`].
     pub(crate) region_fds: HashMap<RegionId, Vec<IoEventFd>>,
     /// The ioeventfds each address space showed at its last update, sorted.
@@ -347,6 +348,14 @@ pub(crate) struct Listeners {
 }
 
 impl Listeners {
+    /// No listeners yet; ids made for the machine tagged `machine`.
+    pub(crate) fn for_machine(machine: u32) -> Listeners {
+        Listeners {
+            machine,
+            ..Listeners::default()
+        }
+    }
+
     /// Registers `listener` with its `priority` (asked by the caller before
     /// it borrowed the topology: it is the listener's code).
     pub(crate) fn insert(
@@ -356,7 +365,7 @@ impl Listeners {
         priority: u32,
     ) -> ListenerId {
         self.next += 1;
-        let id = ListenerId(self.next);
+        let id = ListenerId(self.next, self.machine);
         let at = self.list.partition_point(|r| r.priority <= priority);
         self.list.insert(
             at,
@@ -673,7 +682,7 @@ pub(crate) fn notify_coalesced(
 
 /// Calls listener callbacks one at a time, catching a panic of each: the
 /// panic is recorded in the census (which listener, which callback) and
-/// kept for the caller of the machine operation (`crate::topology::owner::raise`),
+/// kept for the caller of the machine operation (`crate::lifecycle::deferral::raise`),
 /// and the caller of `call` carries on with the next callback, so every
 /// listener still gets its whole sequence and memtree's views stay
 /// consistent.

@@ -13,10 +13,10 @@
 //! people's code: each is caught and recorded, and the bookkeeping of what a
 //! listener has been told stays exact when one panics.
 //!
-//! Layering: may use `view`, `access`, `dma`, `lifecycle`, `dirty`, `iommu`;
-//! the tree it renders is passed in by `topology` (its back-edges to
-//! `topology` are listed in ARCHITECTURE.md and checked by
-//! `tests/layering.rs`).
+//! Layering: may use `dma`, `access`, `view`, `region`, `host`,
+//! `lifecycle`; the tree it renders is handed in by `topology` as a
+//! `&dyn RegionGraph` (region nodes by id), so it never names `topology`
+//! (checked by `tests/layering.rs`).
 
 pub(crate) mod flatten;
 pub mod listener;

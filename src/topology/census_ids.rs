@@ -8,13 +8,13 @@
 //! key while the device is plugged to explain later what keeps its memory
 //! alive.
 
-use crate::access::space::SpaceId;
 use crate::lifecycle::census::{CensusEntry, ObjectKey};
 use crate::lifecycle::diag;
+use crate::region::ids::OwnerId;
+use crate::region::ids::RegionId;
+use crate::region::ids::SpaceId;
 use crate::topology::error::TopologyError;
 use crate::topology::memory::Machine;
-use crate::topology::owner::OwnerId;
-use crate::topology::region::RegionId;
 
 mod sealed {
     use super::*;
@@ -100,7 +100,7 @@ impl Machine {
     /// kinds. The memory can outlive the region: a DMA mapping pins the
     /// memory, not the region.
     pub fn backend_census_key(&self, id: RegionId) -> Result<Option<ObjectKey>, TopologyError> {
-        use crate::topology::region::Backing;
+        use crate::region::region_core::Backing;
         self.read(|t| {
             t.get(id).map(|n| match n.core.backing() {
                 Backing::Ram { block, .. }

@@ -5,9 +5,7 @@
 //! only): none in the public API. Panicking inside a device callback or a
 //! listener propagates to the caller like any Rust panic.
 
-use crate::access::space::SpaceId;
-use crate::topology::owner::OwnerId;
-use crate::topology::region::RegionId;
+use crate::region::ids::{OwnerId, RegionId, SpaceId};
 
 /// A topology operation that was refused. The topology is unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -22,6 +20,20 @@ pub enum TopologyError {
     /// The address space id is stale or was never valid.
     #[error("address space {0:?} does not exist")]
     NoSuchSpace(SpaceId),
+    /// The id was made by another machine (a `Memory` other than the one
+    /// it was passed to). Checked before any lookup, so the call acts on
+    /// nothing; a stale id of this machine is `NoSuch…` instead.
+    #[error("{kind} id {id} belongs to another machine (machine #{id_machine}); this is machine #{machine}")]
+    ForeignId {
+        /// What the id names: "region", "owner", "address space" or "listener".
+        kind: &'static str,
+        /// The id, as `Debug` prints it.
+        id: String,
+        /// The tag of the machine that made the id.
+        id_machine: u32,
+        /// The tag of the machine it was passed to.
+        machine: u32,
+    },
     /// The region is already a subregion of some container.
     #[error("region \"{region}\" is already mapped in container \"{container}\"")]
     AlreadyInContainer {

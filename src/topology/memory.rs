@@ -90,21 +90,21 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::{ReentrantMutex, ReentrantMutexGuard};
 
-use crate::access::attrs::{Endianness, MmioOps};
-use crate::access::ram::RamBacking;
-use crate::access::space::{AddressSpace, MachineData, SpaceId};
-use crate::dma::backend::MemoryBackend;
+use crate::access::space::{AddressSpace, MachineData};
+use crate::host::backend::MemoryBackend;
+use crate::host::ram::RamBacking;
 use crate::lifecycle::census::Census;
+use crate::lifecycle::deferral::{defer_drop, defer_drop_recorded, Deferral, Payload};
 use crate::lifecycle::diag::LeakReport;
+use crate::region::attrs::{Endianness, MmioOps};
+use crate::region::ids::{OwnerId, RegionId, SpaceId};
+use crate::region::owner_core::{Finalizer, OwnerLabel};
+use crate::region::region_core::{Backing, RegionCore, RegionInfo, RegionKind};
 use crate::render::flatten as render;
 use crate::render::listener::{
     self, EventNotifier, IoEventFd, ListenerId, MemoryListener, SpaceCtx,
 };
 use crate::topology::error::TopologyError;
-use crate::topology::owner::{
-    defer_drop, defer_drop_recorded, Deferral, Finalizer, OwnerId, OwnerLabel, Payload,
-};
-use crate::topology::region::{Backing, RegionCore, RegionId, RegionInfo, RegionKind};
 use crate::topology::tree::{Topology, UnplugReport};
 use crate::view::flatview::{FlatView, SpliceSpans};
 
@@ -248,7 +248,7 @@ impl Memory {
     /// A new, empty memory system for a guest of the given byte order.
     pub fn with_target_endian(target_endian: Endianness) -> Memory {
         let census = Arc::new(Census::new());
-        let dma = Arc::new(crate::dma::mapping_table::MappingTable::new());
+        let dma = Arc::new(crate::host::mapping_table::MappingTable::new());
         census.set_source(dma.clone());
         let data = Arc::new(MachineData {
             census: census.clone(),
@@ -494,7 +494,7 @@ impl Machine {
                 let new = if full {
                     let mut inspected = Vec::new();
                     let phys = root.and_then(|r| {
-                        render::physical_root_visiting(&topo, r, |x| inspected.push(x))
+                        render::physical_root_visiting(&*topo, r, |x| inspected.push(x))
                     });
                     if let Some(was) = index.record(id, inspected, phys) {
                         if was != phys {
@@ -535,7 +535,7 @@ impl Machine {
                 // The splice's spans serve the listener diff when this space
                 // published the view the splice started from.
                 let delta = new.as_ref().and_then(|_| {
-                    let phys = root.and_then(|r| render::physical_root(&topo, r));
+                    let phys = root.and_then(|r| render::physical_root(&*topo, r));
                     deltas
                         .get(&phys)
                         .filter(|(from, _)| Arc::ptr_eq(from, &old))
@@ -704,7 +704,7 @@ impl Machine {
             // How writes to each new range mark dirty pages (the ranges a
             // splice keeps from the old view are attached already).
             for e in &mut s.edits {
-                crate::dirty::attach(&mut e.new, global);
+                crate::view::dirty_marks::attach(&mut e.new, global);
             }
             let (view, spans) = FlatView::spliced(
                 old,
@@ -724,7 +724,7 @@ impl Machine {
             return (Arc::new(view), Some(spans));
         }
         let mut r = render::render(topo, p);
-        crate::dirty::attach(&mut r.ranges, global);
+        crate::view::dirty_marks::attach(&mut r.ranges, global);
         // A render identical to the last one keeps the last view (its
         // reached list is refreshed).
         if let Some(old) = old.filter(|o| render::same_ranges(o.iter(), &r.ranges)) {
@@ -1048,7 +1048,7 @@ impl Machine {
     }
 
     /// An IOMMU region of `size` bytes translated by `device`, whose
-    /// notifiers live in `hub` (see `crate::iommu`). Renders and prints like
+    /// notifiers live in `hub` (see `crate::access::iommu`). Renders and prints like
     /// MMIO (QEMU `memory_region_init_iommu`).
     ///
     /// # Errors
@@ -1059,8 +1059,8 @@ impl Machine {
         &self,
         name: &str,
         size: u128,
-        device: Arc<dyn crate::iommu::Iommu>,
-        hub: Arc<crate::iommu::IommuHub>,
+        device: Arc<dyn crate::access::iommu::Iommu>,
+        hub: Arc<crate::access::iommu::IommuHub>,
         owner: Option<OwnerId>,
     ) -> Result<RegionId> {
         if hub.is_attached() {
@@ -1074,10 +1074,11 @@ impl Machine {
             name,
             RegionKind::Iommu,
             size,
-            Backing::Iommu {
+            crate::access::iommu::IommuParts {
                 device,
                 hub: hub.clone(),
-            },
+            }
+            .into_backing(),
             owner,
             None,
         )?;
@@ -1232,7 +1233,7 @@ impl Machine {
     /// Resizes a region. RAM cannot grow past its backend.
     pub fn set_size(&self, id: RegionId, size: u128) -> Result<()> {
         self.edit(|t| t.set_size(id, size))?;
-        crate::dirty::after_resize(self, id, size);
+        crate::topology::dirty_log::after_resize(self, id, size);
         Ok(())
     }
 
@@ -1339,7 +1340,8 @@ impl Machine {
     /// Unregisters a listener, replaying its space's state as deletions:
     /// per range `log_stop`, coalesced dels and `region_del`, then
     /// `eventfd_del` for every ioeventfd. Unknown ids (already unregistered,
-    /// or of a destroyed space) are ignored.
+    /// or of a destroyed space) are ignored; an id of another machine is
+    /// [`TopologyError::ForeignId`].
     pub fn unregister_listener(&self, id: ListenerId) -> Result<()> {
         let _defer = Deferral::enter();
         let guard = self.control.lock();
@@ -1350,6 +1352,7 @@ impl Machine {
             if topo.in_commit {
                 return Err(TopologyError::ListenerReentry);
             }
+            topo.check_tag("listener", &id, id.1)?;
             let Some(reg) = topo.listeners.remove(id) else {
                 return Ok(());
             };
@@ -1540,7 +1543,7 @@ impl Machine {
     /// refuses, the ones already started get `log_global_stop` in reverse
     /// and the start fails and counts no user), then every view is
     /// re-rendered so that RAM ranges carry the MIGRATION bit (`log_start`
-    /// on listeners, [`crate::dirty`]); a later user's start only counts.
+    /// on listeners, [`crate::host::dirty_bitmap`]); a later user's start only counts.
     /// Every successful start must be matched by one
     /// [`Machine::global_dirty_log_stop`].
     pub fn global_dirty_log_start(&self) -> Result<()> {
@@ -1648,7 +1651,7 @@ impl Machine {
     /// Calls `f` on every listener, for every range of every address space
     /// whose dirty-log mask is nonzero (and which `region` serves, if
     /// given), with callbacks guarded as during a commit. For
-    /// `crate::dirty`'s sync and clear.
+    /// `crate::host::dirty_bitmap`'s sync and clear.
     pub(crate) fn each_logging_section(
         &self,
         region: Option<RegionId>,
@@ -1727,7 +1730,11 @@ impl Machine {
             t.regions
                 .iter()
                 .find(|(_, n)| n.name() == name)
-                .map(|((index, generation), _)| RegionId { index, generation })
+                .map(|((index, generation), _)| RegionId {
+                    index,
+                    generation,
+                    machine: t.tag,
+                })
         })
     }
 
@@ -1738,7 +1745,11 @@ impl Machine {
             t.regions
                 .iter()
                 .filter(|(_, n)| n.name() == name)
-                .map(|((index, generation), _)| RegionId { index, generation })
+                .map(|((index, generation), _)| RegionId {
+                    index,
+                    generation,
+                    machine: t.tag,
+                })
                 .collect()
         })
     }

@@ -5,8 +5,10 @@
 //!   the one-writer handle, transactions, commit, teardown and its leak report.
 //! * `tree` (crate-private): the topology itself (region, owner and space
 //!   arenas) and every edit's bookkeeping, unplug.
-//! * [`region`], [`owner`]: region and owner identities, their shared cores
-//!   (what the data plane may keep) and their control-plane nodes.
+//! * `owner` (crate-private): `OwnerNode`, the control-plane half of an
+//!   owner (the data-plane halves of regions and owners are `crate::region`).
+//! * [`dirty_log`]: dirty-log control (`Machine::set_log`, global start and
+//!   stop, snapshots, `take_dirty_ram`).
 //! * `arena`: generation-checked slot arenas behind the ids.
 //! * [`error`]: the error of every edit, [`TopologyError`](crate::TopologyError).
 //! * [`census_ids`]: from a region, owner or space id to its census entry.
@@ -29,16 +31,15 @@
 //! data plane directly: it reads the views [`crate::render`] publishes.
 //!
 //! Layering: the top of the core. It may use every other core folder
-//! (`render`, `view`, `access`, `dma`, `lifecycle`, `dirty`, `iommu`); only
+//! (`render`, `dma`, `access`, `view`, `region`, `host`, `lifecycle`); only
 //! `inspect`, `qemu_text`, `integrations`, `migration` and `scale` build on
-//! it. ARCHITECTURE.md lists the allowed edges; `tests/layering.rs` checks
-//! them.
+//! it (checked by `tests/layering.rs`).
 
 pub(crate) mod arena;
 pub mod census_ids;
+pub mod dirty_log;
 pub mod error;
 pub mod memory;
-pub mod owner;
-pub mod region;
+pub(crate) mod owner;
 pub(crate) mod space_index;
 pub(crate) mod tree;

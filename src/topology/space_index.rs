@@ -30,8 +30,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::access::space::SpaceId;
-use crate::topology::region::RegionId;
+use crate::region::ids::RegionId;
+use crate::region::ids::SpaceId;
 use crate::topology::tree::Topology;
 
 /// One space's last physical-root walk.

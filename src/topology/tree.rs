@@ -13,7 +13,7 @@
 //!   back to that region (checked by [`Topology::would_loop`] on every edit
 //!   that adds a link).
 //! * A region is in at most one container, and a mapped region's core is held
-//!   by its container's core (see [`crate::topology::region`]).
+//!   by its container's core (see [`crate::region::region_core`]).
 //! * `dirty` names every region changed since the last commit; a cached view
 //!   none of whose reached regions is dirty is still exact.
 //! * `affected` holds, per region, the intervals (in the coordinates of a
@@ -26,7 +26,7 @@
 //! * No code memtree does not own runs while the topology is borrowed:
 //!   anything an edit releases that may hold device state (region nodes
 //!   and cores, a refused region's backing, replaced finalizers) goes to
-//!   `crate::topology::owner::defer_drop` and drops when the machine operation ends,
+//!   `crate::lifecycle::deferral::defer_drop` and drops when the machine operation ends,
 //!   and device configuration hooks are read before the borrow.
 //! * `unplug` costs O(regions of the unplugged devices + regions of the
 //!   machine) (the alias scan), not O(n x siblings): dying regions are
@@ -35,17 +35,20 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::access::attrs::OpsConfig;
-use crate::access::space::{AddressSpace, MachineData, SpaceId, SpaceNode};
+use crate::access::space::{AddressSpace, MachineData, SpaceNode};
 use crate::lifecycle::census::{ObjectKey, ObjectKind};
+use crate::lifecycle::deferral::{defer_drop, defer_drop_recorded};
+use crate::region::attrs::OpsConfig;
+use crate::region::ids::{OwnerId, RegionId, SpaceId};
+use crate::region::owner_core::{OwnerCore, OwnerLabel};
+use crate::region::region_core::{
+    Backing, RegionCore, RegionGraph, RegionInfo, RegionKind, RegionNode,
+};
 use crate::render::flatten;
 use crate::render::listener::Listeners;
 use crate::topology::arena::Arena;
 use crate::topology::error::TopologyError;
-use crate::topology::owner::{
-    defer_drop, defer_drop_recorded, OwnerCore, OwnerId, OwnerLabel, OwnerNode,
-};
-use crate::topology::region::{Backing, RegionCore, RegionId, RegionInfo, RegionKind, RegionNode};
+use crate::topology::owner::OwnerNode;
 use crate::view::flatview::FlatView;
 
 type Result<T> = std::result::Result<T, TopologyError>;
@@ -102,6 +105,8 @@ pub(crate) struct Topology {
     /// The machine has been torn down (teardown runs once).
     pub(crate) torn_down: bool,
     pub(crate) machine: Arc<MachineData>,
+    /// This machine's tag, carried by every id it makes (`crate::region::ids`).
+    pub(crate) tag: u32,
     pub(crate) census_key: ObjectKey,
     /// Spaces destroyed since the last commit: their handles get the empty
     /// view at commit, after their listeners saw every range deleted.
@@ -117,11 +122,18 @@ impl Drop for Topology {
     }
 }
 
+impl RegionGraph for Topology {
+    fn node(&self, id: RegionId) -> Option<&RegionNode> {
+        Topology::node(self, id)
+    }
+}
+
 impl Topology {
     pub(crate) fn new(machine: Arc<MachineData>) -> Topology {
         let census_key = machine
             .census
             .register(ObjectKind::Topology, "topology", None);
+        let tag = crate::region::ids::next_machine_tag();
         Topology {
             regions: Arena::default(),
             owners: Arena::default(),
@@ -134,11 +146,12 @@ impl Topology {
             incremental: true,
             pending: false,
             views: HashMap::new(),
-            listeners: Listeners::default(),
+            listeners: Listeners::for_machine(tag),
             depth: 0,
             in_commit: false,
             torn_down: false,
             machine,
+            tag,
             census_key,
             destroyed_spaces: Vec::new(),
         }
@@ -146,27 +159,54 @@ impl Topology {
 
     // ---- lookups -------------------------------------------------------
 
+    /// `ForeignId` unless `id_machine` is this machine's tag.
+    pub(crate) fn check_tag(
+        &self,
+        kind: &'static str,
+        id: &dyn std::fmt::Debug,
+        id_machine: u32,
+    ) -> Result<()> {
+        if id_machine == self.tag {
+            return Ok(());
+        }
+        Err(TopologyError::ForeignId {
+            kind,
+            id: format!("{id:?}"),
+            id_machine,
+            machine: self.tag,
+        })
+    }
+
+    /// `None` for a stale id and for an id of another machine (which never
+    /// reaches a slot of this arena).
     pub(crate) fn node(&self, id: RegionId) -> Option<&RegionNode> {
+        if id.machine != self.tag {
+            return None;
+        }
         self.regions.get(id.index, id.generation)
     }
 
     pub(crate) fn node_mut(&mut self, id: RegionId) -> Result<&mut RegionNode> {
+        self.check_tag("region", &id, id.machine)?;
         self.regions
             .get_mut(id.index, id.generation)
             .ok_or(TopologyError::NoSuchRegion(id))
     }
 
     pub(crate) fn get(&self, id: RegionId) -> Result<&RegionNode> {
+        self.check_tag("region", &id, id.machine)?;
         self.node(id).ok_or(TopologyError::NoSuchRegion(id))
     }
 
     pub(crate) fn owner(&self, id: OwnerId) -> Result<&OwnerNode> {
+        self.check_tag("owner", &id, id.machine)?;
         self.owners
             .get(id.index, id.generation)
             .ok_or(TopologyError::NoSuchOwner(id))
     }
 
     pub(crate) fn space(&self, id: SpaceId) -> Result<&SpaceNode> {
+        self.check_tag("address space", &id, id.machine)?;
         self.spaces
             .get(id.index, id.generation)
             .ok_or(TopologyError::NoSuchSpace(id))
@@ -177,7 +217,16 @@ impl Topology {
         let mut v: Vec<(SpaceId, &SpaceNode)> = self
             .spaces
             .iter()
-            .map(|((index, generation), n)| (SpaceId { index, generation }, n))
+            .map(|((index, generation), n)| {
+                (
+                    SpaceId {
+                        index,
+                        generation,
+                        machine: self.tag,
+                    },
+                    n,
+                )
+            })
             .collect();
         v.sort_by_key(|(_, n)| n.seq);
         v
@@ -187,7 +236,11 @@ impl Topology {
     pub(crate) fn region_ids(&self) -> Vec<RegionId> {
         self.regions
             .iter()
-            .map(|((index, generation), _)| RegionId { index, generation })
+            .map(|((index, generation), _)| RegionId {
+                index,
+                generation,
+                machine: self.tag,
+            })
             .collect()
     }
 
@@ -279,7 +332,11 @@ impl Topology {
             self.owner(p)?;
         }
         let (index, generation) = self.owners.next_id();
-        let id = OwnerId { index, generation };
+        let id = OwnerId {
+            index,
+            generation,
+            machine: self.tag,
+        };
         let core = Arc::new(OwnerCore::new(id, name, &self.machine.census));
         self.machine
             .census
@@ -331,7 +388,11 @@ impl Topology {
             }
         };
         let (index, generation) = self.regions.next_id();
-        let id = RegionId { index, generation };
+        let id = RegionId {
+            index,
+            generation,
+            machine: self.tag,
+        };
         let core = Arc::new(RegionCore::new(
             id,
             name,
@@ -385,7 +446,7 @@ impl Topology {
         owner: Option<OwnerId>,
         alias: Option<(RegionId, u64)>,
     ) -> Result<Option<Arc<OwnerCore>>> {
-        if size > crate::topology::region::MAX_REGION_SIZE {
+        if size > crate::region::region_core::MAX_REGION_SIZE {
             return Err(TopologyError::SizeTooLarge(size));
         }
         let owner_core = match owner {
@@ -684,7 +745,7 @@ impl Topology {
     }
 
     pub(crate) fn set_size(&mut self, id: RegionId, size: u128) -> Result<()> {
-        if size > crate::topology::region::MAX_REGION_SIZE {
+        if size > crate::region::region_core::MAX_REGION_SIZE {
             return Err(TopologyError::SizeTooLarge(size));
         }
         let n = self.get(id)?;
@@ -760,6 +821,9 @@ impl Topology {
     /// usable, not here.
     /// Returns the region's owner, if the region existed.
     fn remove_node_keeping_owner_list(&mut self, id: RegionId) -> Option<Option<OwnerId>> {
+        if id.machine != self.tag {
+            return None;
+        }
         let node = self.regions.remove(id.index, id.generation)?;
         self.alias_sources.remove(&id);
         if let Some(t) = node.alias_target {
@@ -790,7 +854,11 @@ impl Topology {
             self.owner(o)?;
         }
         let (index, generation) = self.spaces.next_id();
-        let id = SpaceId { index, generation };
+        let id = SpaceId {
+            index,
+            generation,
+            machine: self.tag,
+        };
         let handle = AddressSpace::new(name, id, &self.machine, self.machine.empty_view.clone());
         self.machine
             .census
@@ -814,6 +882,7 @@ impl Topology {
     }
 
     pub(crate) fn destroy_space(&mut self, id: SpaceId) -> Result<()> {
+        self.check_tag("address space", &id, id.machine)?;
         let node = self
             .spaces
             .remove(id.index, id.generation)
@@ -886,7 +955,11 @@ impl Topology {
             .regions
             .iter()
             .filter(|(_, n)| n.alias_target.is_some_and(|t| region_set.contains(&t)))
-            .map(|((index, generation), _)| RegionId { index, generation })
+            .map(|((index, generation), _)| RegionId {
+                index,
+                generation,
+                machine: self.tag,
+            })
             .filter(|id| !region_set.contains(id))
             .collect();
         for a in aliases {
@@ -950,7 +1023,11 @@ impl Topology {
             .owners
             .iter()
             .filter(|(_, n)| n.parent.is_none())
-            .map(|((index, generation), _)| OwnerId { index, generation })
+            .map(|((index, generation), _)| OwnerId {
+                index,
+                generation,
+                machine: self.tag,
+            })
             .collect();
         for o in roots {
             let _ = self.unplug(o);

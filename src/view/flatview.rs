@@ -20,7 +20,8 @@
 use std::sync::Arc;
 
 use crate::lifecycle::census::{Census, ObjectKey, ObjectKind};
-use crate::topology::region::{Backing, RegionCore, RegionId, RegionKind};
+use crate::region::ids::RegionId;
+use crate::region::region_core::{Backing, RegionCore, RegionKind};
 
 /// The type QEMU prints for a region (`memory_region_type`, QEMU 7.2 rules).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -96,8 +97,8 @@ pub struct FlatRange {
     /// memory (RAM, or a ROM device in romd mode); null otherwise.
     pub(crate) host: *mut u8,
     /// How writes mark dirty pages: `None` while no client tracks the range
-    /// (set at render by `crate::dirty::attach`).
-    pub(crate) dirty: Option<crate::dirty::RangeDirty>,
+    /// (set at render by `crate::view::dirty_marks::attach`).
+    pub(crate) dirty: Option<crate::host::dirty_bitmap::RangeDirty>,
 }
 
 // SAFETY: `host` points into the memory backend held (through `region`) by
@@ -1021,9 +1022,10 @@ pub struct FlatView {
     /// than one leaf), made on first use.
     flat: std::sync::OnceLock<Box<[FlatRange]>>,
     /// This view's writable RAM for vm-memory, built on first use by
-    /// `AddressSpace::guest_memory` and dropped with the view.
+    /// `AddressSpace::guest_memory` and dropped with the view. Opaque here
+    /// (the view does not know the integration that fills it).
     #[cfg(all(feature = "vm-memory", unix))]
-    pub(crate) guest_ram: std::sync::OnceLock<crate::integrations::guest_memory::GuestRamCache>,
+    pub(crate) guest_ram: std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl FlatView {
@@ -1466,8 +1468,8 @@ mod tests {
     #[test]
     fn flatview_splice_matches_a_vector_model() {
         let memory = crate::Memory::new();
-        let ops: Arc<dyn crate::access::attrs::MmioOps> =
-            Arc::new(crate::access::attrs::UnimplementedDevice);
+        let ops: Arc<dyn crate::region::attrs::MmioOps> =
+            Arc::new(crate::region::attrs::UnimplementedDevice);
         let id = memory.new_mmio("dev", 16, ops, None).unwrap();
         let core = memory.read(|t| t.node(id).unwrap().core.clone());
         let mut rng = Rng(0x1234_5678);

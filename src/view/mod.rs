@@ -4,6 +4,8 @@
 //!   [`FlatRange`](crate::FlatRange), the sorted, non-overlapping ranges of
 //!   one address space with their regions' shared cores.
 //! * `range_index` (crate-private): the lookup index over a view's ranges.
+//! * `dirty_marks` (crate-private): a range's dirty-log mask, set at
+//!   render, and the marking every write path calls.
 //! * [`publish`]: the publish / read / reclaim protocol as a small cell that
 //!   loom model-checks (production publishes through arc-swap).
 //!
@@ -11,10 +13,12 @@
 //! the region cores (and through them the memory) it shows; readers take no
 //! lock.
 //!
-//! Layering: may use `access`, `dma`, `lifecycle`, `dirty` for the types a
-//! view carries; never `topology` or `render` except the back-edges listed
-//! in ARCHITECTURE.md (checked by `tests/layering.rs`).
+//! Layering: may use `region`, `host`, `lifecycle` for the types a view
+//! carries. Integrations that cache per-view data (vm-memory) fill an
+//! opaque slot of the view; the view never names them (checked by
+//! `tests/layering.rs`).
 
+pub(crate) mod dirty_marks;
 pub mod flatview;
 pub mod publish;
 pub(crate) mod range_index;

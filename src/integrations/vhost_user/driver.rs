@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::access::attrs::MemTxAttrs;
 use crate::access::space::AddressSpace;
+use crate::region::attrs::MemTxAttrs;
 
 use super::VringAddrs;
 

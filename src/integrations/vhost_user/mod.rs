@@ -75,12 +75,12 @@ use vhost::vhost_user::{
 use vhost::{VhostBackend as _, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::dma::backend::MemoryBackend;
 use crate::dma::mapping::ram_backend;
+use crate::host::backend::MemoryBackend;
 use crate::lifecycle::census::{Census, ObjectKey, ObjectKind};
+use crate::region::region_core::Backing;
 use crate::render::listener::{MemoryListener, Section, PRIORITY_DEV_BACKEND};
 use crate::topology::memory::Machine;
-use crate::topology::region::Backing;
 use crate::view::flatview::FlatRange;
 
 /// Most regions one `SET_MEM_TABLE` can carry (one fd each).

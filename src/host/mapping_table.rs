@@ -35,7 +35,7 @@
 //! A direct DMA mapping of a device's RAM does not hold the memory's `Arc`
 //! (two locked instructions, more than half the map+unmap budget): its
 //! table entry *is* the pin, as a hazard pointer is. When the last `Arc` of
-//! a [`MemoryBackend`](crate::dma::backend::MemoryBackend) that has ever been
+//! a [`MemoryBackend`](crate::host::backend::MemoryBackend) that has ever been
 //! pinned goes, its drop hands the host memory ([`RamBlock`]) to
 //! `MappingTable::retire_memory` instead of freeing it: the block is
 //! parked in the table's `retired` list and freed (and its census entry
@@ -105,8 +105,8 @@ use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::access::ram::RamBlock;
-use crate::dma::mapping::{DmaDirection, MappingId, MappingInfo, MappingKind};
+use crate::host::mapping_info::{DmaDirection, MappingId, MappingInfo, MappingKind};
+use crate::host::ram::RamBlock;
 use crate::lifecycle::census::{Census, CensusSource, ObjectKey, ObjectKind};
 
 /// How many tables a thread keeps a claim on; claiming one more releases the
@@ -997,7 +997,7 @@ mod tests {
     }
 
     fn block() -> RamBlock {
-        RamBlock::new("m", 4096, crate::access::ram::RamBacking::Anonymous).unwrap()
+        RamBlock::new("m", 4096, crate::host::ram::RamBacking::Anonymous).unwrap()
     }
 
     #[test]

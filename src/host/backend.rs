@@ -6,7 +6,7 @@
 //!
 //! A direct DMA mapping of a device's RAM does not hold the `Arc`: it pins
 //! the memory with its entry in the machine's mapping table
-//! ([`crate::dma::mapping_table`], "Entries that pin memory"), which costs no
+//! ([`crate::host::mapping_table`], "Entries that pin memory"), which costs no
 //! locked instruction. So when the last `Arc` goes, a backend that has ever
 //! been pinned hands its block to the table, which frees it (and finalizes
 //! the backend in the census) once no entry pins it. A device can therefore
@@ -28,8 +28,8 @@ use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::access::ram::{RamBacking, RamBlock, RamError};
-use crate::dma::mapping_table::MappingTable;
+use crate::host::mapping_table::MappingTable;
+use crate::host::ram::{RamBacking, RamBlock, RamError};
 use crate::lifecycle::census::{Census, ObjectKey, ObjectKind};
 
 /// Host memory registered in a machine's census.

@@ -39,7 +39,7 @@
 //!   the access) has it containing the translated address, directly
 //!   accessible: a target view that changed since is searched again, so
 //!   the cache never serves memory the target no longer maps there.
-//! * A [`SpaceCursor`](crate::dispatch::SpaceCursor) copies the last slot it used
+//! * A [`SpaceCursor`](crate::access::dispatch::SpaceCursor) copies the last slot it used
 //!   and caches its target's view cursor-style (revalidated by one relaxed
 //!   pointer comparison per access, like its own view); the copy is
 //!   re-checked against the hub's generation at every access.
@@ -56,10 +56,10 @@ use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::Mutex;
 
-use crate::access::attrs::{Endianness, MemTxAttrs, MemTxResult};
 use crate::access::dispatch::Primitive;
 use crate::access::space::{AddressSpace, SpaceShared};
-use crate::topology::region::{Backing, RegionCore};
+use crate::region::attrs::{Endianness, MemTxAttrs, MemTxResult};
+use crate::region::region_core::{Backing, IommuBacking, RegionCore};
 use crate::view::flatview::{FlatRange, FlatView};
 
 /// Permissions of a translation, or the access asked for (QEMU
@@ -649,8 +649,8 @@ impl IommuHub {
                 entry: cropped,
             };
             called += 1;
-            if let Err(p) = crate::topology::owner::catch(|| (n.notify)(&ev)) {
-                panic.get_or_insert(crate::topology::owner::panic_message(&p));
+            if let Err(p) = crate::lifecycle::deferral::catch(|| (n.notify)(&ev)) {
+                panic.get_or_insert(crate::lifecycle::deferral::panic_message(&p));
             }
         }
         match panic {
@@ -691,7 +691,7 @@ impl IommuHub {
             .checked_next_power_of_two()
             .unwrap_or(1 << 63);
         let steps = (u128::from(last) - u128::from(start & !(step - 1))) / u128::from(step) + 1;
-        let walked = crate::topology::owner::catch(std::panic::AssertUnwindSafe(|| {
+        let walked = crate::lifecycle::deferral::catch(std::panic::AssertUnwindSafe(|| {
             if device.replay(idx, start, last, &mut sink) {
                 return Ok(());
             }
@@ -718,9 +718,9 @@ impl IommuHub {
         match walked {
             Ok(Ok(())) => Ok(count),
             Ok(Err(e)) => Err(e),
-            Err(p) => Err(IommuError::Panicked(crate::topology::owner::panic_message(
-                &p,
-            ))),
+            Err(p) => Err(IommuError::Panicked(
+                crate::lifecycle::deferral::panic_message(&p),
+            )),
         }
     }
 
@@ -842,7 +842,7 @@ impl IommuHub {
     ) -> IotlbEntry {
         self.misses.fetch_add(1, Ordering::Relaxed);
         let generation = self.generation.load(Ordering::Acquire);
-        let e = match crate::topology::owner::catch(std::panic::AssertUnwindSafe(|| {
+        let e = match crate::lifecycle::deferral::catch(std::panic::AssertUnwindSafe(|| {
             device.translate(addr, access, idx)
         })) {
             Ok(e) if e.is_well_formed() && e.covers(addr) => e,
@@ -907,8 +907,8 @@ impl IommuHub {
 }
 
 fn catch_dev<R>(f: impl FnOnce() -> R) -> Result<R, IommuError> {
-    crate::topology::owner::catch(std::panic::AssertUnwindSafe(f))
-        .map_err(|p| IommuError::Panicked(crate::topology::owner::panic_message(&p)))
+    crate::lifecycle::deferral::catch(std::panic::AssertUnwindSafe(f))
+        .map_err(|p| IommuError::Panicked(crate::lifecycle::deferral::panic_message(&p)))
 }
 
 /// `entry` restricted to `[start, last]`, or `None` if they do not overlap.
@@ -971,21 +971,38 @@ impl AddressSpace {
     }
 }
 
+/// What an IOMMU region's [`IommuBacking`] holds (the only type this
+/// module puts there).
+pub(crate) struct IommuParts {
+    pub(crate) device: Arc<dyn Iommu>,
+    pub(crate) hub: Arc<IommuHub>,
+}
+
+impl IommuParts {
+    /// The backing of an IOMMU region.
+    pub(crate) fn into_backing(self) -> Backing {
+        Backing::Iommu(IommuBacking(Arc::new(self)))
+    }
+}
+
+/// The device and hub of an IOMMU region, `None` for other kinds.
+#[inline]
+fn iommu_parts(core: &RegionCore) -> Option<&IommuParts> {
+    match core.backing() {
+        Backing::Iommu(b) => b.0.downcast_ref(),
+        _ => None,
+    }
+}
+
 impl RegionCore {
     /// The notifier hub of an IOMMU region, `None` for other kinds.
     pub fn iommu_hub(&self) -> Option<&Arc<IommuHub>> {
-        match self.backing() {
-            Backing::Iommu { hub, .. } => Some(hub),
-            _ => None,
-        }
+        iommu_parts(self).map(|p| &p.hub)
     }
 
     /// The device of an IOMMU region, `None` for other kinds.
     pub fn iommu_device(&self) -> Option<&Arc<dyn Iommu>> {
-        match self.backing() {
-            Backing::Iommu { device, .. } => Some(device),
-            _ => None,
-        }
+        iommu_parts(self).map(|p| &p.device)
     }
 }
 
@@ -1025,9 +1042,7 @@ fn with_translation_at<R>(
     f: impl FnOnce(&IotlbEntry, u64) -> R,
 ) -> Option<R> {
     let core = r.region();
-    let Backing::Iommu { device, hub } = core.backing() else {
-        return None;
-    };
+    let IommuParts { device, hub } = iommu_parts(core)?;
     let mr_addr = (addr - r.start()).wrapping_add(r.offset_in_region());
     if !core.is_live() {
         return Some(f(&IotlbEntry::denied(mr_addr, 0xfff), mr_addr));
@@ -1055,9 +1070,7 @@ fn direct_hit<R>(
     f: impl FnOnce(&FlatRange, u64, u64) -> R,
 ) -> Option<R> {
     let core = r.region();
-    let Backing::Iommu { device, hub } = core.backing() else {
-        return None;
-    };
+    let IommuParts { device, hub } = iommu_parts(core)?;
     if !core.is_live() {
         return None;
     }
@@ -1139,9 +1152,7 @@ pub(crate) fn cursor_hit<R>(
         }
     }
     let core = r.region();
-    let Backing::Iommu { device, hub } = core.backing() else {
-        return None;
-    };
+    let IommuParts { device, hub } = iommu_parts(core)?;
     if !core.is_live() {
         return None;
     }
@@ -1217,7 +1228,7 @@ fn cursor_use<R>(
 pub(crate) fn with_direct_target<R>(
     r: &FlatRange,
     addr: u64,
-    dir: crate::dma::mapping::DmaDirection,
+    dir: crate::host::mapping_info::DmaDirection,
     attrs: MemTxAttrs,
     f: impl FnOnce(&FlatView, usize, u64, u64) -> R,
 ) -> Option<R> {
@@ -1252,7 +1263,7 @@ pub(crate) fn read_piece(
         // SAFETY: `ta..ta + len` lies inside `tr`, a range of the target
         // view `direct_hit` holds, whose host memory covers the range;
         // `rest` is a distinct Rust buffer.
-        unsafe { crate::access::ram::copy_from_guest(tr.host_at(ta), rest.as_mut_ptr(), len) };
+        unsafe { crate::host::ram::copy_from_guest(tr.host_at(ta), rest.as_mut_ptr(), len) };
         (len, MemTxResult::OK)
     });
     if hit.is_some() {
@@ -1298,7 +1309,7 @@ pub(crate) fn write_piece(
         // SAFETY: `ta..ta + len` lies inside `tr`, a range of the target
         // view `direct_hit` holds, whose host memory covers the range;
         // `rest` is a distinct Rust buffer.
-        unsafe { crate::access::ram::copy_to_guest(rest.as_ptr(), tr.host_at(ta), len) };
+        unsafe { crate::host::ram::copy_to_guest(rest.as_ptr(), tr.host_at(ta), len) };
         tr.mark_dirty(ta, len as u64);
         (len, MemTxResult::OK)
     });

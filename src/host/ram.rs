@@ -387,8 +387,8 @@ pub struct RamBlock {
     ptr: NonNull<u8>,
     #[cfg(not(miri))]
     fd: Option<OwnedFd>,
-    /// Dirty bitmaps of this memory (`crate::dirty`).
-    dirty: std::sync::Arc<crate::dirty::BlockDirty>,
+    /// Dirty bitmaps of this memory (`crate::host::dirty_bitmap`).
+    dirty: std::sync::Arc<crate::host::dirty_bitmap::BlockDirty>,
 }
 
 // SAFETY: `RamBlock` owns its mapping exclusively (no other `RamBlock` refers
@@ -442,7 +442,7 @@ impl RamBlock {
                 backing,
                 ptr,
                 fd,
-                dirty: std::sync::Arc::new(crate::dirty::BlockDirty::new(size)),
+                dirty: std::sync::Arc::new(crate::host::dirty_bitmap::BlockDirty::new(size)),
             })
         }
         #[cfg(miri)]
@@ -458,7 +458,7 @@ impl RamBlock {
                 size,
                 backing,
                 ptr,
-                dirty: std::sync::Arc::new(crate::dirty::BlockDirty::new(size)),
+                dirty: std::sync::Arc::new(crate::host::dirty_bitmap::BlockDirty::new(size)),
             })
         }
     }
@@ -522,7 +522,7 @@ impl RamBlock {
     }
 
     /// The dirty bitmaps of this memory.
-    pub(crate) fn dirty_log(&self) -> &std::sync::Arc<crate::dirty::BlockDirty> {
+    pub(crate) fn dirty_log(&self) -> &std::sync::Arc<crate::host::dirty_bitmap::BlockDirty> {
         &self.dirty
     }
 

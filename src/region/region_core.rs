@@ -29,7 +29,7 @@
 //!   released too.
 //! * The topology never drops a `RegionCore` (or anything else holding
 //!   device state) while it is borrowed: it hands them to
-//!   `crate::topology::owner::defer_drop`, so a device's `Drop` runs where the machine
+//!   `crate::lifecycle::deferral::defer_drop`, so a device's `Drop` runs where the machine
 //!   is usable.
 
 use std::fmt;
@@ -37,25 +37,12 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::access::attrs::{IoRootOps, MmioOps, OpsConfig, UnassignedOps};
-use crate::dma::backend::MemoryBackend;
+use crate::host::backend::MemoryBackend;
 use crate::lifecycle::census::{Census, ObjectKey, ObjectKind};
-use crate::topology::owner::{catch, panic_message, raise, OwnerCore, OwnerId};
-
-/// Identity of a region: an index into the topology arena plus a generation,
-/// so a stale id (of a destroyed region) is detected instead of aliasing a new
-/// region that reused the slot.
-#[derive(Copy, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RegionId {
-    pub(crate) index: u32,
-    pub(crate) generation: u32,
-}
-
-impl fmt::Debug for RegionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RegionId({}v{})", self.index, self.generation)
-    }
-}
+use crate::lifecycle::deferral::{catch, panic_message, raise};
+use crate::region::attrs::{IoRootOps, MmioOps, OpsConfig, UnassignedOps};
+use crate::region::ids::{OwnerId, RegionId};
+use crate::region::owner_core::OwnerCore;
 
 /// The largest region size: 2^64 bytes, the whole address space.
 pub const MAX_REGION_SIZE: u128 = 1 << 64;
@@ -85,7 +72,7 @@ pub enum RegionKind {
     /// An alias of (part of) another region.
     Alias,
     /// An IOMMU region: a terminating region whose accesses are translated
-    /// by a device into another address space (see `crate::iommu`).
+    /// by a device into another address space (see `crate::access::iommu`).
     Iommu,
 }
 
@@ -124,13 +111,23 @@ pub enum Backing {
     },
     /// Device callbacks.
     Mmio(Arc<dyn MmioOps>),
-    /// An IOMMU: the translating device and its notifier hub.
-    Iommu {
-        /// The device that translates.
-        device: Arc<dyn crate::iommu::Iommu>,
-        /// Its IOTLB notifiers and cache.
-        hub: Arc<crate::iommu::IommuHub>,
-    },
+    /// An IOMMU: the translating device and its notifier hub (opaque at
+    /// this layer, see [`IommuBacking`]).
+    Iommu(IommuBacking),
+}
+
+/// An IOMMU region's translating device and notifier hub. Their types are
+/// the access path's (`crate::access::iommu`: a translation names its
+/// target `AddressSpace`), a layer above the region core, so the core holds
+/// them type-erased; `access::iommu` alone fills it and reads it back
+/// ([`RegionCore::iommu_device`], [`RegionCore::iommu_hub`]).
+#[derive(Clone)]
+pub struct IommuBacking(pub(crate) Arc<dyn std::any::Any + Send + Sync>);
+
+impl fmt::Debug for IommuBacking {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IommuBacking")
+    }
 }
 
 impl fmt::Debug for Backing {
@@ -396,7 +393,14 @@ pub(crate) struct RegionNode {
     /// The QOM parent `info mtree -o` prints, when recorded from a QEMU dump
     /// (`Some(None)`: print none). `None`: derived from the owner (see
     /// `text::print`).
-    pub(crate) qom_parent: Option<Option<crate::topology::owner::OwnerLabel>>,
+    pub(crate) qom_parent: Option<Option<crate::region::owner_core::OwnerLabel>>,
+}
+
+/// What rendering reads of the control plane: the region nodes by id
+/// (implemented by the topology; `crate::render` takes it as `&dyn`).
+pub(crate) trait RegionGraph {
+    /// The node of `id`, `None` for a stale id.
+    fn node(&self, id: RegionId) -> Option<&RegionNode>;
 }
 
 impl RegionNode {
