@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use memtree::region::attrs::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
-use memtree::{AddressSpace, Endian, Memory, RegionId};
+use memtree::region::attrs::{Endian, MemTxAttrs, MemTxResult, MmioOps};
+use memtree::{AddressSpace, Memory, RegionId};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;
@@ -187,8 +187,8 @@ impl MmioOps for Noop {
     fn write(&self, _: u64, _: u64, _: u32, _: MemTxAttrs) -> MemTxResult {
         MemTxResult::OK
     }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 
@@ -206,8 +206,8 @@ impl MmioOps for NoopNoHook {
     fn accepts_everything(&self) -> bool {
         true
     }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 

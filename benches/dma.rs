@@ -24,7 +24,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion};
 use memtree::dma::cache::MemoryRegionCache;
 use memtree::host::mapping_info::DmaDirection;
-use memtree::{Endianness, MemTxAttrs, MemTxResult, Memory, MmioOps};
+use memtree::{Endian, MemTxAttrs, MemTxResult, Memory, MmioOps};
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;
 
@@ -37,8 +37,8 @@ impl MmioOps for Regs {
     fn write(&self, _addr: u64, _data: u64, _size: u32, _attrs: MemTxAttrs) -> MemTxResult {
         MemTxResult::OK
     }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 

@@ -21,8 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use memtree::{
-    AccessSizes, AddressSpace, DmaDirection, Endian, Endianness, MemTxAttrs, MemTxResult, Memory,
-    MmioOps,
+    AccessSizes, AddressSpace, DmaDirection, Endian, MemTxAttrs, MemTxResult, Memory, MmioOps,
 };
 
 const REG_SRC: u64 = 0x00;
@@ -97,8 +96,8 @@ impl MmioOps for CopyEngine {
         AccessSizes::new(8, 8, false)
     }
 
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 

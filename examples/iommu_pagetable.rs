@@ -22,8 +22,8 @@ use std::sync::Arc;
 use memtree::access::iommu::{
     Iommu, IommuHub, IommuPerm, IotlbEntry, IotlbEvent, IotlbEventKind, WeakAddressSpace,
 };
-use memtree::region::attrs::{AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps};
-use memtree::{AddressSpace, Endian};
+use memtree::region::attrs::{AccessSizes, Endian, MemTxAttrs, MemTxResult, MmioOps};
+use memtree::AddressSpace;
 
 /// The page-table IOMMU; see the module docs.
 #[derive(Debug)]
@@ -182,8 +182,8 @@ impl MmioOps for InvalidationRegister {
         AccessSizes::new(8, 8, false)
     }
 
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 

@@ -17,7 +17,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use memtree::{AccessSizes, Endian, Endianness, MemTxAttrs, MemTxResult, Memory, MmioOps};
+use memtree::{AccessSizes, Endian, MemTxAttrs, MemTxResult, Memory, MmioOps};
 
 /// Register offsets of the device.
 const REG_ID: u64 = 0x0; // read-only: 0x4d54_0001
@@ -65,8 +65,8 @@ impl MmioOps for Counter {
         AccessSizes::new(4, 4, false)
     }
 
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 

@@ -63,7 +63,7 @@ pub mod inspect;
 #[cfg(all(feature = "vm-memory", unix))]
 pub use vm_memory;
 
-pub use access::dispatch::{Endian, Primitive};
+pub use access::dispatch::Primitive;
 pub use access::space::{AddressSpace, CurrentView};
 pub use dma::mapping::{DmaDirection, DmaError, DmaMapping};
 pub use host::backend::MemoryBackend;
@@ -72,7 +72,7 @@ pub use host::ram::{RamBacking, RamBlock};
 pub use lifecycle::census::{Census, ObjectKey, ObjectKind};
 pub use lifecycle::diag::LeakReport;
 pub use region::attrs::{
-    AccessKind, AccessSizes, Endianness, MemTxAttrs, MemTxError, MemTxResult, MmioOps,
+    AccessKind, AccessSizes, Endian, MemTxAttrs, MemTxError, MemTxResult, MmioOps,
     UnimplementedDevice,
 };
 pub use region::ids::{OwnerId, RegionId, SpaceId};

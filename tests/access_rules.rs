@@ -18,7 +18,7 @@ type Call = (AccessKind, u64, u32, u64);
 struct Fake {
     valid: AccessSizes,
     imp: AccessSizes,
-    endian: Endianness,
+    endian: Endian,
     reject: bool,
     /// Callback at this address fails with DEVICE_ERROR.
     fail_at: Option<u64>,
@@ -27,7 +27,7 @@ struct Fake {
 }
 
 impl Fake {
-    fn new(endian: Endianness) -> Fake {
+    fn new(endian: Endian) -> Fake {
         Fake {
             valid: AccessSizes::UNSET,
             imp: AccessSizes::UNSET,
@@ -54,9 +54,10 @@ impl Fake {
         let bytes: Vec<u64> = (0..u64::from(size))
             .map(|k| 0x10 + (addr.wrapping_add(k) & 0xf))
             .collect();
-        match self.endian {
-            Endianness::Little => bytes.iter().rev().fold(0, |v, &b| v << 8 | b),
-            Endianness::Big => bytes.iter().fold(0, |v, &b| v << 8 | b),
+        if self.endian.is_big() {
+            bytes.iter().fold(0, |v, &b| v << 8 | b)
+        } else {
+            bytes.iter().rev().fold(0, |v, &b| v << 8 | b)
         }
     }
 }
@@ -94,13 +95,13 @@ impl MmioOps for Fake {
     fn impl_sizes(&self) -> AccessSizes {
         self.imp
     }
-    fn endianness(&self) -> Endianness {
+    fn endianness(&self) -> Endian {
         self.endian
     }
 }
 
 use AccessKind::{Read as R, Write as W};
-use Endianness::{Big as BE, Little as LE};
+use Endian::{Big as BE, Little as LE};
 
 /// §4.3 step 1: an `accepts` hook returning false rejects the access; §4.4: a
 /// rejected read returns 0 with DECODE_ERROR, a rejected write is dropped with

@@ -205,11 +205,62 @@ fn region_sizes_are_u128_and_host_memory_of_2_pow_64_is_refused() {
 }
 
 #[test]
-fn endian_requests_resolve_against_the_target_order() {
-    use memtree::{Endian, Endianness};
-    for target in [Endianness::Little, Endianness::Big] {
+fn one_byte_order_type_native_means_the_target_for_devices_and_accesses() {
+    use memtree::{Endian, MemTxAttrs, Memory, MmioOps};
+    use std::sync::Arc;
+    // A register holding 0x11223344, declared in the target's order.
+    struct NativeReg;
+    impl MmioOps for NativeReg {
+        fn read(&self, _: u64, size: u32, _: MemTxAttrs) -> Result<u64, memtree::MemTxResult> {
+            assert_eq!(size, 4);
+            Ok(0x1122_3344)
+        }
+        fn write(&self, _: u64, _: u64, _: u32, _: MemTxAttrs) -> memtree::MemTxResult {
+            memtree::MemTxResult::OK
+        }
+        fn impl_sizes(&self) -> memtree::AccessSizes {
+            memtree::AccessSizes::new(4, 4, false)
+        }
+        fn endianness(&self) -> Endian {
+            Endian::Native
+        }
+    }
+    let a = MemTxAttrs::UNSPECIFIED;
+    for target in [Endian::Little, Endian::Big] {
         assert_eq!(Endian::Native.resolve(target), target);
-        assert_eq!(Endian::from(target).resolve(Endianness::Little), target);
-        assert_eq!(Endian::from(target).resolve(Endianness::Big), target);
+        assert_eq!(Endian::Little.resolve(target), Endian::Little);
+        assert_eq!(Endian::Big.resolve(target), Endian::Big);
+        let memory = Memory::with_target_endian(target);
+        let root = memory.new_container("system", 1 << 32, None).unwrap();
+        let dev = memory
+            .new_mmio("reg", 4, Arc::new(NativeReg), None)
+            .unwrap();
+        memory.add_subregion(root, 0x1000, dev).unwrap();
+        let ram = memory.new_ram("ram", 0x1000, None).unwrap();
+        memory.add_subregion(root, 0, ram).unwrap();
+        let space = memory.new_address_space("memory", root, None).unwrap();
+        let bus = memory.address_space(space).unwrap();
+        // The device's bytes in memory order follow the target.
+        let mut bytes = [0u8; 4];
+        bus.read(0x1000, &mut bytes, a).into_result().unwrap();
+        let expect = match target {
+            Endian::Big => [0x11, 0x22, 0x33, 0x44],
+            _ => [0x44, 0x33, 0x22, 0x11],
+        };
+        assert_eq!(bytes, expect, "a Native device on a {target:?} target");
+        // A Native access request is the target's order too.
+        bus.store::<u32>(0, 0xaabb_ccdd, Endian::Native, a)
+            .into_result()
+            .unwrap();
+        bus.read(0, &mut bytes, a).into_result().unwrap();
+        let expect = match target {
+            Endian::Big => [0xaa, 0xbb, 0xcc, 0xdd],
+            _ => [0xdd, 0xcc, 0xbb, 0xaa],
+        };
+        assert_eq!(bytes, expect, "a Native store on a {target:?} target");
+        assert_eq!(
+            bus.try_load::<u32>(0x1000, Endian::Native, a),
+            Ok(0x1122_3344)
+        );
     }
 }

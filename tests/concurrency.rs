@@ -28,9 +28,9 @@ use std::time::Duration;
 
 use memtree::host::mapping_info::DmaDirection;
 use memtree::lifecycle::census::{Census, ObjectKey, ObjectKind};
-use memtree::region::attrs::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
+use memtree::region::attrs::{Endian, MemTxAttrs, MemTxResult, MmioOps};
 use memtree::render::listener::{MemoryListener, Section};
-use memtree::{Endian, Memory, RegionId, WeakMemory};
+use memtree::{Memory, RegionId, WeakMemory};
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;
 const OK: MemTxResult = MemTxResult::OK;
@@ -68,8 +68,8 @@ impl MmioOps for Tagged {
     fn write(&self, _: u64, _: u64, _: u32, _: MemTxAttrs) -> MemTxResult {
         OK
     }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 
@@ -275,8 +275,8 @@ impl MmioOps for BarDevice {
         }
         OK
     }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 
@@ -364,8 +364,8 @@ impl MmioOps for Pam {
         });
         OK
     }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 

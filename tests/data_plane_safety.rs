@@ -20,7 +20,7 @@ use std::sync::Arc;
 use memtree::dma::cache::MemoryRegionCache;
 use memtree::dma::mapping::DmaError;
 use memtree::host::mapping_info::DmaDirection;
-use memtree::region::attrs::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
+use memtree::region::attrs::{Endian, MemTxAttrs, MemTxResult, MmioOps};
 use memtree::{AddressSpace, Memory, RamBacking, RegionId};
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;
@@ -46,8 +46,8 @@ impl MmioOps for Panicky {
         }
         MemTxResult::OK
     }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 

@@ -3,11 +3,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use memtree::region::attrs::{
-    AccessKind, AccessSizes, Endianness, MemTxAttrs, MemTxResult, MmioOps,
-};
+use memtree::region::attrs::{AccessKind, AccessSizes, Endian, MemTxAttrs, MemTxResult, MmioOps};
 use memtree::region::region_core::Backing;
-use memtree::{AddressSpace, Endian, Memory, RegionId};
+use memtree::{AddressSpace, Memory, RegionId};
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;
 const OK: MemTxResult = MemTxResult::OK;
@@ -22,14 +20,14 @@ type Call = (AccessKind, u64, u32, u64);
 struct Dev {
     valid: AccessSizes,
     imp: AccessSizes,
-    endian: Endianness,
+    endian: Endian,
     reject: bool,
     fail_at: Option<u64>,
     calls: Mutex<Vec<Call>>,
 }
 
 impl Dev {
-    fn new(endian: Endianness) -> Dev {
+    fn new(endian: Endian) -> Dev {
         Dev {
             valid: AccessSizes::UNSET,
             imp: AccessSizes::UNSET,
@@ -57,9 +55,10 @@ impl Dev {
         let bytes: Vec<u64> = (0..u64::from(size))
             .map(|k| (0x40 + addr.wrapping_add(k)) & 0xff)
             .collect();
-        match self.endian {
-            Endianness::Little => bytes.iter().rev().fold(0, |v, &b| v << 8 | b),
-            Endianness::Big => bytes.iter().fold(0, |v, &b| v << 8 | b),
+        if self.endian.is_big() {
+            bytes.iter().fold(0, |v, &b| v << 8 | b)
+        } else {
+            bytes.iter().rev().fold(0, |v, &b| v << 8 | b)
         }
     }
 }
@@ -95,13 +94,13 @@ impl MmioOps for Dev {
     fn impl_sizes(&self) -> AccessSizes {
         self.imp
     }
-    fn endianness(&self) -> Endianness {
+    fn endianness(&self) -> Endian {
         self.endian
     }
 }
 
 use AccessKind::{Read as R, Write as W};
-use Endianness::{Big as BE, Little as LE};
+use Endian::{Big as BE, Little as LE};
 
 /// A memory space: `system` container of 2^64 bytes.
 struct Machine {
@@ -110,7 +109,7 @@ struct Machine {
     space: AddressSpace,
 }
 
-fn machine_with(endian: Endianness) -> Machine {
+fn machine_with(endian: Endian) -> Machine {
     let memory = Memory::with_target_endian(endian);
     let system = memory.new_container("system", 1 << 64, None).unwrap();
     let id = memory.new_address_space("memory", system, None).unwrap();

@@ -664,7 +664,7 @@ fn unmap_between_two_accesses_makes_the_second_fault() {
 /// target's view changed (here an MMIO region now covers it).
 #[test]
 fn warm_entry_follows_a_change_of_the_target_view() {
-    use memtree::{AccessSizes, Endianness, MmioOps};
+    use memtree::{AccessSizes, Endian, MmioOps};
     struct Fixed;
     impl MmioOps for Fixed {
         fn read(&self, _a: u64, _s: u32, _at: MemTxAttrs) -> Result<u64, MemTxResult> {
@@ -679,8 +679,8 @@ fn warm_entry_follows_a_change_of_the_target_view() {
         fn impl_sizes(&self) -> AccessSizes {
             AccessSizes::new(1, 8, false)
         }
-        fn endianness(&self) -> Endianness {
-            Endianness::Little
+        fn endianness(&self) -> Endian {
+            Endian::Little
         }
     }
     let s = setup(12, 8);

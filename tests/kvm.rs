@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use memtree::integrations::kvm::{dispatch_exit, ExitAction, KvmMemorySlots};
-use memtree::region::attrs::{Endianness, MemTxAttrs, MemTxResult, MmioOps};
+use memtree::region::attrs::{Endian, MemTxAttrs, MemTxResult, MmioOps};
 use memtree::{DirtyClient, Memory, RamBacking};
 
 const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;
@@ -26,8 +26,8 @@ impl MmioOps for Recorder {
         self.writes.lock().unwrap().push((addr, data, size));
         MemTxResult::OK
     }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use memtree::host::mapping_info::DmaDirection;
 use memtree::lifecycle::census::Finalized;
 use memtree::{
-    lifecycle::diag, AccessSizes, DmaError, Endianness, MemTxAttrs, MemTxResult, Memory, MmioOps,
+    lifecycle::diag, AccessSizes, DmaError, Endian, MemTxAttrs, MemTxResult, Memory, MmioOps,
     ObjectKind, OwnerId, RamBacking, RegionId, SpaceId, TopologyError, WeakMemory,
 };
 
@@ -69,8 +69,8 @@ impl MmioOps for Regs {
     fn impl_sizes(&self) -> AccessSizes {
         AccessSizes::new(1, 4, false)
     }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 
@@ -559,8 +559,8 @@ impl MmioOps for Parking {
         self.probe.touch();
         MemTxResult::OK
     }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 
@@ -644,8 +644,8 @@ impl MmioOps for Ejectable {
         self.probe.event("callback end");
         MemTxResult::OK
     }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 

@@ -39,8 +39,8 @@ use std::sync::{Arc, Mutex, Once};
 use memtree::dma::cache::{MemoryRegionCache, SectionRef};
 use memtree::host::mapping_info::DmaDirection;
 use memtree::{
-    lifecycle::diag, AccessSizes, DmaMapping, Endianness, FlatView, MemTxAttrs, MemTxResult,
-    Memory, MemoryListener, MmioOps, ObjectKind, OwnerId, RegionId, Section, TopologyError,
+    lifecycle::diag, AccessSizes, DmaMapping, Endian, FlatView, MemTxAttrs, MemTxResult, Memory,
+    MemoryListener, MmioOps, ObjectKind, OwnerId, RegionId, Section, TopologyError,
 };
 use proptest::prelude::*;
 
@@ -75,8 +75,8 @@ impl MmioOps for Regs {
     fn impl_sizes(&self) -> AccessSizes {
         AccessSizes::new(1, 8, true)
     }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 

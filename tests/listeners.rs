@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use memtree::{
-    Endianness, EventNotifier, EventfdSection, MemTxAttrs, MemTxResult, Memory, MemoryListener,
+    Endian, EventNotifier, EventfdSection, MemTxAttrs, MemTxResult, Memory, MemoryListener,
     MmioOps, RegionId, Section, SpaceId, TopologyError,
 };
 
@@ -121,7 +121,7 @@ fn take(log: &Log) -> Vec<String> {
 }
 
 /// A device that does nothing, in a chosen byte order.
-struct Dev(Endianness);
+struct Dev(Endian);
 
 impl MmioOps for Dev {
     fn read(&self, _addr: u64, _size: u32, _attrs: MemTxAttrs) -> Result<u64, MemTxResult> {
@@ -130,7 +130,7 @@ impl MmioOps for Dev {
     fn write(&self, _addr: u64, _data: u64, _size: u32, _attrs: MemTxAttrs) -> MemTxResult {
         MemTxResult::OK
     }
-    fn endianness(&self) -> Endianness {
+    fn endianness(&self) -> Endian {
         self.0
     }
 }
@@ -361,7 +361,7 @@ fn listeners_begin_commit_go_to_every_space_but_diffs_only_to_their_own() {
         .unwrap();
     take(&log);
     let port = memory
-        .new_mmio("port", 4, Arc::new(Dev(Endianness::Little)), None)
+        .new_mmio("port", 4, Arc::new(Dev(Endian::Little)), None)
         .unwrap();
     memory.add_subregion(io, 0x60, port).unwrap();
     assert_eq!(
@@ -410,7 +410,7 @@ fn listeners_registration_replays_current_state() {
     let space = memory.new_address_space("memory", system, None).unwrap();
     let vram = memory.new_ram("vram", 0x1000, None).unwrap();
     let dev = memory
-        .new_mmio("dev", 0x100, Arc::new(Dev(Endianness::Little)), None)
+        .new_mmio("dev", 0x100, Arc::new(Dev(Endian::Little)), None)
         .unwrap();
     memory.add_subregion(system, 0, vram).unwrap();
     memory.add_subregion(system, 0x1000, dev).unwrap();
@@ -461,7 +461,7 @@ fn listeners_unregister_replays_deletions() {
     let vram = f.memory.new_ram("vram", 0x1000, None).unwrap();
     let dev = f
         .memory
-        .new_mmio("dev", 0x100, Arc::new(Dev(Endianness::Little)), None)
+        .new_mmio("dev", 0x100, Arc::new(Dev(Endian::Little)), None)
         .unwrap();
     f.memory.add_subregion(f.system, 0, vram).unwrap();
     f.memory.add_subregion(f.system, 0x1000, dev).unwrap();
@@ -501,7 +501,7 @@ fn listeners_ioeventfd_add_reverse_del_forward_without_begin_commit() {
     let system = memory.new_container("system", 1 << 64, None).unwrap();
     let space = memory.new_address_space("memory", system, None).unwrap();
     let dev = memory
-        .new_mmio("dev", 0x100, Arc::new(Dev(Endianness::Little)), None)
+        .new_mmio("dev", 0x100, Arc::new(Dev(Endian::Little)), None)
         .unwrap();
     memory.add_subregion(system, 0x1000, dev).unwrap();
     let log = Log::default();
@@ -542,7 +542,7 @@ fn listeners_ioeventfd_follows_its_region_and_diffs_symmetrically() {
     let f = fixture();
     let dev = f
         .memory
-        .new_mmio("dev", 0x100, Arc::new(Dev(Endianness::Little)), None)
+        .new_mmio("dev", 0x100, Arc::new(Dev(Endian::Little)), None)
         .unwrap();
     f.memory.add_subregion(f.system, 0x1000, dev).unwrap();
     take(&f.log);
@@ -585,7 +585,7 @@ fn listeners_ioeventfd_data_is_converted_to_device_byte_order() {
     let f = fixture();
     let dev = f
         .memory
-        .new_mmio("be", 0x100, Arc::new(Dev(Endianness::Big)), None)
+        .new_mmio("be", 0x100, Arc::new(Dev(Endian::Big)), None)
         .unwrap();
     f.memory.add_subregion(f.system, 0, dev).unwrap();
     take(&f.log);
@@ -606,7 +606,7 @@ fn listeners_ioeventfd_del_of_absent_entry_is_an_error() {
     let f = fixture();
     let dev = f
         .memory
-        .new_mmio("dev", 0x100, Arc::new(Dev(Endianness::Little)), None)
+        .new_mmio("dev", 0x100, Arc::new(Dev(Endian::Little)), None)
         .unwrap();
     let (a, other) = (EventNotifier::new("a"), EventNotifier::new("other"));
     f.memory.add_eventfd(dev, 0x10, 4, Some(1), &a).unwrap();
@@ -633,7 +633,7 @@ fn listeners_coalesced_ranges_are_sent_immediately_and_follow_the_diff() {
     let f = fixture();
     let dev = f
         .memory
-        .new_mmio("dev", 0x100, Arc::new(Dev(Endianness::Little)), None)
+        .new_mmio("dev", 0x100, Arc::new(Dev(Endian::Little)), None)
         .unwrap();
     f.memory.add_subregion(f.system, 0x1000, dev).unwrap();
     take(&f.log);
@@ -675,7 +675,7 @@ fn listeners_coalesced_del_goes_in_reverse_priority() {
     let system = memory.new_container("system", 1 << 64, None).unwrap();
     let space = memory.new_address_space("memory", system, None).unwrap();
     let dev = memory
-        .new_mmio("dev", 0x100, Arc::new(Dev(Endianness::Little)), None)
+        .new_mmio("dev", 0x100, Arc::new(Dev(Endian::Little)), None)
         .unwrap();
     memory.add_subregion(system, 0, dev).unwrap();
     let log = Log::default();
@@ -705,7 +705,7 @@ fn listeners_destroyed_space_sees_every_range_deleted() {
     let ram = f.memory.new_ram("ram0", 0x1000, None).unwrap();
     let dev = f
         .memory
-        .new_mmio("dev", 0x100, Arc::new(Dev(Endianness::Little)), None)
+        .new_mmio("dev", 0x100, Arc::new(Dev(Endian::Little)), None)
         .unwrap();
     f.memory.add_subregion(f.system, 0, ram).unwrap();
     f.memory.add_subregion(f.system, 0x1000, dev).unwrap();

@@ -154,8 +154,8 @@ impl MmioOps for QueryingDevice {
     fn write(&self, _addr: u64, _data: u64, _size: u32, _attrs: MemTxAttrs) -> MemTxResult {
         MemTxResult::OK
     }
-    fn endianness(&self) -> memtree::Endianness {
-        memtree::Endianness::Little
+    fn endianness(&self) -> memtree::Endian {
+        memtree::Endian::Little
     }
 }
 
@@ -229,8 +229,8 @@ fn device_config_callbacks_may_query_the_machine() {
         fn write(&self, _a: u64, _d: u64, _s: u32, _t: MemTxAttrs) -> MemTxResult {
             MemTxResult::OK
         }
-        fn endianness(&self) -> memtree::Endianness {
-            memtree::Endianness::Little
+        fn endianness(&self) -> memtree::Endian {
+            memtree::Endian::Little
         }
         fn impl_sizes(&self) -> memtree::AccessSizes {
             if let Some(m) = self.0.upgrade() {
@@ -348,8 +348,8 @@ fn device_drop_panic_during_unplug_leaves_the_machine_consistent() {
         fn write(&self, _a: u64, _d: u64, _s: u32, _t: MemTxAttrs) -> MemTxResult {
             MemTxResult::OK
         }
-        fn endianness(&self) -> memtree::Endianness {
-            memtree::Endianness::Little
+        fn endianness(&self) -> memtree::Endian {
+            memtree::Endian::Little
         }
     }
     impl Drop for Bomb {

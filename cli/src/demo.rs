@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 
 use memtree::qemu_text::print::{print_flat, print_tree, FlatOptions, TreeOptions};
 use memtree::{
-    AccessSizes, AddressSpace, Endianness, LeakReport, MemTxAttrs, MemTxResult, Memory, MmioOps,
+    AccessSizes, AddressSpace, Endian, LeakReport, MemTxAttrs, MemTxResult, Memory, MmioOps,
     OwnerId, RamBacking, RegionId, SpaceId, TopologyError,
 };
 
@@ -70,8 +70,8 @@ impl MmioOps for SerialPort {
     fn impl_sizes(&self) -> AccessSizes {
         AccessSizes::new(1, 1, false)
     }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 
@@ -106,8 +106,8 @@ impl MmioOps for Hpet {
     fn impl_sizes(&self) -> AccessSizes {
         AccessSizes::new(4, 8, false)
     }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 
@@ -146,8 +146,8 @@ impl MmioOps for NicRegisters {
     fn impl_sizes(&self) -> AccessSizes {
         AccessSizes::new(4, 4, false)
     }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 
@@ -166,8 +166,8 @@ impl MmioOps for Constant {
     fn write(&self, _addr: u64, _data: u64, _size: u32, _attrs: MemTxAttrs) -> MemTxResult {
         MemTxResult::OK
     }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 

@@ -79,8 +79,8 @@ use toml::Spanned;
 
 use memtree::region::region_core::MAX_REGION_SIZE;
 use memtree::{
-    AccessSizes, Endianness, Machine, MemTxAttrs, MemTxResult, Memory, MmioOps, OwnerId,
-    OwnerLabel, RamBacking, RegionId, RegionKind, SpaceId, TopologyError,
+    AccessSizes, Endian, Machine, MemTxAttrs, MemTxResult, Memory, MmioOps, OwnerId, OwnerLabel,
+    RamBacking, RegionId, RegionKind, SpaceId, TopologyError,
 };
 
 /// How to build the machine.
@@ -292,14 +292,10 @@ impl Lines<'_> {
     }
 }
 
-fn parse_endian(
-    l: &Lines<'_>,
-    s: &Spanned<String>,
-    target: Endianness,
-) -> Result<Endianness, LoadError> {
+fn parse_endian(l: &Lines<'_>, s: &Spanned<String>, target: Endian) -> Result<Endian, LoadError> {
     match s.get_ref().as_str() {
-        "little" => Ok(Endianness::Little),
-        "big" => Ok(Endianness::Big),
+        "little" => Ok(Endian::Little),
+        "big" => Ok(Endian::Big),
         "native" => Ok(target),
         other => l.err(
             s.span(),
@@ -333,7 +329,7 @@ pub struct ConstOps {
     /// What every read callback returns (low bytes).
     pub value: u64,
     /// Device byte order.
-    pub endian: Endianness,
+    pub endian: Endian,
     /// QEMU `valid`.
     pub valid: AccessSizes,
     /// QEMU `impl`.
@@ -356,7 +352,7 @@ impl MmioOps for ConstOps {
     fn impl_sizes(&self) -> AccessSizes {
         self.impl_
     }
-    fn endianness(&self) -> Endianness {
+    fn endianness(&self) -> Endian {
         self.endian
     }
 }
@@ -406,8 +402,8 @@ pub fn load_str(src: &str, opts: LoadOptions) -> Result<LoadedMachine, LoadError
     })?;
     let target_endian = match &doc.endian {
         Some(e) => match e.get_ref().as_str() {
-            "little" => Endianness::Little,
-            "big" => Endianness::Big,
+            "little" => Endian::Little,
+            "big" => Endian::Big,
             other => {
                 return l.err(
                     e.span(),
@@ -415,7 +411,7 @@ pub fn load_str(src: &str, opts: LoadOptions) -> Result<LoadedMachine, LoadError
                 )
             }
         },
-        None => Endianness::Little,
+        None => Endian::Little,
     };
     let memory = Memory::with_target_endian(target_endian);
     let built = memory.transaction(|m| build(m, &l, &doc, opts, target_endian));
@@ -443,7 +439,7 @@ fn build(
     l: &Lines<'_>,
     doc: &Doc,
     opts: LoadOptions,
-    target_endian: Endianness,
+    target_endian: Endian,
 ) -> Result<Built, LoadError> {
     // Devices, in file order; a parent must come first.
     let mut owners: BTreeMap<String, OwnerId> = BTreeMap::new();
@@ -827,7 +823,7 @@ fn build(
     Ok((spaces, regions.into_iter().collect(), owners))
 }
 
-fn make_ops(l: &Lines<'_>, r: &RegionEntry, target: Endianness) -> Result<ConstOps, LoadError> {
+fn make_ops(l: &Lines<'_>, r: &RegionEntry, target: Endian) -> Result<ConstOps, LoadError> {
     let mut ops = ConstOps {
         value: 0,
         endian: target,

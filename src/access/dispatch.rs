@@ -88,45 +88,11 @@ use arc_swap::{ArcSwap, Cache};
 use crate::access::space::{AddressSpace, SpaceShared};
 use crate::host::ram;
 use crate::region::attrs::{
-    self as access, AccessSizes, Endianness, MemTxAttrs, MemTxError, MemTxResult, MmioOps,
-    OpsConfig, UnassignedOps,
+    self as access, AccessSizes, Endian, MemTxAttrs, MemTxError, MemTxResult, MmioOps, OpsConfig,
+    UnassignedOps,
 };
 use crate::region::region_core::{Backing, RegionKind};
 use crate::view::flatview::{FlatRange, FlatView};
-
-/// Byte order requested by a typed access through an address space or a
-/// cursor: a fixed order, or `Native`, the target's. A device's or target's
-/// own order is an [`Endianness`], which has no `Native` (see the
-/// [`access` module docs](crate::access)).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Endian {
-    /// Least significant byte first (QEMU `_le` variants).
-    Little,
-    /// Most significant byte first (QEMU `_be` variants).
-    Big,
-    /// The guest's byte order (QEMU's variants without suffix).
-    Native,
-}
-
-impl From<Endianness> for Endian {
-    fn from(order: Endianness) -> Endian {
-        match order {
-            Endianness::Little => Endian::Little,
-            Endianness::Big => Endian::Big,
-        }
-    }
-}
-
-impl Endian {
-    /// The fixed order this request means for a guest of order `target`.
-    pub fn resolve(self, target: Endianness) -> Endianness {
-        match self {
-            Endian::Little => Endianness::Little,
-            Endian::Big => Endianness::Big,
-            Endian::Native => target,
-        }
-    }
-}
 
 mod sealed {
     pub trait Sealed {}
@@ -145,13 +111,13 @@ pub trait Primitive: sealed::Sealed + Copy + Send + Sync + 'static {
     /// # Safety
     /// `p` must be valid for a read of `Self::SIZE` bytes (any alignment) of
     /// guest memory, as for [`ram::load_guest`].
-    unsafe fn load_from(p: *const u8, e: Endianness) -> Self;
+    unsafe fn load_from(p: *const u8, e: Endian) -> Self;
     /// Writes the value at `p` in byte order `e`.
     ///
     /// # Safety
     /// `p` must be valid for a write of `Self::SIZE` bytes (any alignment) of
     /// guest memory, as for [`ram::store_guest`].
-    unsafe fn store_to(self, p: *mut u8, e: Endianness);
+    unsafe fn store_to(self, p: *mut u8, e: Endian);
 }
 
 macro_rules! primitive {
@@ -168,20 +134,23 @@ macro_rules! primitive {
                 u64::from(self)
             }
             #[inline]
-            unsafe fn load_from(p: *const u8, e: Endianness) -> Self {
+            unsafe fn load_from(p: *const u8, e: Endian) -> Self {
                 // SAFETY: the caller guarantees `p` is readable guest
                 // memory for `size_of::<Self>()` bytes; any alignment.
                 let raw = unsafe { ram::load_guest::<{ std::mem::size_of::<$t>() }>(p) };
                 match e {
-                    Endianness::Little => <$t>::from_le_bytes(raw),
-                    Endianness::Big => <$t>::from_be_bytes(raw),
+                    Endian::Little => <$t>::from_le_bytes(raw),
+                    Endian::Big => <$t>::from_be_bytes(raw),
+                    // Resolved by the caller when a target is known.
+                    Endian::Native => <$t>::from_ne_bytes(raw),
                 }
             }
             #[inline]
-            unsafe fn store_to(self, p: *mut u8, e: Endianness) {
+            unsafe fn store_to(self, p: *mut u8, e: Endian) {
                 let raw = match e {
-                    Endianness::Little => self.to_le_bytes(),
-                    Endianness::Big => self.to_be_bytes(),
+                    Endian::Little => self.to_le_bytes(),
+                    Endian::Big => self.to_be_bytes(),
+                    Endian::Native => self.to_ne_bytes(),
                 };
                 // SAFETY: the caller guarantees `p` is writable guest
                 // memory for `size_of::<Self>()` bytes; any alignment.
@@ -224,7 +193,7 @@ unsafe impl Sync for RamDeviceOps {}
 
 impl RamDeviceOps {
     const SIZES: AccessSizes = AccessSizes::new(1, 8, true);
-    const CONFIG: OpsConfig = OpsConfig::new(Self::SIZES, Self::SIZES, Endianness::HOST);
+    const CONFIG: OpsConfig = OpsConfig::new(Self::SIZES, Self::SIZES, Endian::HOST);
 
     fn at(&self, addr: u64, size: u32) -> Option<*mut u8> {
         let end = addr.checked_add(u64::from(size))?;
@@ -235,7 +204,7 @@ impl RamDeviceOps {
 impl MmioOps for RamDeviceOps {
     fn read(&self, addr: u64, size: u32, _attrs: MemTxAttrs) -> Result<u64, MemTxResult> {
         let p = self.at(addr, size).ok_or(MemTxResult::DECODE_ERROR)?;
-        let e = Endianness::HOST;
+        let e = Endian::HOST;
         // SAFETY: `at` checked that `size` bytes at `p` lie inside the device
         // memory, which the flat range of this access keeps mapped.
         unsafe {
@@ -253,7 +222,7 @@ impl MmioOps for RamDeviceOps {
         let Some(p) = self.at(addr, size) else {
             return MemTxResult::DECODE_ERROR;
         };
-        let e = Endianness::HOST;
+        let e = Endian::HOST;
         // SAFETY: `at` checked that `size` bytes at `p` lie inside the device
         // memory, which the flat range of this access keeps mapped.
         unsafe {
@@ -276,8 +245,8 @@ impl MmioOps for RamDeviceOps {
         Self::SIZES
     }
 
-    fn endianness(&self) -> Endianness {
-        Endianness::HOST
+    fn endianness(&self) -> Endian {
+        Endian::HOST
     }
 }
 
@@ -299,7 +268,7 @@ impl Target<'_> {
 
 static UNASSIGNED: UnassignedOps = UnassignedOps;
 static UNASSIGNED_CONFIG: OpsConfig =
-    OpsConfig::new(AccessSizes::UNSET, AccessSizes::UNSET, Endianness::Little);
+    OpsConfig::new(AccessSizes::UNSET, AccessSizes::UNSET, Endian::Little);
 
 /// The ops and region-relative address serving a non-direct access at
 /// `addr`, plus a cap on the piece length (RAM devices only).
@@ -377,7 +346,7 @@ fn read_piece(
     let (ops, cfg) = t.ops();
     let len = (rest.len() as u64).min(cap);
     let l = access::access_size(cfg.valid, cfg.impl_, len, mr_addr);
-    let (v, r) = access::dispatch_read_with(ops, cfg, mr_addr, l, Endianness::HOST, attrs);
+    let (v, r) = access::dispatch_read_with(ops, cfg, mr_addr, l, Endian::HOST, attrs);
     let l = l as usize;
     stn_he(rest, l, v);
     (l, r)
@@ -399,7 +368,7 @@ fn write_piece(
     let len = (rest.len() as u64).min(cap);
     let l = access::access_size(cfg.valid, cfg.impl_, len, mr_addr);
     let v = ldn_he(rest, l as usize);
-    let r = access::dispatch_write_with(ops, cfg, mr_addr, v, l, Endianness::HOST, attrs);
+    let r = access::dispatch_write_with(ops, cfg, mr_addr, v, l, Endian::HOST, attrs);
     (l as usize, r)
 }
 
@@ -496,7 +465,7 @@ impl FlatView {
     pub fn load<T: Primitive>(
         &self,
         addr: u64,
-        order: Endianness,
+        order: Endian,
         attrs: MemTxAttrs,
     ) -> (T, MemTxResult) {
         let range = self.lookup(addr);
@@ -518,7 +487,7 @@ impl FlatView {
     pub fn try_load<T: Primitive>(
         &self,
         addr: u64,
-        order: Endianness,
+        order: Endian,
         attrs: MemTxAttrs,
     ) -> Result<T, MemTxError> {
         let (value, result) = self.load(addr, order, attrs);
@@ -533,7 +502,7 @@ impl FlatView {
         &self,
         addr: u64,
         value: T,
-        order: Endianness,
+        order: Endian,
         attrs: MemTxAttrs,
     ) -> MemTxResult {
         let range = self.lookup(addr);
@@ -555,7 +524,7 @@ impl FlatView {
     pub fn rmw<T: Primitive>(
         &self,
         addr: u64,
-        order: Endianness,
+        order: Endian,
         attrs: MemTxAttrs,
         f: impl FnOnce(T) -> T,
     ) -> (T, MemTxResult) {
@@ -572,7 +541,7 @@ impl FlatView {
 fn load_slow<T: Primitive>(
     range: Option<&FlatRange>,
     addr: u64,
-    order: Endianness,
+    order: Endian,
     attrs: MemTxAttrs,
 ) -> (T, MemTxResult) {
     if attrs.memory && !is_ram(range) {
@@ -602,7 +571,7 @@ fn store_slow<T: Primitive>(
     range: Option<&FlatRange>,
     addr: u64,
     value: T,
-    order: Endianness,
+    order: Endian,
     attrs: MemTxAttrs,
 ) -> MemTxResult {
     if attrs.memory && !is_ram(range) {
@@ -828,7 +797,7 @@ pub struct SpaceCursor {
     pub(crate) cache: Cache<ViewCellRef, Arc<FlatView>>,
     /// The handle (DMA mappings made through the cursor borrow it).
     pub(crate) space: AddressSpace,
-    target_endian: Endianness,
+    target_endian: Endian,
     /// The last IOTLB entry typed accesses used (see `crate::iommu`).
     iotlb: Option<crate::access::iommu::CursorIotlb>,
 }

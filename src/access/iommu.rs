@@ -58,7 +58,7 @@ use parking_lot::Mutex;
 
 use crate::access::dispatch::Primitive;
 use crate::access::space::{AddressSpace, SpaceShared};
-use crate::region::attrs::{Endianness, MemTxAttrs, MemTxResult};
+use crate::region::attrs::{Endian, MemTxAttrs, MemTxResult};
 use crate::region::region_core::{Backing, IommuBacking, RegionCore};
 use crate::view::flatview::{FlatRange, FlatView};
 
@@ -1337,7 +1337,7 @@ pub(crate) fn write_piece(
 pub(crate) fn load<T: Primitive>(
     r: &FlatRange,
     addr: u64,
-    order: Endianness,
+    order: Endian,
     attrs: MemTxAttrs,
 ) -> Option<(T, MemTxResult)> {
     let size = u64::from(T::SIZE);
@@ -1398,7 +1398,7 @@ pub(crate) fn store<T: Primitive>(
     r: &FlatRange,
     addr: u64,
     value: T,
-    order: Endianness,
+    order: Endian,
     attrs: MemTxAttrs,
 ) -> Option<MemTxResult> {
     let size = u64::from(T::SIZE);
@@ -1452,10 +1452,10 @@ pub(crate) fn store<T: Primitive>(
     Some(res)
 }
 
-fn assemble(buf: &[u8], order: Endianness) -> u64 {
+fn assemble(buf: &[u8], order: Endian) -> u64 {
     let mut v = 0u64;
-    match order {
-        Endianness::Big => {
+    match order.resolve(Endian::HOST) {
+        Endian::Big => {
             for b in buf {
                 v = (v << 8) | u64::from(*b);
             }
@@ -1469,10 +1469,10 @@ fn assemble(buf: &[u8], order: Endianness) -> u64 {
     v
 }
 
-fn disassemble(v: u64, n: usize, order: Endianness) -> Vec<u8> {
+fn disassemble(v: u64, n: usize, order: Endian) -> Vec<u8> {
     let le = v.to_le_bytes();
     let mut out = le[..n].to_vec();
-    if order == Endianness::Big {
+    if order.is_big() {
         out.reverse();
     }
     out

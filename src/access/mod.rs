@@ -8,21 +8,17 @@
 //! * [`bounce`]: bounce-buffer accounting and map clients of an address
 //!   space (what DMA mappings reserve and wait for).
 //!
-//! # Byte order: two types, two meanings
+//! # Byte order: one type
 //!
-//! * [`Endianness`](crate::Endianness) (`Little`, `Big`) is a **fixed** byte
-//!   order: a device's declared order ([`MmioOps::endianness`](crate::MmioOps::endianness)),
-//!   a target's order ([`Memory::with_target_endian`](crate::Memory::with_target_endian)),
-//!   the order a [`FlatView`](crate::FlatView) access is done in (a view does
-//!   not know its guest). It has no "native" variant on purpose: QEMU's
-//!   `DEVICE_NATIVE_ENDIAN` is resolved to the target's order by whoever
-//!   builds the device, so a device's order is always known.
-//! * [`Endian`](crate::Endian) (`Little`, `Big`, `Native`) is the order a
-//!   guest access **requests** through an address space or cursor, where
-//!   `Native` means that space's target order (QEMU's `ld*`/`st*` without
-//!   suffix). [`Endian::resolve`](crate::Endian::resolve) turns it into an
-//!   `Endianness`; every `Endianness` converts into the `Endian` of the same
-//!   order.
+//! [`Endian`](crate::Endian) (`Little`, `Big`, `Native`) is every byte
+//! order: a device's ([`MmioOps::endianness`](crate::MmioOps::endianness)),
+//! the target's ([`Memory::with_target_endian`](crate::Memory::with_target_endian))
+//! and the one a typed access requests. `Native` is the target's order, as
+//! QEMU's `DEVICE_NATIVE_ENDIAN` and its `ld*`/`st*` without suffix: a
+//! device's `Native` is resolved when its region is created, an access's by
+//! the address space or cursor that runs it
+//! ([`Endian::resolve`](crate::Endian::resolve)). Where no target is known
+//! (a bare [`FlatView`](crate::FlatView) access) `Native` is the host's order.
 //!
 //! Invariants: an access runs against one published view from start to end
 //! and takes no lock; device callbacks may re-enter the control plane.

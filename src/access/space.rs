@@ -23,7 +23,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::lifecycle::census::{Census, ObjectKey, ObjectKind};
-use crate::region::attrs::Endianness;
+use crate::region::attrs::Endian;
 use crate::region::ids::{OwnerId, RegionId, SpaceId};
 use crate::view::flatview::FlatView;
 
@@ -32,7 +32,7 @@ pub(crate) struct MachineData {
     pub(crate) census: Arc<Census>,
     /// The guest's byte order: what "native endian" means for devices and
     /// typed accesses.
-    pub(crate) target_endian: Endianness,
+    pub(crate) target_endian: Endian,
     /// The shared empty view.
     pub(crate) empty_view: Arc<FlatView>,
     /// Outstanding DMA mappings, caches and sections (diagnostics; also the
@@ -136,7 +136,7 @@ impl AddressSpace {
     }
 
     /// The guest's byte order.
-    pub fn target_endian(&self) -> Endianness {
+    pub fn target_endian(&self) -> Endian {
         self.shared.machine.target_endian
     }
 

@@ -218,34 +218,63 @@ impl MemTxAttrs {
     };
 }
 
-/// A fixed byte order: a device's, a target's, or the one an access through
-/// a [`FlatView`](crate::FlatView) is done in. The order a guest access
-/// requests, which may be the target's, is an [`Endian`](crate::Endian)
-/// (see the [`access` module docs](crate::access)).
+/// A byte order: of a device's registers ([`MmioOps::endianness`]), of the
+/// target ([`Memory::with_target_endian`](crate::Memory::with_target_endian)),
+/// or requested by a typed access. One type for one idea, QEMU's
+/// `device_endian` and its `_le`/`_be`/native access variants:
 ///
-/// QEMU's `DEVICE_NATIVE_ENDIAN` means the *target's* endianness; it is not
-/// represented here — the code creating the device resolves it from the
-/// machine's target endianness before returning it from
-/// [`MmioOps::endianness`].
+/// * `Little` / `Big` are fixed orders;
+/// * `Native` is the **target's** order (QEMU's `DEVICE_NATIVE_ENDIAN` and
+///   the access variants without suffix). A device declaring `Native` is
+///   resolved against the machine's target order when its region is created;
+///   a typed access through an [`AddressSpace`](crate::AddressSpace) or a
+///   [`SpaceCursor`](crate::access::dispatch::SpaceCursor) resolves it against
+///   the space's target order ([`Endian::resolve`]). Where no target is known
+///   (a bare [`FlatView`](crate::FlatView) access, [`dispatch_read`] on a
+///   device outside a machine, a target declared `Native`), `Native` means the
+///   host's order, [`Endian::HOST`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Endianness {
-    /// Least significant byte at the lowest address.
+pub enum Endian {
+    /// Least significant byte at the lowest address (QEMU `_le`).
     Little,
-    /// Most significant byte at the lowest address.
+    /// Most significant byte at the lowest address (QEMU `_be`).
     Big,
+    /// The target's order (QEMU's native variants).
+    Native,
 }
 
-impl Endianness {
-    /// Endianness of the host running memtree. Buffer accesses
+impl Endian {
+    /// The byte order of the host running memtree. Buffer accesses
     /// (`address_space_rw`) request host order, so the buffer holds the bytes
     /// in the device's declared order.
     #[cfg(target_endian = "little")]
-    pub const HOST: Endianness = Endianness::Little;
-    /// Endianness of the host running memtree. Buffer accesses
+    pub const HOST: Endian = Endian::Little;
+    /// The byte order of the host running memtree. Buffer accesses
     /// (`address_space_rw`) request host order, so the buffer holds the bytes
     /// in the device's declared order.
     #[cfg(target_endian = "big")]
-    pub const HOST: Endianness = Endianness::Big;
+    pub const HOST: Endian = Endian::Big;
+
+    /// The fixed order (`Little` or `Big`) this order means for a target of
+    /// order `target`: `Native` becomes `target`, itself resolved to the
+    /// host's order if it is `Native`.
+    #[inline]
+    pub const fn resolve(self, target: Endian) -> Endian {
+        match self {
+            Endian::Little => Endian::Little,
+            Endian::Big => Endian::Big,
+            Endian::Native => match target {
+                Endian::Native => Endian::HOST,
+                fixed => fixed,
+            },
+        }
+    }
+
+    /// Whether this order, with `Native` taken as the host's, is big endian.
+    #[inline]
+    pub const fn is_big(self) -> bool {
+        matches!(self.resolve(Endian::HOST), Endian::Big)
+    }
 }
 
 /// Direction of an access.
@@ -327,7 +356,7 @@ impl AccessSizes {
 /// ```
 /// use std::sync::atomic::{AtomicU64, Ordering};
 /// use std::sync::Arc;
-/// use memtree::{Endian, Endianness, MemTxAttrs, MemTxResult, Memory, MmioOps};
+/// use memtree::{Endian, MemTxAttrs, MemTxResult, Memory, MmioOps};
 ///
 /// /// One scratch register at offset 0 (4-byte accesses by default, see
 /// /// `impl_sizes`); everything else is an error.
@@ -348,8 +377,8 @@ impl AccessSizes {
 ///         self.0.store(data, Ordering::Relaxed);
 ///         MemTxResult::OK
 ///     }
-///     fn endianness(&self) -> Endianness {
-///         Endianness::Little
+///     fn endianness(&self) -> Endian {
+///         Endian::Little
 ///     }
 /// }
 ///
@@ -405,9 +434,9 @@ pub trait MmioOps: Send + Sync + 'static {
         AccessSizes::UNSET
     }
 
-    /// Device byte order, with QEMU's `DEVICE_NATIVE_ENDIAN` already resolved
-    /// to the target's endianness by the implementor.
-    fn endianness(&self) -> Endianness;
+    /// Device byte order. [`Endian::Native`] (QEMU's `DEVICE_NATIVE_ENDIAN`)
+    /// is the machine's target order, resolved when the region is created.
+    fn endianness(&self) -> Endian;
 }
 
 /// A device that reads as zero and ignores writes, like QEMU's
@@ -431,8 +460,8 @@ impl MmioOps for UnimplementedDevice {
     fn write(&self, _addr: u64, _data: u64, _size: u32, _attrs: MemTxAttrs) -> MemTxResult {
         MemTxResult::OK
     }
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 
@@ -447,7 +476,7 @@ pub struct OpsConfig {
     /// [`MmioOps::impl_sizes`].
     pub impl_: AccessSizes,
     /// [`MmioOps::endianness`].
-    pub endianness: Endianness,
+    pub endianness: Endian,
     /// [`MmioOps::accepts_everything`]: `accepts` need not be called.
     pub accepts_everything: bool,
     /// Bit `size` (1, 2, 4 or 8) is set iff a naturally aligned access of
@@ -466,7 +495,7 @@ impl OpsConfig {
 
     /// The configuration with these values, for ops whose `accepts` hook
     /// must be called.
-    pub const fn new(valid: AccessSizes, impl_: AccessSizes, endianness: Endianness) -> OpsConfig {
+    pub const fn new(valid: AccessSizes, impl_: AccessSizes, endianness: Endian) -> OpsConfig {
         let (imin, imax) = impl_bounds(impl_);
         let mut fast_sizes = 0u8;
         let mut size = 1u32;
@@ -641,7 +670,7 @@ fn access_with_adjusted_size(
     let (min, max) = impl_bounds(cfg.impl_);
     let access = size.min(max).max(min);
     let mask = size_mask(access);
-    let big = cfg.endianness == Endianness::Big;
+    let big = cfg.endianness.is_big();
 
     let mut result = MemTxResult::OK;
     let mut i = 0u32;
@@ -682,7 +711,7 @@ pub fn dispatch_read(
     ops: &dyn MmioOps,
     addr: u64,
     size: u32,
-    request: Endianness,
+    request: Endian,
     attrs: MemTxAttrs,
 ) -> (u64, MemTxResult) {
     dispatch_read_with(ops, &OpsConfig::of(ops), addr, size, request, attrs)
@@ -699,7 +728,7 @@ pub fn dispatch_read_with(
     cfg: &OpsConfig,
     addr: u64,
     size: u32,
-    request: Endianness,
+    request: Endian,
     attrs: MemTxAttrs,
 ) -> (u64, MemTxResult) {
     if cfg.is_fast(addr, size) {
@@ -725,7 +754,7 @@ fn dispatch_read_general(
     cfg: &OpsConfig,
     addr: u64,
     size: u32,
-    request: Endianness,
+    request: Endian,
     attrs: MemTxAttrs,
 ) -> (u64, MemTxResult) {
     if !access_valid_with(ops, cfg, addr, size, AccessKind::Read, attrs) {
@@ -753,7 +782,7 @@ pub fn dispatch_write(
     addr: u64,
     data: u64,
     size: u32,
-    request: Endianness,
+    request: Endian,
     attrs: MemTxAttrs,
 ) -> MemTxResult {
     dispatch_write_with(ops, &OpsConfig::of(ops), addr, data, size, request, attrs)
@@ -769,7 +798,7 @@ pub fn dispatch_write_with(
     addr: u64,
     data: u64,
     size: u32,
-    request: Endianness,
+    request: Endian,
     attrs: MemTxAttrs,
 ) -> MemTxResult {
     if cfg.is_fast(addr, size) {
@@ -791,7 +820,7 @@ fn dispatch_write_general(
     addr: u64,
     data: u64,
     size: u32,
-    request: Endianness,
+    request: Endian,
     attrs: MemTxAttrs,
 ) -> MemTxResult {
     if !access_valid_with(ops, cfg, addr, size, AccessKind::Write, attrs) {
@@ -825,8 +854,8 @@ impl MmioOps for UnassignedOps {
     }
 
     /// Unobservable (every access is rejected); little endian.
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 
@@ -852,8 +881,8 @@ impl MmioOps for IoRootOps {
 
     /// QEMU declares native endian; all-ones values are invariant under byte
     /// swapping, so the choice is unobservable. Little endian.
-    fn endianness(&self) -> Endianness {
-        Endianness::Little
+    fn endianness(&self) -> Endian {
+        Endian::Little
     }
 }
 
@@ -868,11 +897,11 @@ mod tests {
         let a = MemTxAttrs::UNSPECIFIED;
         for size in [1, 2, 4, 8] {
             assert_eq!(
-                dispatch_read(&UnimplementedDevice, 0x13, size, Endianness::Big, a),
+                dispatch_read(&UnimplementedDevice, 0x13, size, Endian::Big, a),
                 (0, MemTxResult::OK)
             );
             assert_eq!(
-                dispatch_write(&UnimplementedDevice, 0x13, !0, size, Endianness::Little, a),
+                dispatch_write(&UnimplementedDevice, 0x13, !0, size, Endian::Little, a),
                 MemTxResult::OK
             );
         }
@@ -899,7 +928,7 @@ mod tests {
     struct Probe {
         valid: AccessSizes,
         imp: AccessSizes,
-        endian: Endianness,
+        endian: Endian,
         accept: bool,
         log: std::sync::Mutex<Vec<(char, u64, u64, u32)>>,
     }
@@ -926,7 +955,7 @@ mod tests {
         fn impl_sizes(&self) -> AccessSizes {
             self.imp
         }
-        fn endianness(&self) -> Endianness {
+        fn endianness(&self) -> Endian {
             self.endian
         }
     }
@@ -949,10 +978,10 @@ mod tests {
         }
         for (vmin, vmax, imin, imax) in combos {
             for (vu, iu, accept, endian) in [
-                (false, false, true, Endianness::Little),
-                (true, false, true, Endianness::Big),
-                (false, true, false, Endianness::Little),
-                (true, true, true, Endianness::Big),
+                (false, false, true, Endian::Little),
+                (true, false, true, Endian::Big),
+                (false, true, false, Endian::Little),
+                (true, true, true, Endian::Big),
             ] {
                 let probe = Probe {
                     valid: AccessSizes::new(vmin, vmax, vu),
@@ -964,7 +993,7 @@ mod tests {
                 let cfg = OpsConfig::of(&probe);
                 for size in [1u32, 2, 3, 4, 8, 16] {
                     for addr in [0u64, 1, 2, 4, 6, 8, 0x40] {
-                        for req in [Endianness::Little, Endianness::Big] {
+                        for req in [Endian::Little, Endian::Big] {
                             let fast = dispatch_read_with(&probe, &cfg, addr, size, req, a);
                             let fast_log = std::mem::take(&mut *probe.log.lock().unwrap());
                             let slow = dispatch_read_general(&probe, &cfg, addr, size, req, a);
@@ -991,17 +1020,15 @@ mod tests {
         let probe = Probe {
             valid: AccessSizes::UNSET,
             imp: AccessSizes::UNSET,
-            endian: Endianness::Little,
+            endian: Endian::Little,
             accept: true,
             log: std::sync::Mutex::new(Vec::new()),
         };
         let cfg = OpsConfig::of(&probe);
         let a = MemTxAttrs::UNSPECIFIED;
-        assert!(
-            dispatch_read_with(&probe, &cfg, 4, 4, Endianness::Little, a)
-                .1
-                .is_ok()
-        );
+        assert!(dispatch_read_with(&probe, &cfg, 4, 4, Endian::Little, a)
+            .1
+            .is_ok());
         assert_eq!(
             *probe.log.lock().unwrap(),
             vec![('a', 4, 0, 4), ('r', 4, 0, 4)]
@@ -1024,8 +1051,8 @@ mod tests {
             fn accepts_everything(&self) -> bool {
                 true
             }
-            fn endianness(&self) -> Endianness {
-                Endianness::Little
+            fn endianness(&self) -> Endian {
+                Endian::Little
             }
         }
         let cfg = OpsConfig::of(&NoHook);
@@ -1034,10 +1061,10 @@ mod tests {
         // Fast path (aligned 4) and general path (unaligned 2 of an 8-byte
         // access split into 4-byte callbacks) both skip it.
         assert_eq!(
-            dispatch_read_with(&NoHook, &cfg, 8, 4, Endianness::Little, a),
+            dispatch_read_with(&NoHook, &cfg, 8, 4, Endian::Little, a),
             (0x1234, MemTxResult::OK)
         );
-        assert!(dispatch_write_with(&NoHook, &cfg, 8, 1, 8, Endianness::Little, a).is_ok());
+        assert!(dispatch_write_with(&NoHook, &cfg, 8, 1, 8, Endian::Little, a).is_ok());
         assert!(!OpsConfig::of(&UnassignedOps).accepts_everything);
         assert!(OpsConfig::of(&IoRootOps).accepts_everything);
     }

@@ -96,7 +96,7 @@ use crate::host::ram::RamBacking;
 use crate::lifecycle::census::Census;
 use crate::lifecycle::deferral::{defer_drop, defer_drop_recorded, Deferral, Payload};
 use crate::lifecycle::diag::LeakReport;
-use crate::region::attrs::{Endianness, MmioOps};
+use crate::region::attrs::{Endian, MmioOps};
 use crate::region::ids::{OwnerId, RegionId, SpaceId};
 use crate::region::owner_core::{Finalizer, OwnerLabel};
 use crate::region::region_core::{Backing, RegionCore, RegionInfo, RegionKind};
@@ -242,11 +242,13 @@ impl Default for Memory {
 impl Memory {
     /// A new, empty memory system for a little-endian guest.
     pub fn new() -> Memory {
-        Memory::with_target_endian(Endianness::Little)
+        Memory::with_target_endian(Endian::Little)
     }
 
-    /// A new, empty memory system for a guest of the given byte order.
-    pub fn with_target_endian(target_endian: Endianness) -> Memory {
+    /// A new, empty memory system for a guest of the given byte order
+    /// (`Little` or `Big`; `Native` here means the host's).
+    pub fn with_target_endian(target_endian: Endian) -> Memory {
+        let target_endian = target_endian.resolve(Endian::HOST);
         let census = Arc::new(Census::new());
         let dma = Arc::new(crate::host::mapping_table::MappingTable::new());
         census.set_source(dma.clone());
@@ -879,7 +881,8 @@ impl Machine {
         owner: Option<OwnerId>,
         alias: Option<(RegionId, u64)>,
     ) -> Result<RegionId> {
-        let config = RegionCore::ops_config_for(kind, &backing);
+        let mut config = RegionCore::ops_config_for(kind, &backing);
+        config.endianness = config.endianness.resolve(self.target_endian());
         self.edit(|t| t.create_region(name, kind, size, backing, config, owner, alias))
     }
 
@@ -958,7 +961,8 @@ impl Machine {
             block: backend.clone(),
             offset,
         };
-        let config = RegionCore::ops_config_for(RegionKind::Ram, &backing);
+        let mut config = RegionCore::ops_config_for(RegionKind::Ram, &backing);
+        config.endianness = config.endianness.resolve(self.target_endian());
         self.edit(|t| {
             t.create_region(
                 name,
@@ -989,7 +993,8 @@ impl Machine {
         let size = host_size(name, size)?;
         let block = self.backend(name, size, RamBacking::Anonymous)?;
         let backing = Backing::RamDevice { block, offset: 0 };
-        let config = RegionCore::ops_config_for(RegionKind::RamDevice, &backing);
+        let mut config = RegionCore::ops_config_for(RegionKind::RamDevice, &backing);
+        config.endianness = config.endianness.resolve(self.target_endian());
         self.edit(|t| {
             t.create_region(
                 name,
@@ -1015,7 +1020,8 @@ impl Machine {
         let size = host_size(name, size)?;
         let block = self.backend(name, size, RamBacking::Anonymous)?;
         let backing = Backing::RomDevice { block, ops };
-        let config = RegionCore::ops_config_for(RegionKind::RomDevice, &backing);
+        let mut config = RegionCore::ops_config_for(RegionKind::RomDevice, &backing);
+        config.endianness = config.endianness.resolve(self.target_endian());
         self.edit(|t| {
             t.create_region(
                 name,
@@ -1760,7 +1766,7 @@ impl Machine {
     }
 
     /// The guest's byte order.
-    pub fn target_endian(&self) -> Endianness {
+    pub fn target_endian(&self) -> Endian {
         self.data.target_endian
     }
 
@@ -1832,7 +1838,7 @@ fn eventfd_for(
     size: u64,
     data: Option<u64>,
     notifier: &Arc<EventNotifier>,
-    target: Endianness,
+    target: Endian,
 ) -> Result<IoEventFd> {
     let node = t.get(region)?;
     if !matches!(size, 0 | 1 | 2 | 4 | 8) {
