@@ -1081,11 +1081,27 @@ fn direct_hit<R>(
         return None;
     }
     let view = hub.target(&c)?.view_guard();
+    hit_in_target(&c, &view, r, addr, mr_addr, access, f)
+}
+
+/// The end of a warm hit, shared by the shared-handle and cursor paths: the
+/// range `c` remembers in the target's current `view` is re-checked (it
+/// serves the translated address iff it contains it, ranges being
+/// disjoint, so a target view changed since the fill falls back to the slow
+/// path), then `f` runs on it with the length that stays inside the IOTLB
+/// page, the IOMMU range `r` and the target range.
+#[inline(always)]
+fn hit_in_target<R>(
+    c: &Cached,
+    view: &FlatView,
+    r: &FlatRange,
+    addr: u64,
+    mr_addr: u64,
+    access: IommuPerm,
+    f: impl FnOnce(&FlatRange, u64, u64) -> R,
+) -> Option<R> {
     let tr = view.range(usize::try_from(c.hint).ok()?)?;
     let ta = c.translate(mr_addr);
-    // The remembered range is re-checked against the current view: it
-    // serves `ta` iff it contains it (ranges are disjoint), so a target
-    // view changed since the fill falls back to the slow path.
     let direct = match access {
         IommuPerm::Write => tr.is_direct_write(),
         _ => tr.is_direct_read(),
@@ -1100,7 +1116,7 @@ fn direct_hit<R>(
     Some(f(tr, ta, len))
 }
 
-/// A [`SpaceCursor`](crate::dispatch::SpaceCursor)'s own copy of the last IOTLB
+/// A [`SpaceCursor`](crate::access::dispatch::SpaceCursor)'s own copy of the last IOTLB
 /// entry it used, with a cursor-style cache of its target's view: a hit
 /// makes no arc-swap load at all (the cursor's views are revalidated by one
 /// relaxed pointer comparison each). Like the cursor's own view, the
@@ -1202,20 +1218,7 @@ fn cursor_use<R>(
         return None;
     }
     let view = e.target.load();
-    let tr = view.range(usize::try_from(c.hint).ok()?)?;
-    let ta = c.translate(mr_addr);
-    let direct = match access {
-        IommuPerm::Write => tr.is_direct_write(),
-        _ => tr.is_direct_read(),
-    };
-    if !tr.contains(ta) || !direct {
-        return None;
-    }
-    let len = c
-        .remaining(mr_addr)
-        .min((r.last() - addr).saturating_add(1))
-        .min((tr.last() - ta).saturating_add(1));
-    Some(f(tr, ta, len))
+    hit_in_target(&c, view, r, addr, mr_addr, access, f)
 }
 
 /// For a DMA mapping at `addr` (in the view) through the IOMMU range `r`:
