@@ -264,3 +264,43 @@ fn one_byte_order_type_native_means_the_target_for_devices_and_accesses() {
         );
     }
 }
+
+/// Where no target is known, `Native` is the host's order on every path: a
+/// device outside a machine declaring `Native`, and a `Native` request on a
+/// bare view, are not byte-swapped against a host-order counterpart.
+#[test]
+fn native_without_a_target_is_the_host_order_on_every_path() {
+    use memtree::{Endian, MemTxAttrs, MmioOps};
+    use std::sync::Arc;
+    struct Dev(Endian);
+    impl MmioOps for Dev {
+        fn read(&self, _: u64, _: u32, _: MemTxAttrs) -> Result<u64, memtree::MemTxResult> {
+            Ok(0x1122_3344)
+        }
+        fn write(&self, _: u64, _: u64, _: u32, _: MemTxAttrs) -> memtree::MemTxResult {
+            memtree::MemTxResult::OK
+        }
+        fn endianness(&self) -> Endian {
+            self.0
+        }
+    }
+    let a = MemTxAttrs::UNSPECIFIED;
+    let (v, _) = memtree::region::attrs::dispatch_read(&Dev(Endian::Native), 0, 4, Endian::HOST, a);
+    assert_eq!(
+        v, 0x1122_3344,
+        "a Native device outside a machine is host order"
+    );
+    let m = Memory::new();
+    let root = m.new_container("root", 1 << 32, None).unwrap();
+    let io = m
+        .new_mmio("dev", 0x1000, Arc::new(Dev(Endian::HOST)), None)
+        .unwrap();
+    m.add_subregion(root, 0, io).unwrap();
+    let s = m.new_address_space("as", root, None).unwrap();
+    let view = m.address_space(s).unwrap().view();
+    let (v, _) = view.load::<u32>(0, Endian::Native, a);
+    assert_eq!(
+        v, 0x1122_3344,
+        "a Native request on a bare view is host order"
+    );
+}

@@ -741,7 +741,7 @@ pub fn dispatch_read_with(
             Ok(v) => (v & size_mask(size), MemTxResult::OK),
             Err(r) => (0, r),
         };
-        if request != cfg.endianness {
+        if request.is_big() != cfg.endianness.is_big() {
             value = bswap_sized(value, size);
         }
         return (value, r);
@@ -763,7 +763,7 @@ fn dispatch_read_general(
     let mut value = 0u64;
     let r = access_with_adjusted_size(ops, cfg, addr, &mut value, size, AccessKind::Read, attrs);
     value &= size_mask(size);
-    if request != cfg.endianness {
+    if request.is_big() != cfg.endianness.is_big() {
         value = bswap_sized(value, size);
     }
     (value, r)
@@ -806,7 +806,7 @@ pub fn dispatch_write_with(
             return MemTxResult::DECODE_ERROR;
         }
         let mut value = data & size_mask(size);
-        if request != cfg.endianness {
+        if request.is_big() != cfg.endianness.is_big() {
             value = bswap_sized(value, size);
         }
         return ops.write(addr, value, size, attrs);
@@ -827,7 +827,7 @@ fn dispatch_write_general(
         return MemTxResult::DECODE_ERROR;
     }
     let mut value = data & size_mask(size);
-    if request != cfg.endianness {
+    if request.is_big() != cfg.endianness.is_big() {
         value = bswap_sized(value, size);
     }
     access_with_adjusted_size(ops, cfg, addr, &mut value, size, AccessKind::Write, attrs)
