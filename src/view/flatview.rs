@@ -1483,7 +1483,6 @@ mod tests {
             None,
         );
         check(&view, &keys, &mut rng);
-        let mut max_len = 0;
         for _ in 0..rounds {
             // Sorted, disjoint old spans; each new list fits between the
             // neighbours of its span.
@@ -1552,12 +1551,10 @@ mod tests {
             );
             view = next;
             keys = model;
-            max_len = max_len.max(keys.len());
             if keys.is_empty() {
                 keys = vec![7];
                 view = FlatView::new(None, None, vec![range(&core, 7)], Vec::new(), None);
             }
         }
-        eprintln!("final {} ranges, largest {max_len}", keys.len());
     }
 }
