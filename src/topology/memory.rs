@@ -1279,6 +1279,12 @@ impl Machine {
         self.read(|t| t.space(id).map(|s| s.handle.clone()))
     }
 
+    /// The root region of an address space (QEMU's `as->root`); `None`
+    /// once that region was destroyed (the space then shows nothing).
+    pub fn address_space_root(&self, id: SpaceId) -> Result<Option<RegionId>> {
+        self.read(|t| t.space(id).map(|s| s.root))
+    }
+
     /// Every address space, in creation order: (id, name).
     pub fn address_spaces(&self) -> Vec<(SpaceId, String)> {
         self.read(|t| {
