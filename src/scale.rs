@@ -19,7 +19,10 @@
 //! Invariant: the layout is a pure function of the configuration, so
 //! [`Power8Machine::expected_at`] can tell, without rendering, which region
 //! serves any address of system memory (the brute-force reference of the
-//! tests).
+//! tests). A configuration whose layout would not fit (devices but no
+//! bridge, more devices on a bridge than its window holds, more config
+//! spaces than the config window holds, bridges past 2^64) is refused with
+//! a [`ScaleError`] before anything is built.
 
 use std::sync::Arc;
 
@@ -36,6 +39,8 @@ pub const RAM_SIZE: u64 = 64 << 30;
 pub const CONFIG_BASE: u64 = 0x3f_0000_0000;
 /// Size of one device's config space.
 pub const CONFIG_SIZE: u64 = 0x1000;
+/// Size of the config-space window (one [`CONFIG_SIZE`] space per device).
+pub const CONFIG_WINDOW: u64 = 1 << 28;
 /// Base of the first bridge window in system memory (bridge `b` at
 /// `BRIDGE_BASE + b * BRIDGE_WINDOW`).
 pub const BRIDGE_BASE: u64 = 0x40_0000_0000;
@@ -47,6 +52,72 @@ pub const MSIX_BAR_SIZE: u64 = 0x1000;
 pub const VIRTIO_BAR_SIZE: u64 = 0x4000;
 /// Stride of device BARs inside a bridge window.
 pub const DEVICE_STRIDE: u64 = 0x10_0000;
+
+/// Why [`build_power8`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScaleError {
+    /// Devices but no bridge to put their BARs behind.
+    #[error("{devices} devices need at least one bridge")]
+    NoBridge {
+        /// Devices asked for.
+        devices: usize,
+    },
+    /// A bridge would hold more devices than its window has room for.
+    #[error("{per_bridge} devices on one bridge do not fit its window (at most {max})")]
+    BridgeFull {
+        /// Devices on the fullest bridge.
+        per_bridge: usize,
+        /// `BRIDGE_WINDOW / DEVICE_STRIDE`.
+        max: u64,
+    },
+    /// More config spaces than the config window holds.
+    #[error("{devices} config spaces do not fit the config window (at most {max})")]
+    ConfigWindowFull {
+        /// Devices asked for.
+        devices: usize,
+        /// `CONFIG_WINDOW / CONFIG_SIZE`.
+        max: u64,
+    },
+    /// Bridge windows would pass the end of the address space.
+    #[error("{bridges} bridge windows do not fit below 2^64 (at most {max})")]
+    TooManyBridges {
+        /// Bridges asked for.
+        bridges: usize,
+        /// How many fit.
+        max: u64,
+    },
+    /// A topology edit failed.
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+}
+
+impl Power8Config {
+    /// Checks that the layout fits (see [`ScaleError`]).
+    ///
+    /// # Errors
+    ///
+    /// Every [`ScaleError`] but [`ScaleError::Topology`].
+    pub fn check(&self) -> Result<(), ScaleError> {
+        let (devices, bridges) = (self.devices, self.bridges);
+        if devices > 0 && bridges == 0 {
+            return Err(ScaleError::NoBridge { devices });
+        }
+        let max = (u64::MAX - BRIDGE_BASE) / BRIDGE_WINDOW;
+        if bridges as u64 > max {
+            return Err(ScaleError::TooManyBridges { bridges, max });
+        }
+        let per_bridge = devices.div_ceil(bridges.max(1));
+        let max = BRIDGE_WINDOW / DEVICE_STRIDE;
+        if per_bridge as u64 > max {
+            return Err(ScaleError::BridgeFull { per_bridge, max });
+        }
+        let max = CONFIG_WINDOW / CONFIG_SIZE;
+        if devices as u64 > max {
+            return Err(ScaleError::ConfigWindowFull { devices, max });
+        }
+        Ok(())
+    }
+}
 
 /// Shape of the machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,7 +197,13 @@ impl Power8Device {
 
 /// Builds, programs and enables the notifiers of the machine (see the module
 /// docs). Every step is committed as QEMU would.
-pub fn build_power8(m: &Machine, config: Power8Config) -> Result<Power8Machine, TopologyError> {
+///
+/// # Errors
+///
+/// A configuration that does not fit ([`Power8Config::check`]), checked
+/// before anything is built; [`ScaleError::Topology`] if an edit fails.
+pub fn build_power8(m: &Machine, config: Power8Config) -> Result<Power8Machine, ScaleError> {
+    config.check()?;
     let mut commits = 0usize;
     let ops: Arc<dyn MmioOps> = Arc::new(UnimplementedDevice);
     // The board: RAM, the config window and the bridges, one commit.
@@ -134,7 +211,7 @@ pub fn build_power8(m: &Machine, config: Power8Config) -> Result<Power8Machine, 
     let system = m.new_container("system", 1 << 64, None)?;
     let ram = m.new_model_region("ram", RegionKind::Ram, u128::from(RAM_SIZE), None)?;
     m.add_subregion(system, 0, ram)?;
-    let cfg_window = m.new_container("pci-config", 1 << 28, None)?;
+    let cfg_window = m.new_container("pci-config", u128::from(CONFIG_WINDOW), None)?;
     m.add_subregion(system, CONFIG_BASE, cfg_window)?;
     let mut bridges = Vec::with_capacity(config.bridges);
     for b in 0..config.bridges {

@@ -26,7 +26,20 @@
 //!
 //! * An event reaches a notifier only if the notifier's index matches, its
 //!   flags include the event's kind and the event's range overlaps the
-//!   notifier's range; the entry it sees is cropped to that range.
+//!   notifier's range. An entry inside the range is passed unchanged; one
+//!   that overlaps it in part is passed as the whole overlap, split into
+//!   aligned power-of-two blocks, one call per block (QEMU passes one entry
+//!   with `addr_mask = min(end, last) - iova`, which need not be a power of
+//!   two minus one; memtree keeps every entry well formed instead). Replay
+//!   crops the same way.
+//! * Registrations and unregistrations of one hub are serialised, so the
+//!   device is told every change of a context's flag union in order (each
+//!   call's `old` is the previous call's `new`).
+//! * Once [`IommuHub::unregister_notifier`] returns, the notifier is never
+//!   called again — except when unregistering from inside a notifier
+//!   callback (of any hub) on the same thread: then no new call starts, but
+//!   a call already running on another thread may still finish (waiting for
+//!   it there could deadlock with a thread doing the same).
 //! * Every event invalidates the hub's IOTLB cache before any notifier runs,
 //!   and a translation that raced with an event is not cached (the cache
 //!   carries a generation), so the cache never serves a translation the
@@ -358,6 +371,12 @@ pub struct NotifierId(u64);
 
 /// A notifier registration (QEMU `IOMMUNotifier`): `[start, last]`
 /// inclusive, like QEMU's `end`.
+///
+/// An event whose page lies partly outside `[start, last]` reaches the
+/// callback as the overlap split into aligned power-of-two blocks, one call
+/// per block, each a well-formed entry (`iova` aligned to `addr_mask + 1`).
+/// QEMU sends one entry with the possibly non-power-of-two mask
+/// `min(end, last) - iova`; both cover the same bytes.
 #[derive(Clone)]
 pub struct IommuNotifier {
     /// Events wanted.
@@ -469,7 +488,15 @@ fn slot_of(addr: u64) -> usize {
 /// [module docs](self).
 pub struct IommuHub {
     device: OnceLock<Weak<dyn Iommu>>,
-    notifiers: Mutex<Vec<(NotifierId, IommuNotifier)>>,
+    /// The region's size, set with the device (bounds the default replay).
+    region_size: OnceLock<u128>,
+    notifiers: Mutex<Vec<(NotifierId, IommuNotifier, Arc<DeliveryGate>)>>,
+    /// Held across a (un)registration's flag computation, the device's
+    /// `notify_flag_changed` and the list update, so that the device hears
+    /// flag changes in order; separate from `notifiers` so that delivery is
+    /// not blocked. Its value is set while the device is being told (a
+    /// registration from inside `notify_flag_changed` is refused).
+    registration: parking_lot::ReentrantMutex<Cell<bool>>,
     next_id: AtomicU64,
     /// The IOTLB cache (see [`Slot`]).
     slots: [Slot; CACHE_SLOTS],
@@ -504,7 +531,9 @@ impl IommuHub {
     pub fn new() -> Arc<IommuHub> {
         Arc::new(IommuHub {
             device: OnceLock::new(),
+            region_size: OnceLock::new(),
             notifiers: Mutex::new(Vec::new()),
+            registration: parking_lot::ReentrantMutex::new(Cell::new(false)),
             next_id: AtomicU64::new(1),
             slots: std::array::from_fn(|_| Slot::new()),
             targets: std::array::from_fn(|_| OnceLock::new()),
@@ -518,10 +547,12 @@ impl IommuHub {
         self.device.get().is_some()
     }
 
-    pub(crate) fn attach(&self, device: Weak<dyn Iommu>) {
+    pub(crate) fn attach(&self, device: Weak<dyn Iommu>, region_size: u128) {
         // A second attach can only come from a racing `new_iommu` with the
         // same hub; the first region keeps the hub.
-        let _ = self.device.set(device);
+        if self.device.set(device).is_ok() {
+            let _ = self.region_size.set(region_size);
+        }
     }
 
     fn device(&self) -> Result<Arc<dyn Iommu>, IommuError> {
@@ -531,20 +562,22 @@ impl IommuHub {
             .ok_or(IommuError::DeviceGone)
     }
 
-    fn flags_of(list: &[(NotifierId, IommuNotifier)], idx: u32) -> NotifierFlags {
+    fn flags_of(
+        list: &[(NotifierId, IommuNotifier, Arc<DeliveryGate>)],
+        idx: u32,
+    ) -> NotifierFlags {
         list.iter()
-            .filter(|(_, n)| n.iommu_idx == idx)
-            .fold(NotifierFlags::NONE, |a, (_, n)| a.union(n.flags))
+            .filter(|(_, n, _)| n.iommu_idx == idx)
+            .fold(NotifierFlags::NONE, |a, (_, n, _)| a.union(n.flags))
     }
 
-    /// Registers `notifier` (QEMU `memory_region_register_iommu_notifier`).
-    /// The device is told the new flag union first and may refuse.
-    ///
-    /// # Errors
-    ///
-    /// [`IommuError::BadNotifier`], [`IommuError::Refused`],
-    /// [`IommuError::DeviceGone`], [`IommuError::Panicked`].
-    pub fn register_notifier(&self, notifier: IommuNotifier) -> Result<NotifierId, IommuError> {
+    /// Checks `notifier`'s flags, range and index (for registration and
+    /// replay).
+    fn check_notifier(
+        &self,
+        device: &dyn Iommu,
+        notifier: &IommuNotifier,
+    ) -> Result<(), IommuError> {
         if notifier.flags.0 & 7 == 0 || notifier.flags.0 & !7 != 0 {
             return Err(IommuError::BadNotifier(format!(
                 "flags {:#x}",
@@ -557,7 +590,6 @@ impl IommuHub {
                 notifier.start, notifier.last
             )));
         }
-        let device = self.device()?;
         let idx = notifier.iommu_idx;
         let n = catch_dev(|| device.num_indexes())?;
         if idx >= n {
@@ -565,43 +597,83 @@ impl IommuHub {
                 "index {idx} (the IOMMU has {n})"
             )));
         }
+        Ok(())
+    }
+
+    /// Registers `notifier` (QEMU `memory_region_register_iommu_notifier`).
+    /// The device is told the new flag union first and may refuse.
+    ///
+    /// # Errors
+    ///
+    /// [`IommuError::BadNotifier`] (also for a registration from inside
+    /// the device's `notify_flag_changed`), [`IommuError::Refused`],
+    /// [`IommuError::DeviceGone`], [`IommuError::Panicked`].
+    pub fn register_notifier(&self, notifier: IommuNotifier) -> Result<NotifierId, IommuError> {
+        let device = self.device()?;
+        self.check_notifier(&*device, &notifier)?;
+        let idx = notifier.iommu_idx;
+        let telling = self.registration.lock();
+        if telling.get() {
+            return Err(IommuError::BadNotifier(
+                "registered from inside the device's notify_flag_changed".to_owned(),
+            ));
+        }
         let old = Self::flags_of(&self.notifiers.lock(), idx);
         let new = old.union(notifier.flags);
         if new != old {
-            catch_dev(|| device.notify_flag_changed(old, new, idx))?
-                .map_err(IommuError::Refused)?;
+            telling.set(true);
+            let told = catch_dev(|| device.notify_flag_changed(old, new, idx));
+            telling.set(false);
+            told?.map_err(IommuError::Refused)?;
         }
         let id = NotifierId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        self.notifiers.lock().push((id, notifier));
+        let gate = Arc::new(DeliveryGate::default());
+        self.notifiers.lock().push((id, notifier, gate));
         Ok(id)
     }
 
     /// Unregisters a notifier; tells the device when the flag union shrinks.
-    /// Returns whether it was registered.
+    /// Returns whether it was registered. Once it returns, the notifier is
+    /// not called again: it waits for calls in flight on other threads,
+    /// unless called from inside a notifier callback (see the
+    /// [module docs](self)).
     pub fn unregister_notifier(&self, id: NotifierId) -> bool {
-        let (idx, old, new) = {
+        let telling = self.registration.lock();
+        let (idx, old, new, gate) = {
             let mut list = self.notifiers.lock();
-            let Some(i) = list.iter().position(|(i, _)| *i == id) else {
+            let Some(i) = list.iter().position(|(i, _, _)| *i == id) else {
                 return false;
             };
             let idx = list[i].1.iommu_idx;
             let old = Self::flags_of(&list, idx);
-            list.remove(i);
-            (idx, old, Self::flags_of(&list, idx))
+            let (_, _, gate) = list.remove(i);
+            (idx, old, Self::flags_of(&list, idx), gate)
         };
+        gate.close();
         if old != new {
             if let Ok(device) = self.device() {
                 // Shrinking cannot be refused; a panic is the device's bug and
                 // must not undo the unregistration.
+                let was = telling.replace(true);
                 let _ = catch_dev(|| device.notify_flag_changed(old, new, idx));
+                telling.set(was);
             }
+        }
+        // Wait with no lock held: a call in flight may (un)register.
+        drop(telling);
+        if DELIVERING.with(Cell::get) == 0 {
+            gate.wait_idle();
         }
         true
     }
 
     /// The registered notifiers (for diagnostics).
     pub fn notifiers(&self) -> Vec<(NotifierId, IommuNotifier)> {
-        self.notifiers.lock().clone()
+        self.notifiers
+            .lock()
+            .iter()
+            .map(|(id, n, _)| (*id, n.clone()))
+            .collect()
     }
 
     /// Drops every cached translation.
@@ -631,27 +703,34 @@ impl IommuHub {
         if event.kind != IotlbEventKind::Map && event.entry.perm != IommuPerm::None {
             return Err(IommuError::UnmapWithPermissions);
         }
-        let matching: Vec<IommuNotifier> = self
+        let matching: Vec<(IommuNotifier, Arc<DeliveryGate>)> = self
             .notifiers
             .lock()
             .iter()
-            .filter(|(_, n)| n.iommu_idx == iommu_idx && n.flags.contains(event.kind.flag()))
-            .map(|(_, n)| n.clone())
+            .filter(|(_, n, _)| n.iommu_idx == iommu_idx && n.flags.contains(event.kind.flag()))
+            .map(|(_, n, g)| (n.clone(), g.clone()))
             .collect();
         let mut called = 0;
         let mut panic = None;
-        for n in &matching {
-            let Some(cropped) = crop(&event.entry, n.start, n.last) else {
+        for (n, gate) in &matching {
+            let blocks = crop(&event.entry, n.start, n.last);
+            // Unregistered since the list was copied: not called.
+            if blocks.is_empty() || !gate.enter() {
                 continue;
-            };
-            let ev = IotlbEvent {
-                kind: event.kind,
-                entry: cropped,
-            };
-            called += 1;
-            if let Err(p) = crate::lifecycle::deferral::catch(|| (n.notify)(&ev)) {
-                panic.get_or_insert(crate::lifecycle::deferral::panic_message(&p));
             }
+            called += 1;
+            DELIVERING.with(|d| d.set(d.get() + 1));
+            for entry in blocks {
+                let ev = IotlbEvent {
+                    kind: event.kind,
+                    entry,
+                };
+                if let Err(p) = crate::lifecycle::deferral::catch(|| (n.notify)(&ev)) {
+                    panic.get_or_insert(crate::lifecycle::deferral::panic_message(&p));
+                }
+            }
+            DELIVERING.with(|d| d.set(d.get() - 1));
+            gate.leave();
         }
         match panic {
             Some(m) => Err(IommuError::Panicked(m)),
@@ -668,17 +747,28 @@ impl IommuHub {
     ///
     /// # Errors
     ///
+    /// [`IommuError::BadNotifier`] (as [`IommuHub::register_notifier`]),
     /// [`IommuError::DeviceGone`], [`IommuError::Panicked`],
     /// [`IommuError::ReplayTooLong`].
     pub fn replay(&self, notifier: &IommuNotifier) -> Result<usize, IommuError> {
         let device = self.device()?;
+        self.check_notifier(&*device, notifier)?;
         let mut count = 0usize;
-        let (start, last, idx) = (notifier.start, notifier.last, notifier.iommu_idx);
+        let (start, idx) = (notifier.start, notifier.iommu_idx);
+        // Only the region's addresses are walked (QEMU walks 0..size).
+        let size = self.region_size.get().copied().unwrap_or(0);
+        let Some(region_last) = size.checked_sub(1) else {
+            return Ok(0);
+        };
+        let last = u64::try_from(region_last).map_or(notifier.last, |l| l.min(notifier.last));
+        if start > last {
+            return Ok(0);
+        }
         let mut sink = |e: IotlbEntry| {
             if e.perm == IommuPerm::None || !e.is_well_formed() {
                 return;
             }
-            if let Some(c) = crop(&e, start, last) {
+            for c in crop(&e, start, last) {
                 count += 1;
                 (notifier.notify)(&IotlbEvent {
                     kind: IotlbEventKind::Map,
@@ -911,39 +1001,98 @@ fn catch_dev<R>(f: impl FnOnce() -> R) -> Result<R, IommuError> {
         .map_err(|p| IommuError::Panicked(crate::lifecycle::deferral::panic_message(&p)))
 }
 
-/// `entry` restricted to `[start, last]`, or `None` if they do not overlap.
-/// A cropped entry keeps its mask (QEMU passes the entry unchanged when it
-/// overlaps; memtree narrows `iova`/`translated_addr` to the first byte in
-/// range and keeps the page so consumers see the same page geometry).
-fn crop(entry: &IotlbEntry, start: u64, last: u64) -> Option<IotlbEntry> {
+/// `entry` restricted to `[start, last]`: nothing if they do not overlap,
+/// the entry itself if it lies inside, else the whole overlap split into
+/// aligned power-of-two blocks (each the largest that starts where the
+/// previous one ended and ends inside the overlap), so that every entry a
+/// notifier sees is well formed. At most 128 blocks.
+fn crop(entry: &IotlbEntry, start: u64, last: u64) -> Vec<IotlbEntry> {
     let e_start = entry.iova & !entry.addr_mask;
     let e_last = e_start | entry.addr_mask;
     if e_last < start || e_start > last {
-        return None;
+        return Vec::new();
     }
     if e_start >= start && e_last <= last {
-        return Some(entry.clone());
+        return vec![entry.clone()];
     }
-    // Partial overlap: report the largest aligned power-of-two block inside
-    // both that contains the overlap's first byte.
-    let lo = e_start.max(start);
-    let hi = e_last.min(last);
-    let mut mask = entry.addr_mask;
-    while mask > 0 {
-        let b = lo & !mask;
-        if b >= lo && (b | mask) <= hi {
-            break;
+    let (mut lo, hi) = (e_start.max(start), e_last.min(last));
+    let mut blocks = Vec::new();
+    loop {
+        let mut mask = match lo {
+            0 => u64::MAX,
+            _ => (1u64 << lo.trailing_zeros()) - 1,
+        };
+        while lo | mask > hi {
+            mask >>= 1;
         }
-        mask >>= 1;
+        blocks.push(IotlbEntry {
+            target: entry.target.clone(),
+            iova: lo,
+            translated_addr: entry.translate(lo),
+            addr_mask: mask,
+            perm: entry.perm,
+        });
+        match (lo | mask).checked_add(1) {
+            Some(next) if next <= hi => lo = next,
+            _ => return blocks,
+        }
     }
-    let iova = lo & !mask;
-    Some(IotlbEntry {
-        target: entry.target.clone(),
-        iova,
-        translated_addr: entry.translate(iova),
-        addr_mask: mask,
-        perm: entry.perm,
-    })
+}
+
+thread_local! {
+    /// How many notifier calls are running on this thread (of any hub): an
+    /// unregistration from inside one does not wait for other threads.
+    static DELIVERING: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Whether a registered notifier may still be called (`open`), and how
+/// many calls to it are running (`in_flight`): unregistering closes it and
+/// waits until none runs.
+struct DeliveryGate {
+    /// (open, in_flight)
+    state: Mutex<(bool, usize)>,
+    idle: parking_lot::Condvar,
+}
+
+impl Default for DeliveryGate {
+    fn default() -> DeliveryGate {
+        DeliveryGate {
+            state: Mutex::new((true, 0)),
+            idle: parking_lot::Condvar::new(),
+        }
+    }
+}
+
+impl DeliveryGate {
+    /// Starts a call if the notifier is still registered.
+    fn enter(&self) -> bool {
+        let mut st = self.state.lock();
+        if st.0 {
+            st.1 += 1;
+        }
+        st.0
+    }
+
+    fn leave(&self) {
+        let mut st = self.state.lock();
+        st.1 -= 1;
+        if st.1 == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    /// No call starts after this.
+    fn close(&self) {
+        self.state.lock().0 = false;
+    }
+
+    /// Waits until no call runs.
+    fn wait_idle(&self) {
+        let mut st = self.state.lock();
+        while st.1 != 0 {
+            self.idle.wait(&mut st);
+        }
+    }
 }
 
 /// A weak handle to an address space, for IOMMU devices that name their
@@ -1288,14 +1437,16 @@ fn read_translated(
     let avail = (r.last() - addr).saturating_add(1);
     let len = (rest.len() as u64).min(avail).min(e.remaining(mr_addr)) as usize;
     let piece = &mut rest[..len];
-    let res = match (&e.target, e.perm.allows(IommuPerm::Read)) {
-        (Some(t), true) => deeper(|| t.view_guard().read(e.translate(mr_addr), piece, attrs))
-            .unwrap_or(MemTxResult::DECODE_ERROR),
-        _ => MemTxResult::DECODE_ERROR,
+    let done = match (&e.target, e.perm.allows(IommuPerm::Read)) {
+        (Some(t), true) => deeper(|| t.view_guard().read(e.translate(mr_addr), piece, attrs)),
+        _ => None,
     };
-    if !res.is_ok() && !e.perm.allows(IommuPerm::Read) {
+    // A read not carried out (denied, no target, chain too deep) reads
+    // zeros, like a hole; one carried out filled its own failed bytes.
+    let res = done.unwrap_or_else(|| {
         piece.fill(0);
-    }
+        MemTxResult::DECODE_ERROR
+    });
     (len, res)
 }
 
@@ -1499,6 +1650,16 @@ pub fn is_translated(view: &FlatView, addr: u64) -> bool {
 /// unregistered when the adapter is dropped). Only translations into
 /// `backend_space` (the address space whose RAM `IommuMemory`'s backend
 /// holds, e.g. made by `crate::integrations::guest_memory`) are accepted.
+///
+/// Like the hub's own cache, the IOTLB is tied to the hub's generation:
+/// when it has moved (any event, [`IommuHub::invalidate_cache`], the
+/// unplug of the region's owner) the whole IOTLB is dropped before the
+/// next lookup, and a translation made under an older generation is not
+/// stored (so an UNMAP racing a fill is not lost). The adapter holds the
+/// device weakly and asks it nothing once the region's owner is unplugged.
+/// A page ending at 2^64 is cached without its last byte (vm-memory
+/// computes `start + length`); that byte is not reachable through the
+/// adapter.
 #[cfg(all(feature = "vm-memory", unix))]
 pub mod vm_memory_adapter {
     use super::*;
@@ -1507,8 +1668,12 @@ pub mod vm_memory_adapter {
 
     /// See the [module docs](self).
     pub struct VmMemoryIommu {
-        device: Arc<dyn Iommu>,
+        device: Weak<dyn Iommu>,
+        /// The region's owner (none: the region cannot be unplugged).
+        owner: Option<Weak<crate::region::owner_core::OwnerCore>>,
         hub: Arc<IommuHub>,
+        /// The hub generation the IOTLB's entries were made under.
+        generation: AtomicU64,
         iommu_idx: u32,
         backend_space: WeakAddressSpace,
         iotlb: Arc<parking_lot::RwLock<Iotlb>>,
@@ -1551,18 +1716,26 @@ pub mod vm_memory_adapter {
                 iommu_idx,
                 notify: Arc::new(move |ev: &IotlbEvent| {
                     if let Some(tlb) = tlb.upgrade() {
-                        let len = ev.entry.addr_mask.saturating_add(1);
                         let iova = ev.entry.iova & !ev.entry.addr_mask;
-                        match usize::try_from(len) {
-                            Ok(len) => tlb.write().invalidate_mapping(GuestAddress(iova), len),
-                            Err(_) => tlb.write().invalidate_all(),
+                        // vm-memory computes `iova + len`: a block reaching
+                        // 2^64 is dropped with everything else.
+                        let len = ev.entry.addr_mask.checked_add(1).filter(|len| {
+                            iova.checked_add(*len).is_some() && usize::try_from(*len).is_ok()
+                        });
+                        match len {
+                            Some(len) => tlb
+                                .write()
+                                .invalidate_mapping(GuestAddress(iova), len as usize),
+                            None => tlb.write().invalidate_all(),
                         }
                     }
                 }),
             })?;
             Ok(VmMemoryIommu {
-                device: device.clone(),
+                device: Arc::downgrade(device),
+                owner: region.owner().map(Arc::downgrade),
                 hub: hub.clone(),
+                generation: AtomicU64::new(hub.generation.load(Ordering::Acquire)),
                 iommu_idx,
                 backend_space: backend_space.downgrade(),
                 iotlb,
@@ -1570,57 +1743,125 @@ pub mod vm_memory_adapter {
             })
         }
 
+        /// The hub's generation, after dropping the whole IOTLB if it
+        /// moved since the IOTLB was filled.
+        fn sync_generation(&self) -> u64 {
+            let now = self.hub.generation.load(Ordering::Acquire);
+            if self.generation.load(Ordering::Acquire) == now {
+                return now;
+            }
+            let mut tlb = self.iotlb.write();
+            let now = self.hub.generation.load(Ordering::Acquire);
+            tlb.invalidate_all();
+            self.generation.store(now, Ordering::Release);
+            now
+        }
+
+        /// Whether the region's owner is still plugged.
+        fn is_live(&self) -> bool {
+            self.owner
+                .as_ref()
+                .is_none_or(|o| o.upgrade().is_some_and(|o| o.is_live()))
+        }
+
         /// Asks the device for every page of `[base, base + length)` and
-        /// fills the IOTLB; `false` if a page is denied or lands elsewhere.
-        fn fill(&self, base: u64, length: usize, access: IommuPerm) -> bool {
+        /// fills the IOTLB with translations made under hub generation
+        /// `generation`: [`Fill::Denied`] if a page is denied or lands
+        /// elsewhere (or the device is gone), [`Fill::Raced`] if the
+        /// generation moved (nothing more is stored).
+        fn fill(
+            &self,
+            base: u64,
+            length: usize,
+            access: IommuPerm,
+            generation: u64,
+        ) -> Result<(), Fill> {
             let Some(end) = base.checked_add(length as u64) else {
-                return false;
+                return Err(Fill::Denied);
+            };
+            let device = match self.device.upgrade() {
+                Some(d) if self.is_live() => d,
+                _ => {
+                    self.iotlb.write().invalidate_all();
+                    return Err(Fill::Denied);
+                }
             };
             let expected = self.backend_space.0.as_ptr();
             let mut addr = base;
             while addr < end {
-                let e = match catch_dev(|| self.device.translate(addr, access, self.iommu_idx)) {
+                let e = match catch_dev(|| device.translate(addr, access, self.iommu_idx)) {
                     Ok(e) if e.is_well_formed() && e.covers(addr) => e,
-                    _ => return false,
+                    _ => return Err(Fill::Denied),
                 };
                 let lands_in_backend = e
                     .target
                     .as_ref()
                     .is_some_and(|t| std::ptr::eq(Arc::as_ptr(&t.shared), expected));
                 if !e.perm.allows(access) || !lands_in_backend {
-                    return false;
+                    return Err(Fill::Denied);
                 }
                 let page = e.iova & !e.addr_mask;
-                let Ok(len) = usize::try_from(e.addr_mask.saturating_add(1)) else {
-                    return false;
+                // vm-memory computes `page + len`: a page ending at 2^64
+                // loses its last byte (a one-byte page there is not cached).
+                let len = match page | e.addr_mask {
+                    u64::MAX => e.addr_mask,
+                    _ => e.addr_mask + 1,
                 };
+                let Ok(len) = usize::try_from(len) else {
+                    return Err(Fill::Denied);
+                };
+                if len == 0 {
+                    return Err(Fill::Denied);
+                }
                 let perm = match e.perm {
                     IommuPerm::None => Permissions::No,
                     IommuPerm::Read => Permissions::Read,
                     IommuPerm::Write => Permissions::Write,
                     IommuPerm::ReadWrite => Permissions::ReadWrite,
                 };
-                if self
-                    .iotlb
-                    .write()
-                    .set_mapping(
-                        GuestAddress(page),
-                        GuestAddress(e.translated_addr & !e.addr_mask),
-                        len,
-                        perm,
-                    )
-                    .is_err()
                 {
-                    return false;
+                    // Checked under the write lock, which the UNMAP notifier
+                    // also takes: an event either moved the generation
+                    // before (not stored) or invalidates after.
+                    let mut tlb = self.iotlb.write();
+                    if self.hub.generation.load(Ordering::Acquire) != generation
+                        || self.generation.load(Ordering::Acquire) != generation
+                    {
+                        return Err(Fill::Raced);
+                    }
+                    if tlb
+                        .set_mapping(
+                            GuestAddress(page),
+                            GuestAddress(e.translated_addr & !e.addr_mask),
+                            len,
+                            perm,
+                        )
+                        .is_err()
+                    {
+                        return Err(Fill::Denied);
+                    }
                 }
                 match (page | e.addr_mask).checked_add(1) {
                     Some(n) => addr = n,
                     None => break,
                 }
             }
-            true
+            Ok(())
         }
     }
+
+    /// Why [`VmMemoryIommu::fill`] stored nothing more.
+    enum Fill {
+        /// A page is denied, lands outside the back-end, or the device is
+        /// gone.
+        Denied,
+        /// The hub's generation moved during the fill.
+        Raced,
+    }
+
+    /// How many lookups one translation tries before giving up when every
+    /// fill races an invalidation.
+    const TRANSLATE_ROUNDS: usize = 4;
 
     impl Drop for VmMemoryIommu {
         fn drop(&mut self) {
@@ -1643,26 +1884,32 @@ pub mod vm_memory_adapter {
                 Permissions::Write => IommuPerm::Write,
                 Permissions::ReadWrite => IommuPerm::ReadWrite,
             };
-            // Two rounds: a lookup, then (after filling) a second lookup. A
-            // notification racing in between makes the second one fail, and
-            // the caller sees the error instead of a withdrawn mapping.
-            for round in 0..2 {
+            // A lookup, then (after filling) another: a notification racing
+            // a fill makes the fill store nothing and the next round
+            // retries; after the last round the caller sees an error instead
+            // of a withdrawn mapping.
+            for round in 0..TRANSLATE_ROUNDS {
+                let generation = self.sync_generation();
                 let fails = match Iotlb::lookup(self.iotlb.read(), iova, length, access) {
                     Ok(it) => return Ok(it),
                     Err(f) => f,
                 };
-                if round == 1 {
+                if round + 1 == TRANSLATE_ROUNDS {
                     break;
                 }
                 for r in fails.misses.iter().chain(fails.access_fails.iter()) {
-                    if !self.fill(r.base.0, r.length, want) {
-                        return Err(VmError::CannotResolve {
-                            iova_range: IovaRange {
-                                base: r.base,
-                                length: r.length,
-                            },
-                            reason: "the memtree IOMMU denies this access".into(),
-                        });
+                    match self.fill(r.base.0, r.length, want, generation) {
+                        Ok(()) => {}
+                        Err(Fill::Raced) => break,
+                        Err(Fill::Denied) => {
+                            return Err(VmError::CannotResolve {
+                                iova_range: IovaRange {
+                                    base: r.base,
+                                    length: r.length,
+                                },
+                                reason: "the memtree IOMMU denies this access".into(),
+                            })
+                        }
                     }
                 }
             }

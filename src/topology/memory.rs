@@ -1088,7 +1088,7 @@ impl Machine {
             owner,
             None,
         )?;
-        hub.attach(weak);
+        hub.attach(weak, size);
         Ok(id)
     }
 

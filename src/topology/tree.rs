@@ -930,6 +930,15 @@ impl Topology {
             regions.extend(n.regions.iter().copied());
             spaces.extend(n.spaces.iter().copied());
         }
+        // A cursor's copy of an IOTLB slot is re-checked only against its
+        // hub's generation, and the views still map the region until the
+        // commit: moving the generation on makes the next access miss and
+        // find the owner dead (inside a transaction too).
+        for &r in &regions {
+            if let Some(hub) = self.get(r).ok().and_then(|n| n.core.iommu_hub()) {
+                hub.invalidate_cache();
+            }
+        }
         let region_set: HashSet<RegionId> = regions.iter().copied().collect();
         for s in spaces {
             if let Ok(sn) = self.space(s) {
