@@ -247,3 +247,38 @@ fn vm_memory_adapter_stops_translating_after_unplug() {
          the device ({page3:?}); device still alive: {alive}"
     );
 }
+
+/// Rule (lifecycle: "unplugging the IOMMU's owner makes the region's
+/// accesses decode errors at once"): while something else still holds the
+/// device, a vm-memory consumer gets errors after the unplug, both for a
+/// page it had cached and for a fresh one.
+#[test]
+fn vm_memory_adapter_refuses_cached_and_fresh_pages_after_unplug() {
+    use memtree::access::iommu::vm_memory_adapter::VmMemoryIommu;
+    use memtree::vm_memory::{Bytes, GuestAddress, IommuMemory};
+    let s = setup(12, 16);
+    s.system
+        .store::<u32>(0x30_0040, 0x9999, Endian::Little, A)
+        .into_result()
+        .unwrap();
+    s.map(2, 0x30_0000, IommuPerm::ReadWrite);
+    s.map(3, 0x30_0000, IommuPerm::ReadWrite);
+    let core = s.dma.view().lookup(0).unwrap().region().clone();
+    let adapter = VmMemoryIommu::new(&core, 0, &s.system).unwrap();
+    drop(core);
+    let mem = IommuMemory::new(
+        (*s.system.guest_memory()).clone(),
+        adapter,
+        true,
+        Default::default(),
+    );
+    assert_eq!(mem.read_obj::<u32>(GuestAddress(0x2040)).unwrap(), 0x9999);
+    s.memory.unplug(s.owner).unwrap();
+    // `s.device` still holds the device.
+    let cached = mem.read_obj::<u32>(GuestAddress(0x2040));
+    let fresh = mem.read_obj::<u32>(GuestAddress(0x3040));
+    assert!(
+        cached.is_err() && fresh.is_err(),
+        "after the unplug: cached page {cached:?}, fresh page {fresh:?}"
+    );
+}
