@@ -415,3 +415,68 @@ fn registration_from_inside_notify_flag_changed_is_an_error() {
     );
     assert_eq!(count, 1);
 }
+
+/// Rule (QEMU: once `memory_region_unregister_iommu_notifier` returns, the
+/// notifier's code no longer runs): unregistering a notifier whose call is
+/// running on another thread returns only after that call has returned, so
+/// its owner may free the state the callback uses.
+#[test]
+fn unregister_waits_for_the_notifiers_running_call() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+    let s = setup(12, 8);
+    let hub = s.device.hub().clone();
+    let (in_call_tx, in_call_rx) = mpsc::channel::<()>();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let in_call_tx = Mutex::new(Some(in_call_tx));
+    let release_rx = Mutex::new(Some(release_rx));
+    let call_returned = Arc::new(AtomicBool::new(false));
+    let returned = call_returned.clone();
+    let id = hub
+        .register_notifier(IommuNotifier {
+            flags: NotifierFlags::UNMAP,
+            start: 0,
+            last: u64::MAX,
+            iommu_idx: 0,
+            notify: Arc::new(move |_: &IotlbEvent| {
+                if let Some(tx) = in_call_tx.lock().take() {
+                    tx.send(()).unwrap();
+                }
+                if let Some(rx) = release_rx.lock().take() {
+                    let _ = rx.recv_timeout(std::time::Duration::from_secs(5));
+                }
+                returned.store(true, Ordering::SeqCst);
+            }),
+        })
+        .unwrap();
+    let h = hub.clone();
+    let sender = std::thread::spawn(move || {
+        h.notify(
+            0,
+            &IotlbEvent {
+                kind: IotlbEventKind::Unmap,
+                entry: IotlbEntry::denied(0x1000, 0xfff),
+            },
+        )
+    });
+    in_call_rx.recv().unwrap();
+    let h = hub.clone();
+    let (unregistered_tx, unregistered_rx) = mpsc::channel();
+    let unregister = std::thread::spawn(move || {
+        let r = h.unregister_notifier(id);
+        let _ = unregistered_tx.send(());
+        r
+    });
+    // While the call runs, the unregistration must not return.
+    let early = unregistered_rx
+        .recv_timeout(std::time::Duration::from_millis(200))
+        .is_ok();
+    release_tx.send(()).unwrap();
+    assert!(unregister.join().unwrap());
+    sender.join().unwrap().unwrap();
+    assert!(
+        !early,
+        "unregister_notifier returned while the notifier's call was still running"
+    );
+    assert!(call_returned.load(Ordering::SeqCst));
+}
