@@ -33,16 +33,19 @@
 //!   device has since withdrawn — provided the device notifies (or calls
 //!   [`IommuHub::invalidate_cache`]) after changing or removing a mapping.
 //! * A cached translation holds no reference: its slot names the target
-//!   address space by index into the hub's append-only target table and
-//!   the range of the target's view that served it by index. A hit uses
-//!   that range only if the target's *current* view (held by a guard for
-//!   the access) has it containing the translated address, directly
-//!   accessible: a target view that changed since is searched again, so
-//!   the cache never serves memory the target no longer maps there.
+//!   address space by index into the hub's append-only target table and,
+//!   for the warm path, the window of the page one range of the target's
+//!   view serves directly (range, bounds, host address), keyed by the
+//!   sequence number the target published that view under. A hit uses the
+//!   window only under a guard on the target view published under that
+//!   number (checked on both sides of the guard load), so the cache never
+//!   serves memory the target no longer maps, or has freed: a target view
+//!   published since makes the next access resolve the window again.
 //! * A [`SpaceCursor`](crate::access::dispatch::SpaceCursor) copies the last slot it used
-//!   and caches its target's view cursor-style (revalidated by one relaxed
-//!   pointer comparison per access, like its own view); the copy is
-//!   re-checked against the hub's generation at every access.
+//!   and caches its target's view cursor-style, with its own window in its
+//!   own addresses, valid while its view, the hub's generation and the
+//!   target's current view are those it was resolved with (checked at
+//!   every access; the window holds both views).
 //! * Chains are followed at most [`MAX_CHAIN_DEPTH`] IOMMUs deep; deeper (a
 //!   loop of IOMMUs translating into each other) is a decode error.
 //! * Device and notifier code (other people's code) runs with no lock of
@@ -465,6 +468,8 @@ impl Slot {
 struct Cached {
     /// The slot's `seq` when copied (even).
     slot_seq: u64,
+    /// The target view sequence number its window was resolved in.
+    view_seq: u64,
     generation: u64,
     iova: u64,
     addr_mask: u64,
@@ -838,6 +843,7 @@ impl IommuHub {
         let addr_mask = slot.addr_mask.load(Ordering::Relaxed);
         let translated = slot.translated.load(Ordering::Relaxed);
         let meta = slot.meta.load(Ordering::Relaxed);
+        let view_seq = slot.view_seq.load(Ordering::Relaxed);
         // Order the field loads before the re-check of `seq` (seqlock).
         fence(Ordering::Acquire);
         if slot.seq.load(Ordering::Relaxed) != seq {
@@ -845,6 +851,7 @@ impl IommuHub {
         }
         let c = Cached {
             slot_seq: seq,
+            view_seq,
             generation,
             iova,
             addr_mask,
@@ -1060,6 +1067,22 @@ impl IommuHub {
         s.wlo.store(w.wlo, Ordering::Relaxed);
         s.whi.store(w.whi, Ordering::Relaxed);
         s.host.store(w.host, Ordering::Relaxed);
+    }
+
+    /// [`IommuHub::refresh_window`] if the slot of `addr` holds a live
+    /// translation for context `idx` whose window was resolved in a view
+    /// its target has replaced since.
+    #[inline(never)]
+    fn refresh_stale_window(&self, addr: u64, idx: u32) {
+        let Some(c) = self.lookup_cached(addr, idx) else {
+            return;
+        };
+        let Some(space) = self.target(&c) else {
+            return;
+        };
+        if space.shared.view_seq.load(Ordering::Acquire) != c.view_seq {
+            self.refresh_window(addr, idx);
+        }
     }
 
     /// The target `space` of the slot of `addr` has published a view since
@@ -1292,7 +1315,12 @@ fn direct_hit<R>(
         let IommuParts { device, .. } = iommu_parts(core)?;
         hub.index_of_slow(device.as_ref(), attrs).ok()?
     };
-    let (space, w) = hub.lookup_window(mr_addr, idx, access)?;
+    let Some((space, w)) = hub.lookup_window(mr_addr, idx, access) else {
+        // A window resolved in an older target view may have become
+        // direct since (RAM mapped where MMIO was).
+        hub.refresh_stale_window(mr_addr, idx);
+        return None;
+    };
     let (view, view_seq) = space.view_guard_seq()?;
     if view_seq != w.view_seq {
         drop(view);
@@ -2021,5 +2049,157 @@ pub mod vm_memory_adapter {
                 reason: "the mapping changed during translation".into(),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The warm paths' cached state against changes of the target (run
+    //! under Miri: a hit that read RAM freed from the target view, or raced
+    //! a publish, is reported there).
+
+    use super::*;
+    use crate::Memory;
+
+    const A: MemTxAttrs = MemTxAttrs::UNSPECIFIED;
+
+    /// Identity translation into a target space, 4 KiB pages.
+    struct Identity(WeakAddressSpace);
+
+    impl Iommu for Identity {
+        fn translate(&self, addr: u64, _access: IommuPerm, _idx: u32) -> IotlbEntry {
+            IotlbEntry {
+                target: self.0.upgrade(),
+                iova: addr & !0xfff,
+                translated_addr: addr & !0xfff,
+                addr_mask: 0xfff,
+                perm: IommuPerm::ReadWrite,
+            }
+        }
+    }
+
+    /// (memory, system root, system space, DMA space through an identity
+    /// IOMMU into it, its hub).
+    fn setup() -> (
+        Memory,
+        crate::RegionId,
+        AddressSpace,
+        AddressSpace,
+        Arc<IommuHub>,
+    ) {
+        let memory = Memory::new();
+        let root = memory.new_container("memory", 1 << 32, None).unwrap();
+        let id = memory.new_address_space("memory", root, None).unwrap();
+        let sys = memory.address_space(id).unwrap();
+        let hub = IommuHub::new();
+        let iommu = memory
+            .new_iommu(
+                "dmar",
+                1 << 32,
+                Arc::new(Identity(sys.downgrade())),
+                hub.clone(),
+                None,
+            )
+            .unwrap();
+        let id = memory.new_address_space("dev", iommu, None).unwrap();
+        let dma = memory.address_space(id).unwrap();
+        (memory, root, sys, dma, hub)
+    }
+
+    /// Rule: the hub slot's window and a cursor's window never reach RAM
+    /// that left the target's view (here destroyed, so freed): the next
+    /// access after the change sees the RAM that replaced it.
+    #[test]
+    fn warm_windows_never_reach_ram_freed_from_the_target() {
+        let (memory, root, sys, dma, _hub) = setup();
+        let old = memory.new_ram("old", 0x1000, None).unwrap();
+        memory.add_subregion(root, 0x1000, old).unwrap();
+        sys.store::<u32>(0x1010, 1, Endian::Little, A)
+            .into_result()
+            .unwrap();
+        let mut cur = dma.cursor();
+        for _ in 0..2 {
+            assert_eq!(dma.load::<u32>(0x1010, Endian::Little, A).0, 1);
+            assert_eq!(cur.load::<u32>(0x1010, Endian::Little, A).0, 1);
+        }
+        memory.del_subregion(root, old).unwrap();
+        memory.destroy_region(old).unwrap();
+        assert_eq!(
+            dma.load::<u32>(0x1010, Endian::Little, A),
+            (0, MemTxResult::DECODE_ERROR)
+        );
+        assert_eq!(
+            cur.load::<u32>(0x1010, Endian::Little, A),
+            (0, MemTxResult::DECODE_ERROR)
+        );
+        let new = memory.new_ram("new", 0x1000, None).unwrap();
+        memory.add_subregion(root, 0x1000, new).unwrap();
+        sys.store::<u32>(0x1010, 2, Endian::Little, A)
+            .into_result()
+            .unwrap();
+        for _ in 0..2 {
+            assert_eq!(dma.load::<u32>(0x1010, Endian::Little, A).0, 2);
+            assert_eq!(cur.load::<u32>(0x1010, Endian::Little, A).0, 2);
+            assert!(dma.store::<u32>(0x1014, 3, Endian::Little, A).is_ok());
+            assert!(cur.store::<u32>(0x1018, 4, Endian::Little, A).is_ok());
+        }
+        assert_eq!(sys.load::<u32>(0x1014, Endian::Little, A).0, 3);
+        assert_eq!(sys.load::<u32>(0x1018, Endian::Little, A).0, 4);
+    }
+
+    /// Rule: warm hits racing target publishes and IOMMU invalidations on
+    /// another thread read only RAM the target maps when they start (no
+    /// data race, no freed memory: checked by Miri) and only values ever
+    /// stored there.
+    #[test]
+    fn warm_hits_race_target_changes_and_invalidations() {
+        let (memory, root, sys, dma, hub) = setup();
+        let first = memory.new_ram("first", 0x1000, None).unwrap();
+        memory.add_subregion(root, 0x1000, first).unwrap();
+        sys.store::<u32>(0x1010, 1, Endian::Little, A)
+            .into_result()
+            .unwrap();
+        let rounds = if cfg!(miri) { 3 } else { 50 };
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (dma, stop) = (dma.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut cur = dma.cursor();
+                let mut seen = 0u32;
+                while !stop.load(Ordering::Relaxed) || seen < 4 {
+                    for (v, r) in [
+                        dma.load::<u32>(0x1010, Endian::Little, A),
+                        cur.load::<u32>(0x1010, Endian::Little, A),
+                    ] {
+                        assert!(r.is_ok() && (1..=rounds + 1).contains(&v), "{v:#x} {r:?}");
+                    }
+                    seen += 1;
+                }
+            })
+        };
+        let mut current = first;
+        for round in 0..rounds {
+            // Filled while mapped elsewhere, then swapped in one commit.
+            let next = memory
+                .new_ram(&format!("ram{round}"), 0x1000, None)
+                .unwrap();
+            memory.add_subregion(root, 0x8000, next).unwrap();
+            sys.store::<u32>(0x8010, round + 2, Endian::Little, A)
+                .into_result()
+                .unwrap();
+            memory.transaction(|m| {
+                m.del_subregion(root, next).unwrap();
+                m.del_subregion(root, current).unwrap();
+                m.add_subregion(root, 0x1000, next).unwrap();
+            });
+            memory.destroy_region(current).unwrap();
+            if round % 2 == 0 {
+                hub.invalidate_cache();
+            }
+            current = next;
+        }
+        stop.store(true, Ordering::Relaxed);
+        reader.join().unwrap();
+        assert_eq!(dma.load::<u32>(0x1010, Endian::Little, A).0, rounds + 1);
     }
 }
