@@ -16,6 +16,9 @@
 //! * Views are reclaimed when the last reader drops its guard (arc-swap's
 //!   debt protocol): a reader never waits for the writer, and the writer never
 //!   waits for readers.
+//! * Each publish moves the handle's view sequence number from even to odd
+//!   and back (+2): an even number read on both sides of a view load names
+//!   the loaded view (what the IOTLB cache keys its target windows by).
 
 use std::fmt;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
