@@ -1211,3 +1211,116 @@ fn failed_translated_reads_return_zeros() {
         "failed translated reads hand back the caller's buffer contents"
     );
 }
+
+/// A single-context [`OffsetIommu`] (warm windows exist only for those).
+fn single_context(offset: u64, target: &AddressSpace) -> Arc<OffsetIommu> {
+    let d = Arc::new(OffsetIommu {
+        target: Mutex::new(None),
+        offset,
+        limit: u64::MAX,
+        perm: IommuPerm::ReadWrite,
+        refuse: NotifierFlags::NONE,
+        flag_log: Mutex::new(Vec::new()),
+        indexes: 1,
+    });
+    d.set_target(target);
+    d
+}
+
+/// Rule: a warm IOTLB window (the hub slot's, keyed by the target view it
+/// was resolved in, and a cursor's) never serves RAM its target no longer
+/// maps there: RAM laid over the translated page, then removed again, is
+/// seen at once by typed and buffer accesses, reads and writes, through
+/// the shared handle and a cursor.
+#[test]
+fn warm_window_follows_ram_replaced_in_the_target() {
+    let (memory, root, sys) = system();
+    let dev = single_context(0x40_0000, &sys);
+    let (dma, hub) = iommu_space(&memory, "dev", dev);
+    sys.store::<u32>(0x40_0010, 3, Endian::Little, A)
+        .into_result()
+        .unwrap();
+    let mut cur = dma.cursor();
+    for _ in 0..3 {
+        assert_eq!(dma.load::<u32>(0x10, Endian::Little, A).0, 3);
+        assert_eq!(cur.load::<u32>(0x10, Endian::Little, A).0, 3);
+    }
+    let misses = hub.cache_misses();
+    let overlay = memory.new_ram("overlay", 0x1000, None).unwrap();
+    memory
+        .add_subregion_overlap(root, 0x40_0000, overlay, 1)
+        .unwrap();
+    sys.store::<u32>(0x40_0010, 5, Endian::Little, A)
+        .into_result()
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(dma.load::<u32>(0x10, Endian::Little, A).0, 5);
+        assert_eq!(cur.load::<u32>(0x10, Endian::Little, A).0, 5);
+        let mut b = [0u8; 4];
+        assert!(dma.read(0x10, &mut b, A).is_ok());
+        assert_eq!(u32::from_le_bytes(b), 5);
+    }
+    assert!(dma.store::<u32>(0x14, 6, Endian::Little, A).is_ok());
+    assert!(cur.store::<u32>(0x18, 7, Endian::Little, A).is_ok());
+    assert!(dma.write(0x1c, &[8], A).is_ok());
+    // The translation itself never changed: the device was not asked again.
+    assert_eq!(hub.cache_misses(), misses);
+    memory.del_subregion(root, overlay).unwrap();
+    memory.destroy_region(overlay).unwrap();
+    for _ in 0..3 {
+        assert_eq!(dma.load::<u32>(0x10, Endian::Little, A).0, 3);
+        assert_eq!(cur.load::<u32>(0x10, Endian::Little, A).0, 3);
+        assert_eq!(dma.load::<u32>(0x14, Endian::Little, A).0, 0);
+        assert_eq!(cur.load::<u32>(0x18, Endian::Little, A).0, 0);
+    }
+}
+
+/// Rule: a cursor's warm window belongs to the cursor view it was resolved
+/// in: when its own view routes the address through another IOMMU, the
+/// next access translates through that one.
+#[test]
+fn cursor_window_follows_a_change_of_its_own_view() {
+    let (memory, _root, sys) = system();
+    sys.store::<u32>(0x10_0010, 0xaaaa, Endian::Little, A)
+        .into_result()
+        .unwrap();
+    sys.store::<u32>(0x20_0010, 0xbbbb, Endian::Little, A)
+        .into_result()
+        .unwrap();
+    let dev_root = memory.new_container("dev", 1 << 64, None).unwrap();
+    let first = memory
+        .new_iommu(
+            "first",
+            1 << 64,
+            single_context(0x10_0000, &sys),
+            IommuHub::new(),
+            None,
+        )
+        .unwrap();
+    memory.add_subregion_overlap(dev_root, 0, first, 0).unwrap();
+    let id = memory.new_address_space("dev", dev_root, None).unwrap();
+    let dma = memory.address_space(id).unwrap();
+    let mut cur = dma.cursor();
+    for _ in 0..3 {
+        assert_eq!(cur.load::<u32>(0x10, Endian::Little, A).0, 0xaaaa);
+        assert_eq!(dma.load::<u32>(0x10, Endian::Little, A).0, 0xaaaa);
+    }
+    let second = memory
+        .new_iommu(
+            "second",
+            1 << 64,
+            single_context(0x20_0000, &sys),
+            IommuHub::new(),
+            None,
+        )
+        .unwrap();
+    memory
+        .add_subregion_overlap(dev_root, 0, second, 1)
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(cur.load::<u32>(0x10, Endian::Little, A).0, 0xbbbb);
+        assert_eq!(dma.load::<u32>(0x10, Endian::Little, A).0, 0xbbbb);
+    }
+    memory.set_enabled(second, false).unwrap();
+    assert_eq!(cur.load::<u32>(0x10, Endian::Little, A).0, 0xaaaa);
+}

@@ -884,11 +884,11 @@ impl SpaceCursor {
                     addr,
                     crate::access::iommu::IommuPerm::Read,
                     attrs,
-                    |tr, ta, avail| {
+                    |_, _, host, avail| {
                         (avail >= size).then(|| {
-                            // SAFETY: `size` bytes from `ta` lie inside `tr`, a
+                            // SAFETY: `host` has `avail >= size` bytes of a
                             // range of the target view the cursor holds.
-                            let v = unsafe { T::load_from(tr.host_at(ta), order) };
+                            let v = unsafe { T::load_from(host, order) };
                             (v, MemTxResult::OK)
                         })
                     },
@@ -943,11 +943,12 @@ impl SpaceCursor {
                     addr,
                     crate::access::iommu::IommuPerm::Write,
                     attrs,
-                    |tr, ta, avail| {
+                    |tr, ta, host, avail| {
                         (avail >= size).then(|| {
-                            // SAFETY: `size` bytes from `ta` lie inside `tr`, a
-                            // range of the target view the cursor holds.
-                            unsafe { value.store_to(tr.host_at(ta), order) };
+                            // SAFETY: `host` (the host address of `ta`) has
+                            // `avail >= size` bytes of `tr`, a range of the
+                            // target view the cursor holds.
+                            unsafe { value.store_to(host, order) };
                             tr.mark_dirty(ta, size);
                             MemTxResult::OK
                         })

@@ -16,8 +16,12 @@
 //! * Views are reclaimed when the last reader drops its guard (arc-swap's
 //!   debt protocol): a reader never waits for the writer, and the writer never
 //!   waits for readers.
+//! * Each publish moves the handle's view sequence number from even to odd
+//!   and back (+2): an even number read on both sides of a view load names
+//!   the loaded view (what the IOTLB cache keys its target windows by).
 
 use std::fmt;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -44,11 +48,31 @@ pub(crate) struct SpaceShared {
     pub(crate) name: Box<str>,
     pub(crate) id: SpaceId,
     pub(crate) view: ArcSwap<FlatView>,
+    /// Sequence number of the published view: even while `view` is
+    /// stable, odd during a publish, +2 per publish, so an even number read
+    /// on both sides of a load of `view` names that view
+    /// ([`AddressSpace::view_guard_seq`]; the IOTLB cache keys what it
+    /// resolved in a target view by it).
+    pub(crate) view_seq: AtomicU64,
     pub(crate) machine: Arc<MachineData>,
     pub(crate) census_key: ObjectKey,
     /// Bytes of bounce buffer in use by outstanding DMA mappings, and the
     /// limit (QEMU's per-AS `max_bounce_buffer_size`, default 4096).
     pub(crate) bounce: crate::access::bounce::BounceState,
+}
+
+impl SpaceShared {
+    /// See [`AddressSpace::view_guard_seq`].
+    #[inline(always)]
+    pub(crate) fn view_guard_seq(&self) -> Option<(CurrentView, u64)> {
+        let before = self.view_seq.load(Ordering::Acquire);
+        let view = CurrentView(self.view.load());
+        // Order the view load before the second read (seqlock reader): a
+        // view stored by a later publish makes it differ.
+        fence(Ordering::Acquire);
+        (before & 1 == 0 && self.view_seq.load(Ordering::Relaxed) == before)
+            .then_some((view, before))
+    }
 }
 
 impl Drop for SpaceShared {
@@ -102,6 +126,7 @@ impl AddressSpace {
                 name: name.into(),
                 id,
                 view: ArcSwap::new(view),
+                view_seq: AtomicU64::new(0),
                 machine: machine.clone(),
                 census_key,
                 bounce: crate::access::bounce::BounceState::with_census(
@@ -140,9 +165,34 @@ impl AddressSpace {
         self.shared.machine.target_endian
     }
 
+    /// The current view and the sequence number it was published under,
+    /// or `None` while a publish is under way (see `SpaceShared::view_seq`).
+    #[inline(always)]
+    pub(crate) fn view_guard_seq(&self) -> Option<(CurrentView, u64)> {
+        self.shared.view_guard_seq()
+    }
+
     pub(crate) fn publish(&self, view: Arc<FlatView>) {
         let census = &self.shared.machine.census;
+        // Seqlock writer around the store (publishes of one space are
+        // serialized by the commit; the CAS keeps the count exact anyway).
+        let seq = &self.shared.view_seq;
+        let mut s = seq.load(Ordering::Relaxed);
+        loop {
+            if s & 1 != 0 {
+                std::hint::spin_loop();
+                s = seq.load(Ordering::Relaxed);
+                continue;
+            }
+            match seq.compare_exchange_weak(s, s + 1, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(now) => s = now,
+            }
+        }
+        // The odd count is visible before the new view (release).
+        fence(Ordering::Release);
         let old = self.shared.view.swap(view.clone());
+        seq.store(s + 2, Ordering::Release);
         if let Some(k) = old.census_key() {
             census.remove_edge(self.shared.census_key, k);
         }

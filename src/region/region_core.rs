@@ -121,8 +121,75 @@ pub enum Backing {
 /// target `AddressSpace`), a layer above the region core, so the core holds
 /// them type-erased; `access::iommu` alone fills it and reads it back
 /// ([`RegionCore::iommu_device`], [`RegionCore::iommu_hub`]).
+///
+/// It remembers the concrete types' `TypeId`s next to the pointers, so
+/// that reading them back on the access path is one comparison of
+/// constants, not a virtual `type_id` call; and it holds one part a second
+/// time (`hot`: what every access reads, the notifier hub with its IOTLB
+/// cache) so that it is one pointer away from the region core.
 #[derive(Clone)]
-pub struct IommuBacking(pub(crate) Arc<dyn std::any::Any + Send + Sync>);
+pub struct IommuBacking {
+    /// Invariant: the pointee's concrete type is the one `parts_type` names
+    /// (both are set together by [`IommuBacking::new`] and never changed).
+    parts: Arc<dyn std::any::Any + Send + Sync>,
+    parts_type: std::any::TypeId,
+    /// Invariant: as `parts`, with `hot_type`. Read through `hot_ptr`;
+    /// held for it.
+    _hot: Arc<dyn std::any::Any + Send + Sync>,
+    hot_type: std::any::TypeId,
+    /// `_hot`'s data pointer, read without the vtable (where a `dyn`
+    /// pointee's offset in its `Arc` comes from).
+    hot_ptr: std::ptr::NonNull<()>,
+}
+
+// SAFETY: `hot_ptr` points to `_hot`'s pointee, which is `Send + Sync` and
+// kept alive by `_hot`; the other fields are `Send + Sync`.
+unsafe impl Send for IommuBacking {}
+// SAFETY: as above.
+unsafe impl Sync for IommuBacking {}
+
+impl IommuBacking {
+    /// Type-erases `parts` and `hot` (a part of them, for the hot path).
+    pub(crate) fn new<T, H>(parts: Arc<T>, hot: Arc<H>) -> IommuBacking
+    where
+        T: std::any::Any + Send + Sync,
+        H: std::any::Any + Send + Sync,
+    {
+        IommuBacking {
+            parts,
+            parts_type: std::any::TypeId::of::<T>(),
+            hot_ptr: std::ptr::NonNull::from(&*hot).cast(),
+            _hot: hot,
+            hot_type: std::any::TypeId::of::<H>(),
+        }
+    }
+
+    /// The parts, if they are a `T`.
+    #[inline]
+    pub(crate) fn parts<T: std::any::Any>(&self) -> Option<&T> {
+        if self.parts_type != std::any::TypeId::of::<T>() {
+            return None;
+        }
+        // SAFETY: `parts_type` is the `TypeId` of the concrete type behind
+        // `parts` (the struct's invariant: both private, set together from
+        // the same `T` in `new`), so the data pointer points to a live `T`,
+        // borrowed for as long as `self` holds the `Arc`.
+        Some(unsafe { &*Arc::as_ptr(&self.parts).cast::<T>() })
+    }
+
+    /// The hot part, if it is an `H`.
+    #[inline]
+    pub(crate) fn hot<H: std::any::Any>(&self) -> Option<&H> {
+        if self.hot_type != std::any::TypeId::of::<H>() {
+            return None;
+        }
+        // SAFETY: `hot_ptr` is the data pointer of `_hot`, whose concrete
+        // type `hot_type` names (set together from the same `H` in `new`,
+        // private, never changed): it points to a live `H`, borrowed for as
+        // long as `self` holds `_hot`.
+        Some(unsafe { self.hot_ptr.cast::<H>().as_ref() })
+    }
+}
 
 impl fmt::Debug for IommuBacking {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
