@@ -65,6 +65,7 @@
 //!   memtree held: a notifier may register or unregister notifiers and a
 //!   device may notify from `translate`'s caller's thread.
 
+use crate::lifecycle::census::Census;
 use std::cell::Cell;
 use std::fmt;
 use std::sync::atomic::{fence, AtomicPtr, AtomicU64, AtomicU8, Ordering};
@@ -594,6 +595,9 @@ pub struct IommuHub {
     device: OnceLock<Weak<dyn Iommu>>,
     /// The region's size, set with the device (bounds the default replay).
     region_size: OnceLock<u128>,
+    /// The census key of the region the hub serves (the holder of the
+    /// target spaces in `targets`), and its machine's census.
+    region_key: OnceLock<(crate::lifecycle::census::ObjectKey, Arc<Census>)>,
     notifiers: Mutex<Vec<(NotifierId, IommuNotifier, Arc<DeliveryGate>)>>,
     /// Held across a (un)registration's flag computation, the device's
     /// `notify_flag_changed` and the list update, so that the device hears
@@ -636,6 +640,7 @@ impl IommuHub {
         Arc::new(IommuHub {
             device: OnceLock::new(),
             region_size: OnceLock::new(),
+            region_key: OnceLock::new(),
             notifiers: Mutex::new(Vec::new()),
             registration: parking_lot::ReentrantMutex::new(Cell::new(false)),
             next_id: AtomicU64::new(1),
@@ -651,11 +656,17 @@ impl IommuHub {
         self.device.get().is_some()
     }
 
-    pub(crate) fn attach(&self, device: Weak<dyn Iommu>, region_size: u128) {
+    pub(crate) fn attach(
+        &self,
+        device: Weak<dyn Iommu>,
+        region_size: u128,
+        region_key: (crate::lifecycle::census::ObjectKey, Arc<Census>),
+    ) {
         // A second attach can only come from a racing `new_iommu` with the
         // same hub; the first region keeps the hub.
         if self.device.set(device).is_ok() {
             let _ = self.region_size.set(region_size);
+            let _ = self.region_key.set(region_key);
         }
     }
 
@@ -1019,9 +1030,28 @@ impl IommuHub {
 
     /// The index of `space` in the target table, appending it if there is
     /// room.
+    ///
+    /// The table holds the space for the hub's life: the census records
+    /// that the IOMMU region holds it, so a target space destroyed while
+    /// the IOMMU lives is explained ("held by region ...") rather than
+    /// blamed on user code. (A destroyed space shows the empty view, so
+    /// what stays is its handle state, never its RAM.)
     fn target_index(&self, space: &AddressSpace) -> Option<usize> {
         for (i, t) in self.targets.iter().enumerate() {
-            let cur = t.get_or_init(|| space.clone());
+            let mut installed = false;
+            let cur = t.get_or_init(|| {
+                installed = true;
+                space.clone()
+            });
+            if installed {
+                // A target in another machine has its own census.
+                match self.region_key.get() {
+                    Some((holder, census)) if Arc::ptr_eq(census, &space.shared.machine.census) => {
+                        census.add_edge(*holder, space.census_key());
+                    }
+                    _ => {}
+                }
+            }
             if Arc::ptr_eq(&cur.shared, &space.shared) {
                 return Some(i);
             }

@@ -1088,7 +1088,8 @@ impl Machine {
             owner,
             None,
         )?;
-        hub.attach(weak, size);
+        let region_key = self.read(|t| t.get(id).map(|n| n.core.census_key()))?;
+        hub.attach(weak, size, (region_key, self.census().clone()));
         Ok(id)
     }
 
