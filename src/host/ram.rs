@@ -1262,6 +1262,11 @@ mod tests {
                         assert!(w.iter().all(|&b| b <= 2), "{w:?}");
                         assert!(ram.load::<2>(7).unwrap().iter().all(|&b| b <= 2));
                         ram.slice(0, 64).unwrap().write(10, &[t; 3]).unwrap();
+                        // Copies long enough for the wide (AVX) path.
+                        let mut wide = [0u8; 45];
+                        ram.write(1 + i % 7, &[t; 50]).unwrap();
+                        ram.read(2, &mut wide).unwrap();
+                        assert!(wide.iter().all(|&b| b <= 2), "{wide:?}");
                     }
                 });
             }
