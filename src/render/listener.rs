@@ -804,6 +804,9 @@ impl LogChanges {
 
     /// The old own mask of `region`, if the commit changed it.
     fn old_of(&self, region: RegionId) -> Option<u8> {
+        if self.old.is_empty() {
+            return None;
+        }
         self.old
             .binary_search_by_key(&region, |&(r, _)| r)
             .ok()
@@ -814,13 +817,28 @@ impl LogChanges {
         !self.old.is_empty() && self.old_of(fr.region.id()).is_some()
     }
 
-    /// The mask listeners were last told for `fr` (a range of the view
-    /// the commit replaces or keeps).
-    fn told(&self, fr: &FlatRange) -> u8 {
-        match self.old_of(fr.region.id()) {
-            Some(own) => own | fr.global_log_mask(),
-            None => fr.dirty_log_mask(),
+    /// For a range kept from `a` (old view) to `b` (new view): the mask
+    /// listeners were last told and the mask now, or `None` when they
+    /// cannot differ. Reads nothing behind the ranges (their region cores)
+    /// unless a mask changed: a walk over many shared ranges touches only
+    /// the leaves' arrays.
+    fn kept_masks(&self, a: &FlatRange, b: &FlatRange) -> Option<(u8, u8)> {
+        let changed = if self.old.is_empty() {
+            None
+        } else {
+            self.old_of(a.region.id())
+        };
+        if changed.is_none() && std::ptr::eq(a, b) {
+            // A range shared by both views: nothing about it can differ
+            // (and the walk does not even read it).
+            return None;
         }
+        let (ga, gb) = (a.global_log_mask(), b.global_log_mask());
+        if changed.is_none() && ga == gb {
+            return None;
+        }
+        let own = b.region.dirty_log_mask();
+        Some((changed.unwrap_or(own) | ga, own | gb))
     }
 
     /// Positions (ascending) of the ranges of `view` whose region's mask
@@ -923,7 +941,9 @@ impl SpaceCtx<'_> {
     fn kept(&self, a: &FlatRange, b: &FlatRange, old: &Arc<FlatView>) {
         let s = self.section(b, old);
         self.nop(&s);
-        self.log_change(&s, self.log_changes.told(a), b.dirty_log_mask());
+        if let Some((om, nm)) = self.log_changes.kept_masks(a, b) {
+            self.log_change(&s, om, nm);
+        }
     }
 }
 
@@ -964,38 +984,56 @@ pub(crate) fn diff_spliced_and_notify(
     // Pass 2, forward in address order: the shared ranges before each
     // span, then the span's own walk. A shared range is its own old range
     // (the same `FlatRange`, shared by both views).
-    let shared =
-        |from: usize, to: usize, logged: &mut std::iter::Peekable<std::vec::IntoIter<usize>>| {
-            if cx.any_nop() {
-                for b in (from..to).filter_map(|i| new.range(i)) {
-                    cx.kept(b, b, old);
-                }
-                while logged.next_if(|&p| p < to).is_some() {}
+    if cx.any_nop() {
+        // Every shared range, walked in order through the leaves (with no
+        // mask change, a nop is all a shared range can get).
+        let masks = !cx.log_changes.is_empty();
+        let shared = |b: &FlatRange| {
+            if masks {
+                cx.kept(b, b, old);
             } else {
-                while let Some(p) = logged.next_if(|&p| p < to) {
-                    if p >= from {
-                        if let Some(b) = new.range(p) {
-                            cx.kept(b, b, old);
-                        }
-                    }
-                }
+                cx.nop(&cx.section(b, old));
             }
         };
-    // Positions in `new` of the ranges whose region's mask changed (empty
-    // when no mask changed: nothing is looked up).
-    let mut logged = cx
-        .log_changes
-        .positions_in(new, false)
-        .into_iter()
-        .peekable();
-    let mut pos = 0usize;
-    for (o, n) in &spans.spans {
-        shared(pos, n.start, &mut logged);
-        nops_and_additions(cx, old, &part(old, o), &part(new, n));
-        while logged.next_if(|&p| p < n.end).is_some() {}
-        pos = n.end;
+        let mut ranges = new.iter();
+        let mut pos = 0usize;
+        for (o, n) in &spans.spans {
+            while pos < n.start {
+                let Some(b) = ranges.next() else { break };
+                shared(b);
+                pos += 1;
+            }
+            nops_and_additions(cx, old, &part(old, o), &part(new, n));
+            for _ in n.clone() {
+                ranges.next();
+            }
+            pos = n.end;
+        }
+        for b in ranges {
+            shared(b);
+        }
+    } else {
+        // Only the shared ranges whose mask changed (their positions in
+        // `new`; none looked up when no mask changed); the others are not
+        // visited.
+        let mut logged = cx
+            .log_changes
+            .positions_in(new, false)
+            .into_iter()
+            .peekable();
+        for (o, n) in &spans.spans {
+            while let Some(p) = logged.next_if(|&p| p < n.start) {
+                if let Some(b) = new.range(p) {
+                    cx.kept(b, b, old);
+                }
+            }
+            nops_and_additions(cx, old, &part(old, o), &part(new, n));
+            while logged.next_if(|&p| p < n.end).is_some() {}
+        }
+        for b in logged.filter_map(|p| new.range(p)) {
+            cx.kept(b, b, old);
+        }
     }
-    shared(pos, new.len(), &mut logged);
 }
 
 /// A commit that left the space's view as it was but changed the own

@@ -1228,8 +1228,8 @@ impl FlatView {
         let from = self
             .lookup_index(start)
             .unwrap_or_else(|| self.count_below(start));
-        (from..self.len())
-            .map_while(move |i| self.range(i))
+        self.tree
+            .iter_from(from)
             .take_while(move |r| r.start <= last)
     }
 
@@ -1477,6 +1477,16 @@ mod tests {
             assert_eq!(view.lookup_index(a), want, "{a:#x}");
             assert_eq!(view.lookup(a).map(|r| r.start), want.map(|j| expect[j]));
             assert_eq!(view.count_below(a), expect.partition_point(|&s| s < a));
+            // The ranges overlapping a window, by lookup, are those a scan
+            // finds.
+            let last = a.saturating_add(rng.below(16 * 100));
+            let got: Vec<u64> = view.ranges_in(a, last).map(|r| r.start).collect();
+            let scan: Vec<u64> = expect
+                .iter()
+                .copied()
+                .filter(|&s| s <= last && a <= s + 15)
+                .collect();
+            assert_eq!(got, scan, "[{a:#x}, {last:#x}]");
         }
     }
 
