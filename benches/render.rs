@@ -27,6 +27,9 @@
 //! * `commit_listener/N`: `commit/N` with a (no-op) listener on the space:
 //!   adds the listener diff, which comes from the splice (the listener does
 //!   not ask for `region_nop`, so unchanged ranges are not visited).
+//! * `commit_log/N`: a dirty-log mask toggled on a frame buffer the view
+//!   shows, with that listener: renders nothing, tells the listener
+//!   `log_start` / `log_stop` for the frame buffer's ranges.
 //! * `commit_listener_nops/N`: the same with a listener that asks for
 //!   QEMU's `region_nop` for every unchanged range (a callback per range:
 //!   what still grows with the map, for the listeners that want it).
@@ -64,6 +67,9 @@ pub struct Machine {
     pub reached: RegionId,
     /// A region no view reaches.
     pub unreached: RegionId,
+    /// A frame buffer the system view shows (sometimes through an alias
+    /// too): what `commit_log/N` tracks.
+    pub tracked: RegionId,
     pub regions: usize,
 }
 
@@ -131,6 +137,7 @@ pub fn machine(n: usize) -> Machine {
     let mut bridges = 0usize;
     let mut next_top = 0x100_0000_0000u64;
     let mut reached = None;
+    let mut tracked = None;
     let mut low_windows = 0u64;
     while count < n {
         bridges += 1;
@@ -202,6 +209,7 @@ pub fn machine(n: usize) -> Machine {
                 let vram = made!(m
                     .new_model_region(&format!("{name}-vram"), RegionKind::Ram, 0x8000, None)
                     .unwrap());
+                tracked.get_or_insert(vram);
                 // Over the second half of the BAR, at a higher priority.
                 m.add_subregion_overlap(bridge, bar_at + 0x2000, vram, 1)
                     .unwrap();
@@ -227,6 +235,7 @@ pub fn machine(n: usize) -> Machine {
         space,
         reached: reached.unwrap_or(below),
         unreached,
+        tracked: tracked.or(reached).unwrap_or(below),
         regions,
     }
 }
@@ -302,7 +311,7 @@ fn bench(c: &mut Criterion) {
         ("commit_listener", Arc::new(Quiet)),
         ("commit_listener_nops", Arc::new(Nops)),
     ];
-    for (group, listener) in listeners {
+    for (group, listener) in listeners.clone() {
         let mut g = c.benchmark_group(group);
         for (n, mach) in &machines {
             let id = mach
@@ -320,6 +329,28 @@ fn bench(c: &mut Criterion) {
         }
         g.finish();
     }
+    // A dirty-log mask toggled on a frame buffer, with the listener that
+    // does not ask for nops: no render, no view published, `log_start` /
+    // `log_stop` for the frame buffer's ranges only.
+    let mut g = c.benchmark_group("commit_log");
+    for (n, mach) in &machines {
+        let id = mach
+            .memory
+            .register_listener(mach.space, listeners[0].1.clone())
+            .unwrap();
+        let mut on = false;
+        g.bench_with_input(BenchmarkId::from_parameter(n), mach, |b, mach| {
+            b.iter(|| {
+                on = !on;
+                mach.memory
+                    .set_dirty_log_mask(mach.tracked, u8::from(on))
+                    .unwrap();
+            })
+        });
+        mach.memory.set_dirty_log_mask(mach.tracked, 0).unwrap();
+        mach.memory.unregister_listener(id).unwrap();
+    }
+    g.finish();
 }
 
 /// Peak resident set of the process (Linux `VmHWM`), in MiB.
