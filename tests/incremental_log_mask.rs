@@ -247,6 +247,21 @@ fn log_mask_only_commit_publishes_no_view_and_tells_only_the_spaces_showing_the_
     });
     assert!(take(&v.quiet).is_empty());
     assert!(take(&v.nops).is_empty());
+    // set_log on the alias counts on the region it shows (QEMU forwards
+    // it): every range of vram hears it, the direct one too.
+    let lo = v.memory.find_region("vga-lo").unwrap();
+    v.memory.set_log(lo, DirtyClient::CODE, true).unwrap();
+    assert_eq!(
+        take(&v.quiet),
+        [
+            "begin",
+            "log_start mem a0000-a3fff vram@0 0->2 (range says 2)",
+            "log_start mem 100000-10ffff vram@0 0->2 (range says 2)",
+            "commit",
+        ]
+    );
+    let last = v.memory.address_space(v.mem).unwrap().view();
+    assert!(Arc::ptr_eq(&before.0, &last), "a view was rendered");
     v.memory.check_views_against_full_render().unwrap();
 }
 
