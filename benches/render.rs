@@ -25,8 +25,14 @@
 //!   region): memtree keeps every cached view whose reached regions are
 //!   clean, where QEMU would re-render every view.
 //! * `commit_listener/N`: `commit/N` with a (no-op) listener on the space:
-//!   adds the listener diff, which comes from the splice, and QEMU's
-//!   `region_nop` for every unchanged range.
+//!   adds the listener diff, which comes from the splice (the listener does
+//!   not ask for `region_nop`, so unchanged ranges are not visited).
+//! * `commit_log/N`: a dirty-log mask toggled on a frame buffer the view
+//!   shows, with that listener: renders nothing, tells the listener
+//!   `log_start` / `log_stop` for the frame buffer's ranges.
+//! * `commit_listener_nops/N`: the same with a listener that asks for
+//!   QEMU's `region_nop` for every unchanged range (a callback per range:
+//!   what still grows with the map, for the listeners that want it).
 //!
 //! `cargo bench --bench render -- --warm-up-time 1 --measurement-time 3`
 
@@ -61,6 +67,9 @@ pub struct Machine {
     pub reached: RegionId,
     /// A region no view reaches.
     pub unreached: RegionId,
+    /// A frame buffer the system view shows (sometimes through an alias
+    /// too): what `commit_log/N` tracks.
+    pub tracked: RegionId,
     pub regions: usize,
 }
 
@@ -128,6 +137,7 @@ pub fn machine(n: usize) -> Machine {
     let mut bridges = 0usize;
     let mut next_top = 0x100_0000_0000u64;
     let mut reached = None;
+    let mut tracked = None;
     let mut low_windows = 0u64;
     while count < n {
         bridges += 1;
@@ -199,6 +209,7 @@ pub fn machine(n: usize) -> Machine {
                 let vram = made!(m
                     .new_model_region(&format!("{name}-vram"), RegionKind::Ram, 0x8000, None)
                     .unwrap());
+                tracked.get_or_insert(vram);
                 // Over the second half of the BAR, at a higher priority.
                 m.add_subregion_overlap(bridge, bar_at + 0x2000, vram, 1)
                     .unwrap();
@@ -224,6 +235,7 @@ pub fn machine(n: usize) -> Machine {
         space,
         reached: reached.unwrap_or(below),
         unreached,
+        tracked: tracked.or(reached).unwrap_or(below),
         regions,
     }
 }
@@ -232,13 +244,7 @@ fn bench(c: &mut Criterion) {
     let sizes = [100usize, 1_000, 10_000, 100_000];
     let machines: Vec<(usize, Machine)> = sizes.iter().map(|&n| (n, machine(n))).collect();
     for (n, mach) in &machines {
-        let ranges = mach
-            .memory
-            .address_space(mach.space)
-            .unwrap()
-            .view()
-            .ranges()
-            .len();
+        let ranges = mach.memory.address_space(mach.space).unwrap().view().len();
         eprintln!(
             "machine {n}: {} regions, {ranges} flat ranges",
             mach.regions
@@ -289,24 +295,59 @@ fn bench(c: &mut Criterion) {
     }
     g.finish();
     // The toggle with a listener on the space: the diff comes from the
-    // splice (deletions and additions of the toggled extent), plus QEMU's
-    // `region_nop` for every other range (a callback per range, the part
-    // that still grows with the map).
+    // splice (deletions and additions of the toggled extent). `Quiet` does
+    // not ask for `region_nop`, so no unchanged range is visited; `Nops`
+    // asks for QEMU's nop per unchanged range (the part that grows with
+    // the map, for the listeners that want it).
+    struct Quiet;
+    impl memtree::MemoryListener for Quiet {}
     struct Nops;
-    impl memtree::MemoryListener for Nops {}
-    let mut g = c.benchmark_group("commit_listener");
+    impl memtree::MemoryListener for Nops {
+        fn wants_region_nop(&self) -> bool {
+            true
+        }
+    }
+    let listeners: [(&str, Arc<dyn memtree::MemoryListener>); 2] = [
+        ("commit_listener", Arc::new(Quiet)),
+        ("commit_listener_nops", Arc::new(Nops)),
+    ];
+    for (group, listener) in listeners.clone() {
+        let mut g = c.benchmark_group(group);
+        for (n, mach) in &machines {
+            let id = mach
+                .memory
+                .register_listener(mach.space, listener.clone())
+                .unwrap();
+            let mut on = true;
+            g.bench_with_input(BenchmarkId::from_parameter(n), mach, |b, mach| {
+                b.iter(|| {
+                    on = !on;
+                    mach.memory.set_enabled(mach.reached, on).unwrap();
+                })
+            });
+            mach.memory.unregister_listener(id).unwrap();
+        }
+        g.finish();
+    }
+    // A dirty-log mask toggled on a frame buffer, with the listener that
+    // does not ask for nops: no render, no view published, `log_start` /
+    // `log_stop` for the frame buffer's ranges only.
+    let mut g = c.benchmark_group("commit_log");
     for (n, mach) in &machines {
         let id = mach
             .memory
-            .register_listener(mach.space, Arc::new(Nops))
+            .register_listener(mach.space, listeners[0].1.clone())
             .unwrap();
-        let mut on = true;
+        let mut on = false;
         g.bench_with_input(BenchmarkId::from_parameter(n), mach, |b, mach| {
             b.iter(|| {
                 on = !on;
-                mach.memory.set_enabled(mach.reached, on).unwrap();
+                mach.memory
+                    .set_dirty_log_mask(mach.tracked, u8::from(on))
+                    .unwrap();
             })
         });
+        mach.memory.set_dirty_log_mask(mach.tracked, 0).unwrap();
         mach.memory.unregister_listener(id).unwrap();
     }
     g.finish();

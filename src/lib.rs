@@ -20,7 +20,7 @@
 //! memory.add_subregion(system, 0, ram).unwrap();
 //! let space = memory.new_address_space("memory", system, None).unwrap();
 //! let handle = memory.address_space(space).unwrap();
-//! assert_eq!(handle.view().ranges().len(), 1);
+//! assert_eq!(handle.view().len(), 1);
 //!
 //! use memtree::{Endian, MemTxAttrs};
 //! let attrs = MemTxAttrs::UNSPECIFIED;

@@ -245,7 +245,7 @@ pub fn ram_layout(machine: &Machine, space: SpaceId) -> Result<Vec<RamRegion>> {
     let view = machine.address_space(space)?.view();
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
-    for r in view.ranges() {
+    for r in view.iter() {
         let core = r.region();
         if core.kind() != RegionKind::Ram || !seen.insert(core.id()) {
             continue;
@@ -1307,10 +1307,8 @@ pub fn receive_with<R: Read>(
             // RAM as dirty): the whole region, for every client tracking
             // it and every client tracking its block.
             let mask = view
-                .ranges()
-                .iter()
-                .filter(|x| x.region().id() == r.region)
-                .fold(0u8, |m, x| m | x.attrs().dirty_log_mask);
+                .ranges_of(r.region)
+                .fold(0u8, |m, x| m | x.dirty_log_mask());
             let log = r.backend.block().dirty_log();
             log.mark(mask, r.offset, r.size);
             log.mark_live(r.offset, r.size);

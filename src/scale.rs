@@ -387,7 +387,7 @@ pub fn run_demo(out: &mut impl std::fmt::Write) -> Result<crate::LeakReport, Str
         machine.commits,
         memory.region_count(),
         memory.address_spaces().len(),
-        view.ranges().len(),
+        view.len(),
         machine.notifiers.len()
     )
     .map_err(w)?;

@@ -10,65 +10,73 @@
 use std::sync::{Arc, Mutex};
 
 use memtree::{
-    EventNotifier, EventfdSection, Memory, MemoryListener, RegionId, Section, UnimplementedDevice,
+    DirtyClient, EventNotifier, EventfdSection, Memory, MemoryListener, RegionId, Section,
+    UnimplementedDevice,
 };
 
 type Log = Arc<Mutex<Vec<String>>>;
 
-struct Recorder(Log);
+/// Records every callback into a log; `nops` says whether it asks for
+/// `region_nop` (QEMU's contract) and tags its lines ("n:" if it does).
+struct Recorder(Log, bool);
+
+impl Recorder {
+    fn quiet(log: Log) -> Recorder {
+        Recorder(log, false)
+    }
+    fn with_nops(log: Log) -> Recorder {
+        Recorder(log, true)
+    }
+    fn push(&self, line: String) {
+        let tag = if self.1 { "n:" } else { "" };
+        self.0.lock().unwrap().push(format!("{tag}{line}"));
+    }
+}
 
 fn sec(s: &Section<'_>) -> String {
     let r = s.range;
     format!(
-        "{} {:x}-{:x} {}@{:x} {:?}",
+        "{} {:x}-{:x} {}@{:x} {:?} mask {}",
         s.space_name,
         r.start(),
         r.last(),
         r.region().name(),
         r.offset_in_region(),
-        r.attrs()
+        r.attrs(),
+        r.dirty_log_mask()
     )
 }
 
 impl MemoryListener for Recorder {
+    fn wants_region_nop(&self) -> bool {
+        self.1
+    }
     fn begin(&self) {
-        self.0.lock().unwrap().push("begin".into());
+        self.push("begin".into());
     }
     fn commit(&self) {
-        self.0.lock().unwrap().push("commit".into());
+        self.push("commit".into());
     }
     fn region_add(&self, s: &Section<'_>) {
-        self.0.lock().unwrap().push(format!("add {}", sec(s)));
+        self.push(format!("add {}", sec(s)));
     }
     fn region_del(&self, s: &Section<'_>) {
-        self.0.lock().unwrap().push(format!("del {}", sec(s)));
+        self.push(format!("del {}", sec(s)));
     }
     fn region_nop(&self, s: &Section<'_>) {
-        self.0.lock().unwrap().push(format!("nop {}", sec(s)));
+        self.push(format!("nop {}", sec(s)));
     }
     fn log_start(&self, s: &Section<'_>, old: u8, new: u8) {
-        self.0
-            .lock()
-            .unwrap()
-            .push(format!("log_start {} {old}->{new}", sec(s)));
+        self.push(format!("log_start {} {old}->{new}", sec(s)));
     }
     fn eventfd_add(&self, s: &EventfdSection<'_>) {
-        self.0
-            .lock()
-            .unwrap()
-            .push(format!("eventfd_add {} {:x}", s.space_name, s.addr));
+        self.push(format!("eventfd_add {} {:x}", s.space_name, s.addr));
     }
     fn eventfd_del(&self, s: &EventfdSection<'_>) {
-        self.0
-            .lock()
-            .unwrap()
-            .push(format!("eventfd_del {} {:x}", s.space_name, s.addr));
+        self.push(format!("eventfd_del {} {:x}", s.space_name, s.addr));
     }
     fn log_stop(&self, s: &Section<'_>, old: u8, new: u8) {
-        self.0
-            .lock()
-            .unwrap()
-            .push(format!("log_stop {} {old}->{new}", sec(s)));
+        self.push(format!("log_stop {} {old}->{new}", sec(s)));
     }
 }
 
@@ -130,6 +138,10 @@ enum Op {
     Size(usize, u64),
     AliasOffset(usize, u64),
     LogMask(usize, u8),
+    /// `set_log` of a per-region client (counted, through aliases).
+    SetLog(usize, u8, bool),
+    /// Global dirty tracking started or stopped (re-renders every view).
+    Global(bool),
     /// Adds (or deletes) ioeventfd `n` at `offset` of a region.
     Eventfd {
         r: usize,
@@ -139,7 +151,10 @@ enum Op {
     },
 }
 
-fn build(seed: u64, incremental: bool) -> World {
+/// `kicks` are shared by both machines: QEMU orders ioeventfds at one
+/// address by notifier identity, so the two machines' callbacks compare
+/// equal only with the same notifiers.
+fn build(seed: u64, incremental: bool, kicks: &[Arc<EventNotifier>]) -> World {
     let mut rng = Rng(seed | 1);
     let memory = Memory::new();
     memory.set_incremental_render(incremental);
@@ -193,14 +208,22 @@ fn build(seed: u64, incremental: bool) -> World {
     }
     let log: Log = Arc::default();
     let space = memory.new_address_space("root-as", root, None).unwrap();
+    // On each space a listener that asks for nops and one that does not
+    // (their callbacks differ only by the nops).
     memory
-        .register_listener(space, Arc::new(Recorder(log.clone())))
+        .register_listener(space, Arc::new(Recorder::with_nops(log.clone())))
+        .unwrap();
+    memory
+        .register_listener(space, Arc::new(Recorder::quiet(log.clone())))
         .unwrap();
     // A second space rooted somewhere inside (often its own physical root).
     let inner = regions[1 + rng.below(regions.len() - 1)];
     let s2 = memory.new_address_space("inner-as", inner, None).unwrap();
     memory
-        .register_listener(s2, Arc::new(Recorder(log.clone())))
+        .register_listener(s2, Arc::new(Recorder::with_nops(log.clone())))
+        .unwrap();
+    memory
+        .register_listener(s2, Arc::new(Recorder::quiet(log.clone())))
         .unwrap();
     World {
         memory,
@@ -208,16 +231,16 @@ fn build(seed: u64, incremental: bool) -> World {
         containers,
         aliases,
         log,
-        kicks: (0..3)
-            .map(|q| EventNotifier::new(&format!("kick{q}")))
-            .collect(),
+        kicks: kicks.to_vec(),
     }
 }
 
 fn random_op(rng: &mut Rng, w: &World) -> Op {
     let n = w.regions.len();
     let r = 1 + rng.below(n - 1);
-    match rng.below(13) {
+    match rng.below(15) {
+        13 => Op::SetLog(r, rng.below(2) as u8, rng.chance(60)),
+        14 => Op::Global(rng.chance(50)),
         11 | 12 => Op::Eventfd {
             r,
             offset: (rng.next() % 8) << 10,
@@ -273,6 +296,12 @@ fn apply(w: &World, op: &Op) -> bool {
         Op::Size(r, s) => m.set_size(id(r), u128::from(s)).is_ok(),
         Op::AliasOffset(r, o) => m.set_alias_offset(id(r), o).is_ok(),
         Op::LogMask(r, mask) => m.set_dirty_log_mask(id(r), mask).is_ok(),
+        Op::SetLog(r, client, on) => {
+            let client = [DirtyClient::VGA, DirtyClient::CODE][usize::from(client)];
+            m.set_log(id(r), client, on).is_ok()
+        }
+        Op::Global(true) => m.global_dirty_log_start().is_ok(),
+        Op::Global(false) => m.global_dirty_log_stop().is_ok(),
         Op::Eventfd { r, offset, n, add } => {
             let kick = &w.kicks[n];
             if add {
@@ -290,16 +319,16 @@ fn views(w: &World) -> Vec<String> {
         .into_iter()
         .flat_map(|(id, name)| {
             let view = w.memory.address_space(id).unwrap().view();
-            view.ranges()
-                .iter()
+            view.iter()
                 .map(|r| {
                     format!(
-                        "{name} {:x}-{:x} {}@{:x} {:?}",
+                        "{name} {:x}-{:x} {}@{:x} {:?} mask {}",
                         r.start(),
                         r.last(),
                         r.region().name(),
                         r.offset_in_region(),
-                        r.attrs()
+                        r.attrs(),
+                        r.dirty_log_mask()
                     )
                 })
                 .collect::<Vec<_>>()
@@ -308,8 +337,11 @@ fn views(w: &World) -> Vec<String> {
 }
 
 fn run_seed(seed: u64) {
-    let inc = build(seed, true);
-    let full = build(seed, false);
+    let kicks: Vec<Arc<EventNotifier>> = (0..3)
+        .map(|q| EventNotifier::new(&format!("kick{q}")))
+        .collect();
+    let inc = build(seed, true, &kicks);
+    let full = build(seed, false, &kicks);
     assert_eq!(views(&inc), views(&full), "seed {seed}: initial views");
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut history: Vec<Op> = Vec::new();
@@ -362,19 +394,36 @@ fn incremental_render_bar_toggle_reports_only_the_bar() {
         memory.add_subregion(root, i * 0x2000, bar).unwrap();
         bars.push(bar);
     }
-    let log: Log = Arc::default();
+    let (log, quiet): (Log, Log) = (Arc::default(), Arc::default());
     let space = memory.new_address_space("mem", root, None).unwrap();
     memory
-        .register_listener(space, Arc::new(Recorder(log.clone())))
+        .register_listener(space, Arc::new(Recorder::with_nops(log.clone())))
+        .unwrap();
+    memory
+        .register_listener(space, Arc::new(Recorder::quiet(quiet.clone())))
         .unwrap();
     log.lock().unwrap().clear();
+    quiet.lock().unwrap().clear();
     memory.set_enabled(bars[100], false).unwrap();
     memory.check_views_against_full_render().unwrap();
     let lines = std::mem::take(&mut *log.lock().unwrap());
-    let dels: Vec<&String> = lines.iter().filter(|l| l.starts_with("del ")).collect();
+    let dels: Vec<&String> = lines.iter().filter(|l| l.starts_with("n:del ")).collect();
     assert_eq!(dels.len(), 1, "{dels:?}");
     assert!(dels[0].contains("bar100"), "{dels:?}");
-    assert_eq!(lines.iter().filter(|l| l.starts_with("nop ")).count(), 255);
+    // The listener that asked for QEMU's nops gets one per unchanged range;
+    // the one that did not hears the change and nothing else.
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("n:nop ")).count(),
+        255
+    );
+    let quiet_lines = std::mem::take(&mut *quiet.lock().unwrap());
+    assert_eq!(quiet_lines.len(), 3, "{quiet_lines:?}");
+    assert_eq!(quiet_lines[0], "begin");
+    assert!(
+        quiet_lines[1].starts_with("del mem c8000-c8fff bar100@0"),
+        "{quiet_lines:?}"
+    );
+    assert_eq!(quiet_lines[2], "commit");
     memory.set_enabled(bars[100], true).unwrap();
     memory.check_views_against_full_render().unwrap();
     let view = memory.address_space(space).unwrap().view();
@@ -401,10 +450,10 @@ fn incremental_render_eventfd_only_commit_renders_nothing() {
     let mem_as = memory.new_address_space("mem", system, None).unwrap();
     let io_as = memory.new_address_space("ports", io, None).unwrap();
     memory
-        .register_listener(mem_as, Arc::new(Recorder(mem_log.clone())))
+        .register_listener(mem_as, Arc::new(Recorder::quiet(mem_log.clone())))
         .unwrap();
     memory
-        .register_listener(io_as, Arc::new(Recorder(io_log.clone())))
+        .register_listener(io_as, Arc::new(Recorder::quiet(io_log.clone())))
         .unwrap();
     mem_log.lock().unwrap().clear();
     io_log.lock().unwrap().clear();
@@ -478,7 +527,10 @@ fn incremental_render_large_map_splices_equal_full_render() {
             let space = memory.new_address_space("mem", root, None).unwrap();
             let log: Log = Arc::default();
             memory
-                .register_listener(space, Arc::new(Recorder(log.clone())))
+                .register_listener(space, Arc::new(Recorder::with_nops(log.clone())))
+                .unwrap();
+            memory
+                .register_listener(space, Arc::new(Recorder::quiet(log.clone())))
                 .unwrap();
             log.lock().unwrap().clear();
             (memory, regions, log, space)

@@ -73,6 +73,10 @@ impl MemoryListener for Recorder {
     fn region_del(&self, s: &Section<'_>) {
         self.push(format!("del {}", sec(s)));
     }
+    // QEMU's contract, asked for: a nop for every unchanged range.
+    fn wants_region_nop(&self) -> bool {
+        true
+    }
     fn region_nop(&self, s: &Section<'_>) {
         self.push(format!("nop {}", sec(s)));
     }

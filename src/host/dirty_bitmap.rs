@@ -12,19 +12,23 @@
 //! range's dirty-log mask is QEMU's `memory_region_get_dirty_log_mask`: the
 //! region's own clients, plus MIGRATION while global tracking runs when the
 //! region is RAM (all of memtree's RAM is migratable; RAM devices and ROM
-//! devices are not). The mask is frozen into the flat range at render; a
-//! change of either part re-renders, so listeners see it as
-//! `region_nop` + `log_start` / `log_stop` in QEMU's order.
+//! devices are not). The region's own clients are published by the commit
+//! into the region core and read at write time, so changing them renders
+//! nothing (listeners get `log_start` / `log_stop` for the region's ranges
+//! only, `crate::render::listener`); the MIGRATION part is given to each
+//! range at render, and global start/stop re-renders every view.
 //!
 //! # Bitmaps
 //!
 //! Bits are kept per [`RamBlock`](crate::RamBlock) (QEMU's `ram_addr_t`
 //! space), one bit per target page ([`TARGET_PAGE_SIZE`], 4 KiB), one
-//! bitmap per client, allocated the first time a range of the block is
-//! rendered with that client in its mask and freed with the block. So:
+//! bitmap per client, allocated the first time a region over the block
+//! gets that client (at commit) or a range of it is rendered with global
+//! tracking, and freed with the block. So:
 //!
-//! * tracking costs nothing while no client tracks a range: the flat range
-//!   carries `None` and a write pays one predictable branch;
+//! * tracking costs little while no client tracks a range: a write loads
+//!   the region's mask (a cache line the write path reads anyway) and
+//!   pays one predictable branch;
 //! * bitmap memory grows and shrinks with the RAM it covers (one bit per
 //!   4 KiB page per client in use: 32 KiB per GiB; the zeroed allocation is
 //!   lazily backed by the OS, so untouched bits cost no memory either);
@@ -99,16 +103,18 @@ impl DirtyClient {
 /// first use and freed with the block.
 pub(crate) struct BlockDirty {
     pub(crate) pages: u64,
-    /// The union of the masks of every tracked flat range over this block,
+    /// The union of the own masks of the live regions over this block and
+    /// of the MIGRATION bit of every range rendered with global tracking
     /// in every view still alive: what writes that do not go through a
     /// flat range (DMA mappings, caches, the vm-memory view) mark, so they
     /// follow tracking started after they were made (QEMU computes the
     /// mask from the region at write time). A client's bit is set while
-    /// `range_users` counts a range for it. It may name a client a while
-    /// longer (until the last view with such a range is reclaimed): an
+    /// `range_users` counts a user for it. It may name a client a while
+    /// longer (a region no longer mapped, a view not yet reclaimed): an
     /// extra mark is harmless, a missing one is not.
     pub(crate) live: std::sync::atomic::AtomicU8,
-    /// Per client, how many live [`RangeDirty`] over this block name it;
+    /// Per client, how many users (live [`RangeDirty`] with global bits,
+    /// live regions with own clients) over this block name it;
     /// `live` is recomputed under this lock on every change.
     range_users: parking_lot::Mutex<[u32; MAX_CLIENTS as usize]>,
     clients: [OnceLock<Box<[AtomicU64]>>; MAX_CLIENTS as usize],
@@ -244,45 +250,57 @@ fn set_bits(bits: &[AtomicU64], first: u64, last: u64) {
     }
 }
 
-/// What a tracked flat range knows to mark its writes: the block's
-/// bitmaps, the mask, and where the range starts in the block. Each one
-/// alive (clones included) counts its mask into the block's `live` mask.
+/// What a flat range of RAM knows to mark its writes: the block's
+/// bitmaps, where the range starts in the block, and the MIGRATION bit
+/// global tracking gave it at render. The region's own clients are not
+/// here: they are read from the region core at write time
+/// (`RegionCore::dirty_log_mask`), so a mask change needs no new view.
+/// Each one alive (clones included) counts `global` into the block's
+/// `live` mask; each region counts its own clients.
 #[derive(Debug)]
 pub(crate) struct RangeDirty {
     pub(crate) log: Arc<BlockDirty>,
-    pub(crate) mask: u8,
+    /// MIGRATION when the range was rendered while global tracking ran
+    /// (the region is RAM), else 0.
+    pub(crate) global: u8,
     pub(crate) block_offset: u64,
-    /// When `mask` names a single client: the first word of its bitmap
-    /// (a fast path for the common one-page write). The bitmap is owned by
-    /// `log`'s `OnceLock`, which never replaces or frees it while `log`
-    /// lives, and `log` lives as long as this.
-    pub(crate) single: Option<std::ptr::NonNull<AtomicU64>>,
     /// `log.pages`, copied here so the fast path reads no second cache
     /// line behind the `Arc`.
     pub(crate) pages: u64,
 }
 
+impl RangeDirty {
+    /// A range's handle; counts `global` into the block.
+    pub(crate) fn new(log: &Arc<BlockDirty>, global: u8, block_offset: u64) -> RangeDirty {
+        if global != 0 {
+            log.count_range_users(global, true);
+        }
+        RangeDirty {
+            log: log.clone(),
+            global,
+            block_offset,
+            pages: log.pages,
+        }
+    }
+}
+
 impl Clone for RangeDirty {
     fn clone(&self) -> RangeDirty {
-        self.log.count_range_users(self.mask, true);
-        RangeDirty {
-            log: self.log.clone(),
-            mask: self.mask,
-            block_offset: self.block_offset,
-            single: self.single,
-            pages: self.pages,
-        }
+        RangeDirty::new(&self.log, self.global, self.block_offset)
     }
 }
 
 impl Drop for RangeDirty {
     fn drop(&mut self) {
-        self.log.count_range_users(self.mask, false);
+        if self.global != 0 {
+            self.log.count_range_users(self.global, false);
+        }
     }
 }
 
 impl BlockDirty {
-    /// One tracked range over this block with `mask` appears (`add`) or
+    /// One user of the clients of `mask` (a range rendered with global
+    /// tracking, or a region with its own clients) appears (`add`) or
     /// goes; recomputes `live` from the counts.
     pub(crate) fn count_range_users(&self, mask: u8, add: bool) {
         let mut users = self.range_users.lock();

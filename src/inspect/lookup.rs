@@ -1083,7 +1083,7 @@ mod tests {
         for (id, name) in mem.address_spaces() {
             let view = mem.address_space(id).unwrap().view();
             let mut addrs = vec![0, u64::MAX];
-            for r in view.ranges() {
+            for r in view.iter() {
                 addrs.extend([r.start(), r.last()]);
                 addrs.extend(r.start().checked_sub(1));
                 addrs.extend(r.last().checked_add(1));

@@ -175,9 +175,9 @@ pub fn collect(machine: &Machine, space: SpaceId) -> Result<SpaceMap, TopologyEr
         };
         Ok::<_, TopologyError>((s.name.to_string(), view, extent, bounds, complete))
     })?;
-    let mut ranges = Vec::with_capacity(view.ranges().len());
+    let mut ranges = Vec::with_capacity(view.len());
     let mut extra_probes = 0usize;
-    for r in view.ranges() {
+    for r in view.iter() {
         let a = r.attrs();
         let mut m = MapRange {
             start: r.start(),

@@ -263,7 +263,7 @@ impl MemoryListener for KvmMemorySlots {
             }
         };
         // Only guest writes dirty pages: a readonly slot needs no log.
-        let logging = !readonly && r.attrs().dirty_log_mask != 0;
+        let logging = !readonly && r.dirty_log_mask() != 0;
         match self.set(slot, guest, size, host, readonly, logging) {
             Ok(()) => {
                 let info = SlotInfo {

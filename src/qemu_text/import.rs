@@ -1623,7 +1623,6 @@ impl Plan {
             };
             let view = handle.view();
             let ours: HashSet<(u64, u64, &str, u64, RegionType, i32, bool)> = view
-                .ranges()
                 .iter()
                 .map(|r| {
                     (
@@ -1732,16 +1731,10 @@ impl Plan {
                 }
                 // A readonly range over a region memtree renders writable.
                 if l.ty == TypeTag::Rom {
-                    // The view's ranges are sorted and disjoint: the ones
-                    // overlapping the line are a run found by bisection.
-                    let ranges = view.ranges();
-                    let from = ranges.partition_point(|r| r.last() < l.start);
-                    let writable = ranges[from..]
-                        .iter()
-                        .take_while(|r| r.start() <= l.last)
-                        .filter(|r| {
-                            r.region().name() == l.name && r.printed_type() != RegionType::Rom
-                        });
+                    // The ranges overlapping the line, found by lookup.
+                    let writable = view.ranges_in(l.start, l.last).filter(|r| {
+                        r.region().name() == l.name && r.printed_type() != RegionType::Rom
+                    });
                     for r in writable {
                         {
                             let at = r.start().max(l.start);
@@ -1768,7 +1761,7 @@ impl Plan {
             }
             // Ranges memtree shows that QEMU does not: a region guessed to
             // terminate is a container.
-            for r in view.ranges() {
+            for r in view.iter() {
                 let key = (
                     r.start(),
                     r.last(),

@@ -332,11 +332,11 @@ fn flat(topo: &Topology, out: &mut String, opts: FlatOptions) -> fmt::Result {
             Some(r) => writeln!(out, " Root memory region: {r}")?,
             None => out.push_str(" Root memory region: (none)\n"),
         }
-        if view.ranges().is_empty() {
+        if view.is_empty() {
             out.push_str("  No rendered FlatView\n\n");
             continue;
         }
-        for r in view.ranges() {
+        for r in view.iter() {
             let a = r.attrs();
             let nv = if a.nonvolatile { "nv-" } else { "" };
             write!(

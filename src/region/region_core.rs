@@ -218,6 +218,13 @@ pub struct RegionCore {
     id: RegionId,
     name: Box<str>,
     kind: RegionKind,
+    /// The region's own dirty-log clients as of the last commit (the
+    /// topology's `RegionNode::dirty_log_mask` is the edited, uncommitted
+    /// one): what every flat range of the region reports and what writes
+    /// through it mark, read at write time, so a mask change reaches the
+    /// data plane with no new view (`crate::view::dirty_marks`). Written
+    /// only by the commit.
+    dirty_log_mask: std::sync::atomic::AtomicU8,
     backing: Backing,
     /// Subregions this region holds while they are mapped in it: a container
     /// finishes before the subregions it still holds. Written only by the
@@ -260,6 +267,7 @@ impl RegionCore {
             id,
             name: name.into(),
             kind,
+            dirty_log_mask: std::sync::atomic::AtomicU8::new(0),
             backing,
             subregions: Mutex::new(Vec::new()),
             owner,
@@ -298,6 +306,39 @@ impl RegionCore {
     /// The region's kind.
     pub fn kind(&self) -> RegionKind {
         self.kind
+    }
+
+    /// The region's own dirty-log clients as of the last commit (no
+    /// MIGRATION from global tracking: see `FlatRange::dirty_log_mask`).
+    #[inline]
+    pub fn dirty_log_mask(&self) -> u8 {
+        self.dirty_log_mask
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The commit publishes a new mask: for RAM, the clients' bitmaps are
+    /// allocated and the block's `live` mask counts the region's clients
+    /// (this region is one user per client it names, until the mask
+    /// changes again or the core drops) *before* the mask is stored, so a
+    /// write that sees a client finds its bitmap. Returns the old mask.
+    pub(crate) fn publish_dirty_log_mask(&self, mask: u8) -> u8 {
+        let old = self.dirty_log_mask();
+        if old == mask {
+            return old;
+        }
+        if let Backing::Ram { block, .. } = &self.backing {
+            let log = block.block().dirty_log();
+            let mut m = mask;
+            while m != 0 {
+                log.ensure(m.trailing_zeros() as u8);
+                m &= m - 1;
+            }
+            log.count_range_users(mask, true);
+            log.count_range_users(old, false);
+        }
+        self.dirty_log_mask
+            .store(mask, std::sync::atomic::Ordering::Release);
+        old
     }
 
     /// What accesses reach.
@@ -392,6 +433,12 @@ impl fmt::Debug for RegionCore {
 
 impl Drop for RegionCore {
     fn drop(&mut self) {
+        // The region stops counting its clients into its block's `live`
+        // mask (see `publish_dirty_log_mask`).
+        let mask = self.dirty_log_mask();
+        if let (Backing::Ram { block, .. }, true) = (&self.backing, mask != 0) {
+            block.block().dirty_log().count_range_users(mask, false);
+        }
         // Finalization: record it first, then release in a fixed order:
         // backing, then the subregions still held (so a container finishes
         // before them), then the owner (so it finishes after us). The
@@ -452,7 +499,8 @@ pub(crate) struct RegionNode {
     /// Number of *mapped* aliases (aliases with a container) targeting this
     /// region, for `is_mapped`.
     pub(crate) mapped_via_alias: u32,
-    /// Dirty-log clients (bit 0 = VGA), frozen into flat ranges at render.
+    /// Dirty-log clients (bit 0 = VGA) as edited; the commit publishes it
+    /// to `RegionCore::dirty_log_mask` (never a render input).
     pub(crate) dirty_log_mask: u8,
     /// Users of each client's logging counted by `Machine::set_log`
     /// (QEMU's `vga_logging_count`, for every per-region client).

@@ -302,7 +302,6 @@ fn attrs_for(node: &RegionNode, flags: PathFlags) -> RangeAttrs {
         unmergeable: flags.unmergeable,
         romd_mode: node.romd_mode,
         region_readonly: node.readonly,
-        dirty_log_mask: node.dirty_log_mask,
         priority: node.priority,
         region_type: RegionType::of(node.kind(), node.readonly, node.romd_mode),
     }
@@ -313,7 +312,8 @@ fn attrs_for(node: &RegionNode, flags: PathFlags) -> RangeAttrs {
 /// attributes), then conversion to `FlatRange`s. `pieces` are
 /// sorted and disjoint. (Within one render a region's dirty-log mask and
 /// romd mode are the same for all its pieces, so comparing the region and
-/// the path flags is QEMU's comparison.)
+/// the path flags is QEMU's comparison; the mask is not even part of a
+/// range's attributes: see `FlatRange::dirty_log_mask`.)
 fn simplify(pieces: Vec<Piece<'_>>) -> Vec<FlatRange> {
     let mut out: Vec<FlatRange> = Vec::with_capacity(pieces.len());
     let mut iter = pieces.into_iter();
@@ -545,14 +545,16 @@ pub(crate) struct Spliced {
     pub(crate) same: bool,
 }
 
-/// Whether two ranges are the same rendering (same span, region, offset
-/// and attributes).
+/// Whether two ranges are the same rendering (same span, region, offset,
+/// attributes and the MIGRATION bit global tracking gave them; the
+/// region's own dirty-log clients are not part of a rendering).
 fn same_range(x: &FlatRange, y: &FlatRange) -> bool {
     x.start == y.start
         && x.last == y.last
         && x.offset_in_region == y.offset_in_region
         && Arc::ptr_eq(&x.region, &y.region)
         && x.attrs == y.attrs
+        && x.global_log_mask() == y.global_log_mask()
 }
 
 /// Whether two range sequences are the same rendering.

@@ -2,14 +2,32 @@
 //! `system/memory.c`), with ioeventfds and coalesced MMIO ranges.
 //!
 //! A listener registered on an address space is told, at every commit that
-//! changes that space's flat view, which ranges were removed, kept and added.
-//! The diff is computed here, purely, from the old and new views.
+//! changes that space's flat view, which ranges were removed and added (and
+//! kept, if it asks for nops), and which ranges' dirty-log masks changed.
+//! The diff is computed here, purely, from the old and new views (or the
+//! splice between them) and the commit's mask changes.
 //!
 //! # Ordering (QEMU's)
 //!
 //! * `begin` and `commit` go to every registered listener (all address
 //!   spaces) in ascending priority, once per commit that changed topology.
-//!   A commit that only changed ioeventfds calls neither.
+//!   A commit that only changed ioeventfds calls neither; one that only
+//!   changed dirty-log masks calls them on the listeners of the spaces
+//!   that show a changed region, and only those.
+//! * `region_nop` goes only to the listeners whose
+//!   [`MemoryListener::wants_region_nop`] said yes (at registration), in
+//!   its place in QEMU's order; the others never see unchanged ranges, and
+//!   a commit's diff does not visit them when no listener of the space
+//!   wants nops.
+//! * A dirty-log mask change renders nothing: the commit publishes the
+//!   region's new mask into its core (what flat ranges report and writes
+//!   mark for), then every space that shows the region gets, per range of
+//!   it (aliases included) in address order, what QEMU's diff of a kept
+//!   range gives: the nop (to the listeners that want it) and
+//!   `log_start` / `log_stop(old, new)`. QEMU's "old" mask is the one
+//!   listeners were last told; it is carried by the commit
+//!   (`LogChanges`), since every range, in old views too, reports the
+//!   region's current mask (`FlatRange::dirty_log_mask`).
 //! * Forward (ascending priority): `begin`, `commit`, `region_add`,
 //!   `region_nop`, `log_start`, `coalesced_io_add`, `log_global_start`, and —
 //!   QEMU's quirk, kept — `eventfd_del`.
@@ -216,8 +234,23 @@ pub trait MemoryListener: Send + Sync {
     fn region_add(&self, section: &Section<'_>) {}
     /// A range disappeared.
     fn region_del(&self, section: &Section<'_>) {}
-    /// A range is unchanged (its dirty-log mask may have changed).
+    /// A range is unchanged (its dirty-log mask may have changed): QEMU's
+    /// `region_nop`, called for every unchanged range of every commit that
+    /// touches the space, in address order among the other range
+    /// callbacks. Called **only if [`MemoryListener::wants_region_nop`]
+    /// returns true**: a listener that does not ask for nops is told what
+    /// changed and nothing else, so a commit costs it what the commit
+    /// changes, not the size of the map.
     fn region_nop(&self, section: &Section<'_>) {}
+    /// Whether this listener wants [`MemoryListener::region_nop`] for every
+    /// unchanged range (QEMU's contract, for a listener that rebuilds its
+    /// state from scratch at each commit, as QEMU's dispatch tables do).
+    /// Asked once, at registration. Default `false`: with no listener of a
+    /// space wanting nops, a commit's diff skips every range it did not
+    /// change.
+    fn wants_region_nop(&self) -> bool {
+        false
+    }
     /// Dirty logging started for some clients of a range.
     fn log_start(&self, section: &Section<'_>, old_mask: u8, new_mask: u8) {}
     /// Dirty logging stopped for some clients of a range.
@@ -254,6 +287,8 @@ pub(crate) struct Registered {
     pub(crate) space: SpaceId,
     pub(crate) listener: Arc<dyn MemoryListener>,
     pub(crate) priority: u32,
+    /// [`MemoryListener::wants_region_nop`], asked at registration.
+    pub(crate) wants_nop: bool,
 }
 
 /// An ioeventfd of a region (QEMU's `MemoryRegionIoeventfd`), in region
@@ -337,6 +372,10 @@ pub(crate) struct Listeners {
     pub(crate) ioeventfd_pending: bool,
     /// The regions whose ioeventfds changed since the last commit.
     pub(crate) ioeventfd_regions: Vec<RegionId>,
+    /// The regions whose own dirty-log mask was edited since the last
+    /// commit (each once): the commit publishes their masks and tells the
+    /// spaces showing them, with no render.
+    pub(crate) log_regions: Vec<RegionId>,
     /// Global dirty logging is on.
     pub(crate) global_dirty_log: bool,
     /// Users of global dirty logging (started and not yet stopped): it
@@ -356,13 +395,28 @@ impl Listeners {
         }
     }
 
-    /// Registers `listener` with its `priority` (asked by the caller before
-    /// it borrowed the topology: it is the listener's code).
+    /// Whether a commit has something to do besides rendering: ioeventfd
+    /// or dirty-log mask changes.
+    pub(crate) fn events_pending(&self) -> bool {
+        self.ioeventfd_pending || !self.log_regions.is_empty()
+    }
+
+    /// Notes that `region`'s own dirty-log mask was edited.
+    pub(crate) fn note_log_mask(&mut self, region: RegionId) {
+        if !self.log_regions.contains(&region) {
+            self.log_regions.push(region);
+        }
+    }
+
+    /// Registers `listener` with its `priority` and whether it wants nops
+    /// (asked by the caller before it borrowed the topology: it is the
+    /// listener's code).
     pub(crate) fn insert(
         &mut self,
         space: SpaceId,
         listener: Arc<dyn MemoryListener>,
         priority: u32,
+        wants_nop: bool,
     ) -> ListenerId {
         self.next += 1;
         let id = ListenerId(self.next, self.machine);
@@ -374,6 +428,7 @@ impl Listeners {
                 space,
                 listener,
                 priority,
+                wants_nop,
             },
         );
         id
@@ -400,6 +455,30 @@ impl Listeners {
             .collect()
     }
 
+    /// For each listener of [`Listeners::of_space`], whether it wants
+    /// `region_nop`.
+    pub(crate) fn nop_wishes_of(&self, space: SpaceId) -> Vec<bool> {
+        self.list
+            .iter()
+            .filter(|r| r.space == space)
+            .map(|r| r.wants_nop)
+            .collect()
+    }
+
+    /// The listeners of the spaces `spaces` (sorted), ascending priority:
+    /// who hears `begin` / `commit` of a commit that changed only those
+    /// spaces' dirty-log masks.
+    pub(crate) fn snapshot_of(
+        &self,
+        spaces: &[SpaceId],
+    ) -> Vec<(SpaceId, Arc<dyn MemoryListener>)> {
+        self.list
+            .iter()
+            .filter(|r| spaces.binary_search(&r.space).is_ok())
+            .map(|r| (r.space, r.listener.clone()))
+            .collect()
+    }
+
     /// Forgets everything (machine teardown). Returns the listeners, for the
     /// caller to drop once the topology is no longer borrowed.
     pub(crate) fn clear(&mut self) -> Vec<Registered> {
@@ -409,6 +488,7 @@ impl Listeners {
         self.coalesced.clear();
         self.ioeventfd_pending = false;
         self.ioeventfd_regions.clear();
+        self.log_regions.clear();
         list
     }
 
@@ -709,14 +789,101 @@ impl Catch<'_> {
     }
 }
 
+/// The regions whose own dirty-log mask a commit changed, with the mask
+/// listeners last heard (the new one is the region core's by then: the
+/// commit publishes masks before any callback). Sorted by region.
+#[derive(Default, Debug)]
+pub(crate) struct LogChanges {
+    pub(crate) old: Vec<(RegionId, u8)>,
+}
+
+impl LogChanges {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.old.is_empty()
+    }
+
+    /// The old own mask of `region`, if the commit changed it.
+    fn old_of(&self, region: RegionId) -> Option<u8> {
+        if self.old.is_empty() {
+            return None;
+        }
+        self.old
+            .binary_search_by_key(&region, |&(r, _)| r)
+            .ok()
+            .map(|i| self.old[i].1)
+    }
+
+    fn contains(&self, fr: &FlatRange) -> bool {
+        !self.old.is_empty() && self.old_of(fr.region.id()).is_some()
+    }
+
+    /// For a range kept from `a` (old view) to `b` (new view): the mask
+    /// listeners were last told and the mask now, or `None` when they
+    /// cannot differ. Reads nothing behind the ranges (their region cores)
+    /// unless a mask changed: a walk over many shared ranges touches only
+    /// the leaves' arrays.
+    fn kept_masks(&self, a: &FlatRange, b: &FlatRange) -> Option<(u8, u8)> {
+        let changed = if self.old.is_empty() {
+            None
+        } else {
+            self.old_of(a.region.id())
+        };
+        if changed.is_none() && std::ptr::eq(a, b) {
+            // A range shared by both views: nothing about it can differ
+            // (and the walk does not even read it).
+            return None;
+        }
+        let (ga, gb) = (a.global_log_mask(), b.global_log_mask());
+        if changed.is_none() && ga == gb {
+            return None;
+        }
+        let own = b.region.dirty_log_mask();
+        Some((changed.unwrap_or(own) | ga, own | gb))
+    }
+
+    /// Positions (ascending) of the ranges of `view` whose region's mask
+    /// changed. The incremental path (`walk == false`) looks only at the
+    /// views whose reached set holds a changed region's slot, and there
+    /// at that region's ranges (`FlatView::positions_of`); the reference
+    /// path walks every range.
+    pub(crate) fn positions_in(&self, view: &FlatView, walk: bool) -> Vec<usize> {
+        if self.old.is_empty() {
+            return Vec::new();
+        }
+        if walk {
+            return view
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| self.contains(r))
+                .map(|(i, _)| i)
+                .collect();
+        }
+        let slots: Vec<u32> = self.old.iter().map(|(r, _)| r.index).collect();
+        if !view.reached_any_slot(&slots) {
+            return Vec::new();
+        }
+        let mut out: Vec<usize> = Vec::new();
+        for (r, _) in &self.old {
+            out.extend_from_slice(view.positions_of(*r));
+        }
+        out.sort_unstable();
+        out
+    }
+}
+
 /// What the diff needs to know about one address space.
 pub(crate) struct SpaceCtx<'a> {
     pub(crate) space: SpaceId,
     pub(crate) name: &'a str,
     /// Listeners of this space, ascending priority.
     pub(crate) listeners: &'a [Arc<dyn MemoryListener>],
+    /// For each of `listeners`, whether it wants `region_nop` (empty: none
+    /// does).
+    pub(crate) wants_nop: &'a [bool],
     /// Coalesced ranges per region (the topology's current state).
     pub(crate) coalesced: &'a HashMap<RegionId, Vec<Span>>,
+    /// The dirty-log mask changes of the commit.
+    pub(crate) log_changes: &'a LogChanges,
     /// How the callbacks are called.
     pub(crate) catch: &'a Catch<'a>,
 }
@@ -726,6 +893,57 @@ impl SpaceCtx<'_> {
         self.coalesced
             .get(&fr.region.id())
             .map_or(&[], |v| v.as_slice())
+    }
+
+    /// Whether some listener of the space wants `region_nop`.
+    fn any_nop(&self) -> bool {
+        self.wants_nop.iter().any(|&w| w)
+    }
+
+    fn section<'v>(&'v self, range: &'v FlatRange, view: &'v Arc<FlatView>) -> Section<'v> {
+        Section {
+            space: self.space,
+            space_name: self.name,
+            range,
+            view,
+        }
+    }
+
+    /// `region_nop` to the listeners that want it.
+    fn nop(&self, s: &Section<'_>) {
+        for (l, _) in self
+            .listeners
+            .iter()
+            .zip(self.wants_nop)
+            .filter(|(_, &w)| w)
+        {
+            self.catch.call(l, "region_nop", |l| l.region_nop(s));
+        }
+    }
+
+    /// QEMU's log-mask part of the addition pass for a range kept from
+    /// mask `om` to mask `nm`: `log_start` forward, `log_stop` in reverse.
+    fn log_change(&self, s: &Section<'_>, om: u8, nm: u8) {
+        if nm & !om != 0 {
+            for l in self.listeners {
+                self.catch.call(l, "log_start", |l| l.log_start(s, om, nm));
+            }
+        }
+        if om & !nm != 0 {
+            for l in self.listeners.iter().rev() {
+                self.catch.call(l, "log_stop", |l| l.log_stop(s, om, nm));
+            }
+        }
+    }
+
+    /// A range the commit keeps (the same in the old view `a` and the new
+    /// `b`): QEMU's nop and log-mask change.
+    fn kept(&self, a: &FlatRange, b: &FlatRange, old: &Arc<FlatView>) {
+        let s = self.section(b, old);
+        self.nop(&s);
+        if let Some((om, nm)) = self.log_changes.kept_masks(a, b) {
+            self.log_change(&s, om, nm);
+        }
     }
 }
 
@@ -742,7 +960,10 @@ pub(crate) fn diff_and_notify(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, new: &Arc<
 
 /// The same callbacks as [`diff_and_notify`] for a view `new` spliced from
 /// `old`: only the edited spans are compared; every range outside them is
-/// the same range in both views, which the full diff would pair as a nop.
+/// the same range in both views, which the full diff would pair as a kept
+/// range: a nop (for the listeners that want nops) and a log-mask change
+/// when its region's mask changed. With no listener wanting nops and no
+/// mask change those ranges are not even visited: the diff costs the spans.
 pub(crate) fn diff_spliced_and_notify(
     cx: &SpaceCtx<'_>,
     old: &Arc<FlatView>,
@@ -760,35 +981,78 @@ pub(crate) fn diff_spliced_and_notify(
     for (o, n) in &spans.spans {
         deletions(cx, old, &part(old, o), &part(new, n));
     }
-    // Pass 2, forward in address order: a nop for each shared range, the
-    // span's own walk for each span.
-    let mut pos = 0usize;
-    let mut ranges = new.iter();
-    let nop = |b: &FlatRange| {
-        let s = Section {
-            space: cx.space,
-            space_name: cx.name,
-            range: b,
-            view: old,
+    // Pass 2, forward in address order: the shared ranges before each
+    // span, then the span's own walk. A shared range is its own old range
+    // (the same `FlatRange`, shared by both views).
+    if cx.any_nop() {
+        // Every shared range, walked in order through the leaves (with no
+        // mask change, a nop is all a shared range can get).
+        let masks = !cx.log_changes.is_empty();
+        let shared = |b: &FlatRange| {
+            if masks {
+                cx.kept(b, b, old);
+            } else {
+                cx.nop(&cx.section(b, old));
+            }
         };
-        for l in cx.listeners {
-            cx.catch.call(l, "region_nop", |l| l.region_nop(&s));
+        let mut ranges = new.iter();
+        let mut pos = 0usize;
+        for (o, n) in &spans.spans {
+            while pos < n.start {
+                let Some(b) = ranges.next() else { break };
+                shared(b);
+                pos += 1;
+            }
+            nops_and_additions(cx, old, &part(old, o), &part(new, n));
+            for _ in n.clone() {
+                ranges.next();
+            }
+            pos = n.end;
         }
-    };
-    for (o, n) in &spans.spans {
-        while pos < n.start {
-            let Some(b) = ranges.next() else { break };
-            nop(b);
-            pos += 1;
+        for b in ranges {
+            shared(b);
         }
-        nops_and_additions(cx, old, &part(old, o), &part(new, n));
-        for _ in n.clone() {
-            ranges.next();
+    } else {
+        // Only the shared ranges whose mask changed (their positions in
+        // `new`; none looked up when no mask changed); the others are not
+        // visited.
+        let mut logged = cx
+            .log_changes
+            .positions_in(new, false)
+            .into_iter()
+            .peekable();
+        for (o, n) in &spans.spans {
+            while let Some(p) = logged.next_if(|&p| p < n.start) {
+                if let Some(b) = new.range(p) {
+                    cx.kept(b, b, old);
+                }
+            }
+            nops_and_additions(cx, old, &part(old, o), &part(new, n));
+            while logged.next_if(|&p| p < n.end).is_some() {}
         }
-        pos = n.end;
+        for b in logged.filter_map(|p| new.range(p)) {
+            cx.kept(b, b, old);
+        }
     }
-    for b in ranges {
-        nop(b);
+}
+
+/// A commit that left the space's view as it was but changed the own
+/// dirty-log mask of regions it shows, at `positions` (ascending, from
+/// [`LogChanges::positions_in`]): what the full diff of the view with
+/// itself gives, the kept-range callbacks (nops to the listeners that want
+/// them, for every range) with `log_start` / `log_stop` for those ranges.
+pub(crate) fn notify_log_changes(cx: &SpaceCtx<'_>, view: &Arc<FlatView>, positions: &[usize]) {
+    if cx.listeners.is_empty() || positions.is_empty() {
+        return;
+    }
+    if cx.any_nop() {
+        for r in view.iter() {
+            cx.kept(r, r, view);
+        }
+    } else {
+        for r in positions.iter().filter_map(|&p| view.range(p)) {
+            cx.kept(r, r, view);
+        }
     }
 }
 
@@ -796,12 +1060,6 @@ pub(crate) fn diff_spliced_and_notify(
 /// in reverse listener order.
 fn deletions(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, o: &[&FlatRange], n: &[&FlatRange]) {
     let listeners = cx.listeners;
-    let section = |range| Section {
-        space: cx.space,
-        space_name: cx.name,
-        range,
-        view: old,
-    };
     let (mut i, mut j) = (0, 0);
     while i < o.len() || j < n.len() {
         match (o.get(i).copied(), n.get(j).copied()) {
@@ -810,7 +1068,7 @@ fn deletions(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, o: &[&FlatRange], n: &[&Fla
                 j += 1;
             }
             (Some(a), b) if !matches!(b, Some(b) if b.start < a.start) => {
-                let s = section(a);
+                let s = cx.section(a, old);
                 notify_coalesced(cx.catch, &s, cx.spans(a), listeners, false);
                 for l in listeners.iter().rev() {
                     cx.catch.call(l, "region_del", |l| l.region_del(&s));
@@ -826,37 +1084,17 @@ fn deletions(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, o: &[&FlatRange], n: &[&Fla
 /// QEMU's second pass: nops (with log-mask changes) and additions, forward.
 fn nops_and_additions(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, o: &[&FlatRange], n: &[&FlatRange]) {
     let listeners = cx.listeners;
-    let section = |range| Section {
-        space: cx.space,
-        space_name: cx.name,
-        range,
-        view: old,
-    };
     let (mut i, mut j) = (0, 0);
     while i < o.len() || j < n.len() {
         match (o.get(i).copied(), n.get(j).copied()) {
             (Some(a), Some(b)) if same_range(a, b) => {
-                let s = section(b);
-                for l in listeners {
-                    cx.catch.call(l, "region_nop", |l| l.region_nop(&s));
-                }
-                let (om, nm) = (a.attrs.dirty_log_mask, b.attrs.dirty_log_mask);
-                if nm & !om != 0 {
-                    for l in listeners {
-                        cx.catch.call(l, "log_start", |l| l.log_start(&s, om, nm));
-                    }
-                }
-                if om & !nm != 0 {
-                    for l in listeners.iter().rev() {
-                        cx.catch.call(l, "log_stop", |l| l.log_stop(&s, om, nm));
-                    }
-                }
+                cx.kept(a, b, old);
                 i += 1;
                 j += 1;
             }
             (Some(a), b) if !matches!(b, Some(b) if b.start < a.start) => i += 1,
             (_, Some(b)) => {
-                let s = section(b);
+                let s = cx.section(b, old);
                 for l in listeners {
                     cx.catch.call(l, "region_add", |l| l.region_add(&s));
                 }
@@ -932,7 +1170,7 @@ pub(crate) fn replay(
             range,
             view,
         };
-        let mask = range.attrs.dirty_log_mask;
+        let mask = range.dirty_log_mask();
         if adding {
             catch.call(listener, "region_add", |l| l.region_add(&s));
             notify_coalesced(catch, &s, cx.spans(range), one, true);

@@ -182,8 +182,11 @@ impl crate::Machine {
     /// QEMU's `memory_region_set_log`: a user of `client` starts (`on`) or
     /// stops tracking `region`. Counted like QEMU's `vga_logging_count`:
     /// the client's bit in the region's mask is set by the first user and
-    /// cleared by the last one, and only those transitions re-render
-    /// (listeners get `log_start` / `log_stop`); two display devices
+    /// cleared by the last one, and only those transitions reach listeners
+    /// (`log_start` / `log_stop` at the commit, for each range of the
+    /// region in each space that shows it; nothing is rendered: flat
+    /// ranges read their region's mask, and writes mark for the new mask
+    /// from the commit on); two display devices
     /// watching one frame buffer each call it once, and one stopping leaves
     /// logging on for the other. On an alias it counts on the region the
     /// alias points to (QEMU forwards it). Any client but MIGRATION, which
@@ -228,7 +231,7 @@ impl crate::Machine {
             let mask = n.dirty_log_mask;
             let new = if now > 0 { mask | bit } else { mask & !bit };
             if new != mask {
-                t.update(target, |n| n.dirty_log_mask = new)?;
+                edit_mask(t, target, new)?;
             }
             Ok(())
         })
@@ -299,7 +302,7 @@ impl crate::Machine {
         let view = self.address_space(space)?.view();
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
-        for r in view.ranges() {
+        for r in view.iter() {
             let core = r.region();
             if r.attrs().region_type != crate::RegionType::Ram || region_block(core).is_none() {
                 continue;
@@ -317,6 +320,44 @@ impl crate::Machine {
         }
         Ok(out)
     }
+}
+
+/// Edits `region`'s own dirty-log mask. Not a render input (a flat range
+/// reads its region's mask, `FlatRange::dirty_log_mask`): nothing is
+/// marked for re-render; the commit publishes the mask and tells the
+/// spaces that show the region ([`publish_masks`]).
+pub(crate) fn edit_mask(
+    t: &mut crate::topology::tree::Topology,
+    region: RegionId,
+    mask: u8,
+) -> Result<()> {
+    let n = t.node_mut(region)?;
+    if n.dirty_log_mask != mask {
+        n.dirty_log_mask = mask;
+        t.listeners.note_log_mask(region);
+    }
+    Ok(())
+}
+
+/// At commit: publishes the edited masks of `regions` (those still alive)
+/// to their region cores, where writes and flat ranges read them, and
+/// returns the ones that changed with the mask listeners last heard.
+/// Called before any listener callback, so a write from `log_start` on is
+/// marked for the new clients.
+pub(crate) fn publish_masks(
+    t: &crate::topology::tree::Topology,
+    regions: &[RegionId],
+) -> crate::render::listener::LogChanges {
+    let mut old: Vec<(RegionId, u8)> = regions
+        .iter()
+        .filter_map(|&r| {
+            let n = t.get(r).ok()?;
+            let was = n.core.publish_dirty_log_mask(n.dirty_log_mask);
+            (was != n.dirty_log_mask).then_some((r, was))
+        })
+        .collect();
+    old.sort_unstable_by_key(|&(r, _)| r);
+    crate::render::listener::LogChanges { old }
 }
 
 /// After a RAM region was resized: the pages of its block past the new end

@@ -130,7 +130,7 @@ type Result<T> = std::result::Result<T, TopologyError>;
 ///     tx.commit(); // one render, one publication
 /// }
 /// let view = memory.address_space(space).unwrap().view();
-/// assert_eq!(view.ranges().len(), 2);
+/// assert_eq!(view.len(), 2);
 /// assert_eq!(memory.region_info(high).unwrap().addr, 0x8000);
 /// ```
 pub struct Machine {
@@ -361,7 +361,7 @@ impl Machine {
         };
         let commit_now = {
             let topo = guard.borrow();
-            topo.depth == 0 && (topo.pending || topo.listeners.ioeventfd_pending)
+            topo.depth == 0 && (topo.pending || topo.listeners.events_pending())
         };
         if commit_now {
             self.commit_locked(&guard);
@@ -414,7 +414,7 @@ impl Machine {
         let commit_now = {
             let mut topo = guard.borrow_mut();
             topo.depth = topo.depth.saturating_sub(1);
-            topo.depth == 0 && (topo.pending || topo.listeners.ioeventfd_pending)
+            topo.depth == 0 && (topo.pending || topo.listeners.events_pending())
         };
         if commit_now {
             self.commit_locked(&guard);
@@ -425,7 +425,11 @@ impl Machine {
     /// depth 0): when the topology changed, render what changed, then
     /// `begin` on every listener, per address space (creation order) the
     /// diff, the publication and the ioeventfd update, then `commit` on every
-    /// listener. When only ioeventfds changed, just the ioeventfd updates.
+    /// listener. When only ioeventfds changed, just the ioeventfd updates;
+    /// when dirty-log masks changed, their publication into the region
+    /// cores, then `log_start` / `log_stop` for the spaces that show them
+    /// (no render; `begin` / `commit` only for those spaces' listeners when
+    /// nothing else changed).
     fn commit_locked(&self, guard: &ReentrantMutexGuard<'_, RefCell<Topology>>) {
         struct Step {
             id: SpaceId,
@@ -437,14 +441,22 @@ impl Machine {
             /// Where `new` differs from `old`, when it was spliced from it.
             delta: Option<Arc<SpliceSpans>>,
             fds: Vec<(bool, listener::SpaceFd)>,
+            /// With no new view: where the ranges whose region's dirty-log
+            /// mask changed sit in `old`.
+            logged: Vec<usize>,
             listeners: Vec<Arc<dyn MemoryListener>>,
+            wants_nop: Vec<bool>,
         }
         let scope = CallbackScope::enter(guard);
-        let (steps, listeners, coalesced, full) = {
+        let (steps, listeners, coalesced, full, log_changes) = {
             let mut topo = guard.borrow_mut();
             let full = topo.pending;
             let fds_changed = std::mem::take(&mut topo.listeners.ioeventfd_pending);
             let fd_regions = std::mem::take(&mut topo.listeners.ioeventfd_regions);
+            // Dirty-log masks are published to the region cores first (the
+            // data plane marks for them from here on); they render nothing.
+            let log_regions = std::mem::take(&mut topo.listeners.log_regions);
+            let log_changes = crate::topology::dirty_log::publish_masks(&topo, &log_regions);
             topo.pending = false;
             let dirty = std::mem::take(&mut topo.dirty);
             let affected = std::mem::take(&mut topo.affected);
@@ -463,7 +475,9 @@ impl Machine {
             // can change; any other visits every space and rebuilds the
             // index.
             let mut index = self.spaces_index.lock();
-            let candidates = if full {
+            // (Mask changes can reach any space showing the region: every
+            // space is visited, as for an edit the index cannot bound.)
+            let candidates = if full && log_changes.is_empty() {
                 index.candidates(&topo, &dirty, &affected, incremental, fds_changed)
             } else {
                 None
@@ -558,6 +572,14 @@ impl Machine {
                     (None, _) => Vec::new(),
                 };
                 let listeners = topo.listeners.of_space(id);
+                let wants_nop = topo.listeners.nop_wishes_of(id);
+                // A space whose view stays tells the mask changes of the
+                // ranges it shows (a new view's diff tells its own).
+                let logged = if new.is_none() && !listeners.is_empty() {
+                    log_changes.positions_in(&old, !topo.incremental)
+                } else {
+                    Vec::new()
+                };
                 steps.push(Step {
                     id,
                     name,
@@ -566,7 +588,9 @@ impl Machine {
                     new,
                     delta,
                     fds,
+                    logged,
                     listeners,
+                    wants_nop,
                 });
             }
             for (id, name, handle) in std::mem::take(&mut topo.destroyed_spaces) {
@@ -574,6 +598,7 @@ impl Machine {
                 let empty = self.data.empty_view.clone();
                 let fds = topo.listeners.update_space_fds(id, &empty);
                 let listeners = topo.listeners.of_space(id);
+                let wants_nop = topo.listeners.nop_wishes_of(id);
                 steps.push(Step {
                     id,
                     name,
@@ -582,7 +607,9 @@ impl Machine {
                     new: Some(empty),
                     delta: None,
                     fds,
+                    logged: Vec::new(),
                     listeners,
+                    wants_nop,
                 });
             }
             // The views replaced in the cache may hold the last reference
@@ -605,12 +632,27 @@ impl Machine {
             }
             drop(index);
             defer_drop(old_views);
+            // `begin` / `commit` go to every listener of a commit that
+            // changed topology, and only to the listeners of the spaces
+            // that show a changed mask in a commit that changed nothing else.
             let all = if full {
                 topo.listeners.snapshot()
             } else {
-                Vec::new()
+                let mut touched: Vec<SpaceId> = steps
+                    .iter()
+                    .filter(|s| !s.logged.is_empty())
+                    .map(|s| s.id)
+                    .collect();
+                touched.sort_unstable();
+                topo.listeners.snapshot_of(&touched)
             };
-            (steps, all, topo.listeners.coalesced.clone(), full)
+            (
+                steps,
+                all,
+                topo.listeners.coalesced.clone(),
+                full,
+                log_changes,
+            )
         };
         // Listeners run with the lock held but the topology not borrowed,
         // each callback under `catch`: a panic is recorded and kept for the
@@ -627,7 +669,9 @@ impl Machine {
                 space: step.id,
                 name: &step.name,
                 listeners: &step.listeners,
+                wants_nop: &step.wants_nop,
                 coalesced: &coalesced,
+                log_changes: &log_changes,
                 catch: &catch,
             };
             if let Some(new) = &step.new {
@@ -636,6 +680,8 @@ impl Machine {
                     None => listener::diff_and_notify(&cx, &step.old, new),
                 }
                 step.handle.publish(new.clone());
+            } else {
+                listener::notify_log_changes(&cx, &step.old, &step.logged);
             }
             if !step.fds.is_empty() {
                 let view = step.handle.view();
@@ -761,10 +807,11 @@ impl Machine {
             for (_, space) in topo.spaces_in_order() {
                 let view = space.handle.view();
                 let phys = space.root.and_then(|r| render::physical_root(topo, r));
-                let full = match phys {
+                let mut full = match phys {
                     Some(p) => render::render(topo, p).ranges,
                     None => Vec::new(),
                 };
+                crate::view::dirty_marks::attach(&mut full, topo.listeners.global_dirty_log);
                 if !render::same_ranges(view.iter(), &full) {
                     return Err(format!(
                         "space {}: published {:#?}\nfull render {:#?}",
@@ -1247,7 +1294,7 @@ impl Machine {
     /// Sets the region's own dirty-log client mask (bit `i` = client `i`,
     /// [`crate::DirtyClient`]); see also [`Machine::set_log`].
     pub fn set_dirty_log_mask(&self, id: RegionId, mask: u8) -> Result<()> {
-        self.edit(|t| t.update(id, |n| n.dirty_log_mask = mask))
+        self.edit(|t| crate::topology::dirty_log::edit_mask(t, id, mask))
     }
 
     /// Records the QOM parent `info mtree -o` prints for a region (`None`:
@@ -1316,8 +1363,10 @@ impl Machine {
         space: SpaceId,
         l: Arc<dyn MemoryListener>,
     ) -> Result<ListenerId> {
-        // The listener's own code, asked before the topology is borrowed.
+        // The listener's own code, asked before the topology is borrowed
+        // (a panic here is the caller's: nothing is registered yet).
         let priority = l.priority();
+        let wants_nop = l.wants_region_nop();
         let _defer = Deferral::enter();
         let guard = self.control.lock();
         let (id, name, view, fds, coalesced, global) = {
@@ -1329,7 +1378,7 @@ impl Machine {
             }
             let s = topo.space(space)?;
             let (name, view) = (s.name.clone(), s.handle.view());
-            let id = topo.listeners.insert(space, l.clone(), priority);
+            let id = topo.listeners.insert(space, l.clone(), priority, wants_nop);
             let fds = topo.listeners.fds_of(space);
             let global = topo.listeners.global_dirty_log;
             let coalesced = topo.listeners.coalesced.clone();
@@ -1343,7 +1392,9 @@ impl Machine {
             space,
             name: &name,
             listeners: &[],
+            wants_nop: &[],
             coalesced: &coalesced,
+            log_changes: &listener::LogChanges::default(),
             catch: &catch,
         };
         listener::replay(&cx, &view, &fds, global, &l, true);
@@ -1388,7 +1439,9 @@ impl Machine {
             space: reg.space,
             name: &name,
             listeners: &[],
+            wants_nop: &[],
             coalesced: &coalesced,
+            log_changes: &listener::LogChanges::default(),
             catch: &catch,
         };
         listener::replay(&cx, &view, &fds, false, &reg.listener, false);
@@ -1694,10 +1747,15 @@ impl Machine {
             census: &self.data.census,
         };
         for (id, name, view, ls) in &spaces {
-            for range in view.iter() {
-                if range.attrs().dirty_log_mask == 0
-                    || region.is_some_and(|r| range.region().id() != r)
-                {
+            // One region's sync looks only at its ranges (no walk of the
+            // view, no copy); a global sync walks the view in place.
+            let ranges: Box<dyn Iterator<Item = &crate::view::flatview::FlatRange>> = match region {
+                Some(r) if !view.reached_any_slot(&[r.index]) => continue,
+                Some(r) => Box::new(view.ranges_of(r)),
+                None => Box::new(view.iter()),
+            };
+            for range in ranges {
+                if range.dirty_log_mask() == 0 {
                     continue;
                 }
                 let s = listener::Section {

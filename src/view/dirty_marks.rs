@@ -7,74 +7,79 @@ use crate::host::dirty_bitmap::{DirtyClient, RangeDirty, TARGET_PAGE_BITS, TARGE
 use crate::region::region_core::{Backing, RegionKind};
 use crate::view::flatview::FlatRange;
 
-/// Sets each range's effective dirty-log mask (QEMU's
-/// `memory_region_get_dirty_log_mask`) and, for RAM with a nonzero mask,
-/// its marking handle; allocates the clients' bitmaps. Called on every
-/// freshly rendered view before it is published.
+/// Gives each range of RAM its marking handle (QEMU's
+/// `memory_region_get_dirty_log_mask` is then the region's own clients,
+/// read at write time, plus MIGRATION when `global` tracking runs and the
+/// region is RAM, fixed here) and allocates the MIGRATION bitmap. Called on
+/// every freshly rendered range before its view is published.
 pub(crate) fn attach(ranges: &mut [FlatRange], global: bool) {
     for r in ranges {
         let (block, offset) = match r.region.backing() {
             Backing::Ram { block, offset } => (block, *offset),
             _ => continue,
         };
-        let mut mask = r.attrs.dirty_log_mask;
-        if global && r.region.kind() == RegionKind::Ram {
-            mask |= DirtyClient::MIGRATION.mask();
-        }
-        r.attrs.dirty_log_mask = mask;
+        let global = if global && r.region.kind() == RegionKind::Ram {
+            DirtyClient::MIGRATION.mask()
+        } else {
+            0
+        };
         let log = block.block().dirty_log();
-        let mut m = mask;
-        while m != 0 {
-            log.ensure(m.trailing_zeros() as u8);
-            m &= m - 1;
+        if global != 0 {
+            // Before the view is published (`mark` skips a client without
+            // a bitmap); the handle counts MIGRATION into the block's
+            // `live` mask while it lives.
+            log.ensure(DirtyClient::MIGRATION.index());
         }
-        if mask == 0 {
-            continue;
-        }
-        // After the bitmaps exist (`mark` skips a client without one), and
-        // before the view is published: the new `RangeDirty` counts its
-        // clients into the block's `live` mask (dropping it uncounts).
-        log.count_range_users(mask, true);
-        let single = (mask.count_ones() == 1)
-            .then(|| log.bitmap(mask.trailing_zeros() as u8))
-            .flatten()
-            .and_then(|b| std::ptr::NonNull::new(b.as_ptr().cast_mut()));
-        r.dirty = Some(RangeDirty {
-            log: log.clone(),
-            mask,
-            block_offset: offset + r.offset_in_region,
-            single,
-            pages: log.pages,
-        });
+        r.dirty = Some(RangeDirty::new(log, global, offset + r.offset_in_region));
     }
 }
 
 impl FlatRange {
+    /// The range's dirty-log mask now (QEMU's
+    /// `memory_region_get_dirty_log_mask`): its region's own clients as of
+    /// the last commit, plus MIGRATION if the range was rendered while
+    /// global tracking ran. The own clients are read from the region, not
+    /// fixed at render: a commit that changes only them publishes no new
+    /// view, and every view showing the region (older ones included)
+    /// reports, and marks for, the new mask from that commit on.
+    #[inline]
+    pub fn dirty_log_mask(&self) -> u8 {
+        self.region.dirty_log_mask() | self.dirty.as_ref().map_or(0, |d| d.global)
+    }
+
+    /// The MIGRATION bit global tracking gave the range at render (0 if
+    /// none): the part of [`FlatRange::dirty_log_mask`] a view fixes.
+    pub(crate) fn global_log_mask(&self) -> u8 {
+        self.dirty.as_ref().map_or(0, |d| d.global)
+    }
+
     /// Marks `[addr, addr + len)` (address-space coordinates, inside the
     /// range) dirty for every client tracking the range; nothing when none
     /// does. What every write path calls after writing RAM.
     #[inline]
     pub fn mark_dirty(&self, addr: u64, len: u64) {
         if let Some(d) = &self.dirty {
-            if len == 0 {
+            let mask = self.region.dirty_log_mask() | d.global;
+            if mask == 0 || len == 0 {
                 return;
             }
             let off = d.block_offset + (addr - self.start);
             let (first, last) = (off >> TARGET_PAGE_BITS, (off + len - 1) >> TARGET_PAGE_BITS);
-            if let (Some(words), true) = (d.single, first == last && first < d.pages) {
-                // SAFETY: `words` is the first word of a bitmap of
-                // `d.log.pages.div_ceil(64)` words kept alive and in place
-                // by `d.log` (see `RangeDirty::single`), and
-                // `first < d.pages == d.log.pages` (a block's page count
-                // never changes), so word `first / 64` is in it.
-                let word = unsafe { &*words.as_ptr().add((first / 64) as usize) };
-                let bit = 1u64 << (first % 64);
-                if word.load(Ordering::Relaxed) & bit == 0 {
-                    word.fetch_or(bit, Ordering::Relaxed);
+            if mask.is_power_of_two() && first == last && first < d.pages {
+                // The common one-page write for one client: one word.
+                if let Some(word) = d
+                    .log
+                    .bitmap(mask.trailing_zeros() as u8)
+                    .and_then(|b| b.get((first / 64) as usize))
+                {
+                    let bit = 1u64 << (first % 64);
+                    if word.load(Ordering::Relaxed) & bit == 0 {
+                        word.fetch_or(bit, Ordering::Relaxed);
+                    }
                 }
                 return;
             }
-            d.log.mark(d.mask, off, len);
+            d.log.mark(mask, off, len);
         }
     }
 
@@ -85,6 +90,7 @@ impl FlatRange {
     /// log (KVM's).
     pub fn mark_dirty_bitmap(&self, first: u64, bitmap: &[u64]) {
         let Some(d) = &self.dirty else { return };
+        let mask = self.dirty_log_mask();
         for (wi, &w) in bitmap.iter().enumerate() {
             let mut w = w;
             while w != 0 {
@@ -100,7 +106,7 @@ impl FlatRange {
                 let to = a.saturating_add(TARGET_PAGE_SIZE - 1).min(self.last);
                 if from <= to && a <= self.last {
                     d.log
-                        .mark(d.mask, d.block_offset + (from - self.start), to - from + 1);
+                        .mark(mask, d.block_offset + (from - self.start), to - from + 1);
                 }
             }
         }

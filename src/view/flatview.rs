@@ -78,8 +78,6 @@ pub struct RangeAttrs {
     /// The terminating region's *own* readonly flag: QEMU 7.2 decides whether
     /// a write goes straight to RAM from this, not from the propagated flag.
     pub region_readonly: bool,
-    /// Dirty-log clients at render time.
-    pub dirty_log_mask: u8,
     /// The terminating region's priority field (what `info mtree -f` prints).
     pub priority: i32,
     /// The terminating region's own type (before readonly propagation).
@@ -96,8 +94,10 @@ pub struct FlatRange {
     /// Host address of `start` when reads of this range go straight to host
     /// memory (RAM, or a ROM device in romd mode); null otherwise.
     pub(crate) host: *mut u8,
-    /// How writes mark dirty pages: `None` while no client tracks the range
-    /// (set at render by `crate::view::dirty_marks::attach`).
+    /// How writes mark dirty pages: set at render for every range of RAM
+    /// by `crate::view::dirty_marks::attach` (`None` for other ranges);
+    /// whether a write marks is decided at write time from the region's
+    /// mask ([`FlatRange::dirty_log_mask`]).
     pub(crate) dirty: Option<crate::host::dirty_bitmap::RangeDirty>,
 }
 
@@ -999,8 +999,9 @@ impl Reached {
 /// otherwise; positions ([`FlatView::lookup_index`], [`FlatView::range`])
 /// are global, counted through the running counts. [`FlatView::ranges`] is
 /// the one O(n) accessor (a contiguous copy made on first use for views of
-/// more than one leaf): the commit path uses [`FlatView::iter`] and
-/// positions instead.
+/// more than one leaf), kept for API compatibility: no path of memtree's
+/// (commit, dirty sync, migration, printing, inspection) calls it; they
+/// use [`FlatView::iter`], [`FlatView::ranges_in`] and positions.
 pub struct FlatView {
     pub(crate) root: Option<RegionId>,
     pub(crate) root_name: Option<Box<str>>,
@@ -1221,10 +1222,25 @@ impl FlatView {
             .flat_map(|l| l.ranges.iter())
     }
 
-    /// The ranges, sorted by address, as one slice. A view of more than one
-    /// leaf makes a contiguous copy on the first call (O(n), kept with the
-    /// view); [`FlatView::iter`], [`FlatView::range`] and
-    /// [`FlatView::lookup`] never copy.
+    /// The ranges overlapping `[start, last]` (inclusive), in address
+    /// order: a lookup (O(log n)) then what it returns. No copy.
+    pub fn ranges_in(&self, start: u64, last: u64) -> impl Iterator<Item = &FlatRange> + '_ {
+        let from = self
+            .lookup_index(start)
+            .unwrap_or_else(|| self.count_below(start));
+        self.tree
+            .iter_from(from)
+            .take_while(move |r| r.start <= last)
+    }
+
+    /// The ranges, sorted by address, as one slice: for API compatibility
+    /// and tests. **Costs O(n) time and memory on the first call for a
+    /// view of more than one leaf** (more than 64 ranges): it makes a
+    /// contiguous copy of every range (kept with the view until it drops,
+    /// each copy holding its region like the original). Nothing in memtree
+    /// calls it; use [`FlatView::iter`], [`FlatView::ranges_in`],
+    /// [`FlatView::range`], [`FlatView::len`] or [`FlatView::lookup`],
+    /// which never copy.
     pub fn ranges(&self) -> &[FlatRange] {
         if let Some(l) = &self.tree.single {
             return &l.ranges;
@@ -1240,6 +1256,14 @@ impl FlatView {
     /// an index of the whole view (O(n), kept with the view); later calls
     /// cost what they return.
     pub(crate) fn ranges_of(&self, region: RegionId) -> impl Iterator<Item = &FlatRange> + '_ {
+        self.positions_of(region)
+            .iter()
+            .filter_map(|&i| self.range(i))
+    }
+
+    /// The positions (ascending) of the ranges `region` serves; the index
+    /// behind [`FlatView::ranges_of`].
+    pub(crate) fn positions_of(&self, region: RegionId) -> &[usize] {
         let index = self.by_region.get_or_init(|| {
             let mut m: std::collections::HashMap<RegionId, Vec<usize>> = Default::default();
             for (i, r) in self.iter().enumerate() {
@@ -1247,11 +1271,7 @@ impl FlatView {
             }
             m
         });
-        index
-            .get(&region)
-            .map_or(&[][..], Vec::as_slice)
-            .iter()
-            .filter_map(|&i| self.range(i))
+        index.get(&region).map_or(&[][..], Vec::as_slice)
     }
 
     /// The range at position `i` (address order).
@@ -1416,7 +1436,6 @@ mod tests {
             unmergeable: false,
             romd_mode: false,
             region_readonly: false,
-            dirty_log_mask: 0,
             priority: 0,
             region_type: RegionType::Io,
         }
@@ -1458,6 +1477,16 @@ mod tests {
             assert_eq!(view.lookup_index(a), want, "{a:#x}");
             assert_eq!(view.lookup(a).map(|r| r.start), want.map(|j| expect[j]));
             assert_eq!(view.count_below(a), expect.partition_point(|&s| s < a));
+            // The ranges overlapping a window, by lookup, are those a scan
+            // finds.
+            let last = a.saturating_add(rng.below(16 * 100));
+            let got: Vec<u64> = view.ranges_in(a, last).map(|r| r.start).collect();
+            let scan: Vec<u64> = expect
+                .iter()
+                .copied()
+                .filter(|&s| s <= last && a <= s + 15)
+                .collect();
+            assert_eq!(got, scan, "[{a:#x}, {last:#x}]");
         }
     }
 
