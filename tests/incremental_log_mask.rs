@@ -452,3 +452,104 @@ fn region_nop_goes_only_to_listeners_that_ask_for_it() {
         2 * 999
     );
 }
+
+/// Rule (QEMU's `memory_region_set_log` sets the region's mask at once and
+/// the write path reads it at write time): a write made after
+/// `set_log(on)` inside a transaction, before its commit, is marked.
+#[test]
+fn write_after_set_log_inside_a_transaction_is_marked() {
+    let memory = Memory::new();
+    let root = memory.new_container("root", 1 << 32, None).unwrap();
+    let vram = memory.new_ram("vram", 0x4000, None).unwrap();
+    memory.add_subregion(root, 0x40000, vram).unwrap();
+    let space = memory.new_address_space("memory", root, None).unwrap();
+    let h = memory.address_space(space).unwrap();
+    let t = memory.begin();
+    memory.set_log(vram, DirtyClient::VGA, true).unwrap();
+    assert!(h.write(0x40000 + PAGE, &[1; 16], A).is_ok());
+    t.commit();
+    assert!(h.write(0x40000 + 2 * PAGE, &[1; 16], A).is_ok());
+    let pages: Vec<u64> = memory
+        .snapshot_and_clear_dirty(vram, 0, 0x4000, DirtyClient::VGA)
+        .unwrap()
+        .pages()
+        .collect();
+    assert_eq!(
+        pages,
+        vec![PAGE, 2 * PAGE],
+        "the write between set_log and the commit was not marked"
+    );
+}
+
+/// Records region_add / region_del / log_start / log_stop with the mask the
+/// section reports.
+#[derive(Default)]
+struct MaskRecorder {
+    log: std::sync::Mutex<Vec<String>>,
+}
+
+impl memtree::MemoryListener for MaskRecorder {
+    fn region_add(&self, s: &memtree::Section<'_>) {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("add {:#x} mask {}", s.range.start(), s.log_mask));
+    }
+    fn region_del(&self, s: &memtree::Section<'_>) {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("del {:#x} mask {}", s.range.start(), s.log_mask));
+    }
+    fn log_start(&self, s: &memtree::Section<'_>, o: u8, n: u8) {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("log_start {:#x} {o}->{n}", s.range.start()));
+    }
+    fn log_stop(&self, s: &memtree::Section<'_>, o: u8, n: u8) {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("log_stop {:#x} {o}->{n}", s.range.start()));
+    }
+}
+
+/// Rule (QEMU freezes the mask into the flat range at render): when one
+/// commit changes a region's mask and unmaps it, `region_del`'s section
+/// reports the mask the range had before the commit, the one listeners
+/// were told.
+#[test]
+fn region_del_in_the_commit_that_changes_the_mask_reports_the_old_mask() {
+    let memory = Memory::new();
+    let root = memory.new_container("root", 1 << 32, None).unwrap();
+    let vram = memory.new_ram("vram", 0x4000, None).unwrap();
+    memory.add_subregion(root, 0x40000, vram).unwrap();
+    let space = memory.new_address_space("memory", root, None).unwrap();
+    let rec = std::sync::Arc::new(MaskRecorder::default());
+    memory.register_listener(space, rec.clone()).unwrap();
+    memory.set_log(vram, DirtyClient::VGA, true).unwrap();
+    rec.log.lock().unwrap().clear();
+    // Logging stops and the region goes in one commit.
+    memory.transaction(|m| {
+        m.set_log(vram, DirtyClient::VGA, false).unwrap();
+        m.del_subregion(root, vram).unwrap();
+    });
+    let got1 = std::mem::take(&mut *rec.log.lock().unwrap());
+    // Logging starts and the region comes back elsewhere... and goes again
+    // in a commit that starts logging.
+    memory.add_subregion(root, 0x80000, vram).unwrap();
+    rec.log.lock().unwrap().clear();
+    memory.transaction(|m| {
+        m.set_log(vram, DirtyClient::VGA, true).unwrap();
+        m.del_subregion(root, vram).unwrap();
+    });
+    let got2 = std::mem::take(&mut *rec.log.lock().unwrap());
+    assert_eq!(
+        (got1, got2),
+        (
+            vec!["del 0x40000 mask 1".to_owned()],
+            vec!["del 0x80000 mask 0".to_owned()]
+        )
+    );
+}

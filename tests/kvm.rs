@@ -337,6 +337,7 @@ fn kvm_dropping_the_slot_listener_deletes_its_slots() {
         space_name: "memory",
         range: &view.ranges()[0],
         view: &view,
+        log_mask: 0,
     };
     memtree::MemoryListener::region_add(&slots, &section);
     assert_eq!(slots.slots().len(), 1);

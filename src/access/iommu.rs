@@ -598,6 +598,8 @@ pub struct IommuHub {
     /// The census key of the region the hub serves (the holder of the
     /// target spaces in `targets`), and its machine's census.
     region_key: OnceLock<(crate::lifecycle::census::ObjectKey, Arc<Census>)>,
+    /// Set by the `new_iommu` that took the hub (see [`IommuHub::claim`]).
+    claimed: std::sync::atomic::AtomicBool,
     notifiers: Mutex<Vec<(NotifierId, IommuNotifier, Arc<DeliveryGate>)>>,
     /// Held across a (un)registration's flag computation, the device's
     /// `notify_flag_changed` and the list update, so that the device hears
@@ -641,6 +643,7 @@ impl IommuHub {
             device: OnceLock::new(),
             region_size: OnceLock::new(),
             region_key: OnceLock::new(),
+            claimed: std::sync::atomic::AtomicBool::new(false),
             notifiers: Mutex::new(Vec::new()),
             registration: parking_lot::ReentrantMutex::new(Cell::new(false)),
             next_id: AtomicU64::new(1),
@@ -652,8 +655,18 @@ impl IommuHub {
         })
     }
 
-    pub(crate) fn is_attached(&self) -> bool {
-        self.device.get().is_some()
+    /// Claims the hub for a region being created; `false` if another
+    /// region has it (or is being created with it). Atomic, so two racing
+    /// `new_iommu` calls with one hub cannot both succeed.
+    pub(crate) fn claim(&self) -> bool {
+        self.claimed
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Gives a claim back (the region could not be created).
+    pub(crate) fn release_claim(&self) {
+        self.claimed.store(false, Ordering::Release);
     }
 
     pub(crate) fn attach(
@@ -1037,6 +1050,13 @@ impl IommuHub {
     /// blamed on user code. (A destroyed space shows the empty view, so
     /// what stays is its handle state, never its RAM.)
     fn target_index(&self, space: &AddressSpace) -> Option<usize> {
+        // A space of another machine is never kept: its machine's teardown
+        // must not find it held by this one (its translations are correct,
+        // just not cached).
+        match self.region_key.get() {
+            Some((_, census)) if Arc::ptr_eq(census, &space.shared.machine.census) => {}
+            _ => return None,
+        }
         for (i, t) in self.targets.iter().enumerate() {
             let mut installed = false;
             let cur = t.get_or_init(|| {
@@ -1044,12 +1064,8 @@ impl IommuHub {
                 space.clone()
             });
             if installed {
-                // A target in another machine has its own census.
-                match self.region_key.get() {
-                    Some((holder, census)) if Arc::ptr_eq(census, &space.shared.machine.census) => {
-                        census.add_edge(*holder, space.census_key());
-                    }
-                    _ => {}
+                if let Some((holder, census)) = self.region_key.get() {
+                    census.add_edge(*holder, space.census_key());
                 }
             }
             if Arc::ptr_eq(&cur.shared, &space.shared) {

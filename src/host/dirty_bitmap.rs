@@ -118,6 +118,10 @@ pub(crate) struct BlockDirty {
     /// `live` is recomputed under this lock on every change.
     range_users: parking_lot::Mutex<[u32; MAX_CLIENTS as usize]>,
     clients: [OnceLock<Box<[AtomicU64]>>; MAX_CLIENTS as usize],
+    /// The first word of each client's bitmap once allocated (null
+    /// before): the write path's one-load way to it. A bitmap, once in
+    /// `clients`, is never moved or freed before the block's `BlockDirty`.
+    first_words: [std::sync::atomic::AtomicPtr<AtomicU64>; MAX_CLIENTS as usize],
 }
 
 impl std::fmt::Debug for BlockDirty {
@@ -136,6 +140,7 @@ impl BlockDirty {
             live: std::sync::atomic::AtomicU8::new(0),
             range_users: parking_lot::Mutex::new([0; MAX_CLIENTS as usize]),
             clients: Default::default(),
+            first_words: Default::default(),
         }
     }
 
@@ -145,8 +150,31 @@ impl BlockDirty {
 
     /// The client's bitmap, allocated if needed.
     pub(crate) fn ensure(&self, client: u8) -> &[AtomicU64] {
-        self.clients[client as usize]
-            .get_or_init(|| (0..self.words()).map(|_| AtomicU64::new(0)).collect())
+        let bits = self.clients[client as usize]
+            .get_or_init(|| (0..self.words()).map(|_| AtomicU64::new(0)).collect());
+        // Published after the bitmap is initialised (Release): a reader
+        // that sees the pointer sees the zeroed words.
+        self.first_words[client as usize].store(bits.as_ptr().cast_mut(), Ordering::Release);
+        bits
+    }
+
+    /// The word holding page `page`'s bit for `client`, if the client's
+    /// bitmap exists and the page is in the block.
+    #[inline(always)]
+    pub(crate) fn word(&self, client: u8, page: u64) -> Option<&AtomicU64> {
+        let first = self
+            .first_words
+            .get(client as usize)?
+            .load(Ordering::Acquire);
+        if first.is_null() || page >= self.pages {
+            return None;
+        }
+        // SAFETY: a non-null `first_words[client]` is the first word of
+        // the bitmap in `clients[client]` (stored by `ensure` after the
+        // `OnceLock` was set, never changed after), which has
+        // `pages.div_ceil(64)` words and lives, unmoved, as long as `self`
+        // (this borrow); `page < pages`, so word `page / 64` is in it.
+        Some(unsafe { &*first.add((page / 64) as usize) })
     }
 
     pub(crate) fn bitmap(&self, client: u8) -> Option<&[AtomicU64]> {
@@ -264,9 +292,6 @@ pub(crate) struct RangeDirty {
     /// (the region is RAM), else 0.
     pub(crate) global: u8,
     pub(crate) block_offset: u64,
-    /// `log.pages`, copied here so the fast path reads no second cache
-    /// line behind the `Arc`.
-    pub(crate) pages: u64,
 }
 
 impl RangeDirty {
@@ -279,7 +304,6 @@ impl RangeDirty {
             log: log.clone(),
             global,
             block_offset,
-            pages: log.pages,
         }
     }
 }

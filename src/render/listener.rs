@@ -104,6 +104,12 @@ pub struct Section<'a> {
     /// commit's diff that is still the *old* view (QEMU's behaviour), so for
     /// `region_add` the range belongs to the view about to be published.
     pub view: &'a Arc<FlatView>,
+    /// The range's dirty-log mask as this callback reports it (QEMU's
+    /// section mask): for `region_del`, the mask the range had before the
+    /// commit (a commit may stop logging and unmap the range at once); for
+    /// every other callback, the range's current mask
+    /// ([`FlatRange::dirty_log_mask`]).
+    pub log_mask: u8,
 }
 
 impl fmt::Debug for Section<'_> {
@@ -375,7 +381,7 @@ pub(crate) struct Listeners {
     /// The regions whose own dirty-log mask was edited since the last
     /// commit (each once): the commit publishes their masks and tells the
     /// spaces showing them, with no render.
-    pub(crate) log_regions: Vec<RegionId>,
+    pub(crate) log_regions: Vec<(RegionId, u8)>,
     /// Global dirty logging is on.
     pub(crate) global_dirty_log: bool,
     /// Users of global dirty logging (started and not yet stopped): it
@@ -401,10 +407,11 @@ impl Listeners {
         self.ioeventfd_pending || !self.log_regions.is_empty()
     }
 
-    /// Notes that `region`'s own dirty-log mask was edited.
-    pub(crate) fn note_log_mask(&mut self, region: RegionId) {
-        if !self.log_regions.contains(&region) {
-            self.log_regions.push(region);
+    /// Notes that `region`'s own dirty-log mask was edited; `told` is the
+    /// mask listeners last heard (kept from the first edit of the commit).
+    pub(crate) fn note_log_mask(&mut self, region: RegionId, told: u8) {
+        if !self.log_regions.iter().any(|&(r, _)| r == region) {
+            self.log_regions.push((region, told));
         }
     }
 
@@ -906,6 +913,20 @@ impl SpaceCtx<'_> {
             space_name: self.name,
             range,
             view,
+            log_mask: range.dirty_log_mask(),
+        }
+    }
+
+    /// The section of a range the commit removes: with the mask it had
+    /// before the commit.
+    fn removed_section<'v>(&'v self, range: &'v FlatRange, view: &'v Arc<FlatView>) -> Section<'v> {
+        let log_mask = self
+            .log_changes
+            .old_of(range.region.id())
+            .map_or(range.dirty_log_mask(), |own| own | range.global_log_mask());
+        Section {
+            log_mask,
+            ..self.section(range, view)
         }
     }
 
@@ -1068,7 +1089,7 @@ fn deletions(cx: &SpaceCtx<'_>, old: &Arc<FlatView>, o: &[&FlatRange], n: &[&Fla
                 j += 1;
             }
             (Some(a), b) if !matches!(b, Some(b) if b.start < a.start) => {
-                let s = cx.section(a, old);
+                let s = cx.removed_section(a, old);
                 notify_coalesced(cx.catch, &s, cx.spans(a), listeners, false);
                 for l in listeners.iter().rev() {
                     cx.catch.call(l, "region_del", |l| l.region_del(&s));
@@ -1164,13 +1185,14 @@ pub(crate) fn replay(
         });
     }
     for range in view.iter() {
+        let mask = range.dirty_log_mask();
         let s = Section {
             space: cx.space,
             space_name: cx.name,
             range,
             view,
+            log_mask: mask,
         };
-        let mask = range.dirty_log_mask();
         if adding {
             catch.call(listener, "region_add", |l| l.region_add(&s));
             notify_coalesced(catch, &s, cx.spans(range), one, true);

@@ -334,7 +334,17 @@ pub(crate) fn edit_mask(
     let n = t.node_mut(region)?;
     if n.dirty_log_mask != mask {
         n.dirty_log_mask = mask;
-        t.listeners.note_log_mask(region);
+        // Until the commit, the core's mask is what listeners last heard.
+        let told = n.core.dirty_log_mask();
+        // Clients added are marked for at once, as QEMU's write path reads
+        // the region's mask at write time: a write between this edit and
+        // the commit is marked. (Removals wait for the commit: an extra
+        // mark is harmless.)
+        let added = mask & !told;
+        if added != 0 {
+            n.core.publish_dirty_log_mask(told | added);
+        }
+        t.listeners.note_log_mask(region, told);
     }
     Ok(())
 }
@@ -346,14 +356,14 @@ pub(crate) fn edit_mask(
 /// marked for the new clients.
 pub(crate) fn publish_masks(
     t: &crate::topology::tree::Topology,
-    regions: &[RegionId],
+    regions: &[(RegionId, u8)],
 ) -> crate::render::listener::LogChanges {
     let mut old: Vec<(RegionId, u8)> = regions
         .iter()
-        .filter_map(|&r| {
+        .filter_map(|&(r, told)| {
             let n = t.get(r).ok()?;
-            let was = n.core.publish_dirty_log_mask(n.dirty_log_mask);
-            (was != n.dirty_log_mask).then_some((r, was))
+            n.core.publish_dirty_log_mask(n.dirty_log_mask);
+            (told != n.dirty_log_mask).then_some((r, told))
         })
         .collect();
     old.sort_unstable_by_key(|&(r, _)| r);

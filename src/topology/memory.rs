@@ -1116,14 +1116,14 @@ impl Machine {
         hub: Arc<crate::access::iommu::IommuHub>,
         owner: Option<OwnerId>,
     ) -> Result<RegionId> {
-        if hub.is_attached() {
+        if !hub.claim() {
             return Err(TopologyError::InUse {
                 region: name.to_owned(),
                 why: "its IOMMU hub already serves another region".to_owned(),
             });
         }
         let weak = Arc::downgrade(&device);
-        let id = self.create(
+        let created = self.create(
             name,
             RegionKind::Iommu,
             size,
@@ -1134,7 +1134,14 @@ impl Machine {
             .into_backing(),
             owner,
             None,
-        )?;
+        );
+        let id = match created {
+            Ok(id) => id,
+            Err(e) => {
+                hub.release_claim();
+                return Err(e);
+            }
+        };
         let region_key = self.read(|t| t.get(id).map(|n| n.core.census_key()))?;
         hub.attach(weak, size, (region_key, self.census().clone()));
         Ok(id)
@@ -1588,6 +1595,7 @@ impl Machine {
                         space_name: name,
                         range,
                         view,
+                        log_mask: range.dirty_log_mask(),
                     };
                     listener::notify_coalesced(
                         &catch,
@@ -1763,6 +1771,7 @@ impl Machine {
                     space_name: name,
                     range,
                     view,
+                    log_mask: range.dirty_log_mask(),
                 };
                 for l in ls {
                     catch.call(l, what, |l| f(l, &s));

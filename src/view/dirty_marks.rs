@@ -65,13 +65,9 @@ impl FlatRange {
             }
             let off = d.block_offset + (addr - self.start);
             let (first, last) = (off >> TARGET_PAGE_BITS, (off + len - 1) >> TARGET_PAGE_BITS);
-            if mask.is_power_of_two() && first == last && first < d.pages {
+            if mask.is_power_of_two() && first == last {
                 // The common one-page write for one client: one word.
-                if let Some(word) = d
-                    .log
-                    .bitmap(mask.trailing_zeros() as u8)
-                    .and_then(|b| b.get((first / 64) as usize))
-                {
+                if let Some(word) = d.log.word(mask.trailing_zeros() as u8, first) {
                     let bit = 1u64 << (first % 64);
                     if word.load(Ordering::Relaxed) & bit == 0 {
                         word.fetch_or(bit, Ordering::Relaxed);

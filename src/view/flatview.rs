@@ -1223,11 +1223,16 @@ impl FlatView {
     }
 
     /// The ranges overlapping `[start, last]` (inclusive), in address
-    /// order: a lookup (O(log n)) then what it returns. No copy.
+    /// order (nothing when `start > last`): a lookup (O(log n)) then what
+    /// it returns. No copy.
     pub fn ranges_in(&self, start: u64, last: u64) -> impl Iterator<Item = &FlatRange> + '_ {
-        let from = self
-            .lookup_index(start)
-            .unwrap_or_else(|| self.count_below(start));
+        // An inverted window holds nothing: start the walk past the end.
+        let from = if start > last {
+            self.len()
+        } else {
+            self.lookup_index(start)
+                .unwrap_or_else(|| self.count_below(start))
+        };
         self.tree
             .iter_from(from)
             .take_while(move |r| r.start <= last)
