@@ -21,7 +21,6 @@
 //!   the loaded view (what the IOTLB cache keys its target windows by).
 
 use std::fmt;
-use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -53,7 +52,7 @@ pub(crate) struct SpaceShared {
     /// on both sides of a load of `view` names that view
     /// ([`AddressSpace::view_guard_seq`]; the IOTLB cache keys what it
     /// resolved in a target view by it).
-    pub(crate) view_seq: AtomicU64,
+    pub(crate) view_seq: view_seq::AtomicU64,
     pub(crate) machine: Arc<MachineData>,
     pub(crate) census_key: ObjectKey,
     /// Bytes of bounce buffer in use by outstanding DMA mappings, and the
@@ -65,13 +64,101 @@ impl SpaceShared {
     /// See [`AddressSpace::view_guard_seq`].
     #[inline(always)]
     pub(crate) fn view_guard_seq(&self) -> Option<(CurrentView, u64)> {
-        let before = self.view_seq.load(Ordering::Acquire);
-        let view = CurrentView(self.view.load());
-        // Order the view load before the second read (seqlock reader): a
-        // view stored by a later publish makes it differ.
+        view_seq::read(&self.view_seq, || CurrentView(self.view.load()))
+    }
+}
+
+/// The sequence count around a space's view publish
+/// (`SpaceShared::view_seq`), written once for the data plane and for its
+/// loom model (`loom_tests` below; `--cfg loom` swaps in loom's atomics).
+///
+/// Writer (publishes of one space are serialised by the commit): `begin`
+/// makes the count odd, the view is stored, `end` makes it even again, +2
+/// in all. Reader: the count, then the view, then the count again; an even
+/// count read on both sides names the view loaded (a view stored by a
+/// publish makes the second read differ, and a count read after a publish
+/// ended means the load saw that publish's view or a later one).
+pub(crate) mod view_seq {
+    #[cfg(loom)]
+    pub(crate) use loom::sync::atomic::{fence, AtomicU64};
+    use std::sync::atomic::Ordering;
+    #[cfg(not(loom))]
+    pub(crate) use std::sync::atomic::{fence, AtomicU64};
+
+    /// Makes the count odd (waiting out a publish under way) and returns
+    /// the even count it started from; the caller stores the view, then
+    /// calls [`end`].
+    pub(crate) fn begin(seq: &AtomicU64) -> u64 {
+        let mut s = seq.load(Ordering::Relaxed);
+        loop {
+            if s & 1 != 0 {
+                #[cfg(loom)]
+                loom::thread::yield_now();
+                #[cfg(not(loom))]
+                std::hint::spin_loop();
+                s = seq.load(Ordering::Relaxed);
+                continue;
+            }
+            match seq.compare_exchange_weak(s, s + 1, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(now) => s = now,
+            }
+        }
+        // The odd count is visible before the new view (release).
+        fence(Ordering::Release);
+        s
+    }
+
+    /// Ends the publish [`begin`] started at `s`: the view is stored.
+    pub(crate) fn end(seq: &AtomicU64, s: u64) {
+        seq.store(s + 2, Ordering::Release);
+    }
+
+    /// Loads the view with `load` and returns it with the even count it
+    /// was published under, or `None` if a publish overlapped the load.
+    #[inline(always)]
+    pub(crate) fn read<T>(seq: &AtomicU64, load: impl FnOnce() -> T) -> Option<(T, u64)> {
+        let before = seq.load(Ordering::Acquire);
+        let view = load();
+        // Order the view load before the second read (seqlock reader).
         fence(Ordering::Acquire);
-        (before & 1 == 0 && self.view_seq.load(Ordering::Relaxed) == before)
-            .then_some((view, before))
+        (before & 1 == 0 && seq.load(Ordering::Relaxed) == before).then_some((view, before))
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::view_seq;
+    use loom::sync::atomic::{AtomicUsize, Ordering};
+    use loom::sync::Arc;
+
+    /// Rule: a read that returns a count returns the view published under
+    /// it (view `n` is stored by the `n`-th publish, under count `2n`),
+    /// whatever the interleaving with publishes. The view pointer is a
+    /// number stored with release and loaded with acquire, weaker than
+    /// arc-swap's own orderings (its protocol is `tests/loom_publish.rs`).
+    #[test]
+    fn loom_view_seq_names_the_view_published_under_it() {
+        loom::model(|| {
+            let seq = Arc::new(view_seq::AtomicU64::new(0));
+            let view = Arc::new(AtomicUsize::new(0));
+            let writer = {
+                let (seq, view) = (seq.clone(), view.clone());
+                loom::thread::spawn(move || {
+                    for v in 1..=2 {
+                        let s = view_seq::begin(&seq);
+                        view.swap(v, Ordering::AcqRel);
+                        view_seq::end(&seq, s);
+                    }
+                })
+            };
+            for _ in 0..2 {
+                if let Some((v, s)) = view_seq::read(&seq, || view.load(Ordering::Acquire)) {
+                    assert_eq!(v as u64, s / 2, "view {v} returned under count {s}");
+                }
+            }
+            writer.join().unwrap();
+        });
     }
 }
 
@@ -126,7 +213,7 @@ impl AddressSpace {
                 name: name.into(),
                 id,
                 view: ArcSwap::new(view),
-                view_seq: AtomicU64::new(0),
+                view_seq: view_seq::AtomicU64::new(0),
                 machine: machine.clone(),
                 census_key,
                 bounce: crate::access::bounce::BounceState::with_census(
@@ -177,22 +264,9 @@ impl AddressSpace {
         // Seqlock writer around the store (publishes of one space are
         // serialized by the commit; the CAS keeps the count exact anyway).
         let seq = &self.shared.view_seq;
-        let mut s = seq.load(Ordering::Relaxed);
-        loop {
-            if s & 1 != 0 {
-                std::hint::spin_loop();
-                s = seq.load(Ordering::Relaxed);
-                continue;
-            }
-            match seq.compare_exchange_weak(s, s + 1, Ordering::Acquire, Ordering::Relaxed) {
-                Ok(_) => break,
-                Err(now) => s = now,
-            }
-        }
-        // The odd count is visible before the new view (release).
-        fence(Ordering::Release);
+        let s = view_seq::begin(seq);
         let old = self.shared.view.swap(view.clone());
-        seq.store(s + 2, Ordering::Release);
+        view_seq::end(seq, s);
         if let Some(k) = old.census_key() {
             census.remove_edge(self.shared.census_key, k);
         }
