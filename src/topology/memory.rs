@@ -464,7 +464,8 @@ impl Machine {
             // The changed regions' arena slots as a bitmap: a cached view is
             // re-rendered iff it reached one of them. Testing by slot (not by
             // generation) can only err towards re-rendering.
-            let dirty_slots: Vec<u32> = dirty.iter().map(|d| d.index).collect();
+            let dirty_slots =
+                crate::view::flatview::SlotSet::new(dirty.iter().map(|d| d.index).collect());
             let mut fresh: HashMap<Option<RegionId>, Arc<FlatView>> = HashMap::new();
             // Spliced views: the view each was spliced from and where the
             // edits sit, for a listener diff of the edits alone.
@@ -523,7 +524,7 @@ impl Machine {
                             let v = match phys {
                                 None => self.data.empty_view.clone(),
                                 Some(p) => match topo.views.get(&phys) {
-                                    Some(v) if !v.reached_any_slot(&dirty_slots) => v.clone(),
+                                    Some(v) if !v.reached_any_in(&dirty_slots) => v.clone(),
                                     cached => {
                                         // A view that reached a changed region
                                         // but has no window noted is rendered

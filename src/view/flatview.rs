@@ -967,6 +967,45 @@ impl Reached {
                 .is_some_and(|w| w & (1 << (i % 64)) != 0)
         })
     }
+
+    fn any_in(&self, set: &SlotSet) -> bool {
+        if set.bits.is_empty() {
+            self.any_slot(&set.slots)
+        } else {
+            self.bits.iter().zip(&set.bits).any(|(a, b)| a & b != 0)
+        }
+    }
+}
+
+/// A set of arena slots (a commit's changed regions) to test views'
+/// reached sets against ([`FlatView::reached_any_in`]): slot by slot when
+/// there are few, word by word against a bitmap when there are many, so a
+/// commit that changes many regions and visits many views stays linear in
+/// both (switching 512 devices in one transaction tests 512 views against
+/// 1,024 changed regions).
+pub(crate) struct SlotSet {
+    slots: Vec<u32>,
+    /// Empty when `slots` is short enough to test one by one.
+    bits: Vec<u64>,
+}
+
+impl SlotSet {
+    /// Above this many slots, views are tested word by word.
+    const BY_WORD: usize = 64;
+
+    pub(crate) fn new(slots: Vec<u32>) -> SlotSet {
+        let mut bits = Vec::new();
+        if slots.len() > Self::BY_WORD {
+            for &i in &slots {
+                let w = i as usize / 64;
+                if w >= bits.len() {
+                    bits.resize(w + 1, 0);
+                }
+                bits[w] |= 1u64 << (i % 64);
+            }
+        }
+        SlotSet { slots, bits }
+    }
 }
 
 /// An immutable rendered view.
@@ -1326,6 +1365,11 @@ impl FlatView {
     }
 
     /// Whether the renders reached a region in one of these arena slots.
+    pub(crate) fn reached_any_in(&self, set: &SlotSet) -> bool {
+        self.lock_reached().any_in(set)
+    }
+
+    /// Whether the renders of this view reached a region in one of `slots`.
     pub(crate) fn reached_any_slot(&self, slots: &[u32]) -> bool {
         self.lock_reached().any_slot(slots)
     }
